@@ -1,0 +1,249 @@
+"""Stage `report`: one `report.md` (+ CSV / JSON / PNG / HTML) from one or more run directories.
+
+    python -m eksft_pipeline stage=report                          # this model's run dir
+    make report                                                    # the same
+    python -m eksft_pipeline stage=report 'report.run_dirs=[runs/qwen3-8b,runs/qwen3-8b-ablations]'
+
+Written to `<run_dir>/report/`:
+
+    report.md                 tables and figures embedded, every stage's numbers, the settings
+    table_pass1.{md,csv}      Table 1: avg@n (= pass@1) per benchmark and their mean
+    table_passk.{md,csv}      Table 2: unbiased pass@k at k = 32 (or the n drawn when smaller)
+    pass_at_k.png             pass@k vs k, log axis, one line per model (Figure 2)
+    drift.png                 parameter drift per SFT method (Figures 4-5)
+    sft_curves.png            IoU(M_H, M_KL), |M|/|T|, mean H / KL over M and T, loss per step
+    iou_table.md              mean IoU and |M|/|T| over the first / middle / last third of SFT (Table 7)
+    rl_curves.png             DAPO score / response length / entropy per step
+    case_study/token_probs.{html,png,json}   gold-token probabilities per model (Figure 6)
+    report.json               everything above as data
+
+The report re-runs whenever an input file changes (a new method in the sweep, a re-run stage).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from eksft_pipeline.analysis.gather import RunData, gather
+from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult
+
+
+def _plain(x):
+    return OmegaConf.to_container(x, resolve=True) if x is not None else None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def iou_table(sft_metrics: dict[str, dict[int, dict]]) -> tuple[str, dict]:
+    """Mean IoU(M_H, M_KL) and |M|/|T| over thirds of training, per method that logged them."""
+    data: dict[str, dict] = {}
+    for method, steps in sorted(sft_metrics.items()):
+        xs = [s for s, m in steps.items() if "eksft/iou" in m]
+        if not xs:
+            continue
+        thirds = [xs[: max(1, len(xs) // 3)], xs[len(xs) // 3 : max(len(xs) // 3 + 1, 2 * len(xs) // 3)],
+                  xs[2 * len(xs) // 3 :]]
+        row = {}
+        for name, part in zip(("early", "middle", "late"), thirds):
+            part = part or xs[-1:]
+            row[f"iou_{name}"] = sum(steps[s]["eksft/iou"] for s in part) / len(part)
+            if all("eksft/mask_frac" in steps[s] for s in part):
+                row[f"mask_frac_{name}"] = sum(steps[s]["eksft/mask_frac"] for s in part) / len(part)
+        data[method] = row
+    if not data:
+        return "", {}
+    cols = ["iou_early", "iou_middle", "iou_late", "mask_frac_early", "mask_frac_middle", "mask_frac_late"]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for m, row in data.items():
+        lines.append(f"| {m} | " + " | ".join(f"{row[c]:.3f}" if c in row else "–" for c in cols) + " |")
+    return "\n".join(lines) + "\n", data
+
+
+def stage_lines(data: RunData) -> list[str]:
+    """One line per manifest entry: status, wall time and its summary numbers."""
+    lines = ["| stage | status | wall (s) | numbers |", "|---|---|---:|---|"]
+    for key, e in data.stages.items():
+        rd, _, k = key.partition("::")
+        name = k if len(data.run_dirs) == 1 else f"{Path(rd).name}:{k}"
+        summ = {a: b for a, b in (e.get("summary") or {}).items() if a != "wall_time_s" and not isinstance(b, list)}
+        nums = "; ".join(f"{a}: {_fmt(b)}" for a, b in summ.items())
+        nums = nums.replace("|", "\\|")
+        wall = (e.get("summary") or {}).get("wall_time_s", "")
+        lines.append(f"| {name} | {e.get('status')} | {wall} | {nums[:900]} |")
+    return lines
+
+
+class ReportStage(Stage):
+    name = "report"
+
+    def config(self, cfg):
+        return {"report": _plain(cfg.report), "model": str(cfg.model.path)}
+
+    def _run_dirs(self, ctx: StageContext) -> list[Path]:
+        dirs = [Path(str(d)).expanduser().resolve() for d in (ctx.cfg.report.get("run_dirs") or [ctx.run_dir])]
+        return dirs or [ctx.run_dir]
+
+    def inputs(self, ctx):
+        """Every file the report reads, so that a changed or added result re-runs it."""
+        inp = {}
+        for rd in self._run_dirs(ctx):
+            m = rd / "manifest.json"
+            if not m.exists():
+                continue
+            for key, e in json.loads(m.read_text()).get("stages", {}).items():
+                if key == "report" or e.get("status") != "complete":
+                    continue
+                for name, o in (e.get("outputs") or {}).items():
+                    if name.endswith(("metrics", "drift")) and Path(o["path"]).is_file():
+                        inp[f"{rd.name}:{key}:{name}"] = o["path"]
+        return inp
+
+    def describe(self, ctx):
+        return {"stage": "report", "run_dirs": [str(d) for d in self._run_dirs(ctx)],
+                "out": str(ctx.out_dir / "report.md")}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from eksft_pipeline.analysis import plots
+        from eksft_pipeline.analysis.tables import headline_k, result_rows, to_csv, to_markdown
+
+        cfg = ctx.cfg
+        out = ctx.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        data = gather(self._run_dirs(ctx))
+        outputs: dict[str, str] = {}
+        md: list[str] = [f"# eksft-pipeline report: {cfg.model.name}", ""]
+        md.append("Run directories: " + ", ".join(f"`{d}`" for d in data.run_dirs))
+        md.append("")
+        everything: dict[str, Any] = {"run_dirs": data.run_dirs}
+
+        # -- result tables -------------------------------------------------------------------------
+        if data.evals:
+            s = data.evals[0].sampling
+            md += ["## Results", "",
+                   f"Sampling: n={s.get('n')}, temperature={s.get('temperature')}, top_p={s.get('top_p')}, "
+                   f"max response tokens={s.get('max_new_tokens')}, backend={s.get('backend')}. "
+                   "Scores: math-verify reward on the last `\\boxed{}` (the RL reward). Avg = mean over "
+                   "benchmarks. Best per column in bold.", ""]
+            k = headline_k(data.evals)
+            for fname, metric, title in (("table_pass1", "avg@n", "Table 1: avg@n = pass@1 (%)"),
+                                         ("table_passk", f"pass@{k}", f"Table 2: pass@{k} (%), unbiased estimator")):
+                cols, rows = result_rows(data.evals, metric)
+                tmd = to_markdown(cols, rows)
+                (out / f"{fname}.md").write_text(tmd)
+                (out / f"{fname}.csv").write_text(to_csv(cols, rows))
+                outputs[fname] = str(out / f"{fname}.csv")
+                md += [f"### {title}", "", tmd]
+                everything[fname] = {"metric": metric, "rows": rows}
+            ci_lines = ["| model | benchmark | pass@1 | 95% CI (bootstrap over problems) | maj@n | problems |",
+                        "|---|---|---:|---|---:|---:|"]
+            for e in data.evals:
+                for b, m in sorted(e.benchmarks.items()):
+                    n = str(m["n_samples"])
+                    lo, hi = m["pass@k_ci95"].get("1", [None, None])
+                    ci = f"[{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None else "–"
+                    maj = m["maj@k"].get(n)
+                    ci_lines.append(f"| {e.label} | {b} | {100 * m['avg@n']:.1f} | {ci} | "
+                                    f"{'–' if maj is None else f'{100 * maj:.1f}'} | {m['n_problems']} |")
+            md += ["### Confidence intervals and majority vote", "", *ci_lines, ""]
+            p = plots.plot_pass_at_k(data.evals, out / "pass_at_k.png")
+            if p:
+                outputs["pass_at_k_png"] = str(p)
+                md += ["### pass@k curves", "", "![pass@k](pass_at_k.png)", ""]
+            everything["evals"] = [{"label": e.label, "init": e.init, "target": e.target, "run_dir": e.run_dir,
+                                    "metrics": e.metrics} for e in data.evals]
+        else:
+            md += ["## Results", "", "_No completed eval stage in these run directories._", ""]
+
+        # -- SFT analysis -------------------------------------------------------------------------
+        md += ["## SFT analysis", ""]
+        p = plots.plot_drift(data.drift, out / "drift.png")
+        if p:
+            outputs["drift_png"] = str(p)
+            md += ["### Parameter drift vs the reference model", "", "![drift](drift.png)", "",
+                   "| method | relative L2 change | " + " | ".join(
+                       f"> {t}" for t in sorted(next(iter(data.drift.values()))["overall"]["frac_over"], key=float))
+                   + " |",
+                   "|---|---:|" + "---:|" * len(next(iter(data.drift.values()))["overall"]["frac_over"])]
+            for mth, d in sorted(data.drift.items()):
+                fo = d["overall"]["frac_over"]
+                md.append(f"| {mth} | {d['overall']['rel_norm']:.4f} | "
+                          + " | ".join(f"{100 * fo[t]:.1f}%" for t in sorted(fo, key=float)) + " |")
+            md.append("")
+            everything["drift"] = {m: d["overall"] for m, d in data.drift.items()}
+        p = plots.plot_sft_curves(data.sft_metrics, out / "sft_curves.png")
+        if p:
+            outputs["sft_curves_png"] = str(p)
+            md += ["### Selection statistics over training", "", "![sft curves](sft_curves.png)", ""]
+        table, iou = iou_table(data.sft_metrics)
+        if table:
+            (out / "iou_table.md").write_text(table)
+            md += ["### IoU(M_H, M_KL) and |M|/|T| by training phase", "", table]
+            everything["iou"] = iou
+
+        # -- RL -----------------------------------------------------------------------------------
+        p = plots.plot_rl_curves(data.rl_metrics, out / "rl_curves.png")
+        if p:
+            outputs["rl_curves_png"] = str(p)
+            md += ["## DAPO", "", "![rl curves](rl_curves.png)", ""]
+
+        # -- case study -----------------------------------------------------------------------------
+        cs = cfg.report.get("case_study") or {}
+        if cs.get("enabled", True):
+            md += self._case_study(ctx, data, cs, out, outputs, everything)
+
+        # -- every stage ----------------------------------------------------------------------------
+        md += ["## Every stage", "", *stage_lines(data), ""]
+        if data.split:
+            everything["split"] = data.split
+        everything["stages"] = data.stages
+
+        (out / "report.json").write_text(json.dumps(everything, indent=1, default=str))
+        (out / "report.md").write_text("\n".join(md))
+        outputs["report_json"] = str(out / "report.json")
+        outputs["report_md"] = str(out / "report.md")
+        return StageResult(outputs=outputs, summary={"report": str(out / "report.md"), "n_models": len(data.evals),
+                                                     "n_sft_methods": len(data.sft_metrics)})
+
+    def _case_study(self, ctx, data: RunData, cs, out: Path, outputs: dict, everything: dict) -> list[str]:
+        import pandas as pd
+
+        from eksft_pipeline.analysis.case_study import token_prob_case_study
+        from eksft_pipeline.models.hub import resolve_model_dir
+
+        models = dict(data.models)
+        try:
+            models["base"] = str(resolve_model_dir(str(ctx.cfg.model.path)))
+        except FileNotFoundError:
+            models.pop("base", None)
+        order = ["base"] + sorted(k for k in models if k.endswith("(SFT)")) + sorted(
+            k for k in models if k.endswith("(SFT→RL)"))
+        models = {k: models[k] for k in order if k in models}
+        src = (data.split or {}).get("sft_train")
+        if not models or not src or not Path(src).exists():
+            return ["## Token-probability case study", "", "_Skipped: no SFT split or no models._", ""]
+        idx = int(cs.get("example_index", 0))
+        row = pd.read_parquet(src).iloc[idx]
+        messages = [dict(m) for m in row["messages"]]
+        device = str(cs.get("device", "cpu"))
+        res = token_prob_case_study(models, messages, out / "case_study", device=device,
+                                    generation_prefix=str((data.split or {}).get("generation_prefix", "") or ""),
+                                    max_tokens=int(cs.get("max_tokens", 96)))
+        outputs["case_study_html"] = str(out / "case_study" / "token_probs.html")
+        everything["case_study"] = {"example_index": idx, "mean_prob": res["mean_prob"]}
+        lines = ["## Token-probability case study", "",
+                 f"SFT example #{idx}: probability of each gold token of the reference solution under each model "
+                 "([interactive HTML](case_study/token_probs.html)).", "",
+                 "![token probabilities](case_study/token_probs.png)", "",
+                 "| model | mean p(gold token) |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in res["mean_prob"].items()]
+        return [*lines, ""]

@@ -1,0 +1,89 @@
+"""Paper-style result tables (Table 1: avg@n = pass@1; Table 2: pass@k) as rows, Markdown and CSV.
+
+Rows are evaluated models (`<method> (SFT)`, `<method> (SFT→RL)`, `base`), columns the benchmarks
+in a fixed order plus their unweighted mean ("Avg", as the paper averages benchmarks, not
+problems). Every row carries the sampling settings its numbers were produced with.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+
+from eksft_pipeline.analysis.gather import EvalResult
+
+PAPER_ORDER = ("aime24", "aime25", "amc", "hmmt25")
+SETTING_KEYS = ("n", "temperature", "top_p", "max_new_tokens")
+
+
+def benchmark_order(evals: Sequence[EvalResult]) -> list[str]:
+    names = {b for e in evals for b in e.benchmarks}
+    known = [b for b in PAPER_ORDER if b in names]
+    return known + sorted(names - set(known))
+
+
+def metric_value(bench: dict, metric: str) -> float | None:
+    """`avg@n` or `pass@K` / `maj@K` (None when K exceeds the samples drawn)."""
+    if metric == "avg@n":
+        return float(bench["avg@n"])
+    kind, _, k = metric.partition("@")
+    table = bench.get(f"{kind}@k", {})
+    return None if k not in table else float(table[k])
+
+
+def result_rows(evals: Sequence[EvalResult], metric: str) -> tuple[list[str], list[dict]]:
+    """(columns, rows): one row per evaluated model, values in [0, 1], `Avg` over the row's benchmarks."""
+    benches = benchmark_order(evals)
+    rows = []
+    for e in sorted(evals, key=lambda e: (e.target != "base", e.init, e.target)):
+        row: dict = {"model": e.label, "init": e.init, "target": e.target}
+        vals = []
+        for b in benches:
+            v = metric_value(e.benchmarks[b], metric) if b in e.benchmarks else None
+            row[b] = v
+            if v is not None:
+                vals.append(v)
+        # the mean only when the row has every benchmark: a partial mean is not comparable
+        row["Avg"] = sum(vals) / len(vals) if vals and len(vals) == len(benches) else None
+        for k in SETTING_KEYS:
+            row[k] = e.sampling.get(k)
+        rows.append(row)
+    return ["model", *benches, "Avg"], rows
+
+
+def to_markdown(columns: list[str], rows: list[dict], *, percent: bool = True) -> str:
+    """Markdown table; values as percentages with one decimal, best value per column in bold."""
+    numeric = columns[1:]
+    best = {c: max((r[c] for r in rows if r.get(c) is not None), default=None) for c in numeric}
+
+    def cell(r, c):
+        v = r.get(c)
+        if v is None:
+            return "–"
+        s = f"{100 * v:.1f}" if percent else f"{v:.3f}"
+        return f"**{s}**" if len(rows) > 1 and best[c] is not None and v == best[c] else s
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * len(numeric)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join([str(r["model"])] + [cell(r, c) for c in numeric]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(columns: list[str], rows: list[dict]) -> str:
+    """CSV with raw fractions and the sampling settings of every row."""
+    buf = io.StringIO()
+    fields = [*columns, "init", "target", *SETTING_KEYS]
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    return buf.getvalue()
+
+
+def headline_k(evals: Sequence[EvalResult], want: int = 32) -> int:
+    """The pass@k of Table 2: k=32 when every model drew >= 32 samples, else the smallest n drawn."""
+    ns = [int(b["n_samples"]) for e in evals for b in e.benchmarks.values()]
+    if not ns:
+        return want
+    return want if min(ns) >= want else min(ns)

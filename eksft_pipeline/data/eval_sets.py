@@ -1,0 +1,290 @@
+"""Evaluation-set loaders: verl RL-layout parquet (AIME24/25, AMC, MATH-500, ...) and jsonl (HMMT Feb 2025).
+
+Every loader returns :class:`EvalSet` objects with a uniform list of :class:`EvalProblem`
+(benchmark, problem_id, messages = [system, user], ground_truth, data_source).
+
+* Parquet in verl's RL layout (like ``luffy_valid_all.parquet``: ``data_source``, ``prompt`` [system, user],
+  ``reward_model.ground_truth``): rows are selected per benchmark by ``data_source`` through a mapping
+  ``benchmark -> data_source`` (default :data:`DEFAULT_PARQUET_BENCHMARKS`, e.g. ``aime24 <- aime``).
+  Copies of a problem are identical rows (the shared file holds each AIME/AMC problem 32 times); they are
+  de-duplicated by ``(data_source, prompt messages)`` keeping the first, and the number removed is reported.
+  Two copies with the same prompt but different ground truths raise :class:`DataError`.
+* jsonl with configurable field names (HMMT Feb 2025: ``question`` / ``ref_answer``): the user message is
+  the question, the system message is ``system_prompt`` (default: the OpenR1 training system prompt, so
+  eval prompts match the training distribution).
+
+``problem_id`` = first 16 hex digits of sha256 of the user message text (stable across runs and files).
+Rows with a missing / empty answer are *not* evaluated but counted (``n_missing_answer``) and listed
+(``missing_answer_rows``) in the set, and a warning is printed. Numeric (int/float) jsonl answers are
+converted with ``str``; any other non-string answer raises.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from .schema import SYSTEM_PROMPT, DataError, prompt_id
+
+DEFAULT_PARQUET_BENCHMARKS: dict[str, str] = {
+    "aime24": "aime",
+    "aime25": "aime25",
+    "amc": "amc",
+    "math500": "math",
+    "minerva": "minerva",
+    "olympiad_bench": "olympiad_bench",
+}
+
+
+@dataclass(frozen=True)
+class EvalProblem:
+    benchmark: str
+    problem_id: str
+    messages: tuple[dict[str, str], ...]
+    ground_truth: str
+    data_source: str
+
+    @property
+    def question(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass
+class EvalSet:
+    benchmark: str
+    source: str
+    problems: list[EvalProblem]
+    n_rows: int  # rows read for this benchmark, before de-duplication
+    n_duplicates_removed: int
+    n_missing_answer: int
+    missing_answer_rows: list[int] = field(default_factory=list)  # row indices in the source file
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "source": self.source,
+            "n_rows": self.n_rows,
+            "n_problems": len(self.problems),
+            "n_duplicates_removed": self.n_duplicates_removed,
+            "n_missing_answer": self.n_missing_answer,
+        }
+
+
+def _messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
+    if type(value).__name__ == "ndarray":
+        value = value.tolist()
+    if not isinstance(value, list | tuple) or not value:
+        raise DataError(f"{where}: prompt is not a non-empty list of messages")
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: prompt message is not {{'role': str, 'content': str}}: {m!r}"[:200])
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise DataError(f"{where}: last prompt message has role {out[-1]['role']!r}, expected 'user'")
+    return tuple(out)
+
+
+def _answer(value: Any, where: str) -> str | None:
+    """Normalised ground truth or None when missing/empty."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise DataError(f"{where}: answer has type bool")
+    if isinstance(value, int | float):
+        value = str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: answer has type {type(value).__name__}, expected str")
+    return value if value.strip() else None
+
+
+def _warn_missing(es: EvalSet) -> None:
+    if es.n_missing_answer:
+        print(
+            f"[eval_sets] WARNING: {es.benchmark}: {es.n_missing_answer} rows without an answer are not evaluated "
+            f"(rows {es.missing_answer_rows[:10]}{'...' if es.n_missing_answer > 10 else ''})"
+        )
+
+
+def load_eval_parquet(
+    path: str | Path,
+    *,
+    benchmarks: dict[str, str] | None = None,
+    system_prompt: str | None = None,
+) -> dict[str, EvalSet]:
+    """Load benchmarks from a verl RL-layout parquet.
+
+    Args:
+        path: the parquet file.
+        benchmarks: benchmark name -> ``data_source`` value (default :data:`DEFAULT_PARQUET_BENCHMARKS`,
+            restricted to the data sources present in the file). An explicitly requested data source that is
+            absent from the file raises.
+        system_prompt: replace the stored system message (or add one) with this text; ``None`` keeps the
+            file's messages unchanged.
+
+    Returns: ``{benchmark: EvalSet}`` in the order of ``benchmarks``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"eval parquet not found: {p}")
+    table = pq.read_table(p)
+    for col in ("data_source", "prompt", "reward_model"):
+        if col not in table.column_names:
+            raise DataError(f"missing required column {col!r} in {p} (columns: {table.column_names})")
+    rows = table.select(["data_source", "prompt", "reward_model"]).to_pylist()
+    present = {r["data_source"] for r in rows}
+    if benchmarks is None:
+        benchmarks = {b: ds for b, ds in DEFAULT_PARQUET_BENCHMARKS.items() if ds in present}
+    else:
+        for b, ds in benchmarks.items():
+            if ds not in present:
+                raise DataError(f"benchmark {b!r}: data_source {ds!r} not in {p} (present: {sorted(present)})")
+    out: dict[str, EvalSet] = {}
+    for bench, ds in benchmarks.items():
+        problems: list[EvalProblem] = []
+        seen: dict[tuple, str] = {}  # (data_source, messages) -> ground truth of the first copy
+        n_rows = n_dup = 0
+        missing: list[int] = []
+        for i, r in enumerate(rows):
+            if r["data_source"] != ds:
+                continue
+            n_rows += 1
+            where = f"{p} row {i}"
+            msgs = _messages(r["prompt"], where)
+            if system_prompt is not None:
+                msgs = ({"role": "system", "content": system_prompt},) + tuple(m for m in msgs if m["role"] != "system")
+            rm = r["reward_model"]
+            gt = _answer(rm.get("ground_truth") if isinstance(rm, dict) else None, where)
+            key = (ds, tuple((m["role"], m["content"]) for m in msgs))
+            if key in seen:
+                if seen[key] != gt:
+                    raise DataError(
+                        f"{where}: duplicate prompt of {bench} with a different ground truth ({seen[key]!r} vs {gt!r})"
+                    )
+                n_dup += 1
+                continue
+            seen[key] = gt
+            if gt is None:
+                missing.append(i)
+                continue
+            problems.append(EvalProblem(bench, prompt_id(msgs[-1]["content"]), msgs, gt, ds))
+        es = EvalSet(bench, str(p), problems, n_rows, n_dup, len(missing), missing)
+        _warn_missing(es)
+        out[bench] = es
+    return out
+
+
+def load_eval_jsonl(
+    path: str | Path,
+    *,
+    benchmark: str,
+    question_field: str = "question",
+    answer_field: str = "ref_answer",
+    system_prompt: str = SYSTEM_PROMPT,
+    data_source: str | None = None,
+) -> EvalSet:
+    """Load one benchmark from jsonl whose rows carry the question / answer under the given field names.
+
+    Rows are de-duplicated by question text. A row without ``question_field`` (or with an empty one) raises
+    naming the row; a row without an answer is counted in ``n_missing_answer``. If no row has
+    ``question_field`` / ``answer_field`` at all, raises naming the field.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"eval jsonl not found: {p}")
+    rows: list[dict[str, Any]] = []
+    for ln, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p} line {ln + 1}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{p} line {ln + 1}: not a JSON object")
+        rows.append(obj)
+    for fld in (question_field, answer_field):
+        if rows and not any(fld in r for r in rows):
+            raise DataError(f"field {fld!r} not found in any row of {p} (fields: {sorted(set().union(*rows))})")
+    ds = data_source or benchmark
+    problems: list[EvalProblem] = []
+    seen: dict[str, str | None] = {}
+    n_dup = 0
+    missing: list[int] = []
+    for i, r in enumerate(rows):
+        where = f"{p} row {i}"
+        q = r.get(question_field)
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{where}: field {question_field!r} missing or not a non-empty string")
+        gt = _answer(r.get(answer_field), where)
+        if q in seen:
+            if seen[q] != gt:
+                raise DataError(f"{where}: duplicate question with a different answer ({seen[q]!r} vs {gt!r})")
+            n_dup += 1
+            continue
+        seen[q] = gt
+        if gt is None:
+            missing.append(i)
+            continue
+        msgs = ({"role": "system", "content": system_prompt}, {"role": "user", "content": q})
+        problems.append(EvalProblem(benchmark, prompt_id(q), msgs, gt, ds))
+    es = EvalSet(benchmark, str(p), problems, len(rows), n_dup, len(missing), missing)
+    _warn_missing(es)
+    return es
+
+
+def load_eval_sets(specs: list[dict[str, Any]]) -> dict[str, EvalSet]:
+    """Load several sets from plain-dict specs (what a Hydra config list turns into).
+
+    Each spec: ``{"path": ..., "format": "parquet" | "jsonl" (default: from the suffix), ...}``;
+    parquet specs take ``benchmarks`` (name -> data_source) and ``system_prompt``; jsonl specs take
+    ``benchmark``, ``question_field``, ``answer_field``, ``system_prompt``, ``data_source``.
+    A benchmark name defined twice raises.
+    """
+    out: dict[str, EvalSet] = {}
+    for spec in specs:
+        spec = dict(spec)
+        if "path" not in spec:
+            raise DataError(f"eval set spec without 'path': {spec}")
+        path = spec.pop("path")
+        fmt = spec.pop("format", None) or Path(path).suffix.lstrip(".")
+        if fmt == "parquet":
+            got = load_eval_parquet(path, **spec)
+        elif fmt == "jsonl":
+            es = load_eval_jsonl(path, **spec)
+            got = {es.benchmark: es}
+        else:
+            raise DataError(f"unknown eval set format {fmt!r} for {path} (expected parquet or jsonl)")
+        for name, es in got.items():
+            if name in out:
+                raise DataError(f"benchmark {name!r} defined twice ({out[name].source} and {es.source})")
+            out[name] = es
+    return out
+
+
+def write_eval_parquet(sets: dict[str, EvalSet] | list[EvalSet], path: str | Path) -> Path:
+    """Write de-duplicated problems back in verl's RL layout (data_source = benchmark name), e.g. for verl's
+    validation data; extra_info.index is the position within its benchmark."""
+    from .schema import RL_SCHEMA
+    from .synth import write_parquet
+
+    items = list(sets.values()) if isinstance(sets, dict) else list(sets)
+    rows = [
+        {
+            "data_source": es.benchmark,
+            "prompt": list(pr.messages),
+            "ability": "math",
+            "reward_model": {"ground_truth": pr.ground_truth, "style": "rule"},
+            "extra_info": {"index": j, "split": "test"},
+        }
+        for es in items
+        for j, pr in enumerate(es.problems)
+    ]
+    return write_parquet(rows, path, RL_SCHEMA)

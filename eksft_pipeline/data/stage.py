@@ -1,0 +1,113 @@
+"""Stages `assets` and `split`.
+
+    python -m eksft_pipeline stage=assets            # tiny model + tokenizer + generated data (CPU default)
+    python -m eksft_pipeline stage=split             # OpenR1-Math -> disjoint SFT / RL parquet files
+    python -m eksft_pipeline stage=split model=qwen3-8b split.source=/data/openr1.parquet
+
+`assets` builds the embedded CPU default (model.kind=tiny) with `eksft_pipeline.models.tiny.
+make_tiny_assets` (idempotent, no download); for a hub/local model (model.kind=hf) it only records
+which model the run uses. `split` calls `eksft_pipeline.data.split.split_dataset` with the model's
+tokenizer for the length cutoff and token statistics, and writes into `<run_dir>/split/`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult
+
+
+def _plain(x):
+    return OmegaConf.to_container(x, resolve=True) if x is not None else None
+
+
+class AssetsStage(Stage):
+    name = "assets"
+
+    def config(self, cfg):
+        return {"model": {"name": cfg.model.name, "kind": cfg.model.kind, "path": str(cfg.model.path),
+                          "assets": _plain(cfg.model.get("assets"))}}
+
+    def describe(self, ctx):
+        cfg = ctx.cfg
+        if cfg.model.kind == "tiny":
+            return {"stage": "assets", "action": "make_tiny_assets", "out_dir": str(cfg.model.assets_dir),
+                    "params": _plain(cfg.model.assets)}
+        return {"stage": "assets", "action": "record model reference", "model": str(cfg.model.path)}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = ctx.cfg
+        out = ctx.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.model.kind == "tiny":
+            from eksft_pipeline.models.tiny import make_tiny_assets
+
+            params = dict(_plain(cfg.model.assets) or {})
+            paths = make_tiny_assets(cfg.model.assets_dir, **params)
+            for want, key in ((cfg.model.path, "model"), (cfg.model.data.source, "train")):
+                if Path(str(want)).resolve() != Path(paths[key]).resolve():
+                    raise ValueError(f"model recipe points at {want} but make_tiny_assets wrote {paths[key]}")
+            ref = {k: str(v) for k, v in paths.items()}
+            (out / "assets.json").write_text(json.dumps(ref, indent=2))
+            log = Path(paths["model"]) / "pretrain_log.json"
+            summary = json.loads(log.read_text()) if log.exists() else {}
+            summary = {k: v for k, v in summary.items() if not isinstance(v, list)}
+            return StageResult(
+                outputs={"model": str(paths["model"]), "train": str(paths["train"]), "eval": str(paths["eval"]),
+                         "assets": str(out / "assets.json")},
+                summary=summary,
+            )
+        if cfg.model.kind != "hf":
+            raise ValueError(f"model.kind must be 'tiny' or 'hf', got {cfg.model.kind!r}")
+        ref = {"model": str(cfg.model.path), "note": "hub name or local dir, loaded by verl / transformers"}
+        (out / "assets.json").write_text(json.dumps(ref, indent=2))
+        return StageResult(outputs={"assets": str(out / "assets.json")}, summary=ref)
+
+
+class SplitStage(Stage):
+    name = "split"
+
+    def config(self, cfg):
+        return {"split": _plain(cfg.split), "tokenizer": str(cfg.model.path)}
+
+    def inputs(self, ctx):
+        src = str(ctx.cfg.split.source)
+        inp = {"source": src} if Path(src).exists() else {}
+        if Path(str(ctx.cfg.model.path)).exists():
+            inp["tokenizer"] = str(ctx.cfg.model.path)
+        return inp
+
+    def describe(self, ctx):
+        return {"stage": "split", "out_dir": str(ctx.out_dir), "tokenizer": str(ctx.cfg.model.path),
+                **_plain(ctx.cfg.split)}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from eksft_pipeline.data.split import split_dataset
+
+        s = ctx.cfg.split
+        rep = split_dataset(
+            str(s.source),
+            ctx.out_dir,
+            n_sft=int(s.n_sft),
+            n_rl=None if s.get("n_rl") is None else int(s.n_rl),
+            seed=int(s.seed),
+            tokenizer=str(ctx.cfg.model.path),
+            cutoff_tokens=int(s.cutoff_tokens),
+            think_prefix=str(s.think_prefix),
+            allow_extra_columns=bool(s.get("allow_extra_columns", False)),
+        )
+        d = rep.to_dict()
+        out = Path(ctx.out_dir)
+        return StageResult(
+            outputs={
+                "sft_train": str(out / d["files"]["sft"]),
+                "rl_train": str(out / d["files"]["rl"]),
+                "report": str(out / "split_report.json"),
+                "dropped": str(out / d["files"]["dropped"]),
+            },
+            summary={k: d[k] for k in ("n_input", "n_valid", "n_sft", "n_rl", "n_dropped", "dropped",
+                                        "think_prefix", "generation_prefix", "length_check")},
+        )

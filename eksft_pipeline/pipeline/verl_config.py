@@ -1,0 +1,182 @@
+"""Compose verl configs from `recipes/verl/*.yaml` and validate them against verl's dataclasses.
+
+The stages never hand-write a verl config: they compose verl's own YAML (searchpath
+`pkg://verl.trainer.config`) with the project's recipe on top, merge the orchestrator's override
+blocks in struct mode -- so a key verl does not define fails here, naming the key, instead of on
+the cluster -- and then instantiate every block that verl turns into a dataclass, so a value verl
+would reject (wrong type, unknown enum, unknown field) fails here too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+# Free-form dicts inside verl configs: any key is legal there.
+OPEN_PATHS = {
+    "model.override_config",
+    "data.apply_chat_template_kwargs",
+    "optim.override_optimizer_config",
+    "eksft.loss_params",
+    "actor_rollout_ref.model.override_config",
+    "actor_rollout_ref.rollout.engine_kwargs",
+    "actor_rollout_ref.rollout.custom",
+    "reward.custom_reward_function.reward_kwargs",
+    "custom_reward_function.reward_kwargs",
+    "reward_model.reward_kwargs",
+    "ray_kwargs.ray_init",
+    "ray_kwargs",
+    "transfer_queue",
+}
+
+
+class ConfigKeyError(KeyError):
+    """An override names a key the composed verl config does not have."""
+
+    def __str__(self):  # KeyError quotes its message; keep it readable
+        return self.args[0] if self.args else ""
+
+
+def recipes_dir() -> Path:
+    if not RECIPES_DIR.is_dir():
+        raise FileNotFoundError(
+            f"recipes/ not found at {RECIPES_DIR}; install the project in editable mode (`make install`)"
+        )
+    return RECIPES_DIR
+
+
+def compose_verl(name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose `recipes/verl/<name>.yaml` (which lists verl's own config in its defaults).
+
+    `overrides` are Hydra overrides applied at composition, e.g. `["dapo_platform=cpu"]` to pick a
+    config group option of the recipe.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    cfg_dir = recipes_dir() / "verl"
+    if not (cfg_dir / f"{name}.yaml").exists():
+        raise FileNotFoundError(f"no verl recipe {cfg_dir / (name + '.yaml')}")
+    # compose() inside a running Hydra app needs its own, temporary global state
+    gh = GlobalHydra.instance()
+    saved = gh.hydra if gh.is_initialized() else None
+    if saved is not None:
+        gh.clear()
+    try:
+        with initialize_config_dir(config_dir=str(cfg_dir), version_base=None):
+            cfg = compose(config_name=name, overrides=list(overrides or []))
+    finally:
+        if saved is not None:
+            gh.clear()
+            gh.initialize(saved)
+    # hydra's own node is not part of verl's config
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def _to_plain(x):
+    if isinstance(x, DictConfig | ListConfig):
+        return OmegaConf.to_container(x, resolve=True)
+    return x
+
+
+def strict_merge(base: DictConfig, override: Any, *, where: str, _prefix: str = "") -> None:
+    """Merge `override` into `base` in place; unknown keys raise ConfigKeyError naming them.
+
+    Keys under OPEN_PATHS (free-form dicts) and keys given with a leading '+' are added freely.
+    """
+    override = _to_plain(override)
+    if override is None:
+        return
+    if not isinstance(override, dict):
+        raise TypeError(f"{where}: expected a mapping at {_prefix or '<root>'}, got {type(override).__name__}")
+    for raw_key, value in override.items():
+        add = isinstance(raw_key, str) and raw_key.startswith("+")
+        key = raw_key[1:] if add else raw_key
+        path = f"{_prefix}.{key}" if _prefix else str(key)
+        is_open = path in OPEN_PATHS or _prefix in OPEN_PATHS
+        if key not in base:
+            if not (add or is_open):
+                near = ", ".join(sorted(str(k) for k in base.keys())[:40])
+                raise ConfigKeyError(
+                    f"{where}: '{path}' is not a key of the verl config (verl 0.9.1 would reject it). "
+                    f"Keys at this level: {near}. Prefix a new key with '+' to add it deliberately."
+                )
+            with open_dict(base):
+                base[key] = value
+            continue
+        current = base[key]
+        if isinstance(current, DictConfig) and isinstance(value, dict) and not is_open:
+            strict_merge(current, value, where=where, _prefix=path)
+        elif isinstance(current, DictConfig) and isinstance(value, dict):
+            with open_dict(current):
+                merged = OmegaConf.merge(current, value)
+            with open_dict(base):
+                base[key] = merged
+        else:
+            with open_dict(base):
+                base[key] = value
+
+
+# dataclass-backed blocks of each verl entry point, validated by instantiation
+SFT_DATACLASS_BLOCKS = ("model", "engine", "optim", "checkpoint", "profiler")
+
+
+def validate_sft_config(cfg: DictConfig) -> None:
+    """Instantiate every dataclass-backed block the way verl's SFTTrainer does; raise on rejection."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    for block in SFT_DATACLASS_BLOCKS:
+        node = cfg[block]
+        if block == "model":
+            _validate_model_block(node)
+            continue
+        try:
+            omega_conf_to_dataclass(node)
+        except Exception as e:  # noqa: BLE001 - re-raised with the block named
+            raise ValueError(f"verl rejected the SFT config block '{block}': {type(e).__name__}: {e}") from e
+    _check_sft_values(cfg)
+
+
+def _validate_model_block(node: DictConfig, block: str = "model") -> None:
+    """Field check always; full instantiation when the model is a local directory.
+
+    `HFModelConfig.__post_init__` loads the tokenizer and HF config from `path`, so for a hub name
+    (the GPU recipes, composed in CI without network) only the field names can be checked here.
+    """
+    import dataclasses
+
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.workers.config import HFModelConfig
+
+    names = {f.name for f in dataclasses.fields(HFModelConfig)}
+    unknown = sorted(set(node.keys()) - names - {"_target_"})
+    if unknown:
+        raise ValueError(f"verl rejected the config block '{block}': unknown field(s) {unknown}")
+    if Path(str(node.path)).expanduser().is_dir():
+        try:
+            omega_conf_to_dataclass(node)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"verl rejected the config block '{block}': {type(e).__name__}: {e}") from e
+
+
+def _check_sft_values(cfg: DictConfig) -> None:
+    from verl.utils.dataset.dataset_utils import DatasetPadMode
+
+    pad_modes = {m.value if hasattr(m, "value") else str(m) for m in DatasetPadMode}
+    if str(cfg.data.pad_mode) not in pad_modes:
+        raise ValueError(f"data.pad_mode={cfg.data.pad_mode!r} is not one of {sorted(pad_modes)}")
+    if int(cfg.data.train_batch_size) <= 0:
+        raise ValueError("data.train_batch_size must be positive")
+    n_gpus = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
+    if int(cfg.data.train_batch_size) % max(n_gpus, 1):
+        raise ValueError(
+            f"data.train_batch_size={cfg.data.train_batch_size} is not divisible by the {n_gpus} data-parallel ranks"
+        )
+    if str(cfg.trainer.device) == "cpu" and str(cfg.engine.strategy) != "fsdp2":
+        raise ValueError("engine.strategy must be fsdp2 on CPU (FSDP1 cannot run without an accelerator)")

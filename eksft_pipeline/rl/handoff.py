@@ -1,0 +1,272 @@
+"""Stage `handoff`: the SFT output of `init` becomes the RL initial actor -- checked first.
+
+    python -m eksft_pipeline stage=handoff init=eksft     # the EKSFT SFT output of this run dir
+    python -m eksft_pipeline stage=handoff init=base      # the model before SFT
+    python -m eksft_pipeline stage=handoff init=/ckpt/global_step_400   # a path (HF dir or FSDP shards)
+
+Resolution: `init=<method>` -> `<run_dir>/sft/<method>/hf_model` (from the manifest); `base` ->
+`model.path`; anything else -> a local directory or an HF hub name. A verl checkpoint directory with
+only FSDP shards (`model_world_size_*_rank_*.pt`) is merged with `python -m verl.model_merger merge
+--backend fsdp` into `<run_dir>/handoff/<init>/merged/`.
+
+Checks (each a clear error, because these mismatches are the most common silent failure of SFT->RL
+pipelines: the run "works" and the reward stays at zero):
+  weights      the weights load (fully for small models; tensor names vs the architecture otherwise)
+  template     the init tokenizer renders the RL prompts exactly as the SFT tokenizer rendered the SFT
+               prompts (same chat template), and an SFT conversation's rendering starts with its
+               rendered prompt + the split's generation prefix (what RL will generate after)
+  eos          the token that ends every assistant turn in the SFT data is the model's EOS, i.e. the
+               rollout's stop token (tokenizer eos and generation_config eos_token_id)
+  context      rl.max_prompt_length + rl.max_response_length fits max_position_embeddings, and the
+               longest RL prompt fits rl.max_prompt_length
+
+Output: `handoff_report.json` with every check and `model` = the directory the RL stage starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult, init_tag, known_methods
+
+
+class HandoffError(ValueError):
+    """The model cannot start RL as configured; the message says which check failed and why."""
+
+
+def _is_fsdp_checkpoint(d: Path) -> bool:
+    return any(d.glob("model_world_size_*_rank_*.pt"))
+
+
+def merge_fsdp_checkpoint(ckpt_dir: Path, target: Path, env: dict | None = None) -> Path:
+    """verl's own merger: FSDP shards (+ huggingface/ config) -> an HF model directory."""
+    target.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
+           "--local_dir", str(ckpt_dir), "--target_dir", str(target)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise HandoffError(f"verl.model_merger failed on {ckpt_dir} (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    hf_src = ckpt_dir / "huggingface"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                 "special_tokens_map.json", "vocab.json", "merges.txt"):
+        if (hf_src / name).exists() and not (target / name).exists():
+            (target / name).write_bytes((hf_src / name).read_bytes())
+    return target
+
+
+def check_weights(model_dir: Path, *, full_load_limit_bytes: int = 2 << 30) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise HandoffError(f"weights: no *.safetensors / pytorch_model*.bin in {model_dir}")
+    size = sum(f.stat().st_size for f in files)
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if size <= full_load_limit_bytes:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001
+            raise HandoffError(f"weights: {model_dir} does not load: {type(e).__name__}: {e}") from e
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise HandoffError(f"weights: non-finite values in {bad[:5]}")
+        n_params = sum(p.numel() for p in model.parameters())
+        return {"ok": True, "mode": "full_load", "n_params": int(n_params), "bytes": size}
+    # large model: compare tensor names in the files with the architecture (meta device, no memory)
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = set(model.state_dict())
+    found = set()
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as sf:
+                found |= set(sf.keys())
+    missing = sorted(k for k in expected - found if not (k.endswith("lm_head.weight") and config.tie_word_embeddings))
+    if missing:
+        raise HandoffError(f"weights: {len(missing)} tensors of the architecture are absent, e.g. {missing[:5]}")
+    return {"ok": True, "mode": "tensor_names", "bytes": size, "n_tensors": len(found)}
+
+
+def _render(tok, messages, *, gen: bool) -> str:
+    return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen)
+
+
+def check_template(init_tok, sft_tok, sft_rows: list[list[dict]], rl_prompts: list[list[dict]], generation_prefix: str) -> dict:
+    """RL prompts render identically with the init and the SFT tokenizer, and SFT conversations begin
+    with their rendered prompt + generation prefix."""
+    if not getattr(init_tok, "chat_template", None):
+        raise HandoffError("template: the init model's tokenizer has no chat template")
+    for i, msgs in enumerate(rl_prompts):
+        a, b = _render(init_tok, msgs, gen=True), _render(sft_tok, msgs, gen=True)
+        if a != b:
+            raise HandoffError(
+                "template: the init model renders RL prompts differently from the tokenizer SFT was trained "
+                f"with (RL row {i}).\n  init: {a[-300:]!r}\n  sft:  {b[-300:]!r}"
+            )
+    for i, conv in enumerate(sft_rows):
+        prompt = [m for m in conv if m["role"] != "assistant"]
+        full = _render(sft_tok, conv, gen=False)
+        head = _render(sft_tok, prompt, gen=True) + generation_prefix
+        if not full.startswith(head):
+            raise HandoffError(
+                "template: an SFT conversation does not start with its rendered prompt + generation prefix "
+                f"{generation_prefix!r} (SFT row {i}); RL would generate from a different context than SFT trained "
+                f"on.\n  prompt+prefix: {head[-200:]!r}\n  conversation:  {full[: len(head) + 40][-240:]!r}"
+            )
+    return {"ok": True, "n_rl_checked": len(rl_prompts), "n_sft_checked": len(sft_rows),
+            "generation_prefix": generation_prefix}
+
+
+def sft_end_token(sft_tok, conv: list[dict]) -> int:
+    """The token that follows the assistant content in the SFT rendering (what SFT taught to emit last)."""
+    full = _render(sft_tok, conv, gen=False)
+    content = conv[-1]["content"]
+    pos = full.rfind(content)
+    if pos < 0:
+        raise HandoffError("eos: the assistant content is not verbatim in its own rendering; cannot find the end token")
+    tail = full[pos + len(content):]
+    ids = sft_tok(tail, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise HandoffError("eos: the chat template puts nothing after the assistant turn (no end-of-turn token)")
+    return int(ids[0])
+
+
+def check_eos(init_tok, init_dir: Path, sft_tok, sft_rows: list[list[dict]]) -> dict:
+    from transformers import GenerationConfig
+
+    ends = {sft_end_token(sft_tok, conv) for conv in sft_rows}
+    if len(ends) != 1:
+        raise HandoffError(f"eos: SFT conversations end with different tokens {sorted(ends)}")
+    end = ends.pop()
+    stop_ids = set()
+    try:
+        gc = GenerationConfig.from_pretrained(str(init_dir))
+        e = gc.eos_token_id
+        stop_ids |= set(e if isinstance(e, list) else [e] if e is not None else [])
+    except OSError:
+        gc = None
+    if init_tok.eos_token_id is not None:
+        stop_ids.add(int(init_tok.eos_token_id))
+    if end not in stop_ids:
+        raise HandoffError(
+            f"eos: SFT taught the model to end turns with token {end} ({sft_tok.convert_ids_to_tokens(end)!r}), "
+            f"but the rollout stops on {sorted(stop_ids)} ({init_tok.convert_ids_to_tokens(sorted(stop_ids))}); "
+            "set the tokenizer's eos_token / generation_config.eos_token_id of the init model"
+        )
+    return {"ok": True, "end_token_id": end, "end_token": sft_tok.convert_ids_to_tokens(end),
+            "stop_token_ids": sorted(stop_ids), "generation_config": gc is not None}
+
+
+def check_context(init_dir: Path, tok, rl_prompts: list[list[dict]], generation_prefix: str,
+                  max_prompt: int, max_response: int) -> dict:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(init_dir))
+    ctx_len = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    if ctx_len and max_prompt + max_response > ctx_len:
+        raise HandoffError(
+            f"context: rl.max_prompt_length {max_prompt} + rl.max_response_length {max_response} = "
+            f"{max_prompt + max_response} exceeds the model's max_position_embeddings {ctx_len}"
+        )
+    lens = [len(tok(_render(tok, m, gen=True) + generation_prefix, add_special_tokens=False)["input_ids"])
+            for m in rl_prompts]
+    longest = max(lens) if lens else 0
+    n_over = sum(n > max_prompt for n in lens)
+    if n_over:
+        raise HandoffError(f"context: {n_over} of {len(lens)} checked RL prompts exceed rl.max_prompt_length "
+                           f"{max_prompt} (longest {longest} tokens)")
+    return {"ok": True, "max_position_embeddings": ctx_len, "max_prompt_length": max_prompt,
+            "max_response_length": max_response, "longest_prompt_checked": longest}
+
+
+class HandoffStage(Stage):
+    name = "handoff"
+
+    def key(self, cfg):
+        spec = str(cfg.init) if cfg.get("init") not in (None, "") else str(cfg.method.name)
+        return f"handoff/{init_tag(spec)}"
+
+    def config(self, cfg):
+        return {"init": cfg.get("init"), "method": str(cfg.method.name), "model": str(cfg.model.path),
+                "rl_lengths": [int(cfg.rl.max_prompt_length), int(cfg.rl.max_response_length)],
+                "handoff": dict(cfg.handoff)}
+
+    def source(self, ctx: StageContext) -> str:
+        spec = ctx.init_spec()
+        if spec == "base":
+            return str(ctx.cfg.model.path)
+        if spec in known_methods() or ctx.manifest.entry(f"sft/{spec}") is not None:
+            if ctx.dry_run:
+                return str(ctx.run_dir / "sft" / spec / "hf_model")
+            return ctx.upstream(f"sft/{spec}")["hf_model"]
+        return spec
+
+    def inputs(self, ctx):
+        inp = {}
+        src = self.source(ctx)
+        if Path(src).exists():
+            inp["init_model"] = src
+        if not ctx.dry_run:
+            split = ctx.upstream("split")
+            inp.update(sft_train=split["sft_train"], rl_train=split["rl_train"], split_report=split["report"])
+        return inp
+
+    def describe(self, ctx):
+        return {"stage": "handoff", "key": ctx.key, "init": ctx.init_spec(), "model": self.source(ctx),
+                "checks": ["weights", "template", "eos", "context"]}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from transformers import AutoTokenizer
+
+        from eksft_pipeline.models.hub import resolve_model_dir
+
+        cfg = ctx.cfg
+        out = ctx.out_dir
+        src = self.source(ctx)
+        model_dir = resolve_model_dir(src)
+        merged = False
+        if not (list(model_dir.glob("*.safetensors")) or list(model_dir.glob("pytorch_model*.bin"))) and _is_fsdp_checkpoint(model_dir):
+            model_dir = merge_fsdp_checkpoint(model_dir, out / "merged", env=ctx.env())
+            merged = True
+        split = ctx.upstream("split")
+        rep = json.loads(Path(split["report"]).read_text())
+        prefix = str(rep.get("generation_prefix", "") or "")
+        n_check = int(cfg.handoff.get("n_check", 64))
+        sft_df = pd.read_parquet(split["sft_train"])
+        rl_df = pd.read_parquet(split["rl_train"])
+        sft_rows = [[dict(m) for m in msgs] for msgs in sft_df["messages"].head(n_check)]
+        rl_prompts = [[dict(m) for m in p] for p in rl_df["prompt"].head(n_check)]
+
+        init_tok = AutoTokenizer.from_pretrained(str(model_dir))
+        # the tokenizer SFT rendered its data with: the base model's (verl's SFT dataset uses model.path)
+        sft_tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(str(cfg.model.path))))
+
+        report: dict[str, Any] = {"init": ctx.init_spec(), "source": src, "model": str(model_dir), "merged_fsdp": merged}
+        checks = [
+            ("weights", lambda: check_weights(model_dir)),
+            ("template", lambda: check_template(init_tok, sft_tok, sft_rows, rl_prompts, prefix)),
+            ("eos", lambda: check_eos(init_tok, model_dir, sft_tok, sft_rows)),
+            ("context", lambda: check_context(model_dir, init_tok, rl_prompts, prefix,
+                                              int(cfg.rl.max_prompt_length), int(cfg.rl.max_response_length))),
+        ]
+        failures = []
+        for name, fn in checks:
+            try:
+                report[name] = fn()
+            except HandoffError as e:
+                report[name] = {"ok": False, "error": str(e)}
+                failures.append(str(e))
+        (out / "handoff_report.json").write_text(json.dumps(report, indent=2, default=str))
+        if failures and bool(cfg.handoff.strict):
+            raise HandoffError("handoff checks failed (handoff.strict=true):\n- " + "\n- ".join(failures))
+        return StageResult(outputs={"model": str(model_dir), "report": str(out / "handoff_report.json")},
+                           summary={k: v.get("ok") for k, v in report.items() if isinstance(v, dict)})

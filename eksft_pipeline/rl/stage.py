@@ -1,0 +1,259 @@
+"""Stage `rl`: DAPO on verl 0.9.1's own `main_ppo` (V1 sync trainer), from the handoff's checked model.
+
+    python -m eksft_pipeline stage=rl init=eksft                 # CPU default: hf_cpu rollout, tiny model
+    python -m eksft_pipeline stage=rl init=sft model=qwen3-8b cluster=8gpu     # vLLM rollout, 8 GPUs
+
+Steps: compose `recipes/verl/dapo.yaml` on verl's `ppo_trainer` config (with `dapo_platform=cpu` on
+`cluster=cpu`), merge the recipes' `rl.verl` blocks (project <- model <- cluster) in struct mode, set
+the run's files (actor = the handoff's model, train = the split's RL parquet, a small validation
+parquet), validate with `eksft_pipeline.rl.ppo_main.validate_ppo_config` (verl's own validation and
+dataclasses), write `<run_dir>/rl/<init>/verl_dapo.yaml`, launch
+`python -m eksft_pipeline.rl.ppo_main` on it, then export the last checkpoint's
+`actor/huggingface/` to `hf_model/` and summarise the logged metrics into `metrics.json`.
+
+Why main_ppo and not a local loop: with the `hf_cpu` rollout registered next to the CPU platform
+shim (eksft_pipeline/rl/cpu_rollout.py), verl's own trainer runs on CPU unchanged -- GRPO
+advantages, clip-higher, token-mean, dynamic sampling, the DAPO reward manager, checkpointing and
+resume are verl's code on both CPU and GPU.
+
+Stall guard: verl's V1 dynamic sampling refills filtered groups without a bound (its
+`max_num_gen_batches` is ignored, verl/trainer/ppo/v1/trainer_base.py), so a policy whose groups
+are all right or all wrong loops forever. The stage kills the run with a clear error when no
+training step is logged for `rl.stall_timeout_s` seconds.
+
+Resume: `checkpoints/` and `logs/` survive a failed attempt; verl's `resume_mode=auto` continues
+from `latest_checkpointed_iteration.txt`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf, open_dict
+
+from eksft_pipeline.pipeline.artifacts import export_hf_model, tail, tee
+from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult, init_tag
+from eksft_pipeline.pipeline.verl_config import compose_verl, strict_merge
+
+CONFIG_NAME = "verl_dapo"
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def read_metrics(log_dir: Path) -> dict[int, dict]:
+    """step -> metrics from verl's file logger, merged over attempts (a later attempt's value wins)."""
+    steps: dict[int, dict] = {}
+    for f in sorted(log_dir.glob("metrics-*.jsonl")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                steps.setdefault(int(rec["step"]), {}).update(rec["data"])
+    return dict(sorted(steps.items()))
+
+
+class RLStage(Stage):
+    name = "rl"
+    keep_on_retry = ("checkpoints", "logs")
+    # the launching task holds no GPU: verl's own Ray actors (main_ppo) take the node's GPUs
+    resources = {"num_cpus": 1, "num_gpus": 0}
+
+    def key(self, cfg):
+        spec = str(cfg.init) if cfg.get("init") not in (None, "") else str(cfg.method.name)
+        return f"rl/{init_tag(spec)}"
+
+    def handoff_key(self, ctx: StageContext) -> str:
+        return f"handoff/{init_tag(ctx.init_spec())}"
+
+    def config(self, cfg):
+        return {
+            "init": cfg.get("init"),
+            "method": str(cfg.method.name),
+            "model": {"name": cfg.model.name, "rl": _plain(cfg.model.get("rl"))},
+            "rl": _plain(cfg.rl),
+            "cluster": {"device": cfg.cluster.device, "gpus_per_node": cfg.cluster.gpus_per_node,
+                        "nnodes": cfg.cluster.nnodes, "rl": _plain(cfg.cluster.get("rl"))},
+            "seed": int(cfg.seed),
+        }
+
+    def _files(self, ctx: StageContext) -> dict[str, str]:
+        if ctx.dry_run:
+            return {"model": str(ctx.run_dir / self.handoff_key(ctx) / "<checked model>"),
+                    "rl_train": str(ctx.run_dir / "split" / "rl_train.parquet"),
+                    "report": str(ctx.run_dir / "split" / "split_report.json")}
+        handoff = ctx.upstream(self.handoff_key(ctx))
+        split = ctx.upstream("split")
+        return {"model": handoff["model"], "rl_train": split["rl_train"], "report": split["report"]}
+
+    def inputs(self, ctx):
+        f = self._files(ctx)
+        return {} if ctx.dry_run else {"model": f["model"], "rl_train": f["rl_train"]}
+
+    # -- config -----------------------------------------------------------------------------------
+    def verl_config(self, ctx: StageContext):
+        cfg = ctx.cfg
+        cpu = str(cfg.cluster.device) == "cpu"
+        vc = compose_verl("dapo", [f"dapo_platform={'cpu' if cpu else 'gpu'}"])
+        for where, block in (
+            ("rl.verl", cfg.rl.get("verl")),
+            ("model.rl.verl", (cfg.model.get("rl") or {}).get("verl")),
+            ("cluster.rl.verl", (cfg.cluster.get("rl") or {}).get("verl")),
+        ):
+            strict_merge(vc, block, where=where)
+        f = self._files(ctx)
+        out = ctx.out_dir
+        with open_dict(vc):
+            vc.actor_rollout_ref.model.path = f["model"]
+            vc.data.train_files = f["rl_train"]
+            vc.data.val_files = str(out / "val.parquet")
+            vc.data.max_prompt_length = int(cfg.rl.max_prompt_length)
+            vc.data.max_response_length = int(cfg.rl.max_response_length)
+            vc.data.seed = int(cfg.seed)
+            prefix = self._generation_prefix(ctx, f)
+            if prefix:
+                # the split moved "<think>\n" into the generation prompt (split.think_prefix=prompt)
+                vc.data.apply_chat_template_kwargs = {"generation_prefix": prefix}
+            if cfg.rl.get("total_training_steps") is not None:
+                vc.trainer.total_training_steps = int(cfg.rl.total_training_steps)
+            vc.trainer.default_local_dir = str(out / "checkpoints")
+            vc.trainer.project_name = "eksft-pipeline"
+            vc.trainer.experiment_name = f"{cfg.model.name}-dapo-{init_tag(ctx.init_spec())}"
+            vc.trainer.n_gpus_per_node = int(cfg.cluster.gpus_per_node)
+            vc.trainer.nnodes = int(cfg.cluster.nnodes)
+            if cpu:
+                vc.ray_kwargs.ray_init.num_gpus = int(cfg.cluster.gpus_per_node) * int(cfg.cluster.nnodes)
+        return vc
+
+    @staticmethod
+    def _generation_prefix(ctx: StageContext, files: dict[str, str]) -> str:
+        rep = Path(files["report"])
+        if not rep.exists():
+            return ""
+        return str(json.loads(rep.read_text()).get("generation_prefix", "") or "")
+
+    def validate(self, vc) -> None:
+        from eksft_pipeline.rl.ppo_main import validate_ppo_config
+
+        validate_ppo_config(vc, instantiate_model=False)
+
+    def command(self, ctx: StageContext) -> list[str]:
+        out = ctx.out_dir
+        return [
+            sys.executable, "-m", "eksft_pipeline.rl.ppo_main",
+            f"--config-path={out}", f"--config-name={CONFIG_NAME}",
+            f"hydra.run.dir={out / 'logs' / 'hydra'}", "hydra.output_subdir=null",
+        ]  # fmt: skip
+
+    def describe(self, ctx):
+        vc = self.verl_config(ctx)
+        self.validate(vc)
+        return {
+            "stage": "rl",
+            "key": ctx.key,
+            "init": ctx.init_spec(),
+            "command": " ".join(self.command(ctx)),
+            "env": {k: v for k, v in ctx.env().items() if k.startswith(("VERL_", "CUDA_", "HF_", "WANDB_", "RAY_"))},
+            "verl_config": OmegaConf.to_container(vc, resolve=True),
+        }
+
+    # -- run --------------------------------------------------------------------------------------
+    def _write_val(self, rl_train: str, dst: Path, n: int) -> None:
+        """verl builds a validation set even when `test_freq` is off: the first `n` RL prompts.
+
+        Diagnostic only (in-distribution); the benchmarks are scored by the `eval` stage.
+        """
+        df = pd.read_parquet(rl_train)
+        if len(df) == 0:
+            raise ValueError(f"RL split {rl_train} is empty")
+        df.head(max(1, n)).to_parquet(dst, index=False)
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = ctx.cfg
+        out = ctx.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        vc = self.verl_config(ctx)
+        self._write_val(str(vc.data.train_files), out / "val.parquet", int(cfg.rl.val_rows))
+        self.validate(vc)
+        OmegaConf.save(vc, out / f"{CONFIG_NAME}.yaml", resolve=True)
+
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        metrics_file = out / "logs" / f"metrics-{stamp}.jsonl"
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        env = ctx.env()
+        env["VERL_FILE_LOGGER_PATH"] = str(metrics_file)
+        for k, v in (_plain(cfg.rl.get("env")) or {}).items():
+            env[str(k)] = str(v)
+        log = out / "logs" / f"train-{stamp}.log"
+        rc = tee(self.command(ctx), env, log, watchdog=self._stall_watchdog(cfg, metrics_file))
+        if rc != 0:
+            raise RuntimeError(f"verl DAPO (main_ppo) exited with code {rc}; log {log}; last lines:\n{tail(log)}")
+
+        hf_dir = export_hf_model(out / "checkpoints", out / "hf_model", base_model=str(vc.actor_rollout_ref.model.path),
+                                 subdir="actor/huggingface")
+        metrics = read_metrics(out / "logs")
+        if not metrics:
+            raise RuntimeError(f"verl DAPO finished but logged no metrics under {out / 'logs'}")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return StageResult(
+            outputs={"hf_model": str(hf_dir), "metrics": str(out / "metrics.json"),
+                     "verl_config": str(out / f"{CONFIG_NAME}.yaml")},
+            summary=summarize(metrics),
+        )
+
+    @staticmethod
+    def _stall_watchdog(cfg, metrics_file: Path):
+        limit = cfg.rl.get("stall_timeout_s")
+        if limit in (None, 0):
+            return None
+        limit = float(limit)
+        state = {"t": time.monotonic(), "size": -1}
+
+        def check() -> str | None:
+            size = metrics_file.stat().st_size if metrics_file.exists() else 0
+            now = time.monotonic()
+            if size != state["size"]:
+                state.update(t=now, size=size)
+                return None
+            if now - state["t"] > limit:
+                return (
+                    f"no DAPO training step logged for {limit:.0f}s (rl.stall_timeout_s). verl's dynamic sampling "
+                    "keeps generating until it finds prompt groups with mixed outcomes; if every group is all "
+                    "right or all wrong it never finishes a step. Check the reward (rl/<init>/logs), raise "
+                    "rl.stall_timeout_s for long rollouts, or disable it with "
+                    "rl.verl.algorithm.filter_groups.enable=false"
+                )
+            return None
+
+        return check
+
+
+SUMMARY_KEYS = {
+    "score_mean": "critic/score/mean",
+    "reward_mean": "critic/rewards/mean",
+    "response_length_mean": "response_length/mean",
+    "pg_clipfrac": "actor/pg_clipfrac",
+    "grad_norm": "actor/grad_norm",
+}
+
+
+def summarize(metrics: dict[int, dict]) -> dict:
+    """First/last values of the headline DAPO metrics (+ accuracy, if the reward logged it)."""
+    steps = sorted(metrics)
+    first, last = metrics[steps[0]], metrics[steps[-1]]
+    out: dict = {"steps": steps[-1]}
+    for name, key in SUMMARY_KEYS.items():
+        if key in last:
+            out[f"{name}_first"] = first.get(key)
+            out[f"{name}_last"] = last.get(key)
+    acc = sorted(k for k in last if k.endswith("/acc/mean") or k.endswith("acc/mean"))
+    if acc:
+        out["acc_key"] = acc[0]
+        out["acc_first"], out["acc_last"] = first.get(acc[0]), last.get(acc[0])
+    evicted = [m.get("training/filter_groups/evicted_samples", 0) for m in metrics.values()]
+    out["filter_groups_evicted_total"] = float(sum(x or 0 for x in evicted))
+    return out

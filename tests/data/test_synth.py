@@ -1,0 +1,132 @@
+"""Synthetic tiny math data: arithmetic in every trace is right, schema is the OpenR1 one, determinism, disjointness."""
+
+import hashlib
+import json
+import re
+
+import pyarrow.parquet as pq
+import pytest
+
+from eksft_pipeline.data.schema import DataError, validate_row
+from eksft_pipeline.data.synth import (
+    FAMILIES,
+    add_trace,
+    generate_problems,
+    linear_trace,
+    make_tiny_data,
+    mul_trace,
+    sub_trace,
+    to_openr1_rows,
+)
+
+BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
+# every "p op q [op r] = v" equation written in a trace, e.g. "7 * 4 + 4 = 32", "135 / 9 = 15", "15 - 9 = 6"
+EQUATION = re.compile(r"(-?\d+(?: [-+*/] -?\d+)+) = (-?\d+)")
+
+
+def _check_trace(trace: str, expected: int) -> None:
+    assert trace.startswith("<think>\n")
+    assert "\n</think>\n\n" in trace
+    boxed = BOXED.findall(trace)
+    assert boxed == [str(expected)], trace
+    for lhs, rhs in EQUATION.findall(trace.replace("x = ", "")):
+        # evaluate left to right (the traces only chain + and -, or a single * or /)
+        assert eval(lhs) == int(rhs), f"wrong step {lhs} = {rhs} in\n{trace}"  # noqa: S307 - digits/operators only
+
+
+def test_addition_traces_exhaustive():
+    for a in range(100):
+        for b in range(0, 100, 7):
+            trace, ans = add_trace(a, b)
+            assert ans == a + b
+            _check_trace(trace, a + b)
+
+
+def test_subtraction_traces_exhaustive():
+    for a in range(10, 100):
+        for b in range(0, a + 1, 3):
+            trace, ans = sub_trace(a, b)
+            assert ans == a - b
+            _check_trace(trace, a - b)
+    with pytest.raises(ValueError):
+        sub_trace(3, 5)
+
+
+def test_multiplication_traces_exhaustive():
+    for a in range(2, 10):
+        for b in range(2, 100):
+            trace, ans = mul_trace(a, b)
+            assert ans == a * b
+            _check_trace(trace, a * b)
+
+
+def test_linear_traces():
+    for a in range(2, 10):
+        for x in range(-9, 21):
+            for b in (-30, -7, 1, 13, 30):
+                trace, ans = linear_trace(a, b, a * x + b)
+                assert ans == x
+                assert BOXED.findall(trace) == [str(x)]
+                assert f"x = {a * x} / {a} = {x}" in trace
+    with pytest.raises(ValueError):
+        linear_trace(3, 1, 5)  # 3x + 1 = 5 has no integer solution
+
+
+def test_generated_rows_are_valid_openr1_rows_and_unique():
+    probs = generate_problems(600, seed=3)
+    assert len({p["problem"] for p in probs}) == 600
+    assert {p["data_source"] for p in probs} == set(FAMILIES)
+    rows = to_openr1_rows(probs, system_prompt="SYS")
+    for i, r in enumerate(rows):
+        assert set(r) == {"data_source", "prompt", "target", "ability", "reward_model", "extra_info"}
+        assert [m["role"] for m in r["prompt"]] == ["system", "user"] and r["prompt"][0]["content"] == "SYS"
+        assert r["reward_model"] == {"ground_truth": probs[i]["answer"], "style": "rule"}
+        assert r["extra_info"] == {"index": i, "split": "default"}
+        clean, reason = validate_row(r, think_prefix="prompt")
+        assert reason is None, reason
+        assert BOXED.findall(r["target"][0]["content"]) == [r["reward_model"]["ground_truth"]]
+
+
+def test_mix_and_errors():
+    only_add = generate_problems(50, seed=1, mix={"tiny_add": 1.0})
+    assert {p["data_source"] for p in only_add} == {"tiny_add"}
+    with pytest.raises(DataError, match="tiny_div"):
+        generate_problems(5, mix={"tiny_div": 1.0})
+    # the multiplication pool has 8 * 98 * 3 = 2352 distinct texts: asking for more must fail loudly
+    with pytest.raises(DataError, match="unique problems"):
+        generate_problems(2400, seed=0, mix={"tiny_mul": 1.0}, max_tries_factor=3)
+
+
+def _sha(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_make_tiny_data_deterministic_and_disjoint(tmp_path):
+    a = make_tiny_data(tmp_path / "a", n_problems=300, n_eval_per_source=20, n_pretrain=200, seed=5)
+    b = make_tiny_data(tmp_path / "b", n_problems=300, n_eval_per_source=20, n_pretrain=200, seed=5)
+    c = make_tiny_data(tmp_path / "c", n_problems=300, n_eval_per_source=20, n_pretrain=200, seed=6)
+    for k in ("train", "eval", "pretrain"):
+        assert _sha(a[k]) == _sha(b[k]), k
+        assert _sha(a[k]) != _sha(c[k]), k
+    train = pq.read_table(a["train"]).to_pylist()
+    ev = pq.read_table(a["eval"]).to_pylist()
+    assert len(train) == 300
+    assert sorted({r["data_source"] for r in ev}) == ["tiny_add", "tiny_linear"]
+    assert sum(r["data_source"] == "tiny_add" for r in ev) == 20
+    assert set(ev[0]) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
+    train_q = {r["prompt"][-1]["content"] for r in train}
+    eval_q = {r["prompt"][-1]["content"] for r in ev}
+    pre_q = {
+        json.loads(line)["text"].split("\n\n", 1)[0].removeprefix("Problem: ")
+        for line in a["pretrain"].read_text().splitlines()
+    }
+    assert len(pre_q) == 200
+    assert not train_q & eval_q
+    assert not pre_q & (train_q | eval_q)
+
+
+def test_trace_checker_catches_a_wrong_step():
+    trace, ans = add_trace(47, 38)
+    assert "Tens: 4 + 3 + 1 = 8." in trace
+    with pytest.raises(AssertionError, match="wrong step"):
+        _check_trace(trace.replace("Tens: 4 + 3 + 1 = 8.", "Tens: 4 + 3 + 1 = 9."), ans)

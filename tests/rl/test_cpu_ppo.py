@@ -1,0 +1,479 @@
+"""The `hf_cpu` rollout (eksft_pipeline/rl/cpu_rollout.py) and DAPO through verl's own main_ppo on CPU.
+
+Fast tests exercise the generation engine against an independent reference (a plain forward pass: greedy
+argmax loop, log-softmax of the logits), the server's batching / abort / weight-update protocol (the plain
+class, driven by asyncio, no Ray), and the entry point's environment handling. The slow test runs
+`python -m eksft_pipeline.rl.ppo_main ... dapo_platform=cpu` for two DAPO steps on a throwaway tiny Qwen3 and
+checks that it finishes, logs rewards for mixed-outcome groups only (dynamic sampling), and that after every
+weight sync the rollout server's weights are bit-identical to the actor's checkpoint of that step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+def _tiny_texts(max_operand: int) -> list[str]:
+    from eksft_pipeline.data.synth import TINY_SYSTEM_PROMPT
+    from eksft_pipeline.models.tiny import render_chatml
+
+    out = []
+    for a in range(max_operand):
+        for b in range(max_operand):
+            c = a + b
+            out.append(
+                render_chatml(
+                    [
+                        {"role": "system", "content": TINY_SYSTEM_PROMPT},
+                        {"role": "user", "content": f"What is {a} + {b}?"},
+                        {
+                            "role": "assistant",
+                            "content": f"<think>\n{a} + {b} = {c}\n</think>\n\nThe answer is \\boxed{{{c}}}.",
+                        },
+                    ]
+                )
+            )
+    return out
+
+
+def _build_model(out: Path, *, vocab_size: int = 300, hidden: int = 64, layers: int = 2, max_operand: int = 5):
+    from eksft_pipeline.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(None, _tiny_texts(max_operand), vocab_size=vocab_size)
+    build_tiny_model(
+        out, tok, hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2, intermediate_size=2 * hidden
+    )
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """Random-weight tiny Qwen3 + tokenizer (no training): enough for exact engine checks."""
+    d = tmp_path_factory.mktemp("tiny_rand") / "model"
+    tok = _build_model(d, hidden=32, layers=1)
+    return d, tok
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from transformers import AutoConfig
+
+    from eksft_pipeline.rl.cpu_rollout import HFCausalLMEngine
+
+    path, tok = tiny_model
+    return HFCausalLMEngine(
+        str(path),
+        AutoConfig.from_pretrained(path),
+        load_format="auto",
+        eos_token_ids=[tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def _prompt(tok, text: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+
+
+# ---------------------------------------------------------------------------------------------- pure functions
+
+
+def test_parse_sampling_params_semantics():
+    from eksft_pipeline.rl.cpu_rollout import parse_sampling_params
+
+    spec, logprobs, max_tokens = parse_sampling_params(
+        {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
+    )
+    assert (spec.do_sample, spec.temperature, spec.top_p, spec.top_k) == (True, 1.0, 1.0, -1)
+    assert logprobs is True and max_tokens is None
+    # verl's greedy validation (temperature 0) -> greedy, warpers canonicalised so all greedy requests batch together
+    g1, _, _ = parse_sampling_params({"temperature": 0, "top_p": 0.7, "top_k": 20})
+    g2, _, _ = parse_sampling_params({"temperature": 0.0})
+    assert g1 == g2 and not g1.do_sample
+    assert parse_sampling_params({"max_new_tokens": 7})[2] == 7
+    assert parse_sampling_params({"top_k": 0})[0].top_k == -1
+    with pytest.raises(ValueError, match="best_of"):
+        parse_sampling_params({"best_of": 2})
+    with pytest.raises(ValueError, match="top_p"):
+        parse_sampling_params({"top_p": 0.0})
+    with pytest.raises(ValueError, match="temperature"):
+        parse_sampling_params({"temperature": -0.5})
+
+
+def test_resolve_max_tokens_matches_vllm_server_rule():
+    from eksft_pipeline.rl.cpu_rollout import resolve_max_tokens
+
+    kw = dict(prompt_length=100, response_length=50, max_model_len=160)
+    # default: min(response_length, prompt_length + response_length - len(prompt)) = min(50, 150 - 30)
+    assert resolve_max_tokens(None, 30, **kw) == 50
+    # a prompt longer than prompt_length eats into the budget: min(50, 150 - 120) = 30
+    assert resolve_max_tokens(None, 120, **kw) == 30
+    # explicit limits are clamped to the room left in the context: 160 - 150 = 10
+    assert resolve_max_tokens(99, 150, **kw) == 10
+    assert resolve_max_tokens(0, 10, **kw) == 1
+    with pytest.raises(ValueError, match="no room"):
+        resolve_max_tokens(None, 160, **kw)
+
+
+def test_cut_response():
+    from eksft_pipeline.rl.cpu_rollout import cut_response
+
+    stop = frozenset({2})
+    assert cut_response([5, 6, 2, 0, 0], 10, stop) == ([5, 6, 2], True)  # EOS kept, HF padding dropped
+    assert cut_response([5, 6, 7, 8], 3, stop) == ([5, 6, 7], True)  # length limit
+    assert cut_response([5, 2, 7], 1, stop) == ([5], True)  # limit before the EOS
+    assert cut_response([5, 6], 4, stop) == ([5, 6], False)  # stopped early without EOS (abort)
+    assert cut_response([0, 0, 2], 5, stop) == ([0, 0, 2], True)  # generated pad ids are real tokens
+
+
+def test_server_options_defaults_and_unknown_key():
+    from eksft_pipeline.rl.cpu_rollout import SERVER_OPTION_DEFAULTS, server_options
+
+    assert server_options({"engine_kwargs": {}}) == SERVER_OPTION_DEFAULTS
+    assert server_options({"engine_kwargs": {"hf_cpu": {"max_batch_size": 3}}})["max_batch_size"] == 3
+    with pytest.raises(ValueError, match="max_batchsize"):
+        server_options({"engine_kwargs": {"hf_cpu": {"max_batchsize": 3}}})
+    with pytest.raises(ValueError, match="max_batch_size"):
+        server_options({"engine_kwargs": {"hf_cpu": {"max_batch_size": 0}}})
+
+
+def test_registered_in_verl_registries():
+    from verl.workers.rollout.base import get_rollout_class
+    from verl.workers.rollout.replica import get_rollout_replica_class
+
+    from eksft_pipeline.rl import cpu_rollout
+
+    assert get_rollout_class("hf_cpu", "async") is cpu_rollout.ServerAdapter
+    assert get_rollout_replica_class("hf_cpu") is cpu_rollout.HFCPUReplica
+
+
+def test_entry_point_environment():
+    from eksft_pipeline.rl.ppo_main import ROLLOUT_MODULE, add_external_module, allow_logical_gpus
+
+    env = {"VERL_USE_EXTERNAL_MODULES": "eksft_pipeline.pipeline.cpu_platform,"}
+    assert add_external_module(env=env) == f"eksft_pipeline.pipeline.cpu_platform,{ROLLOUT_MODULE}"
+    assert add_external_module(env=env) == f"eksft_pipeline.pipeline.cpu_platform,{ROLLOUT_MODULE}"  # idempotent
+    assert add_external_module(env={}) == ROLLOUT_MODULE
+    env = {"VERL_PLATFORM": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    assert allow_logical_gpus(env) and "CUDA_VISIBLE_DEVICES" not in env
+    for env in ({"VERL_PLATFORM": "cpu", "CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": ""}):
+        before = dict(env)
+        assert not allow_logical_gpus(env) and env == before
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+def _greedy_reference(model, prompt: list[int], max_new: int, eos: int) -> list[int]:
+    """Independent greedy decoder: full forward over the whole sequence at every step, argmax, stop at EOS."""
+    seq = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            out.append(nxt)
+            seq.append(nxt)
+            if nxt == eos:
+                break
+    return out
+
+
+def test_engine_greedy_batch_equals_unbatched_reference(engine, tiny_model):
+    from eksft_pipeline.rl.cpu_rollout import parse_sampling_params
+
+    _, tok = tiny_model
+    prompts = [_prompt(tok, "What is 1 + 2?"), _prompt(tok, "Hi")[:-2], _prompt(tok, "What is 33 + 4 and 5?")]
+    assert len({len(p) for p in prompts}) == 3  # left padding really happens
+    spec, _, _ = parse_sampling_params({"temperature": 0})
+    limits = [12, 12, 4]
+    results = engine.generate_batch(spec, prompts, limits)
+    for p, lim, (toks, logps, finished) in zip(prompts, limits, results, strict=True):
+        assert toks == _greedy_reference(engine.model, p, lim, tok.eos_token_id)
+        assert finished and len(logps) == len(toks)
+
+
+@pytest.mark.parametrize(
+    "mode,temperature", [("processed_logprobs", 1.0), ("processed_logprobs", 0.5), ("raw_logprobs", 0.5)]
+)
+def test_engine_logprobs_match_forward_pass(tiny_model, mode, temperature):
+    from transformers import AutoConfig
+
+    from eksft_pipeline.rl.cpu_rollout import HFCausalLMEngine, parse_sampling_params
+
+    path, tok = tiny_model
+    eng = HFCausalLMEngine(
+        str(path), AutoConfig.from_pretrained(path), load_format="auto", eos_token_ids=[tok.eos_token_id],
+        pad_token_id=tok.pad_token_id, logprobs_mode=mode, seed=3,
+    )  # fmt: skip
+    prompts = [_prompt(tok, "What is 1 + 2?"), _prompt(tok, "x")]
+    spec, _, _ = parse_sampling_params({"temperature": temperature, "top_p": 1.0, "top_k": -1})
+    for p, (toks, logps, _) in zip(prompts, eng.generate_batch(spec, prompts, [10, 10]), strict=True):
+        with torch.no_grad():
+            logits = eng.model(torch.tensor([p + toks])).logits[0, len(p) - 1 : len(p) - 1 + len(toks)]
+        scale = temperature if mode == "processed_logprobs" else 1.0
+        ref = torch.log_softmax(logits / scale, -1).gather(-1, torch.tensor(toks)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(logps), ref, atol=1e-4), (mode, temperature)
+
+
+def test_engine_top_k_1_is_greedy_and_seed_is_reproducible(engine, tiny_model):
+    from eksft_pipeline.rl.cpu_rollout import parse_sampling_params
+
+    _, tok = tiny_model
+    p = [_prompt(tok, "What is 2 + 2?")]
+    greedy = engine.generate_batch(parse_sampling_params({"temperature": 0})[0], p, [8])[0][0]
+    assert engine.generate_batch(parse_sampling_params({"temperature": 1.0, "top_k": 1})[0], p, [8])[0][0] == greedy
+    seeded = parse_sampling_params({"temperature": 1.0, "seed": 11})[0]
+    a = engine.generate_batch(seeded, p * 3, [16] * 3)
+    b = engine.generate_batch(seeded, p * 3, [16] * 3)
+    assert [r[0] for r in a] == [r[0] for r in b]
+
+
+def test_engine_abort_stops_the_batch(engine, tiny_model):
+    from eksft_pipeline.rl.cpu_rollout import parse_sampling_params
+
+    _, tok = tiny_model
+    engine.abort_event.set()
+    try:
+        res = engine.generate_batch(parse_sampling_params({"temperature": 1.0})[0], [_prompt(tok, "a")] * 2, [50, 50])
+    finally:
+        engine.abort_event.clear()
+    # stopping criteria are checked after each new token: one token, then the whole batch stops, unfinished
+    # (unless that single token happened to be EOS)
+    for toks, _, finished in res:
+        assert len(toks) == 1 and finished == (toks[0] == tok.eos_token_id)
+
+
+def test_engine_weight_update_protocol(tiny_model):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from eksft_pipeline.rl.cpu_rollout import HFCausalLMEngine
+
+    path, tok = tiny_model
+    cfg = AutoConfig.from_pretrained(path)
+    eng = HFCausalLMEngine(str(path), cfg, load_format="dummy", eos_token_ids=[tok.eos_token_id], seed=123)
+    trained = AutoModelForCausalLM.from_pretrained(path)
+    sd = trained.state_dict()
+    assert any(not torch.equal(v, eng.model.state_dict()[k]) for k, v in sd.items())  # dummy = random weights
+    # a sync that misses a tensor is refused
+    eng.begin_weight_update()
+    eng.load_weights([(k, v) for k, v in sd.items() if k != "model.norm.weight"])
+    with pytest.raises(RuntimeError, match="model.norm.weight"):
+        eng.finish_weight_update()
+    # unknown names and shape mismatches name the tensor
+    with pytest.raises(KeyError, match="model.nope"):
+        eng.load_weights([("model.nope", torch.zeros(1))])
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        eng.load_weights([("model.norm.weight", torch.zeros(3))])
+    # a full sync (the actor sends lm_head.weight too; tied to embed_tokens) makes the model equal the source
+    eng.begin_weight_update()
+    eng.load_weights([(k, v.clone()) for k, v in sd.items() if k != "lm_head.weight"])
+    assert eng.finish_weight_update() == len(sd) - 1  # tied lm_head covered by embed_tokens
+    for k, v in sd.items():
+        assert torch.equal(eng.model.state_dict()[k], v), k
+    x = torch.tensor([_prompt(tok, "q")])
+    with torch.no_grad():
+        assert torch.equal(eng.model(x).logits, trained(x).logits)
+
+
+# ---------------------------------------------------------------------------------------------- server (no Ray)
+
+
+def _server(tiny_model, **hf_cpu):
+    from omegaconf import OmegaConf
+    from verl.workers.rollout.replica import RolloutMode
+
+    from eksft_pipeline.rl.cpu_rollout import HFCPUServer
+
+    path, _ = tiny_model
+    rollout = OmegaConf.create(
+        {
+            "_target_": "verl.workers.config.RolloutConfig",
+            "name": "hf_cpu",
+            "tensor_model_parallel_size": 1,
+            "prompt_length": 64,
+            "response_length": 16,
+            "dtype": "float32",
+            "load_format": "auto",
+            "engine_kwargs": {"hf_cpu": {"batch_wait_s": 0.05, **hf_cpu}},
+        }
+    )
+    model = OmegaConf.create({"path": str(path), "override_config": {"attn_implementation": "sdpa"}})
+    return HFCPUServer(rollout, model, RolloutMode.HYBRID, [], replica_rank=0, name="t")
+
+
+def test_server_batches_concurrent_requests_and_splits_by_params(tiny_model):
+    _, tok = tiny_model
+    server = _server(tiny_model)
+    prompts = [_prompt(tok, f"What is {i} + 1?") for i in range(4)]
+
+    async def go():
+        await server.ready()
+        sampled = [server.generate(p, {"temperature": 1.0, "logprobs": True}, f"r{i}") for i, p in enumerate(prompts)]
+        greedy = [server.generate(p, {"temperature": 0}, f"g{i}") for i, p in enumerate(prompts[:2])]
+        outs = await asyncio.gather(*sampled, *greedy)
+        with pytest.raises(ValueError, match="unsupported sampling"):
+            await server.generate(prompts[0], {"n": 2}, "bad")
+        # a failing batch hands its error to the caller and the batcher keeps serving
+        with pytest.raises(ValueError, match="empty prompt"):
+            await server.generate([], {"temperature": 1.0}, "empty")
+        after = await server.generate(prompts[0], {"temperature": 1.0}, "after")
+        assert after.stop_reason == "completed" and len(after.token_ids) >= 1
+        return outs
+
+    outs = asyncio.run(go())
+    # one batch per sampling spec (+ the request after the failed one)
+    assert server.stats["requests"] == 7 and server.stats["batches"] == 3
+    for o in outs[:4]:
+        assert o.stop_reason == "completed" and 1 <= len(o.token_ids) <= 16 and len(o.log_probs) == len(o.token_ids)
+    assert all(o.log_probs is None for o in outs[4:])  # not requested
+
+
+def test_server_abort_pause_and_weight_update(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    path, tok = tiny_model
+    server = _server(tiny_model, max_batch_size=2)
+    p = _prompt(tok, "hello")
+    sd = AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+    async def go():
+        await server.ready()
+        res = await server.abort_all_requests(reject_request=True)
+        assert res["aborted_count"] == 0
+        rejected = await server.generate(p, {"temperature": 1.0}, "x")  # paused + rejecting: answered at once
+        await server.resume_generation()
+        ok = await server.generate(p, {"temperature": 1.0}, "y")
+        # paused without rejecting: the request waits for resume_generation
+        await server.abort_all_requests(reject_request=False)
+        waiting = asyncio.ensure_future(server.generate(p, {"temperature": 1.0}, "z"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        await server.resume_generation()
+        late = await waiting
+        digest0 = await server.weights_digest()
+        await server.begin_weight_update()
+        await server.load_weights([(k, v * 0.5) for k, v in sd.items()])
+        info = await server.finish_weight_update(global_steps=7)
+        return rejected, ok, late, digest0, info, await server.weights_digest()
+
+    rejected, ok, late, digest0, info, digest1 = asyncio.run(go())
+    assert rejected.stop_reason == "aborted" and rejected.token_ids == []
+    assert ok.stop_reason == "completed" and late.stop_reason == "completed" and len(late.token_ids) >= 1
+    assert info["global_steps"] == 7 and info["weight_version"] == 1 and digest1 != digest0
+    assert torch.equal(server.engine.model.state_dict()["model.norm.weight"], sd["model.norm.weight"] * 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _make_rl_assets(root: Path) -> dict[str, Path]:
+    """Tiny Qwen3 briefly pre-trained on "a + b" chats (a, b < 5) + train/val parquet of those prompts.
+
+    ~150 steps teach the format (\\boxed{digit}) but not the sums, so groups of 4 samples mix right and wrong
+    answers (what DAPO's dynamic sampling keeps).
+    """
+    from eksft_pipeline.data.schema import RL_SCHEMA
+    from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
+    from eksft_pipeline.models.tiny import pretrain_tiny
+
+    model = root / "model"
+    _build_model(model, max_operand=5)
+    texts = _tiny_texts(5)
+    pretrain_tiny(model, texts * 4, steps=150, seq_len=64, batch_size=16, lr=3e-3, warmup_steps=10,
+                  progress=False, num_threads=1, time_budget_s=60)  # fmt: skip
+    probs = [{"data_source": "tiny_add", "problem": f"What is {a} + {b}?", "answer": str(a + b)}
+             for a in range(5) for b in range(5)] * 2  # fmt: skip
+    random.Random(0).shuffle(probs)
+    train = write_parquet(to_rl_eval_rows(probs), root / "train.parquet", RL_SCHEMA)
+    val = write_parquet(to_rl_eval_rows(probs[:8]), root / "val.parquet", RL_SCHEMA)
+    return {"model": model, "train": train, "val": val}
+
+
+@pytest.mark.slow
+def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
+    from safetensors.torch import load_file
+
+    from eksft_pipeline.pipeline.cpu_platform import cpu_env
+
+    t0 = time.perf_counter()
+    assets = _make_rl_assets(tmp_path / "assets")
+    t_assets = time.perf_counter() - t0
+    metrics_file, dump, ckpt = tmp_path / "metrics.jsonl", tmp_path / "rollout_dump", tmp_path / "ckpt"
+    cmd = [
+        sys.executable, "-m", "eksft_pipeline.rl.ppo_main",
+        "--config-path", str(REPO / "recipes" / "verl"), "--config-name", "dapo", "dapo_platform=cpu",
+        f"actor_rollout_ref.model.path={assets['model']}",
+        f"data.train_files={assets['train']}", f"data.val_files={assets['val']}",
+        "trainer.total_training_steps=2", "trainer.save_freq=1", "trainer.test_freq=2",
+        f"trainer.default_local_dir={ckpt}",
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+        f"+actor_rollout_ref.rollout.engine_kwargs.hf_cpu.weights_dump_dir={dump}",
+    ]  # fmt: skip
+    env = {**os.environ, **cpu_env(), "OMP_NUM_THREADS": "1", "VERL_FILE_LOGGER_PATH": str(metrics_file)}
+    marks: dict[str, float] = {}
+    lines: list[str] = []
+    t_run = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(480, proc.kill)  # a hung Ray placement must fail the test, not block CI
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            now = time.perf_counter() - t_run
+            for key, needle in (("ready", "all initialize finished"), ("step1", " step:1 "), ("step2", " step:2 ")):
+                if needle in line and key not in marks:
+                    marks[key] = now
+        rc = proc.wait()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    total = time.perf_counter() - t_run
+    tail = "".join(lines[-60:])
+    assert rc == 0, f"main_ppo failed (rc={rc}):\n{tail}"
+    print(
+        f"\n[dapo cpu] assets {t_assets:.1f}s; startup to ready-to-fit {marks.get('ready', -1):.1f}s; "
+        f"step1 done at {marks.get('step1', -1):.1f}s, step2 at {marks.get('step2', -1):.1f}s; total {total:.1f}s"
+    )
+
+    # rewards were logged for both steps, and dynamic sampling kept only groups with mixed outcomes:
+    # every kept group has a correct (+1) and a wrong (<= -1) answer, so each step's batch has both
+    rows = [json.loads(x) for x in metrics_file.read_text().splitlines()]
+    steps = {r["step"]: r["data"] for r in rows if "critic/score/mean" in r["data"]}
+    assert sorted(steps) == [1, 2], tail
+    for s, m in steps.items():
+        assert m["critic/score/max"] == 1.0 and m["critic/score/min"] <= -1.0, (s, m)
+        assert -2.0 <= m["critic/score/mean"] < 1.0
+        # rollout log-probs equal the actor's recomputed old log-probs: same weights generated the batch
+        assert m["training/rollout_probs_diff_max"] < 1e-4, m["training/rollout_probs_diff_max"]
+        assert m["actor/pg_clipfrac"] >= 0.0 and m["actor/grad_norm"] > 0.0
+    assert any(k.startswith("val-core/tiny_add/") for r in rows for k in r["data"]), "no validation metrics"
+
+    # weight sync: initial sync = the model on disk; after step k the rollout holds exactly the actor's weights
+    initial = load_file(str(assets["model"] / "model.safetensors"))
+    synced = {k: load_file(str(dump / f"replica0_step{k}.safetensors")) for k in (0, 1, 2)}
+    for k in (0, 1, 2):
+        assert torch.equal(synced[k]["lm_head.weight"], synced[k]["model.embed_tokens.weight"])  # still tied
+    assert all(torch.equal(synced[0][n], t) for n, t in initial.items())
+    for k in (1, 2):
+        actor = load_file(str(ckpt / f"global_step_{k}" / "actor" / "huggingface" / "model.safetensors"))
+        assert sorted(actor) == sorted(initial)
+        for n, t in actor.items():
+            assert torch.equal(synced[k][n], t), (k, n)
+        assert any(not torch.equal(synced[k][n], synced[k - 1][n]) for n in actor), f"step {k} changed nothing"

@@ -1,0 +1,207 @@
+"""EKSFT through verl 0.9.1's SFT trainer on CPU (the `cpu` platform shim, gloo), 1 and 2 processes.
+
+Each run goes through the orchestrator's `sft` stage exactly as `python -m eksft_pipeline stage=sft`
+does (compose -> validate -> torchrun -> export hf_model -> drift.json), on a small Qwen3 built
+here. `eksft.dump_dir` makes the trainer write every step's selection per rank, so the tests can
+recompute it independently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from eksft_pipeline.pipeline.manifest import Manifest
+from eksft_pipeline.pipeline.runner import run_pipeline
+from eksft_pipeline.pipeline.verl_config import recipes_dir
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+def _overrides(assets: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"run_dir={run_dir}",
+        f"model.assets_dir={assets}",
+        "model.data.n_sft=48",
+        # 48 conversations, global batch 16 -> 3 steps per epoch
+        "model.sft.verl.data.train_batch_size=16",
+        "model.sft.verl.data.micro_batch_size_per_gpu=4",
+        "model.sft.verl.trainer.total_epochs=2",
+        "model.sft.verl.optim.lr=3e-3",
+        *extra,
+    ]
+
+
+def compose_root(*overrides: str):
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    from eksft_pipeline.models.tiny import make_tiny_assets
+
+    out = tmp_path_factory.mktemp("assets")
+    make_tiny_assets(out, n_problems=200, n_eval_per_source=4, n_pretrain=400, pretrain_steps=30,
+                     model_kwargs=MODEL, progress=False)
+    return out
+
+
+def _run(assets: Path, run_dir: Path, *extra: str) -> dict:
+    run_pipeline(compose_root("stage=split", *_overrides(assets, run_dir, *extra)))
+    res = run_pipeline(compose_root("stage=sft", *_overrides(assets, run_dir, *extra)))
+    assert res[0]["status"] == "complete"
+    return res[0]
+
+
+def _metrics(run_dir: Path, method: str) -> dict[int, dict]:
+    return {int(k): v for k, v in json.loads((run_dir / "sft" / method / "metrics.json").read_text()).items()}
+
+
+def _dumps(d: Path, step: int) -> list[dict]:
+    return [torch.load(p) for p in sorted(d.glob(f"step{step:05d}_rank*.pt"))]
+
+
+def _concat(dumps: list[dict]) -> dict:
+    def cat(get):
+        return torch.cat([get(d) for d in dumps])
+
+    return {
+        "seq_key": cat(lambda d: d["seq_key"]),
+        "pos": cat(lambda d: d["pos"]),
+        "stats": {k: cat(lambda d, k=k: d["stats"][k]) for k in dumps[0]["stats"]},
+        "plan": {k: cat(lambda d, k=k: d["plan"][k]) for k in dumps[0]["plan"]},
+        "metrics": dumps[0]["metrics"],
+    }
+
+
+def _by_token(c: dict) -> dict[tuple[int, int], int]:
+    return {(int(s), int(p)): i for i, (s, p) in enumerate(zip(c["seq_key"], c["pos"]))}
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(assets, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two_ranks")
+    dump = run_dir / "dump"
+    res = _run(assets, run_dir, "sft.nproc_per_node=2", f"+sft.verl.eksft.dump_dir={dump}")
+    return run_dir, dump, res
+
+
+def test_two_ranks_train_and_the_loss_decreases(two_rank_run):
+    run_dir, _, res = two_rank_run
+    m = _metrics(run_dir, "eksft")
+    assert sorted(m) == [1, 2, 3, 4, 5, 6]
+    ce = [m[s]["eksft/ce_unmasked"] for s in sorted(m)]
+    assert ce[-1] < 0.8 * ce[0], ce
+    out = run_dir / "sft" / "eksft"
+    assert (out / "hf_model" / "model.safetensors").is_file() and (out / "drift.json").is_file()
+    drift = json.loads((out / "drift.json").read_text())
+    assert 0 < drift["overall"]["rel_norm"] < 1
+    assert res["summary"]["steps"] == 6
+
+
+def test_two_rank_selection_equals_the_single_process_selection_of_the_gathered_batch(two_rank_run):
+    """Top-k over the global batch: the union of both ranks' masks == the plan of all tokens in one process."""
+    from eksft_pipeline.losses import TokenStats, get_loss
+
+    run_dir, dump, _ = two_rank_run
+    loss = get_loss("eksft", rho=0.2, lambda_entropy=0.05, lambda_kl=0.05)
+    logged = _metrics(run_dir, "eksft")
+    for step in (2, 5):  # after updates: KL(pi_theta || pi_ref) > 0
+        dumps = _dumps(dump, step)
+        assert len(dumps) == 2, "one dump per rank"
+        c = _concat(dumps)
+        n = c["seq_key"].numel()
+        stats = TokenStats(valid=torch.ones(n, dtype=torch.bool), vocab_size=int(loss_vocab(run_dir)),
+                           **{k: v for k, v in c["stats"].items()})
+        plan = loss.plan(stats)
+        for name in ("mask", "mask_h", "mask_kl"):
+            assert torch.equal(plan.token[name].bool(), c["plan"][name].bool()), (step, name)
+        k = -(-2 * n // 10)  # ceil(0.2 n)
+        assert int(c["plan"]["mask_h"].sum()) == k == int(c["plan"]["mask_kl"].sum())
+        assert int(c["plan"]["mask"].sum()) == int((c["plan"]["mask_h"].bool() | c["plan"]["mask_kl"].bool()).sum())
+        # the selection is the top-k by value: every selected H >= every unselected H
+        h, kl = c["stats"]["entropy"], c["stats"]["kl"]
+        mh, mk = c["plan"]["mask_h"].bool(), c["plan"]["mask_kl"].bool()
+        assert h[mh].min() >= h[~mh].max() and kl[mk].min() >= kl[~mk].max()
+        # what the trainer logged for the step equals a recomputation from the dumped masks
+        inter = int((mh & mk).sum())
+        union = int((mh | mk).sum())
+        assert logged[step]["eksft/n_mask"] == union and logged[step]["eksft/n_tokens"] == n
+        assert logged[step]["eksft/iou"] == pytest.approx(inter / union, rel=1e-6)
+        assert logged[step]["eksft/mask_frac"] == pytest.approx(union / n, rel=1e-6)
+
+
+def loss_vocab(run_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(run_dir / "sft" / "eksft" / "hf_model").vocab_size
+
+
+def test_one_and_two_ranks_see_the_same_tokens_and_statistics(two_rank_run, assets, tmp_path):
+    """Step 1 (same weights on both): identical global batch, identical per-token entropy."""
+    _, dump2, _ = two_rank_run
+    run_dir = tmp_path / "one"
+    dump1 = run_dir / "dump"
+    _run(assets, run_dir, f"+sft.verl.eksft.dump_dir={dump1}", "model.sft.verl.trainer.total_epochs=1")
+    one, two = _concat(_dumps(dump1, 1)), _concat(_dumps(dump2, 1))
+    i1, i2 = _by_token(one), _by_token(two)
+    assert set(i1) == set(i2) and len(i1) == one["seq_key"].numel()
+    order1 = torch.tensor([i1[t] for t in sorted(i1)])
+    order2 = torch.tensor([i2[t] for t in sorted(i1)])
+    torch.testing.assert_close(one["stats"]["entropy"][order1], two["stats"]["entropy"][order2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(one["stats"]["logp"][order1], two["stats"]["logp"][order2], rtol=1e-4, atol=1e-5)
+    # entropy top-k is the same set of tokens
+    assert torch.equal(one["plan"]["mask_h"][order1].bool(), two["plan"]["mask_h"][order2].bool())
+
+
+def test_rho_zero_is_plain_sft_step_for_step(assets, tmp_path):
+    run_dir = tmp_path / "rho0"
+    common = ("model.sft.verl.trainer.total_epochs=1",)
+    _run(assets, run_dir, "method=eksft", "method.params.rho=0", *common)
+    _run(assets, run_dir, "method=sft", *common)
+    a, b = _metrics(run_dir, "eksft"), _metrics(run_dir, "sft")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert a[s]["eksft/n_mask"] == 0
+        assert a[s]["train/loss"] == pytest.approx(b[s]["train/loss"], rel=1e-4), s
+        assert a[s]["train/grad_norm"] == pytest.approx(b[s]["train/grad_norm"], rel=1e-3), s
+
+
+def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path):
+    run_dir = tmp_path / "resume"
+    ov = _overrides(assets, run_dir, "sft.verl.trainer.save_freq=1")
+    run_pipeline(compose_root("stage=split", *ov))
+    ckpt = run_dir / "sft" / "eksft" / "checkpoints"
+    cmd = [sys.executable, "-m", "eksft_pipeline", "stage=sft", *ov]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not (ckpt / "global_step_2").is_dir():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.5)
+        time.sleep(1.0)  # let the tracker file land
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert Manifest(run_dir).entry("sft/eksft")["status"] == "running"  # killed: never marked complete
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= saved < 6
+
+    res = run_pipeline(compose_root("stage=sft", *ov))
+    assert res[0]["status"] == "complete"
+    logs = sorted((run_dir / "sft" / "eksft" / "logs").glob("metrics-*.jsonl"))
+    resumed = [json.loads(x)["step"] for x in logs[-1].read_text().splitlines() if x.strip()]
+    assert resumed[0] == saved + 1 and resumed[-1] == 6, resumed
+    assert Manifest(run_dir).entry("sft/eksft")["attempts"] == 2

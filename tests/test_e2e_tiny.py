@@ -1,0 +1,72 @@
+"""The embedded CPU default end to end: `python -m eksft_pipeline` (what `make reproduce MODEL=tiny` runs).
+
+assets -> split -> EKSFT through verl -> handoff -> DAPO through verl's main_ppo -> eval -> report, in a
+fresh run directory, on this machine's CPU. Asserts that every stage completed, wrote its files, and
+that the report carries every stage's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["assets", "split", "sft/eksft", "handoff/eksft", "rl/eksft", "eval/eksft", "report"]
+
+
+def test_tiny_pipeline_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "eksft_pipeline", f"run_dir={run_dir}"]
+    t0 = time.time()
+    log = tmp_path / "pipeline.log"
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=1500,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.time() - t0
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, text[-5000:]
+    print(f"\n[e2e] tiny pipeline: {wall:.0f}s")
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    for key in STAGES:
+        assert manifest[key]["status"] == "complete", (key, manifest.get(key))
+    s = {k: manifest[k]["summary"] for k in STAGES}
+    assert s["split"]["n_sft"] == 300 and s["split"]["n_rl"] > 1000
+    assert s["sft/eksft"]["steps"] > 0 and s["sft/eksft"]["drift_rel_norm"] > 0
+    assert all(s["handoff/eksft"][c] for c in ("weights", "template", "eos", "context"))
+    assert s["rl/eksft"]["steps"] == 4 and "score_mean_last" in s["rl/eksft"]
+    assert set(s["eval/eksft"]) >= {"sft", "rl"}
+
+    out = {k: v["path"] for k, v in manifest["rl/eksft"]["outputs"].items()}
+    assert (Path(out["hf_model"]) / "model.safetensors").is_file()
+    for target in ("sft", "rl"):
+        d = run_dir / "eval" / "eksft" / target
+        assert (d / "samples.parquet").is_file() and (d / "scores.parquet").is_file()
+        m = json.loads((d / "metrics.json").read_text())
+        assert set(m["benchmarks"]) == {"tiny_add", "tiny_linear"}
+
+    report = run_dir / "report" / "report.md"
+    md = report.read_text()
+    assert f"report: {report}" in text.splitlines()[-1]
+    for needle in ("Table 1: avg@n = pass@1", "eksft (SFT)", "eksft (SFT→RL)", "![pass@k](pass_at_k.png)",
+                   "![drift](drift.png)", "IoU(M_H, M_KL)", "![rl curves](rl_curves.png)",
+                   "token_probs.png"):
+        assert needle in md, needle
+    for key in STAGES[:-1]:
+        assert f"| {key} | complete |" in md, key
+    for f in ("table_pass1.csv", "table_passk.csv", "pass_at_k.png", "drift.png", "sft_curves.png",
+              "rl_curves.png", "case_study/token_probs.html", "report.json"):
+        assert (run_dir / "report" / f).stat().st_size > 0, f
+
+    # a second invocation skips every complete stage
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    for key in STAGES:
+        assert f"{key}: complete, skipped" in again.stdout, key
