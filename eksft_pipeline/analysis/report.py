@@ -74,8 +74,13 @@ def stage_lines(data: RunData) -> list[str]:
     lines = ["| stage | status | wall (s) | numbers |", "|---|---|---:|---|"]
     for key, e in data.stages.items():
         rd, _, k = key.partition("::")
+        if k == "report":  # this stage itself: still running while it writes
+            continue
         name = k if len(data.run_dirs) == 1 else f"{Path(rd).name}:{k}"
-        summ = {a: b for a, b in (e.get("summary") or {}).items() if a != "wall_time_s" and not isinstance(b, list)}
+        # scalars and flat dicts; nested structures (per-benchmark details) live in report.json
+        summ = {a: b for a, b in (e.get("summary") or {}).items()
+                if a != "wall_time_s" and not isinstance(b, list)
+                and not (isinstance(b, dict) and any(isinstance(x, dict | list) for x in b.values()))}
         nums = "; ".join(f"{a}: {_fmt(b)}" for a, b in summ.items())
         nums = nums.replace("|", "\\|")
         wall = (e.get("summary") or {}).get("wall_time_s", "")

@@ -36,7 +36,8 @@ def result_rows(evals: Sequence[EvalResult], metric: str) -> tuple[list[str], li
     """(columns, rows): one row per evaluated model, values in [0, 1], `Avg` over the row's benchmarks."""
     benches = benchmark_order(evals)
     rows = []
-    for e in sorted(evals, key=lambda e: (e.target != "base", e.init, e.target)):
+    rank = {"base": 0, "sft": 1, "rl": 2}
+    for e in sorted(evals, key=lambda e: (rank.get(e.target, 3) != 0, e.init, rank.get(e.target, 3))):
         row: dict = {"model": e.label, "init": e.init, "target": e.target}
         vals = []
         for b in benches:

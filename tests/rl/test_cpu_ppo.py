@@ -405,6 +405,17 @@ def _make_rl_assets(root: Path) -> dict[str, Path]:
     return {"model": model, "train": train, "val": val}
 
 
+def _dapo_cmd(assets: dict[str, Path], *extra: str) -> list[str]:
+    """`python -m eksft_pipeline.rl.ppo_main` on the CPU DAPO recipe with the test's model and data."""
+    return [
+        sys.executable, "-m", "eksft_pipeline.rl.ppo_main",
+        "--config-path", str(REPO / "recipes" / "verl"), "--config-name", "dapo", "dapo_platform=cpu",
+        f"actor_rollout_ref.model.path={assets['model']}",
+        f"data.train_files={assets['train']}", f"data.val_files={assets['val']}",
+        *extra,
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
     from safetensors.torch import load_file
@@ -415,16 +426,13 @@ def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
     assets = _make_rl_assets(tmp_path / "assets")
     t_assets = time.perf_counter() - t0
     metrics_file, dump, ckpt = tmp_path / "metrics.jsonl", tmp_path / "rollout_dump", tmp_path / "ckpt"
-    cmd = [
-        sys.executable, "-m", "eksft_pipeline.rl.ppo_main",
-        "--config-path", str(REPO / "recipes" / "verl"), "--config-name", "dapo", "dapo_platform=cpu",
-        f"actor_rollout_ref.model.path={assets['model']}",
-        f"data.train_files={assets['train']}", f"data.val_files={assets['val']}",
+    cmd = _dapo_cmd(
+        assets,
         "trainer.total_training_steps=2", "trainer.save_freq=1", "trainer.test_freq=2",
         f"trainer.default_local_dir={ckpt}",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
         f"+actor_rollout_ref.rollout.engine_kwargs.hf_cpu.weights_dump_dir={dump}",
-    ]  # fmt: skip
+    )  # fmt: skip
     env = {**os.environ, **cpu_env(), "OMP_NUM_THREADS": "1", "VERL_FILE_LOGGER_PATH": str(metrics_file)}
     marks: dict[str, float] = {}
     lines: list[str] = []
@@ -477,3 +485,33 @@ def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
         for n, t in actor.items():
             assert torch.equal(synced[k][n], t), (k, n)
         assert any(not torch.equal(synced[k][n], synced[k - 1][n]) for n in actor), f"step {k} changed nothing"
+
+
+@pytest.mark.slow
+def test_dapo_mean_reward_rises_on_an_easy_task(tmp_path):
+    """8 DAPO steps on "a + b" (a, b < 5) with a larger step size: the mean score of the last steps beats the first.
+
+    Dynamic sampling is off here so that `critic/score/mean` is the mean over every sampled response (with it on,
+    the logged batch holds only mixed groups, whose mean says little about the policy).
+    """
+    from eksft_pipeline.pipeline.cpu_platform import cpu_env
+
+    assets = _make_rl_assets(tmp_path / "assets")
+    metrics_file = tmp_path / "metrics.jsonl"
+    cmd = _dapo_cmd(
+        assets,
+        "trainer.total_training_steps=8", "trainer.save_freq=-1", "trainer.test_freq=-1",
+        f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+        "algorithm.filter_groups.enable=false",
+        "actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.rollout.n=8",
+    )  # fmt: skip
+    env = {**os.environ, **cpu_env(), "OMP_NUM_THREADS": "1", "VERL_FILE_LOGGER_PATH": str(metrics_file)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [json.loads(x) for x in metrics_file.read_text().splitlines()]
+    score = {r["step"]: r["data"]["critic/score/mean"] for r in rows if "critic/score/mean" in r["data"]}
+    assert sorted(score) == list(range(1, 9))
+    early = sum(score[s] for s in (1, 2, 3)) / 3
+    late = sum(score[s] for s in (6, 7, 8)) / 3
+    print(f"\n[dapo cpu] mean score by step: {[round(score[s], 3) for s in sorted(score)]}")
+    assert late > early + 0.1, score
