@@ -396,7 +396,7 @@ def _make_rl_assets(root: Path) -> dict[str, Path]:
     _build_model(model, max_operand=5)
     texts = _tiny_texts(5)
     pretrain_tiny(model, texts * 4, steps=150, seq_len=64, batch_size=16, lr=3e-3, warmup_steps=10,
-                  progress=False, num_threads=1, time_budget_s=60)  # fmt: skip
+                  progress=False, num_threads=1)  # fmt: skip
     probs = [{"data_source": "tiny_add", "problem": f"What is {a} + {b}?", "answer": str(a + b)}
              for a in range(5) for b in range(5)] * 2  # fmt: skip
     random.Random(0).shuffle(probs)
@@ -485,33 +485,3 @@ def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
         for n, t in actor.items():
             assert torch.equal(synced[k][n], t), (k, n)
         assert any(not torch.equal(synced[k][n], synced[k - 1][n]) for n in actor), f"step {k} changed nothing"
-
-
-@pytest.mark.slow
-def test_dapo_mean_reward_rises_on_an_easy_task(tmp_path):
-    """8 DAPO steps on "a + b" (a, b < 5) with a larger step size: the mean score of the last steps beats the first.
-
-    Dynamic sampling is off here so that `critic/score/mean` is the mean over every sampled response (with it on,
-    the logged batch holds only mixed groups, whose mean says little about the policy).
-    """
-    from eksft_pipeline.pipeline.cpu_platform import cpu_env
-
-    assets = _make_rl_assets(tmp_path / "assets")
-    metrics_file = tmp_path / "metrics.jsonl"
-    cmd = _dapo_cmd(
-        assets,
-        "trainer.total_training_steps=8", "trainer.save_freq=-1", "trainer.test_freq=-1",
-        f"trainer.default_local_dir={tmp_path / 'ckpt'}",
-        "algorithm.filter_groups.enable=false",
-        "actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.rollout.n=8",
-    )  # fmt: skip
-    env = {**os.environ, **cpu_env(), "OMP_NUM_THREADS": "1", "VERL_FILE_LOGGER_PATH": str(metrics_file)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    rows = [json.loads(x) for x in metrics_file.read_text().splitlines()]
-    score = {r["step"]: r["data"]["critic/score/mean"] for r in rows if "critic/score/mean" in r["data"]}
-    assert sorted(score) == list(range(1, 9))
-    early = sum(score[s] for s in (1, 2, 3)) / 3
-    late = sum(score[s] for s in (6, 7, 8)) / 3
-    print(f"\n[dapo cpu] mean score by step: {[round(score[s], 3) for s in sorted(score)]}")
-    assert late > early + 0.1, score
