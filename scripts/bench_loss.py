@@ -180,9 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from eksft_pipeline.losses import DEFAULT_CHUNK
+    from eksft_pipeline.losses.fused import CUDA_DEFAULT_CHUNK
 
     args.chunk_size = args.chunk_size or DEFAULT_CHUNK
-    args.gpu_chunk_size = args.gpu_chunk_size or DEFAULT_CHUNK
+    args.gpu_chunk_size = args.gpu_chunk_size or CUDA_DEFAULT_CHUNK
     if args.worker:
         torch.manual_seed(0)
         mode = args.worker

@@ -440,6 +440,37 @@ def selective_config(config) -> dict[str, Any]:
 class EKSFTTrainer(SFTTrainer):
     """verl `SFTTrainer` whose loss is any `eksft_pipeline.losses` loss (see module docstring)."""
 
+    def _build_ckpt_handler(self):
+        """verl's handler, with an epoch-boundary resume fix.
+
+        verl 0.9.1 restores the StatefulDataLoader state saved with the checkpoint. A checkpoint taken at the
+        end of an epoch (every `save_freq=after_each_epoch` checkpoint) holds an *exhausted* iterator, so after
+        resuming, `fit` starts the next epoch on a loader that yields nothing, and every remaining epoch is
+        silently skipped (seen here: killed after step 3 of 6, the re-run logged no step and exported step 3).
+        At an epoch boundary the position inside the epoch is 0 anyway, so the state is not loaded: `fit`'s
+        `set_epoch(epoch)` gives the next epoch's order. Mid-epoch checkpoints load it as verl does.
+        """
+        from verl.utils.checkpoint.checkpoint_handler import extract_step
+
+        super()._build_ckpt_handler()
+        handler = self.ckpt_handler
+        load_state = handler._load_dataloader_state
+        steps_per_epoch = int(self.steps_per_epoch)
+
+        def _load_dataloader_state(checkpoint_path: str):
+            step = extract_step(checkpoint_path)
+            if step is not None and steps_per_epoch > 0 and step % steps_per_epoch == 0:
+                logger.warning(
+                    "resuming at an epoch boundary (step %s, %s steps per epoch): starting the next epoch with a "
+                    "fresh dataloader iterator instead of the saved, exhausted one",
+                    step,
+                    steps_per_epoch,
+                )
+                return
+            load_state(checkpoint_path)
+
+        handler._load_dataloader_state = _load_dataloader_state
+
     def _build_engine(self):
         from verl.workers.engine_workers import TrainingWorkerConfig
 

@@ -204,25 +204,31 @@ def test_rho_zero_is_plain_sft_step_for_step(assets, tmp_path):
         assert a[s]["train/grad_norm"] == pytest.approx(b[s]["train/grad_norm"], rel=1e-3), s
 
 
-def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path):
+@pytest.mark.parametrize("save_freq", [2, 3], ids=["mid_epoch", "epoch_boundary"])
+def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path, save_freq):
+    """Killed after its first checkpoint, a re-run resumes there and trains the remaining steps.
+
+    3 steps per epoch: save_freq=2 resumes mid-epoch (step 2 or 4), save_freq=3 at the epoch boundary (step 3),
+    where verl 0.9.1 alone would restore an exhausted dataloader and skip the second epoch.
+    """
     run_dir = tmp_path / "resume"
-    ov = _overrides(assets, run_dir, "sft.verl.trainer.save_freq=1")
+    ov = _overrides(assets, run_dir, f"sft.verl.trainer.save_freq={save_freq}")
     run_pipeline(compose_root("stage=split", *ov))
     ckpt = run_dir / "sft" / "eksft" / "checkpoints"
     cmd = [sys.executable, "-m", "eksft_pipeline", "stage=sft", *ov]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and not (ckpt / "global_step_2").is_dir():
+        while time.time() < deadline and not (ckpt / "latest_checkpointed_iteration.txt").is_file():
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.5)
-        time.sleep(1.0)  # let the tracker file land
+        time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert Manifest(run_dir).entry("sft/eksft")["status"] == "running"  # killed: never marked complete
     saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
-    assert 2 <= saved < 6
+    assert saved % save_freq == 0 and save_freq <= saved < 6
 
     res = run_pipeline(compose_root("stage=sft", *ov))
     assert res[0]["status"] == "complete"
