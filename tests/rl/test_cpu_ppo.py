@@ -5,7 +5,9 @@ argmax loop, log-softmax of the logits), the server's batching / abort / weight-
 class, driven by asyncio, no Ray), and the entry point's environment handling. The slow test runs
 `python -m eksft_pipeline.rl.ppo_main ... dapo_platform=cpu` for two DAPO steps on a throwaway tiny Qwen3 and
 checks that it finishes, logs rewards for mixed-outcome groups only (dynamic sampling), and that after every
-weight sync the rollout server's weights are bit-identical to the actor's checkpoint of that step.
+weight sync the rollout server's weights are bit-identical to the actor's checkpoint of that step. A second
+slow test runs 8 DAPO steps on an easy task (every prompt's answer is 4; the base model guesses among five
+digits) and checks that the sampled accuracy (verl's validation, before and after) and the training score rise.
 """
 
 from __future__ import annotations
@@ -29,27 +31,22 @@ REPO = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-def _tiny_texts(max_operand: int) -> list[str]:
+def _chat(a: int, b: int, c: int) -> str:
+    """One ChatML training text: "What is a + b?" answered with the (not necessarily true) sum c."""
     from eksft_pipeline.data.synth import TINY_SYSTEM_PROMPT
     from eksft_pipeline.models.tiny import render_chatml
 
-    out = []
-    for a in range(max_operand):
-        for b in range(max_operand):
-            c = a + b
-            out.append(
-                render_chatml(
-                    [
-                        {"role": "system", "content": TINY_SYSTEM_PROMPT},
-                        {"role": "user", "content": f"What is {a} + {b}?"},
-                        {
-                            "role": "assistant",
-                            "content": f"<think>\n{a} + {b} = {c}\n</think>\n\nThe answer is \\boxed{{{c}}}.",
-                        },
-                    ]
-                )
-            )
-    return out
+    return render_chatml(
+        [
+            {"role": "system", "content": TINY_SYSTEM_PROMPT},
+            {"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": f"<think>\n{a} + {b} = {c}\n</think>\n\nThe answer is \\boxed{{{c}}}."},
+        ]
+    )
+
+
+def _tiny_texts(max_operand: int) -> list[str]:
+    return [_chat(a, b, a + b) for a in range(max_operand) for b in range(max_operand)]
 
 
 def _build_model(out: Path, *, vocab_size: int = 300, hidden: int = 64, layers: int = 2, max_operand: int = 5):
@@ -416,11 +413,36 @@ def _dapo_cmd(assets: dict[str, Path], *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _run_dapo(cmd: list[str], cwd: Path, metrics_file: Path, *, steps: int, timeout_s: float = 480):
+    """Run main_ppo with the CPU shim's environment; returns (rc, output tail, {event: seconds}, total seconds)."""
+    from eksft_pipeline.pipeline.cpu_platform import cpu_env
+
+    env = {**os.environ, **cpu_env(), "OMP_NUM_THREADS": "1", "VERL_FILE_LOGGER_PATH": str(metrics_file)}
+    needles = [("ready", "all initialize finished")] + [(f"step{k}", f" step:{k} ") for k in range(1, steps + 1)]
+    marks: dict[str, float] = {}
+    lines: list[str] = []
+    t_run = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(timeout_s, proc.kill)  # a hung Ray placement must fail the test, not block CI
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            now = time.perf_counter() - t_run
+            for key, needle in needles:
+                if needle in line and key not in marks:
+                    marks[key] = now
+        rc = proc.wait()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    return rc, "".join(lines[-60:]), marks, time.perf_counter() - t_run
+
+
 @pytest.mark.slow
 def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
     from safetensors.torch import load_file
-
-    from eksft_pipeline.pipeline.cpu_platform import cpu_env
 
     t0 = time.perf_counter()
     assets = _make_rl_assets(tmp_path / "assets")
@@ -433,27 +455,7 @@ def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
         f"+actor_rollout_ref.rollout.engine_kwargs.hf_cpu.weights_dump_dir={dump}",
     )  # fmt: skip
-    env = {**os.environ, **cpu_env(), "OMP_NUM_THREADS": "1", "VERL_FILE_LOGGER_PATH": str(metrics_file)}
-    marks: dict[str, float] = {}
-    lines: list[str] = []
-    t_run = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(480, proc.kill)  # a hung Ray placement must fail the test, not block CI
-    watchdog.start()
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            now = time.perf_counter() - t_run
-            for key, needle in (("ready", "all initialize finished"), ("step1", " step:1 "), ("step2", " step:2 ")):
-                if needle in line and key not in marks:
-                    marks[key] = now
-        rc = proc.wait()
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-    total = time.perf_counter() - t_run
-    tail = "".join(lines[-60:])
+    rc, tail, marks, total = _run_dapo(cmd, tmp_path, metrics_file, steps=2)
     assert rc == 0, f"main_ppo failed (rc={rc}):\n{tail}"
     print(
         f"\n[dapo cpu] assets {t_assets:.1f}s; startup to ready-to-fit {marks.get('ready', -1):.1f}s; "
@@ -485,3 +487,90 @@ def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
         for n, t in actor.items():
             assert torch.equal(synced[k][n], t), (k, n)
         assert any(not torch.equal(synced[k][n], synced[k - 1][n]) for n in actor), f"step {k} changed nothing"
+
+
+# ---------------------------------------------------------------------------------------------- learning signal
+
+EASY_ANSWER = 4
+EASY_PAIRS = [(a, EASY_ANSWER - a) for a in range(EASY_ANSWER + 1)]  # 0+4, 1+3, 2+2, 3+1, 4+0
+EASY_GUESSES = (2, 3, 4, 5, 6)  # pre-training answers every question with each of these equally often
+
+
+def _make_easy_rl_assets(root: Path) -> dict[str, Path]:
+    """An easy RL task whose starting accuracy is known: about 1/len(EASY_GUESSES) = 0.2.
+
+    The tiny Qwen3 is pre-trained on "What is a + b?" chats (a, b < 5) whose answer is, for every question,
+    each of EASY_GUESSES once: it learns the format and that the answer is one of five digits, but nothing ties
+    the digit to the question. The RL prompts all have the sum EASY_ANSWER (one of the five), so the only thing
+    RL has to learn is to prefer that digit: a policy-gradient signal that shows up within a few steps if (and
+    only if) rewards, advantages, the clipped loss, the optimizer and the weight sync to the rollout all work.
+    """
+    from eksft_pipeline.data.schema import RL_SCHEMA
+    from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
+    from eksft_pipeline.models.tiny import pretrain_tiny
+
+    model = root / "model"
+    _build_model(model, max_operand=5)
+    texts = [_chat(a, b, c) for a in range(5) for b in range(5) for c in EASY_GUESSES]
+    pretrain_tiny(model, texts * 2, steps=400, seq_len=64, batch_size=16, lr=3e-3, warmup_steps=10,
+                  progress=False, num_threads=1)  # fmt: skip
+    probs = [{"data_source": "tiny_add", "problem": f"What is {a} + {b}?", "answer": str(EASY_ANSWER)}
+             for a, b in EASY_PAIRS]  # fmt: skip
+    train = probs * 4
+    random.Random(0).shuffle(train)
+    return {
+        "model": model,
+        "train": write_parquet(to_rl_eval_rows(train), root / "train.parquet", RL_SCHEMA),
+        "val": write_parquet(to_rl_eval_rows(probs), root / "val.parquet", RL_SCHEMA),
+    }
+
+
+@pytest.mark.slow
+def test_dapo_mean_reward_rises_on_an_easy_task(tmp_path):
+    """DAPO through verl's main_ppo on CPU raises the sampled accuracy of an easy task (about 0.2 -> above 0.6).
+
+    Accuracy is measured by verl's validation on the 5 prompts x 16 samples at temperature 1 (the training
+    distribution), before training (step 0) and after the last step, so it is not confounded by which
+    prompts a training batch drew; the training batches' mean score must rise as well.
+    """
+    steps = 8
+    assets = _make_easy_rl_assets(tmp_path / "assets")
+    metrics_file = tmp_path / "metrics.jsonl"
+    cmd = _dapo_cmd(
+        assets,
+        f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}", f"trainer.test_freq={steps}",
+        "trainer.val_before_train=true", f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model]",
+        # constant-answer groups are common at the start (0.2^4 + 0.8^4 = 41%); keep them (zero advantage)
+        # rather than refilling, so that every step costs the same
+        "algorithm.filter_groups.enable=false",
+        # a toy model, a handful of steps: a large step size (the CPU recipe's 1e-5 moves nothing in 6 steps)
+        "actor_rollout_ref.actor.optim.lr=5e-4",
+        # 8 samples per prompt for steadier group baselines; 2 mini-batches x 2 epochs = 4 updates per step
+        "actor_rollout_ref.rollout.n=8", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.ppo_epochs=2",
+        "actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.val_kwargs.n=16",
+        "actor_rollout_ref.rollout.val_kwargs.temperature=1.0",
+    )  # fmt: skip
+    rc, tail, marks, total = _run_dapo(cmd, tmp_path, metrics_file, steps=steps, timeout_s=600)
+    assert rc == 0, f"main_ppo failed (rc={rc}):\n{tail}"
+    rows = [json.loads(x) for x in metrics_file.read_text().splitlines()]
+
+    def val_acc(step: int) -> float:
+        found = [v for r in rows if r["step"] == step for k, v in r["data"].items()
+                 if k.startswith("val-core/tiny_add/acc/mean@")]  # fmt: skip
+        assert len(found) == 1, (step, [r["data"].keys() for r in rows if r["step"] == step])
+        return found[0]
+
+    train_score = {r["step"]: r["data"]["critic/score/mean"] for r in rows if "critic/score/mean" in r["data"]}
+    assert sorted(train_score) == list(range(1, steps + 1)), tail
+    before, after = val_acc(0), val_acc(steps)
+    print(f"\n[dapo cpu easy] val acc@16 {before:.3f} -> {after:.3f}; train score/mean per step "
+          f"{[round(train_score[s], 3) for s in sorted(train_score)]}; {total:.0f}s")  # fmt: skip
+    # the base model guesses among 5 digits: 0.2 expected; 80 samples give a std of about 0.045
+    assert 0.05 <= before <= 0.4, before
+    # measured here (two runs): 0.24 -> 0.85 and 0.18 -> 0.90
+    assert after >= max(0.6, before + 0.35), (before, after)
+    first = (train_score[1] + train_score[2]) / 2
+    last = (train_score[steps - 1] + train_score[steps]) / 2
+    assert last >= first + 0.5, train_score  # measured: -0.48 -> 0.61, -0.41 -> 0.70
