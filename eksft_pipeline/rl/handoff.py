@@ -7,7 +7,12 @@
 Resolution: `init=<method>` -> `<run_dir>/sft/<method>/hf_model` (from the manifest); `base` ->
 `model.path`; anything else -> a local directory or an HF hub name. A verl checkpoint directory with
 only FSDP shards (`model_world_size_*_rank_*.pt`) is merged with `python -m verl.model_merger merge
---backend fsdp` into `<run_dir>/handoff/<init>/merged/`.
+--backend fsdp` into `<run_dir>/handoff/<init>/merged/`. verl 0.9.1's merger casts every tensor to bf16
+(verl/model_merger/fsdp_model_merger.py, `_load_and_merge_state_dicts`), which would start RL from a rounded
+copy of an fp32 SFT result; for shards on a 1-D mesh (FSDP/FSDP2 data parallel, what the SFT stage writes) the
+tensors are then re-gathered in their saved precision, checked to round to exactly verl's bf16 result (verl
+stays the reference for the layout), and written over it. Other layouts keep verl's bf16 output; the report
+says which (`merge.precision`).
 
 Checks (each a clear error, because these mismatches are the most common silent failure of SFT->RL
 pipelines: the run "works" and the reward stays at zero):
@@ -44,8 +49,78 @@ def _is_fsdp_checkpoint(d: Path) -> bool:
     return any(d.glob("model_world_size_*_rank_*.pt"))
 
 
-def merge_fsdp_checkpoint(ckpt_dir: Path, target: Path, env: dict | None = None) -> Path:
-    """verl's own merger: FSDP shards (+ huggingface/ config) -> an HF model directory."""
+def gather_fsdp_shards(ckpt_dir: Path) -> dict[str, Any] | None:
+    """Full tensors, in their saved dtype, from FSDP shards on a 1-D device mesh; None for any other layout.
+
+    DTensor entries: the ranks' local tensors concatenated along the Shard dim in rank order (uneven last
+    shard allowed), or rank 0's copy for Replicate. Plain tensors (buffers, world size 1): rank 0's copy.
+    """
+    import re
+
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    files = sorted(ckpt_dir.glob("model_world_size_*_rank_*.pt"))
+    world = {int(re.match(r"model_world_size_(\d+)_rank_\d+\.pt$", f.name).group(1)) for f in files}
+    if len(world) != 1:
+        return None
+    ws = world.pop()
+    paths = [ckpt_dir / f"model_world_size_{ws}_rank_{r}.pt" for r in range(ws)]
+    if not all(p.is_file() for p in paths):
+        raise HandoffError(f"weights: {ckpt_dir} lacks some of the {ws} shards model_world_size_{ws}_rank_*.pt")
+    shards = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    out: dict[str, Any] = {}
+    for key, t0 in shards[0].items():
+        if not isinstance(t0, DTensor):
+            out[key] = t0
+            continue
+        if t0.device_mesh.ndim != 1 or len(t0.placements) != 1:
+            return None
+        place = t0.placements[0]
+        if place.is_shard():
+            out[key] = torch.cat([s[key]._local_tensor for s in shards], dim=place.dim)
+        elif place.is_replicate():
+            out[key] = t0._local_tensor
+        else:
+            return None
+        if tuple(out[key].shape) != tuple(t0.shape):
+            raise HandoffError(f"weights: {key} re-gathers to {tuple(out[key].shape)}, expected {tuple(t0.shape)}")
+    return out
+
+
+def _restore_precision(ckpt_dir: Path, target: Path) -> dict[str, Any]:
+    """Replace verl's bf16 merge in `target` by the shards' own precision where that is provably the same model."""
+    import torch
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+
+    full = gather_fsdp_shards(ckpt_dir)
+    weight_files = sorted(target.glob("*.safetensors"))
+    if full is None or not weight_files:
+        return {"precision": "bfloat16", "reason": "layout not a 1-D FSDP mesh: verl.model_merger's bf16 output kept"}
+    merged: dict[str, torch.Tensor] = {}
+    for f in weight_files:
+        merged.update(load_file(str(f)))
+    missing = sorted(set(merged) - set(full))
+    if missing:
+        return {"precision": "bfloat16", "reason": f"verl's merge has tensors the shards lack, e.g. {missing[:3]}"}
+    for key, ref in merged.items():
+        if full[key].shape != ref.shape or not torch.equal(full[key].to(ref.dtype), ref):
+            raise HandoffError(f"weights: FSDP re-gather of {key} disagrees with verl.model_merger's result")
+    dtypes = sorted({str(full[k].dtype).removeprefix("torch.") for k in merged})
+    if dtypes == ["bfloat16"]:
+        return {"precision": "bfloat16", "reason": "the shards are bf16"}
+    for f in weight_files + sorted(target.glob("*.safetensors.index.json")):
+        f.unlink()
+    save_torch_state_dict({k: full[k].contiguous() for k in merged}, target)
+    return {"precision": "+".join(dtypes), "reason": "re-gathered from the shards; rounds to verl's bf16 merge exactly"}
+
+
+def merge_fsdp_checkpoint(ckpt_dir: Path, target: Path, env: dict | None = None) -> tuple[Path, dict[str, Any]]:
+    """verl's own merger: FSDP shards (+ huggingface/ config) -> an HF model directory, in the shards' precision.
+
+    Returns (directory, {"tool", "precision", "reason"}).
+    """
     target.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
            "--local_dir", str(ckpt_dir), "--target_dir", str(target)]
@@ -57,7 +132,7 @@ def merge_fsdp_checkpoint(ckpt_dir: Path, target: Path, env: dict | None = None)
                  "special_tokens_map.json", "vocab.json", "merges.txt"):
         if (hf_src / name).exists() and not (target / name).exists():
             (target / name).write_bytes((hf_src / name).read_bytes())
-    return target
+    return target, {"tool": "verl.model_merger", **_restore_precision(ckpt_dir, target)}
 
 
 def check_weights(model_dir: Path, *, full_load_limit_bytes: int = 2 << 30) -> dict[str, Any]:
@@ -233,9 +308,9 @@ class HandoffStage(Stage):
         out = ctx.out_dir
         src = self.source(ctx)
         model_dir = resolve_model_dir(src)
-        merged = False
+        merged, merge_info = False, None
         if not (list(model_dir.glob("*.safetensors")) or list(model_dir.glob("pytorch_model*.bin"))) and _is_fsdp_checkpoint(model_dir):
-            model_dir = merge_fsdp_checkpoint(model_dir, out / "merged", env=ctx.env())
+            model_dir, merge_info = merge_fsdp_checkpoint(model_dir, out / "merged", env=ctx.env())
             merged = True
         split = ctx.upstream("split")
         rep = json.loads(Path(split["report"]).read_text())
@@ -250,7 +325,8 @@ class HandoffStage(Stage):
         # the tokenizer SFT rendered its data with: the base model's (verl's SFT dataset uses model.path)
         sft_tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(str(cfg.model.path))))
 
-        report: dict[str, Any] = {"init": ctx.init_spec(), "source": src, "model": str(model_dir), "merged_fsdp": merged}
+        report: dict[str, Any] = {"init": ctx.init_spec(), "source": src, "model": str(model_dir), "merged_fsdp": merged,
+                                  "merge": merge_info}
         checks = [
             ("weights", lambda: check_weights(model_dir)),
             ("template", lambda: check_template(init_tok, sft_tok, sft_rows, rl_prompts, prefix)),
@@ -269,4 +345,4 @@ class HandoffStage(Stage):
         if failures and bool(cfg.handoff.strict):
             raise HandoffError("handoff checks failed (handoff.strict=true):\n- " + "\n- ".join(failures))
         return StageResult(outputs={"model": str(model_dir), "report": str(out / "handoff_report.json")},
-                           summary={k: v.get("ok") for k, v in report.items() if isinstance(v, dict)})
+                           summary={name: report[name].get("ok") for name, _ in checks})

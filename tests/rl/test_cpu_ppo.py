@@ -4,8 +4,9 @@ Fast tests exercise the generation engine against an independent reference (a pl
 argmax loop, log-softmax of the logits), the server's batching / abort / weight-update protocol (the plain
 class, driven by asyncio, no Ray), and the entry point's environment handling. The slow test runs
 `python -m eksft_pipeline.rl.ppo_main ... dapo_platform=cpu` for two DAPO steps on a throwaway tiny Qwen3 and
-checks that it finishes, logs rewards for mixed-outcome groups only (dynamic sampling), and that after every
-weight sync the rollout server's weights are bit-identical to the actor's checkpoint of that step. A second
+checks that it finishes, trains on whole mixed-outcome groups only (dynamic sampling evicts uniform ones;
+checked group by group in verl's rollout dump), and that after every weight sync the rollout server's weights
+are bit-identical to the actor's checkpoint of that step. A second
 slow test runs 8 DAPO steps on an easy task (every prompt's answer is 4; the base model guesses among five
 digits) and checks that the sampled accuracy (verl's validation, before and after) and the training score rise.
 """
@@ -454,6 +455,7 @@ def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
         f"trainer.default_local_dir={ckpt}",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
         f"+actor_rollout_ref.rollout.engine_kwargs.hf_cpu.weights_dump_dir={dump}",
+        f"trainer.rollout_data_dir={tmp_path / 'rollouts'}",
     )  # fmt: skip
     rc, tail, marks, total = _run_dapo(cmd, tmp_path, metrics_file, steps=2)
     assert rc == 0, f"main_ppo failed (rc={rc}):\n{tail}"
@@ -474,6 +476,23 @@ def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
         assert m["training/rollout_probs_diff_max"] < 1e-4, m["training/rollout_probs_diff_max"]
         assert m["actor/pg_clipfrac"] >= 0.0 and m["actor/grad_norm"] > 0.0
     assert any(k.startswith("val-core/tiny_add/") for r in rows for k in r["data"]), "no validation metrics"
+
+    # dynamic sampling, group by group: verl dumps each trained batch (trainer.rollout_data_dir) with the sample
+    # key "<group uid>_<rollout>_<output>"; every trained group is whole (n=4) and mixes right (score +1, or
+    # +1 minus an overlong penalty >= 0) and wrong (-1, or less with the penalty) answers
+    evicted = [r["data"][k] for r in rows for k in r["data"] if k.endswith("filter_groups/evicted_samples")]
+    for step in (1, 2):
+        groups: dict[str, list[float]] = {}
+        for line in (tmp_path / "rollouts" / f"{step}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            groups.setdefault(rec["uid"].rsplit("_", 2)[0], []).append(float(rec["score"]))
+        assert len(groups) == 8, (step, len(groups))  # data.train_batch_size prompts
+        for uid, scores in groups.items():
+            assert len(scores) == 4, (step, uid, scores)
+            assert max(scores) >= 0.0 and min(scores) <= -1.0, (step, uid, scores)
+    print(f"[dapo cpu] groups evicted by dynamic sampling per step: {evicted}")
+    # ... and the filter did drop uniform groups on the way (measured: 9 and 8 of the generated groups)
+    assert len(evicted) == 2 and sum(evicted) > 0, evicted
 
     # weight sync: initial sync = the model on disk; after step k the rollout holds exactly the actor's weights
     initial = load_file(str(assets["model"] / "model.safetensors"))

@@ -237,3 +237,30 @@ def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path, sa
     resumed = steps[logs[-1].name] if logs else []
     assert resumed and resumed[0] == saved + 1 and resumed[-1] == 6, (saved, steps)
     assert Manifest(run_dir).entry("sft/eksft")["attempts"] == 2
+
+
+def test_handoff_merges_the_fsdp_shards_of_a_two_rank_checkpoint(two_rank_run, assets):
+    """`stage=handoff init=<verl checkpoint dir>` with only FSDP shards: verl's merger rebuilds the full model.
+
+    The shards are those of the two-rank run (DTensors sharded over 2 gloo ranks); the merged weights must
+    equal the HF model verl itself gathered at that step, and the merged model must pass the handoff checks.
+    """
+    from safetensors.torch import load_file
+
+    run_dir, _, _ = two_rank_run
+    ckpts = sorted((run_dir / "sft" / "eksft" / "checkpoints").glob("global_step_*"), key=lambda p: int(p.name[12:]))
+    ckpt = ckpts[-1]
+    assert sorted(p.name for p in ckpt.glob("model_world_size_*_rank_*.pt")) == [
+        "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]  # fmt: skip
+    assert not list(ckpt.glob("*.safetensors"))  # the merge path, not an HF directory
+    res = run_pipeline(compose_root("stage=handoff", f"init={ckpt}", *_overrides(assets, run_dir)))
+    assert res[0]["status"] == "complete"
+    report = json.loads(Path(res[0]["outputs"]["report"]).read_text())
+    # verl's merger alone writes bf16; the handoff re-gathers the fp32 shards (checked against verl's result)
+    assert report["merged_fsdp"] is True and report["merge"]["precision"] == "float32", report["merge"]
+    assert all(report[c]["ok"] for c in ("weights", "template", "eos", "context")), report
+    merged = load_file(str(Path(res[0]["outputs"]["model"]) / "model.safetensors"))
+    reference = load_file(str(ckpt / "huggingface" / "model.safetensors"))
+    assert sorted(merged) == sorted(reference)
+    for name, t in reference.items():
+        assert torch.equal(merged[name], t), name
