@@ -60,8 +60,8 @@ def gather_fsdp_shards(ckpt_dir: Path) -> dict[str, Any] | None:
     import torch
     from torch.distributed.tensor import DTensor
 
-    files = sorted(ckpt_dir.glob("model_world_size_*_rank_*.pt"))
-    world = {int(re.match(r"model_world_size_(\d+)_rank_\d+\.pt$", f.name).group(1)) for f in files}
+    names = [re.fullmatch(r"model_world_size_(\d+)_rank_\d+\.pt", f.name) for f in ckpt_dir.iterdir()]
+    world = {int(m.group(1)) for m in names if m}
     if len(world) != 1:
         return None
     ws = world.pop()
@@ -96,7 +96,9 @@ def _restore_precision(ckpt_dir: Path, target: Path) -> dict[str, Any]:
 
     full = gather_fsdp_shards(ckpt_dir)
     weight_files = sorted(target.glob("*.safetensors"))
-    if full is None or not weight_files:
+    if not weight_files:
+        return {"precision": "bfloat16", "reason": "verl.model_merger wrote no *.safetensors; its output kept"}
+    if full is None:
         return {"precision": "bfloat16", "reason": "layout not a 1-D FSDP mesh: verl.model_merger's bf16 output kept"}
     merged: dict[str, torch.Tensor] = {}
     for f in weight_files:
