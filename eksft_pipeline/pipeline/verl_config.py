@@ -49,18 +49,11 @@ def recipes_dir() -> Path:
     return RECIPES_DIR
 
 
-def compose_verl(name: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose `recipes/verl/<name>.yaml` (which lists verl's own config in its defaults).
-
-    `overrides` are Hydra overrides applied at composition, e.g. `["dapo_platform=cpu"]` to pick a
-    config group option of the recipe.
-    """
+def _compose(cfg_dir: Path, name: str, overrides: list[str] | None) -> DictConfig:
+    """Hydra compose of `cfg_dir/<name>.yaml`, also from inside a running Hydra app (the stages are)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    cfg_dir = recipes_dir() / "verl"
-    if not (cfg_dir / f"{name}.yaml").exists():
-        raise FileNotFoundError(f"no verl recipe {cfg_dir / (name + '.yaml')}")
     # compose() inside a running Hydra app needs its own, temporary global state
     gh = GlobalHydra.instance()
     saved = gh.hydra if gh.is_initialized() else None
@@ -73,10 +66,28 @@ def compose_verl(name: str, overrides: list[str] | None = None) -> DictConfig:
         if saved is not None:
             gh.clear()
             gh.initialize(saved)
-    # hydra's own node is not part of verl's config
+    # hydra's own node is not part of the config
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return cfg
+
+
+def compose_verl(name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose `recipes/verl/<name>.yaml` (which lists verl's own config in its defaults).
+
+    `overrides` are Hydra overrides applied at composition, e.g. `["dapo_platform=cpu"]` to pick a
+    config group option of the recipe.
+    """
+    cfg_dir = recipes_dir() / "verl"
+    if not (cfg_dir / f"{name}.yaml").exists():
+        raise FileNotFoundError(f"no verl recipe {cfg_dir / (name + '.yaml')}")
+    return _compose(cfg_dir, name, overrides)
+
+
+def compose_pipeline(*overrides: str) -> DictConfig:
+    """The orchestrator's config (`recipes/config.yaml`) as `python -m eksft_pipeline <overrides>` composes it,
+    for running stages from Python: `run_pipeline(compose_pipeline("stage=sft", "method=sft"))`."""
+    return _compose(recipes_dir(), "config", list(overrides))
 
 
 def _to_plain(x):

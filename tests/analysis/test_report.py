@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from eksft_pipeline.eval.stage import metrics_for
 from eksft_pipeline.pipeline.manifest import Manifest
 from eksft_pipeline.pipeline.stage_api import StageContext
-from eksft_pipeline.pipeline.verl_config import recipes_dir
+from eksft_pipeline.pipeline.verl_config import compose_pipeline
 
 
 def _scores(correct: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -72,8 +71,7 @@ def run_dir(tmp_path) -> Path:
 def _report(run_dir: Path):
     from eksft_pipeline.analysis.report import ReportStage
 
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-        cfg = compose(config_name="config", overrides=[f"run_dir={run_dir}", "report.case_study.enabled=false"])
+    cfg = compose_pipeline(f"run_dir={run_dir}", "report.case_study.enabled=false")
     ctx = StageContext(cfg=cfg, run_dir=run_dir, manifest=Manifest(run_dir), key="report")
     return ReportStage().run(ctx), cfg
 

@@ -11,21 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from eksft_pipeline.pipeline.manifest import Manifest
 from eksft_pipeline.pipeline.stage_api import StageContext
-from eksft_pipeline.pipeline.verl_config import ConfigKeyError, recipes_dir
+from eksft_pipeline.pipeline.verl_config import ConfigKeyError, compose_pipeline, recipes_dir
 
 RECIPES = recipes_dir()
 METHODS = sorted(p.stem for p in (RECIPES / "method").glob("*.yaml"))
 GPU_MODELS = ["qwen3-4b", "qwen3-8b"]
-
-
-def compose_root(*overrides: str):
-    with initialize_config_dir(config_dir=str(RECIPES), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def ctx_for(cfg, tmp_path: Path, key: str) -> StageContext:
@@ -45,7 +39,7 @@ def test_all_methods_are_recipes():
 def test_sft_config_composes_and_verl_accepts_it(tmp_path, model, cluster, method):
     from eksft_pipeline.sft.stage import SFTStage
 
-    cfg = compose_root(f"model={model}", f"cluster={cluster}", f"method={method}")
+    cfg = compose_pipeline(f"model={model}", f"cluster={cluster}", f"method={method}")
     stage = SFTStage()
     vc = stage.verl_config(ctx_for(cfg, tmp_path, stage.key(cfg)))
     m = OmegaConf.load(RECIPES / "method" / f"{method}.yaml")
@@ -68,7 +62,7 @@ def test_sft_config_composes_and_verl_accepts_it(tmp_path, model, cluster, metho
 def test_qwen3_4b_sft_config(tmp_path):
     from eksft_pipeline.sft.stage import SFTStage
 
-    cfg = compose_root("model=qwen3-4b", "cluster=8gpu")
+    cfg = compose_pipeline("model=qwen3-4b", "cluster=8gpu")
     vc = SFTStage().verl_config(ctx_for(cfg, tmp_path, "sft/eksft"))
     assert vc.model.path == "Qwen/Qwen3-4B-Base" and vc.data.train_batch_size == 64
 
@@ -77,7 +71,7 @@ def test_qwen3_4b_sft_config(tmp_path):
 def test_rl_config_composes_and_verl_accepts_it(tmp_path, model, cluster):
     from eksft_pipeline.rl.stage import RLStage
 
-    cfg = compose_root(f"model={model}", f"cluster={cluster}", "init=eksft")
+    cfg = compose_pipeline(f"model={model}", f"cluster={cluster}", "init=eksft")
     stage = RLStage()
     ctx = ctx_for(cfg, tmp_path, stage.key(cfg))
     vc = stage.verl_config(ctx)
@@ -109,7 +103,7 @@ def test_rl_config_composes_and_verl_accepts_it(tmp_path, model, cluster):
 def test_unknown_verl_key_is_rejected_naming_it(tmp_path):
     from eksft_pipeline.sft.stage import SFTStage
 
-    cfg = compose_root("+sft.verl.optim.learning_rate=1e-5")
+    cfg = compose_pipeline("+sft.verl.optim.learning_rate=1e-5")
     with pytest.raises(ConfigKeyError, match=r"optim\.learning_rate"):
         SFTStage().verl_config(ctx_for(cfg, tmp_path, "sft/eksft"))
 
@@ -117,7 +111,7 @@ def test_unknown_verl_key_is_rejected_naming_it(tmp_path):
 def test_unknown_rl_key_is_rejected_naming_it(tmp_path):
     from eksft_pipeline.rl.stage import RLStage
 
-    cfg = compose_root("+rl.verl.actor_rollout_ref.actor.clip_ratio_hi=0.3")
+    cfg = compose_pipeline("+rl.verl.actor_rollout_ref.actor.clip_ratio_hi=0.3")
     with pytest.raises(ConfigKeyError, match=r"clip_ratio_hi"):
         RLStage().verl_config(ctx_for(cfg, tmp_path, "rl/eksft"))
 
@@ -125,7 +119,7 @@ def test_unknown_rl_key_is_rejected_naming_it(tmp_path):
 def test_bad_verl_value_is_rejected(tmp_path):
     from eksft_pipeline.sft.stage import SFTStage
 
-    cfg = compose_root("+sft.verl.data.pad_mode=sideways")
+    cfg = compose_pipeline("+sft.verl.data.pad_mode=sideways")
     with pytest.raises(ValueError, match="pad_mode"):
         SFTStage().verl_config(ctx_for(cfg, tmp_path, "sft/eksft"))
 
@@ -133,7 +127,7 @@ def test_bad_verl_value_is_rejected(tmp_path):
 def test_bad_method_parameter_is_rejected_before_launch(tmp_path):
     from eksft_pipeline.sft.stage import SFTStage
 
-    cfg = compose_root("method=global_reg", "+method.params.rho=0.3")
+    cfg = compose_pipeline("method=global_reg", "+method.params.rho=0.3")
     with pytest.raises(ValueError, match="rho"):
         SFTStage().verl_config(ctx_for(cfg, tmp_path, "sft/global_reg"))
 
@@ -142,13 +136,13 @@ def test_unknown_method_fails_at_composition():
     from hydra.errors import MissingConfigException
 
     with pytest.raises(MissingConfigException, match="no_such_method"):
-        compose_root("method=no_such_method")
+        compose_pipeline("method=no_such_method")
 
 
 def test_stage_lists_cover_the_pipeline():
     from eksft_pipeline.pipeline.runner import ORDER
 
-    cfg = compose_root()
+    cfg = compose_pipeline()
     assert list(cfg.stage.run) == ORDER  # stage=all: every stage, in order
     for name in ORDER:
-        assert list(compose_root(f"stage={name}").stage.run) == [name]
+        assert list(compose_pipeline(f"stage={name}").stage.run) == [name]

@@ -8,18 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from eksft_pipeline.pipeline.manifest import Manifest
 from eksft_pipeline.pipeline.runner import run_pipeline
-from eksft_pipeline.pipeline.verl_config import recipes_dir
+from eksft_pipeline.pipeline.verl_config import compose_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def compose_root(*overrides: str):
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +27,7 @@ def assets_dir(tmp_path_factory) -> Path:
 
 
 def _split_cfg(assets_dir: Path, run_dir: Path, *extra: str):
-    return compose_root(
+    return compose_pipeline(
         "stage=split", f"run_dir={run_dir}", f"model.assets_dir={assets_dir}", "model.data.n_sft=50", *extra
     )
 
@@ -79,7 +73,7 @@ def test_failed_stage_is_recorded_and_rerun_cleanly(assets_dir, tmp_path):
 
 
 def test_later_stage_without_upstream_says_which(assets_dir, tmp_path):
-    cfg = compose_root("stage=handoff", f"run_dir={tmp_path / 'run'}", f"model.assets_dir={assets_dir}")
+    cfg = compose_pipeline("stage=handoff", f"run_dir={tmp_path / 'run'}", f"model.assets_dir={assets_dir}")
     with pytest.raises(FileNotFoundError, match="sft/eksft.*never run.*run it first"):
         run_pipeline(cfg)
 

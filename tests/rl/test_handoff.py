@@ -7,17 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from eksft_pipeline.pipeline.manifest import Manifest
 from eksft_pipeline.pipeline.runner import run_pipeline
-from eksft_pipeline.pipeline.verl_config import recipes_dir
+from eksft_pipeline.pipeline.verl_config import compose_pipeline
 from eksft_pipeline.rl.handoff import HandoffError
-
-
-def compose_root(*overrides: str):
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +36,8 @@ def split_run(tmp_path_factory):
 
 def _handoff(root: Path, common: list[str], model: Path, name: str):
     run_dir = root / name
-    run_pipeline(compose_root("stage=split", f"run_dir={run_dir}", *common))
-    return run_pipeline(compose_root("stage=handoff", f"run_dir={run_dir}", f"init={model}", *common)), run_dir
+    run_pipeline(compose_pipeline("stage=split", f"run_dir={run_dir}", *common))
+    return run_pipeline(compose_pipeline("stage=handoff", f"run_dir={run_dir}", f"init={model}", *common)), run_dir
 
 
 def test_matching_model_passes_every_check(split_run):

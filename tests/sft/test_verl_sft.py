@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from eksft_pipeline.pipeline.manifest import Manifest
 from eksft_pipeline.pipeline.runner import run_pipeline
-from eksft_pipeline.pipeline.verl_config import recipes_dir
+from eksft_pipeline.pipeline.verl_config import compose_pipeline
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -43,11 +42,6 @@ def _overrides(assets: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def compose_root(*overrides: str):
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     from eksft_pipeline.models.tiny import make_tiny_assets
@@ -59,8 +53,8 @@ def assets(tmp_path_factory) -> Path:
 
 
 def _run(assets: Path, run_dir: Path, *extra: str) -> dict:
-    run_pipeline(compose_root("stage=split", *_overrides(assets, run_dir, *extra)))
-    res = run_pipeline(compose_root("stage=sft", *_overrides(assets, run_dir, *extra)))
+    run_pipeline(compose_pipeline("stage=split", *_overrides(assets, run_dir, *extra)))
+    res = run_pipeline(compose_pipeline("stage=sft", *_overrides(assets, run_dir, *extra)))
     assert res[0]["status"] == "complete"
     return res[0]
 
@@ -213,7 +207,7 @@ def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path, sa
     """
     run_dir = tmp_path / "resume"
     ov = _overrides(assets, run_dir, f"sft.verl.trainer.save_freq={save_freq}")
-    run_pipeline(compose_root("stage=split", *ov))
+    run_pipeline(compose_pipeline("stage=split", *ov))
     ckpt = run_dir / "sft" / "eksft" / "checkpoints"
     cmd = [sys.executable, "-m", "eksft_pipeline", "stage=sft", *ov]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -230,7 +224,7 @@ def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path, sa
     saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert saved % save_freq == 0 and save_freq <= saved < 6
 
-    res = run_pipeline(compose_root("stage=sft", *ov))
+    res = run_pipeline(compose_pipeline("stage=sft", *ov))
     assert res[0]["status"] == "complete"
     logs = sorted((run_dir / "sft" / "eksft" / "logs").glob("metrics-*.jsonl"), key=lambda p: p.stat().st_mtime)
     steps = {p.name: [json.loads(x)["step"] for x in p.read_text().splitlines() if x.strip()] for p in logs}
@@ -253,7 +247,7 @@ def test_handoff_merges_the_fsdp_shards_of_a_two_rank_checkpoint(two_rank_run, a
     assert sorted(p.name for p in ckpt.glob("model_world_size_*_rank_*.pt")) == [
         "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]  # fmt: skip
     assert not list(ckpt.glob("*.safetensors"))  # the merge path, not an HF directory
-    res = run_pipeline(compose_root("stage=handoff", f"init={ckpt}", *_overrides(assets, run_dir)))
+    res = run_pipeline(compose_pipeline("stage=handoff", f"init={ckpt}", *_overrides(assets, run_dir)))
     assert res[0]["status"] == "complete"
     report = json.loads(Path(res[0]["outputs"]["report"]).read_text())
     # verl's merger alone writes bf16; the handoff re-gathers the fp32 shards (checked against verl's result)
