@@ -94,10 +94,10 @@ def _restore_precision(ckpt_dir: Path, target: Path) -> dict[str, Any]:
     from huggingface_hub import save_torch_state_dict
     from safetensors.torch import load_file
 
-    full = gather_fsdp_shards(ckpt_dir)
     weight_files = sorted(target.glob("*.safetensors"))
     if not weight_files:
         return {"precision": "bfloat16", "reason": "verl.model_merger wrote no *.safetensors; its output kept"}
+    full = gather_fsdp_shards(ckpt_dir)  # every shard in memory: only once there is something to compare with
     if full is None:
         return {"precision": "bfloat16", "reason": "layout not a 1-D FSDP mesh: verl.model_merger's bf16 output kept"}
     merged: dict[str, torch.Tensor] = {}
@@ -310,10 +310,9 @@ class HandoffStage(Stage):
         out = ctx.out_dir
         src = self.source(ctx)
         model_dir = resolve_model_dir(src)
-        merged, merge_info = False, None
+        merge_info = None
         if not (list(model_dir.glob("*.safetensors")) or list(model_dir.glob("pytorch_model*.bin"))) and _is_fsdp_checkpoint(model_dir):
             model_dir, merge_info = merge_fsdp_checkpoint(model_dir, out / "merged", env=ctx.env())
-            merged = True
         split = ctx.upstream("split")
         rep = json.loads(Path(split["report"]).read_text())
         prefix = str(rep.get("generation_prefix", "") or "")
@@ -327,7 +326,7 @@ class HandoffStage(Stage):
         # the tokenizer SFT rendered its data with: the base model's (verl's SFT dataset uses model.path)
         sft_tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(str(cfg.model.path))))
 
-        report: dict[str, Any] = {"init": ctx.init_spec(), "source": src, "model": str(model_dir), "merged_fsdp": merged,
+        report: dict[str, Any] = {"init": ctx.init_spec(), "source": src, "model": str(model_dir), "merged_fsdp": merge_info is not None,
                                   "merge": merge_info}
         checks = [
             ("weights", lambda: check_weights(model_dir)),

@@ -380,27 +380,37 @@ def test_server_abort_pause_and_weight_update(tiny_model):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def _make_rl_assets(root: Path) -> dict[str, Path]:
-    """Tiny Qwen3 briefly pre-trained on "a + b" chats (a, b < 5) + train/val parquet of those prompts.
-
-    ~150 steps teach the format (\\boxed{digit}) but not the sums, so groups of 4 samples mix right and wrong
-    answers (what DAPO's dynamic sampling keeps).
-    """
+def _rl_assets(root: Path, texts: list[str], steps: int, train: list[tuple], val: list[tuple]) -> dict[str, Path]:
+    """Tiny Qwen3 pre-trained for `steps` steps on `texts`, + train/val RL parquet of (a, b, answer) prompts."""
     from eksft_pipeline.data.schema import RL_SCHEMA
     from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
     from eksft_pipeline.models.tiny import pretrain_tiny
 
     model = root / "model"
     _build_model(model, max_operand=5)
-    texts = _tiny_texts(5)
-    pretrain_tiny(model, texts * 4, steps=150, seq_len=64, batch_size=16, lr=3e-3, warmup_steps=10,
+    pretrain_tiny(model, texts, steps=steps, seq_len=64, batch_size=16, lr=3e-3, warmup_steps=10,
                   progress=False, num_threads=1)  # fmt: skip
-    probs = [{"data_source": "tiny_add", "problem": f"What is {a} + {b}?", "answer": str(a + b)}
-             for a in range(5) for b in range(5)] * 2  # fmt: skip
+
+    def rows(items):
+        probs = [{"data_source": "tiny_add", "problem": f"What is {x} + {y}?", "answer": str(c)} for x, y, c in items]
+        return to_rl_eval_rows(probs)
+
+    return {
+        "model": model,
+        "train": write_parquet(rows(train), root / "train.parquet", RL_SCHEMA),
+        "val": write_parquet(rows(val), root / "val.parquet", RL_SCHEMA),
+    }
+
+
+def _make_rl_assets(root: Path) -> dict[str, Path]:
+    """Tiny Qwen3 briefly pre-trained on "a + b" chats (a, b < 5) + train/val parquet of those prompts.
+
+    ~150 steps teach the format (\\boxed{digit}) but not the sums, so groups of 4 samples mix right and wrong
+    answers (what DAPO's dynamic sampling keeps).
+    """
+    probs = [(a, b, a + b) for a in range(5) for b in range(5)] * 2
     random.Random(0).shuffle(probs)
-    train = write_parquet(to_rl_eval_rows(probs), root / "train.parquet", RL_SCHEMA)
-    val = write_parquet(to_rl_eval_rows(probs[:8]), root / "val.parquet", RL_SCHEMA)
-    return {"model": model, "train": train, "val": val}
+    return _rl_assets(root, _tiny_texts(5) * 4, 150, train=probs, val=probs[:8])
 
 
 def _dapo_cmd(assets: dict[str, Path], *extra: str) -> list[str]:
@@ -524,24 +534,11 @@ def _make_easy_rl_assets(root: Path) -> dict[str, Path]:
     RL has to learn is to prefer that digit: a policy-gradient signal that shows up within a few steps if (and
     only if) rewards, advantages, the clipped loss, the optimizer and the weight sync to the rollout all work.
     """
-    from eksft_pipeline.data.schema import RL_SCHEMA
-    from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
-    from eksft_pipeline.models.tiny import pretrain_tiny
-
-    model = root / "model"
-    _build_model(model, max_operand=5)
     texts = [_chat(a, b, c) for a in range(5) for b in range(5) for c in EASY_GUESSES]
-    pretrain_tiny(model, texts * 2, steps=400, seq_len=64, batch_size=16, lr=3e-3, warmup_steps=10,
-                  progress=False, num_threads=1)  # fmt: skip
-    probs = [{"data_source": "tiny_add", "problem": f"What is {a} + {b}?", "answer": str(EASY_ANSWER)}
-             for a, b in EASY_PAIRS]  # fmt: skip
+    probs = [(a, b, EASY_ANSWER) for a, b in EASY_PAIRS]
     train = probs * 4
     random.Random(0).shuffle(train)
-    return {
-        "model": model,
-        "train": write_parquet(to_rl_eval_rows(train), root / "train.parquet", RL_SCHEMA),
-        "val": write_parquet(to_rl_eval_rows(probs), root / "val.parquet", RL_SCHEMA),
-    }
+    return _rl_assets(root, texts * 2, 400, train=train, val=probs)
 
 
 @pytest.mark.slow

@@ -52,14 +52,9 @@ def test_matching_model_passes_every_check(split_run):
     assert rep["eos"]["end_token"] == "<|im_end|>" and 2 in rep["eos"]["stop_token_ids"]
 
 
-def _copy_model(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_mismatched_chat_template_is_refused_with_a_clear_error(split_run, tmp_path):
     root, assets, common = split_run
-    bad = _copy_model(assets / "model", tmp_path / "bad_template")
+    bad = shutil.copytree(assets / "model", tmp_path / "bad_template")
     # a template that renders the assistant turn header differently (a common silent SFT->RL mismatch)
     tpl = (bad / "chat_template.jinja").read_text().replace("<|im_start|>assistant\\n", "<|im_start|>assistant\\n\\n")
     assert tpl != (assets / "model" / "chat_template.jinja").read_text()
@@ -70,7 +65,7 @@ def test_mismatched_chat_template_is_refused_with_a_clear_error(split_run, tmp_p
 
 def test_wrong_stop_token_is_refused(split_run, tmp_path):
     root, assets, common = split_run
-    bad = _copy_model(assets / "model", tmp_path / "bad_eos")
+    bad = shutil.copytree(assets / "model", tmp_path / "bad_eos")
     for name in ("generation_config.json", "tokenizer_config.json"):
         cfg = json.loads((bad / name).read_text())
         if "eos_token_id" in cfg:
@@ -90,7 +85,7 @@ def test_context_too_short_is_refused(split_run):
 
 def test_missing_weights_are_refused(split_run, tmp_path):
     root, assets, common = split_run
-    bad = _copy_model(assets / "model", tmp_path / "no_weights")
+    bad = shutil.copytree(assets / "model", tmp_path / "no_weights")
     (bad / "model.safetensors").unlink()
-    with pytest.raises((HandoffError, FileNotFoundError, OSError)):
+    with pytest.raises(HandoffError, match=r"weights: no \*\.safetensors / pytorch_model\*\.bin in .*no_weights"):
         _handoff(root, common, bad, "no_weights")
