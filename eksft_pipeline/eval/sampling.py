@@ -278,6 +278,7 @@ class VLLMSampler:
         on_rows: Callable[[list[dict]], None],
     ) -> int:
         from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
 
         engine = self.llm.llm_engine
         owners: dict[str, tuple[Problem, list[int]]] = {}
@@ -294,6 +295,8 @@ class VLLMSampler:
                 max_tokens=params.max_new_tokens,
                 seed=_sample_seed(params.seed, p.problem_id, ids[0]),
                 detokenize=False,  # decoded below with the HF tokenizer, as the HF backend does
+                # one output per request, once all its n samples are done (what LLM.generate sets too)
+                output_kind=RequestOutputKind.FINAL_ONLY,
             )
             prompt = {"prompt_token_ids": prompt_token_ids(self.tokenizer, p.messages, params.generation_prefix)}
             rid = f"p{i}"

@@ -106,13 +106,38 @@ def test_engine_without_vllm_reports_the_fix(tmp_path):
 # ---------------------------------------------------------------------------------------------- vLLM on CPU
 
 
+def _chat(a: int, b: int) -> str:
+    from eksft_pipeline.data.synth import TINY_SYSTEM_PROMPT
+    from eksft_pipeline.models.tiny import render_chatml
+
+    return render_chatml([
+        {"role": "system", "content": TINY_SYSTEM_PROMPT},
+        {"role": "user", "content": f"What is {a} + {b}?"},
+        {"role": "assistant", "content": f"<think>\n{a} + {b} = {a + b}\n</think>\n\nThe answer is \\boxed{{{a + b}}}."},
+    ])  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory) -> Path:
-    """The tiny CPU default (tokenizer, data, a briefly pre-trained Qwen3): peaked enough for greedy to be stable."""
-    from eksft_pipeline.models.tiny import make_tiny_assets
+    """A model=tiny assets dir in miniature: a Qwen3 (head_dim 32, which vLLM's CPU attention supports) briefly
+    pre-trained on "a + b" chats, so its next-token distributions are peaked, and an eval parquet of 6 tiny_add +
+    6 tiny_linear prompts where the `tiny` benchmarks recipe looks for it."""
+    from eksft_pipeline.data.schema import RL_SCHEMA
+    from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
+    from eksft_pipeline.models.tiny import build_tiny_model, build_tiny_tokenizer, pretrain_tiny
 
     out = tmp_path_factory.mktemp("assets")
-    make_tiny_assets(out, n_problems=200, n_eval_per_source=6, n_pretrain=400, pretrain_steps=60, progress=False)
+    texts = [_chat(a, b) for a in range(6) for b in range(6)]
+    tok = build_tiny_tokenizer(None, texts, vocab_size=300)
+    build_tiny_model(out / "model", tok, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                     intermediate_size=128)  # fmt: skip
+    pretrain_tiny(out / "model", texts * 4, steps=120, seq_len=64, batch_size=16, lr=3e-3, warmup_steps=10,
+                  progress=False, num_threads=1)  # fmt: skip
+    pairs = {"tiny_add": [(1, 2), (3, 4), (0, 5), (2, 2), (4, 1), (5, 3)],  # distinct questions per benchmark
+             "tiny_linear": [(2, 1), (4, 3), (5, 0), (3, 3), (1, 4), (3, 5)]}  # fmt: skip
+    probs = [{"data_source": src, "problem": f"What is {a} + {b}?", "answer": str(a + b)}
+             for src, ps in pairs.items() for a, b in ps]  # fmt: skip
+    write_parquet(to_rl_eval_rows(probs), out / "data" / "tiny_math_eval.parquet", RL_SCHEMA)
     return out
 
 
