@@ -9,11 +9,13 @@ For each target model (`eval.targets`: `sft` = the SFT output of `init`, `rl` = 
 
     <run_dir>/eval/<init>/<target>/samples.parquet   one row per completion (prompt id, sample index,
                                                      completion, finish reason, token count)
-    <run_dir>/eval/<init>/<target>/scores.parquet    + acc, score, pred, reason (math-verify reward,
-                                                     the same function the RL stage uses)
+    <run_dir>/eval/<init>/<target>/scores.parquet    + acc, score, pred, reason, policy (the RL reward
+                                                     under the benchmark's answer policy) and mv_acc,
+                                                     mv_pred, mv_reason (plain math-verify, for the audit)
     <run_dir>/eval/<init>/<target>/metrics.json      per benchmark: avg@n (= pass@1), unbiased pass@k
                                                      for every k in 1..n, maj@k, bootstrap CIs over
-                                                     problems, and the sampling settings of every number
+                                                     problems, and the sampling settings of every number;
+                                                     verifier_audit per benchmark (eval/audit.py)
 
 Sampling is resumable (completed problems are appended to `samples/part-*.parquet` as they finish,
 and kept across a killed attempt); a re-run with the same sampling settings scores from the saved
