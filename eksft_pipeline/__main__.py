@@ -34,6 +34,9 @@ def _is_multirun() -> bool:
 
 
 def main() -> None:
+    from eksft_pipeline.pipeline.verl_config import redirect_benchmark_overrides
+
+    sys.argv[1:] = redirect_benchmark_overrides(sys.argv[1:])
     _app()
     if _exit_code:
         sys.exit(_exit_code)

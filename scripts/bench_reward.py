@@ -1,26 +1,34 @@
-"""Throughput of the math reward (eksft_pipeline.rl.reward) on realistic R1-style completions.
+"""Accuracy and throughput of the math reward (eksft_pipeline.rl.reward) against plain math-verify.
 
-Generates ``--n`` completions (default 10,000): ``--samples-per-prompt`` (16) per gold answer, each an
-R1-style trace ``<think>\\n ... </think>\\n\\n ... \\boxed{ans}`` of ``--min-chars``..``--max-chars``
-characters. Golds come from a built-in table of answer families with random parameters (AIME integers 50%,
-AMC "n.0" 10%, fractions 15%, k*sqrt(m) 8%, multiples of pi 7%, polar pairs 4%, complex 3%, degrees 3%; each
-with equivalent LaTeX forms and near-miss distractors) or, with ``--eval-parquet PATH``, from a verl eval parquet (e.g. ``../shared/data/eval/luffy_valid_all.parquet``,
-ground_truth of data_source aime/aime25/amc/math). Per prompt a solve rate is drawn uniformly from
-[0, 1]; a sample is correct (in a random equivalent form, canonical 60% of the time), wrong (mostly one of
-three per-prompt distractors, as models repeat their mistakes; sometimes a fresh wrong number), or has no
-answer (5%: no box, or an unclosed box of a truncated trace).
+1. Accuracy on the labelled corpus (:mod:`eksft_pipeline.rl.verifier_corpus`: builtin MATH-style golds plus
+   the AIME/AMC/MATH golds of ``--eval-parquet``, default ``../shared/data/eval/luffy_valid_all.parquet``
+   when it exists; each gold in many equivalent and wrong forms inside R1-style completions, labels from
+   construction). For the held-out part (``--corpus-split``, golds never looked at while tuning) it prints
+   the false-negative and false-positive counts and rates of this project's verifier and of plain
+   math-verify (verl 0.9.1's ``math_verify`` reward semantics, math-verify 0.9.0 defaults), their scoring
+   rate on the corpus, the target check (project FN <= half of plain's, FP <= plain's) and the corpus
+   categories where either verifier errs.
+2. Throughput on ``--n`` realistic completions (default 10,000): ``--samples-per-prompt`` (16) per gold
+   answer, each an R1-style trace ``<think>\\n ... </think>\\n\\n ... \\boxed{ans}`` of
+   ``--min-chars``..``--max-chars`` characters. Golds come from a built-in table of answer families with
+   random parameters (AIME integers 50%, AMC "n.0" 10%, fractions 15%, k*sqrt(m) 8%, multiples of pi 7%,
+   polar pairs 4%, complex 3%, degrees 3%; each with equivalent LaTeX forms and near-miss distractors) or,
+   with ``--eval-parquet PATH``, from that parquet. Per prompt a solve rate is drawn uniformly from [0, 1];
+   a sample is correct (in a random equivalent form, canonical 60% of the time), wrong (mostly one of three
+   per-prompt distractors, as models repeat their mistakes; sometimes a fresh wrong number), or has no
+   answer (5%: no box, or an unclosed box of a truncated trace). Then it times, each on a freshly started
+   worker pool warmed on ``--warmup`` completions of another seed (a long RL/eval job keeps its workers
+   warm), reporting wall time and the CPU seconds of the caller and the verifier workers (on a shared
+   machine the wall numbers include other processes' load; the CPU-based figure is what the 2 cores would
+   do alone):
+   * ``score_batch`` over all completions in batches of ``--batch`` with the cache (LRU + in-batch
+     de-duplication),
+   * the same with ``use_cache=False`` (every completion verified on its own),
+   * ``compute_score`` per completion from an 8-thread pool (how verl's reward loop calls it), with the cache,
+   and prints completions/s and the cached/uncached ratio, plus the agreement with the intended labels.
 
-Then it times, each on a freshly started worker pool warmed on ``--warmup`` completions of another seed
-(a long RL/eval job keeps its workers warm), reporting wall time and the CPU seconds of the caller and
-the verifier workers (on a shared machine the wall numbers include other processes' load; the CPU-based
-figure is what the 2 cores would do alone):
-* ``score_batch`` over all completions in batches of ``--batch`` with the cache (LRU + in-batch de-duplication),
-* the same with ``use_cache=False`` (every completion verified on its own),
-* ``compute_score`` per completion from an 8-thread pool (how verl's reward loop calls it), with the cache,
-and prints completions/s and the cached/uncached ratio, plus the accuracy against the intended labels
-(a check that the generated "correct" forms really are equivalent for math-verify).
-
-    python scripts/bench_reward.py [--n 10000] [--workers 2] [--eval-parquet ../shared/data/eval/luffy_valid_all.parquet]
+    python scripts/bench_reward.py [--n 10000] [--workers 2] [--corpus-split heldout|tune|all|none]
+        [--eval-parquet ../shared/data/eval/luffy_valid_all.parquet]
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from eksft_pipeline.rl import reward
+from eksft_pipeline.rl import verifier_corpus as vc
 
 
 # A prompt's gold answer comes from one of these families (weights ~ an AIME/AMC/MATH mix), with random
@@ -212,7 +221,7 @@ def _cpu_seconds(pids: list[int]) -> float:
     return tot
 
 
-def _timed(fn):
+def _timed(fn, quiet: bool = False):
     """Run fn(); return (result, wall_s, cpu_s of this process + verifier workers); prints the split."""
     p0, w0 = time.process_time(), _cpu_seconds(reward.worker_pids())
     t0 = time.perf_counter()
@@ -220,7 +229,8 @@ def _timed(fn):
     wall = time.perf_counter() - t0
     # a worker replaced mid-run loses its CPU from the count (rare: timeouts only)
     p1, w1 = time.process_time(), _cpu_seconds(reward.worker_pids())
-    print(f"  CPU: caller {p1 - p0:.2f}s, verifier workers {w1 - w0:.2f}s")
+    if not quiet:
+        print(f"  CPU: caller {p1 - p0:.2f}s, verifier workers {w1 - w0:.2f}s")
     return out, wall, (p1 - p0) + (w1 - w0)
 
 
@@ -238,6 +248,42 @@ def _run_batches(items, batch: int, use_cache: bool):
     return out
 
 
+def corpus_accuracy(split: str, eval_parquet: Path | None, seed: int) -> None:
+    """Part 1 of the module docstring: FN/FP of both verifiers on the labelled corpus."""
+    golds, line = vc.default_golds(eval_parquet)
+    items = vc.build_corpus(golds, seed=seed)
+    part = items if split == "all" else [it for it in items if it.split == split]
+    n_pos = sum(it.label for it in part)
+    print(f"labelled corpus: {len(items)} pairs from {line}")
+    print(f"{split} part: {len(part)} pairs ({n_pos} right answers, {len(part) - n_pos} wrong ones)")
+    verdicts, table = {}, {}
+    for name in vc.VERIFIERS:
+        reward.clear_cache()
+        res, wall, cpu = _timed(lambda name=name: vc.score_corpus(part, name), quiet=True)
+        verdicts[name] = [r["acc"] == 1.0 for r in res]
+        table[name] = (vc.rates(part, verdicts[name]), len(part) / wall, len(part) / max(cpu, 1e-9))
+    print(f"{'verifier':<20} {'FN':>5} {'FN rate':>8} {'FP':>5} {'FP rate':>8}   pairs/s wall (per CPU-s)")
+    for name, label in (("project", "project (eksft)"), ("plain", "plain math-verify")):
+        r, w, c = table[name]
+        print(f"{label:<20} {r['fn']:>5} {100 * r['fn_rate']:>7.2f}% {r['fp']:>5} {100 * r['fp_rate']:>7.2f}%"
+              f"   {w:7.0f} ({c:.0f})")
+    p, m = table["project"][0], table["plain"][0]
+    met = p["fn"] <= 0.5 * m["fn"] and p["fp"] <= m["fp"]
+    print(f"target (project FN <= 1/2 x plain FN, project FP <= plain FP): {'met' if met else 'NOT met'}")
+    rows: dict[tuple[str, bool], list[int]] = {}
+    for it, a, b in zip(part, verdicts["project"], verdicts["plain"]):
+        key = (f"{it.family}/{it.form}", it.label)
+        row = rows.setdefault(key, [0, 0, 0])
+        row[0] += 1
+        row[1] += a != it.label
+        row[2] += b != it.label
+    errs = sorted(((k, v) for k, v in rows.items() if v[1] or v[2]), key=lambda kv: (-kv[1][2], -kv[1][1], kv[0]))
+    if errs:
+        print("categories with errors (family/form, label: pairs, project errors, plain math-verify errors):")
+        for (cat, lab), (n, e1, e2) in errs:
+            print(f"  {cat:<48} {'right' if lab else 'wrong':<5}: {n:4d} {e1:4d} {e2:4d}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000)
@@ -250,7 +296,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=8, help="threads for the per-sample compute_score run")
     ap.add_argument("--eval-parquet", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corpus-split", choices=["heldout", "tune", "all", "none"], default="heldout",
+                    help="part of the labelled corpus for the FN/FP table (none: skip it)")
     args = ap.parse_args()
+    reward.configure(n_workers=args.workers)
+    cores = os.cpu_count() or 1
+    if args.corpus_split != "none":
+        print(f"load average before: {os.getloadavg()[0]:.2f} on {cores} cores")
+        reward.shutdown_pool()
+        corpus_accuracy(args.corpus_split, args.eval_parquet, args.seed)
+        print()
 
     if args.eval_parquet is not None:
         import pandas as pd
@@ -270,9 +325,6 @@ def main() -> None:
         f"{len(items)} completions, {args.samples_per_prompt}/prompt, mean {mean_len:.0f} chars, "
         f"{sum(labels)} intended correct; {args.workers} verifier workers"
     )
-    reward.configure(n_workers=args.workers)
-
-    cores = os.cpu_count() or 1
     print(f"load average before: {os.getloadavg()[0]:.2f} on {cores} cores (other processes slow the wall numbers)")
     _warm_pool(warm_items)
     reward.reset_reward_stats()

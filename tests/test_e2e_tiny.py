@@ -51,13 +51,14 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         assert (d / "samples.parquet").is_file() and (d / "scores.parquet").is_file()
         m = json.loads((d / "metrics.json").read_text())
         assert set(m["benchmarks"]) == {"tiny_add", "tiny_linear"}
+        assert set(m["verifier_audit"]) == {"tiny_add", "tiny_linear"}  # the verifier audit (issue 15)
 
     report = run_dir / "report" / "report.md"
     md = report.read_text()
     assert f"report: {report}" in text.splitlines()[-1]
     for needle in ("Table 1: avg@n = pass@1", "eksft (SFT)", "eksft (SFT→RL)", "![pass@k](pass_at_k.png)",
                    "![drift](drift.png)", "IoU(M_H, M_KL)", "![rl curves](rl_curves.png)",
-                   "token_probs.png"):
+                   "token_probs.png", "## Verifier audit"):
         assert needle in md, needle
     for key in STAGES[:-1]:
         assert f"| {key} | complete |" in md, key

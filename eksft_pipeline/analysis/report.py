@@ -166,6 +166,7 @@ class ReportStage(Stage):
                 md += ["### pass@k curves", "", "![pass@k](pass_at_k.png)", ""]
             everything["evals"] = [{"label": e.label, "init": e.init, "target": e.target, "run_dir": e.run_dir,
                                     "metrics": e.metrics} for e in data.evals]
+            md += self._verifier_audit(data, everything)
         else:
             md += ["## Results", "", "_No completed eval stage in these run directories._", ""]
 
@@ -218,6 +219,13 @@ class ReportStage(Stage):
         outputs["report_md"] = str(out / "report.md")
         return StageResult(outputs=outputs, summary={"report": str(out / "report.md"), "n_models": len(data.evals),
                                                      "n_sft_methods": len(data.sft_metrics)})
+
+    def _verifier_audit(self, data: RunData, everything: dict) -> list[str]:
+        from eksft_pipeline.analysis.verifier_audit import audit_section
+
+        lines, audit = audit_section(data.evals)
+        everything["verifier_audit"] = audit
+        return lines
 
     def _case_study(self, ctx, data: RunData, cs, out: Path, outputs: dict, everything: dict) -> list[str]:
         import pandas as pd

@@ -13,6 +13,12 @@ Every loader returns :class:`EvalSet` objects with a uniform list of :class:`Eva
   the question, the system message is ``system_prompt`` (default: the OpenR1 training system prompt, so
   eval prompts match the training distribution).
 
+Nothing loads silently wrong: a file whose first bytes contradict its declared format (a jsonl declared as
+parquet or the reverse) raises one line naming the file and the expected format; a parquet in which no
+requested ``data_source`` has a problem raises naming the values it does hold; unknown keys in a benchmark
+entry (:func:`specs_from_benchmarks`) or a loader spec (:func:`load_eval_sets`) raise listing the allowed
+ones; a parquet benchmark's ``system_prompt`` replaces the file's system message.
+
 ``problem_id`` = first 16 hex digits of sha256 of the user message text (stable across runs and files).
 Rows with a missing / empty answer are *not* evaluated but counted (``n_missing_answer``) and listed
 (``missing_answer_rows``) in the set, and a warning is printed. Numeric (int/float) jsonl answers are
@@ -113,6 +119,31 @@ def _warn_missing(es: EvalSet) -> None:
         )
 
 
+_PARQUET_MAGIC = b"PAR1"
+
+
+def _looks_like(p: Path) -> str:
+    """"parquet", "jsonl" (first non-blank byte '{'), "empty" or "other" from the first bytes of ``p``."""
+    with p.open("rb") as f:
+        head = f.read(4096)
+    if head.startswith(_PARQUET_MAGIC):
+        return "parquet"
+    stripped = head.lstrip()
+    if not stripped:
+        return "empty"
+    return "jsonl" if stripped[:1] == b"{" else "other"
+
+
+def _check_format(p: Path, expected: str) -> None:
+    got = _looks_like(p)
+    if got == expected:
+        return
+    other = {"parquet": "jsonl", "jsonl": "parquet"}[expected]
+    hint = f"it looks like {got}: set format: {got}" if got in ("parquet", "jsonl") else f"it is {got}"
+    raise DataError(f"{p}: expected a {expected} file (format: {expected}), but {hint}"
+                    + ("" if got == other else f" (or point path at a {expected} file)"))
+
+
 def load_eval_parquet(
     path: str | Path,
     *,
@@ -134,7 +165,11 @@ def load_eval_parquet(
     p = Path(path)
     if not p.is_file():
         raise DataError(f"eval parquet not found: {p}")
-    table = pq.read_table(p)
+    _check_format(p, "parquet")
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow's ArrowInvalid / OSError on a damaged file
+        raise DataError(f"{p}: cannot read as parquet ({type(e).__name__}: {str(e)[:200]})") from None
     for col in ("data_source", "prompt", "reward_model"):
         if col not in table.column_names:
             raise DataError(f"missing required column {col!r} in {p} (columns: {table.column_names})")
@@ -142,6 +177,12 @@ def load_eval_parquet(
     present = {r["data_source"] for r in rows}
     if benchmarks is None:
         benchmarks = {b: ds for b, ds in DEFAULT_PARQUET_BENCHMARKS.items() if ds in present}
+        if not benchmarks:
+            raise DataError(
+                f"{p}: no rows of a default benchmark (data_source values {sorted(DEFAULT_PARQUET_BENCHMARKS.values())}"
+                f"); the file holds data_source values {sorted(map(str, present))[:20]}: pass benchmarks="
+                "{name: data_source} (recipes: data_source: <value>)"
+            )
     else:
         for b, ds in benchmarks.items():
             if ds not in present:
@@ -176,6 +217,9 @@ def load_eval_parquet(
                 continue
             problems.append(EvalProblem(bench, prompt_id(msgs[-1]["content"]), msgs, gt, ds))
         es = EvalSet(bench, str(p), problems, n_rows, n_dup, len(missing), missing)
+        if not problems:
+            raise DataError(f"benchmark {bench!r}: data_source {ds!r} has {n_rows} rows in {p} but none with an "
+                            "answer (reward_model.ground_truth): nothing to evaluate")
         _warn_missing(es)
         out[bench] = es
     return out
@@ -199,8 +243,13 @@ def load_eval_jsonl(
     p = Path(path)
     if not p.is_file():
         raise DataError(f"eval jsonl not found: {p}")
+    _check_format(p, "jsonl")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: expected a UTF-8 jsonl file (format: jsonl), but byte {e.start} is not UTF-8") from None
     rows: list[dict[str, Any]] = []
-    for ln, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+    for ln, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
@@ -236,8 +285,67 @@ def load_eval_jsonl(
         msgs = ({"role": "system", "content": system_prompt}, {"role": "user", "content": q})
         problems.append(EvalProblem(benchmark, prompt_id(q), msgs, gt, ds))
     es = EvalSet(benchmark, str(p), problems, len(rows), n_dup, len(missing), missing)
+    if not problems:
+        raise DataError(f"benchmark {benchmark!r}: {p} has {len(rows)} rows but none with a question and an "
+                        f"answer ({question_field!r} / {answer_field!r}): nothing to evaluate")
     _warn_missing(es)
     return es
+
+
+# Keys a loader spec (load_eval_sets) may hold, per format.
+SPEC_KEYS = {
+    "parquet": ("path", "format", "benchmarks", "system_prompt"),
+    "jsonl": ("path", "format", "benchmark", "question_field", "answer_field", "system_prompt", "data_source"),
+}
+# Keys a benchmark entry of recipes/benchmarks/*.yaml may hold, per format ("policy" is the reward's).
+BENCHMARK_KEYS = {
+    "parquet": ("path", "format", "data_source", "system_prompt", "policy"),
+    "jsonl": ("path", "format", "question_field", "answer_field", "system_prompt", "data_source", "policy"),
+}
+
+
+def _format_of(spec: dict[str, Any], where: str) -> str:
+    if spec.get("path") in (None, ""):
+        raise DataError(f"{where}: no 'path' (the {spec.get('format') or 'parquet/jsonl'} file to read)")
+    fmt = spec.get("format") or Path(str(spec["path"])).suffix.lstrip(".")
+    if fmt not in SPEC_KEYS:
+        raise DataError(f"{where}: unknown format {fmt!r} for {spec['path']} (expected parquet or jsonl; "
+                        "set format: when the file name has another suffix)")
+    return fmt
+
+
+def _check_keys(spec: dict[str, Any], allowed: tuple[str, ...], where: str, fmt: str) -> None:
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown} for a {fmt} benchmark; allowed: {list(allowed)}")
+
+
+def specs_from_benchmarks(benchmarks: dict[str, dict]) -> list[dict[str, Any]]:
+    """recipes' ``benchmarks`` mapping (name -> entry) -> :func:`load_eval_sets` specs.
+
+    Entry keys (:data:`BENCHMARK_KEYS`): ``path``, ``format`` (default: the file suffix), ``system_prompt``
+    (replaces the stored system message of a parquet; the system message of a jsonl, default the training
+    system prompt), ``policy`` (the reward's answer policy, not read here); parquet: ``data_source`` (default:
+    the benchmark name); jsonl: ``question_field``, ``answer_field``, ``data_source``. A misspelt key
+    (``answer_feild``) raises listing the allowed ones instead of silently falling back to a default.
+    """
+    specs: list[dict[str, Any]] = []
+    for name, b in (benchmarks or {}).items():
+        b = dict(b or {})
+        where = f"benchmark {name!r}"
+        fmt = _format_of(b, where)
+        _check_keys(b, BENCHMARK_KEYS[fmt], where, fmt)
+        if fmt == "parquet":
+            spec = {"path": b["path"], "format": "parquet", "benchmarks": {name: b.get("data_source") or name}}
+            if b.get("system_prompt") is not None:
+                spec["system_prompt"] = b["system_prompt"]
+        else:
+            spec = {"path": b["path"], "format": "jsonl", "benchmark": name}
+            for k in ("question_field", "answer_field", "system_prompt", "data_source"):
+                if b.get(k) is not None:
+                    spec[k] = b[k]
+        specs.append(spec)
+    return specs
 
 
 def load_eval_sets(specs: list[dict[str, Any]]) -> dict[str, EvalSet]:
@@ -245,23 +353,22 @@ def load_eval_sets(specs: list[dict[str, Any]]) -> dict[str, EvalSet]:
 
     Each spec: ``{"path": ..., "format": "parquet" | "jsonl" (default: from the suffix), ...}``;
     parquet specs take ``benchmarks`` (name -> data_source) and ``system_prompt``; jsonl specs take
-    ``benchmark``, ``question_field``, ``answer_field``, ``system_prompt``, ``data_source``.
-    A benchmark name defined twice raises.
+    ``benchmark``, ``question_field``, ``answer_field``, ``system_prompt``, ``data_source``
+    (:data:`SPEC_KEYS`; another key raises listing them). A benchmark name defined twice raises.
     """
     out: dict[str, EvalSet] = {}
-    for spec in specs:
+    for i, spec in enumerate(specs):
         spec = dict(spec)
-        if "path" not in spec:
-            raise DataError(f"eval set spec without 'path': {spec}")
+        where = f"eval set spec #{i} ({spec.get('path')})"
+        fmt = _format_of(spec, where)
+        _check_keys(spec, SPEC_KEYS[fmt], where, fmt)
         path = spec.pop("path")
-        fmt = spec.pop("format", None) or Path(path).suffix.lstrip(".")
+        spec.pop("format", None)
         if fmt == "parquet":
             got = load_eval_parquet(path, **spec)
-        elif fmt == "jsonl":
+        else:
             es = load_eval_jsonl(path, **spec)
             got = {es.benchmark: es}
-        else:
-            raise DataError(f"unknown eval set format {fmt!r} for {path} (expected parquet or jsonl)")
         for name, es in got.items():
             if name in out:
                 raise DataError(f"benchmark {name!r} defined twice ({out[name].source} and {es.source})")

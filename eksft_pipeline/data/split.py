@@ -7,6 +7,8 @@ Procedure (``split_dataset``), deterministic for a given input and seed:
    concatenated). The *original index* of a row is its 0-based position in that concatenation.
    Columns are checked up front (one-line :class:`DataError` naming the column): required columns present,
    no unknown columns unless ``allow_extra_columns=True``, every column named in ``field_map`` present.
+   A pandas index column (``__index_level_0__``, written by ``DataFrame.to_parquet`` for a filtered frame)
+   holds row labels, not data: it is dropped on read.
 2. Validate each row (:func:`eksft_pipeline.data.schema.validate_row`); apply the ``think_prefix`` mode; if a
    tokenizer is given, drop rows whose chat-templated length (system+user+assistant, as the SFT sequence is
    rendered) exceeds ``cutoff_tokens``; then drop later copies of an already-kept normalised user prompt.
@@ -147,9 +149,16 @@ def _read_jsonl(path: Path) -> list[Any]:
     return rows
 
 
+# The column pandas writes for an unnamed, non-default index (``df.to_parquet()`` after filtering rows): the
+# old row labels, not data. Dropped on read so a pandas-written file needs no ``allow_extra_columns``.
+_PANDAS_INDEX = re.compile(r"__index_level_\d+__")
+
+
 def _read_file(path: Path) -> list[Any]:
     if path.suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
+        index_cols = [c for c in table.column_names if _PANDAS_INDEX.fullmatch(c)]
+        return (table.drop_columns(index_cols) if index_cols else table).to_pylist()
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     text = path.read_text(encoding="utf-8")
@@ -213,6 +222,9 @@ def load_source(
         import datasets  # heavy import; only for hub sources
 
         ds = datasets.load_dataset(src, split=hub_split)
+        index_cols = [c for c in ds.column_names if _PANDAS_INDEX.fullmatch(c)]
+        if index_cols:
+            ds = ds.remove_columns(index_cols)
         columns = list(ds.column_names)
         rows = ds.to_list()
         file_names = [f"hf://{src}[{hub_split}]"]

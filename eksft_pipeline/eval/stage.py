@@ -9,11 +9,13 @@ For each target model (`eval.targets`: `sft` = the SFT output of `init`, `rl` = 
 
     <run_dir>/eval/<init>/<target>/samples.parquet   one row per completion (prompt id, sample index,
                                                      completion, finish reason, token count)
-    <run_dir>/eval/<init>/<target>/scores.parquet    + acc, score, pred, reason (math-verify reward,
-                                                     the same function the RL stage uses)
+    <run_dir>/eval/<init>/<target>/scores.parquet    + acc, score, pred, reason, policy (the RL reward
+                                                     under the benchmark's answer policy) and mv_acc,
+                                                     mv_pred, mv_reason (plain math-verify, for the audit)
     <run_dir>/eval/<init>/<target>/metrics.json      per benchmark: avg@n (= pass@1), unbiased pass@k
                                                      for every k in 1..n, maj@k, bootstrap CIs over
-                                                     problems, and the sampling settings of every number
+                                                     problems, and the sampling settings of every number;
+                                                     verifier_audit per benchmark (eval/audit.py)
 
 Sampling is resumable (completed problems are appended to `samples/part-*.parquet` as they finish,
 and kept across a killed attempt); a re-run with the same sampling settings scores from the saved
@@ -40,22 +42,60 @@ def _plain(x):
 
 
 def benchmark_specs(benchmarks: dict[str, dict]) -> list[dict[str, Any]]:
-    """recipes' `benchmarks` mapping -> `eksft_pipeline.data.eval_sets.load_eval_sets` specs."""
-    specs = []
-    for name, b in benchmarks.items():
-        b = dict(b)
-        fmt = b.get("format") or Path(str(b["path"])).suffix.lstrip(".")
-        if fmt == "parquet":
-            specs.append({"path": b["path"], "format": "parquet", "benchmarks": {name: b.get("data_source", name)}})
-        elif fmt == "jsonl":
-            spec = {"path": b["path"], "format": "jsonl", "benchmark": name}
-            for k in ("question_field", "answer_field", "system_prompt", "data_source"):
-                if b.get(k) is not None:
-                    spec[k] = b[k]
-            specs.append(spec)
-        else:
-            raise ValueError(f"benchmark {name}: unknown format {fmt!r} (parquet or jsonl)")
-    return specs
+    """recipes' `benchmarks` mapping -> `eksft_pipeline.data.eval_sets.load_eval_sets` specs.
+
+    Unknown keys in an entry raise, listing the allowed ones (see
+    :func:`eksft_pipeline.data.eval_sets.specs_from_benchmarks`)."""
+    from eksft_pipeline.data.eval_sets import specs_from_benchmarks
+
+    return specs_from_benchmarks(benchmarks)
+
+
+def benchmark_policies(benchmarks: dict[str, dict]) -> dict[str, Any]:
+    """Benchmark name -> its answer policy (:class:`eksft_pipeline.rl.policy.AnswerPolicy`): the entry's
+    `policy` (a name such as `aime`, or a dict of fields), else chosen from its `data_source` / name as the
+    reward's `policy="auto"` does (aime* -> aime, amc* -> amc, anything else -> math)."""
+    from eksft_pipeline.rl.policy import get_policy, policy_for
+
+    out = {}
+    for name, b in (benchmarks or {}).items():
+        b = dict(b or {})
+        spec = b.get("policy")
+        try:
+            out[name] = get_policy(spec) if spec not in (None, "auto") else policy_for(b.get("data_source") or name)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"benchmark {name}: {e}") from None
+    return out
+
+
+def score_samples(samples: pd.DataFrame, policies: dict[str, Any]) -> tuple[pd.DataFrame, dict]:
+    """Score every sample with the project's reward under its benchmark's policy (`acc`, `score`, `pred`,
+    `reason`, `policy`) and with plain math-verify for the verifier audit (`mv_acc`, `mv_pred`, `mv_reason`).
+    Returns the scores and the reward counters of the project's pass."""
+    from eksft_pipeline.rl.policy import MATH
+    from eksft_pipeline.rl.reward import reset_reward_stats, reward_stats, score_batch
+
+    pol = [policies.get(b, MATH) for b in samples.benchmark]
+    items = [{"data_source": b, "solution_str": c, "ground_truth": g, "policy": p}
+             for b, c, g, p in zip(samples.benchmark, samples.completion, samples.ground_truth, pol)]
+    reset_reward_stats()
+    scored = score_batch(items)
+    rstats = reward_stats()
+    plain = score_batch(items, extraction="plain")
+    scores = samples.copy()
+    scores["acc"] = [bool(s["acc"]) for s in scored]
+    scores["score"] = [float(s["score"]) for s in scored]
+    scores["pred"] = [str(s.get("pred", "")) for s in scored]
+    scores["reason"] = [str(s.get("reason", "")) for s in scored]
+    scores["policy"] = [p.name for p in pol]
+    scores["mv_acc"] = [bool(s["acc"]) for s in plain]
+    scores["mv_pred"] = [str(s.get("pred", "")) for s in plain]
+    scores["mv_reason"] = [str(s.get("reason", "")) for s in plain]
+    return scores, rstats
+
+
+def _policy_names(scores: pd.DataFrame) -> dict[str, str]:
+    return {str(b): str(p.iloc[0]) for b, p in scores.groupby("benchmark")["policy"]} if len(scores) else {}
 
 
 def metrics_for(scores: pd.DataFrame, n: int, pass_k: list[int], *, n_boot: int, seed: int) -> dict[str, Any]:
@@ -190,7 +230,7 @@ class EvalStage(Stage):
         return StageResult(outputs=outputs, summary=summary)
 
     def _eval_target(self, ctx, target, model_dir, problems, params, tdir: Path) -> dict:
-        from eksft_pipeline.rl.reward import reset_reward_stats, reward_stats, score_batch
+        from eksft_pipeline.eval.audit import verifier_audit
 
         cfg = ctx.cfg
         settings = params.as_dict() | {"model": str(model_dir), "backend": str(cfg.eval.backend)}
@@ -251,20 +291,14 @@ class EvalStage(Stage):
         samples = samples.sort_values(["benchmark", "problem_id", "sample_idx"]).reset_index(drop=True)
         samples.to_parquet(tdir / "samples.parquet", index=False)
 
-        reset_reward_stats()
-        scored = score_batch(list(zip(samples.benchmark, samples.completion, samples.ground_truth)))
-        rstats = reward_stats()
-        scores = samples.copy()
-        scores["acc"] = [bool(s["acc"]) for s in scored]
-        scores["score"] = [float(s["score"]) for s in scored]
-        scores["pred"] = [str(s.get("pred", "")) for s in scored]
-        scores["reason"] = [str(s.get("reason", "")) for s in scored]
+        scores, rstats = score_samples(samples, benchmark_policies(_plain(cfg.eval.benchmarks)))
         scores.to_parquet(tdir / "scores.parquet", index=False)
 
         per_bench = metrics_for(scores, params.n, [int(k) for k in cfg.eval.pass_k],
                                 n_boot=int(cfg.eval.bootstrap), seed=int(cfg.seed))
         result = {"target": target, "model": str(model_dir), "sampling": settings,
-                  "reward_stats": _jsonable(rstats), "benchmarks": per_bench}
+                  "reward_stats": _jsonable(rstats), "benchmarks": per_bench,
+                  "verifier_audit": _jsonable(verifier_audit(scores, policies=_policy_names(scores)))}
         (tdir / "metrics.json").write_text(json.dumps(result, indent=2))
         return result
 

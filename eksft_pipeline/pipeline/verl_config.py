@@ -9,6 +9,8 @@ would reject (wrong type, unknown enum, unknown field) fails here too.
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +89,25 @@ def compose_verl(name: str, overrides: list[str] | None = None) -> DictConfig:
 def compose_pipeline(*overrides: str) -> DictConfig:
     """The orchestrator's config (`recipes/config.yaml`) as `python -m eksft_pipeline <overrides>` composes it,
     for running stages from Python: `run_pipeline(compose_pipeline("stage=sft", "method=sft"))`."""
-    return _compose(recipes_dir(), "config", list(overrides))
+    return _compose(recipes_dir(), "config", redirect_benchmark_overrides(list(overrides)))
+
+
+_EVAL_BENCHMARKS = re.compile(r"^([+~]{0,2})eval\.benchmarks\.")
+
+
+def redirect_benchmark_overrides(overrides: list[str]) -> list[str]:
+    """`eval.benchmarks.<name>.<key>=...` -> `model.eval.benchmarks.<name>.<key>=...`.
+
+    `eval.benchmarks` is `${model.eval.benchmarks}` (each model recipe picks its benchmark file), an
+    interpolation Hydra cannot index into, so the override would fail with "Could not override"; the
+    benchmark entries live in the model block, so the override is applied there, with a note."""
+    out = []
+    for o in overrides:
+        new = _EVAL_BENCHMARKS.sub(r"\1model.eval.benchmarks.", o)
+        if new != o:
+            print(f"[eksft] {o} -> {new} (eval.benchmarks interpolates the model's benchmark block)", file=sys.stderr)
+        out.append(new)
+    return out
 
 
 def _to_plain(x):

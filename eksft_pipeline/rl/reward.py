@@ -1,4 +1,11 @@
-"""Rule-based math reward for DAPO RL and eval: math-verify on the last ``\\boxed{}``, in a killable worker pool.
+"""Rule-based math reward for DAPO RL and eval: the final boxed answer, normalised, checked with math-verify
+under a per-benchmark answer policy, in a killable worker pool.
+
+The scoring package, by concern: :mod:`~eksft_pipeline.rl.answer` (extraction from the completion),
+:mod:`~eksft_pipeline.rl.normalize` (answer-string rewrites), :mod:`~eksft_pipeline.rl.policy` (the
+debatable cases, per benchmark), :mod:`~eksft_pipeline.rl.verify` (math-verify in the worker processes, and
+the "plain math-verify" reference), this module (pool, cache, counters, the public API), and
+:mod:`~eksft_pipeline.rl.verifier_corpus` (the labelled corpus the verifier is measured on).
 
 Public API
 ----------
@@ -10,14 +17,16 @@ Public API
     validation logs as ``val-aux/<data_source>/verify_failed/mean@N`` next to ``acc``; ``reason`` is one
     of "ok" (verified; ``acc`` says right or wrong), "no_answer" (no/empty/unclosed last box, or no
     ``</think>`` under ``require_think_close``), "pred_too_long", "pred_too_deep", "pred_unparseable",
-    "gold_unparseable", "timeout", "error". Every reason other than "ok" scores ``wrong_score`` and is counted (see
+    "gold_unparseable" (also: a gold that violates the answer policy, e.g. not an integer 0-999 for AIME),
+    "timeout", "error". Every reason other than "ok" scores ``wrong_score`` and is counted (see
     :func:`reward_stats`), so a broken gold or verifier shows up as a count, never as a silent zero.
     Every call returns the same five keys: verl's reward loop builds its extra-info arrays from the
     keys of the first sample and indexes every other sample with them.
 ``score_batch(items, **kwargs) -> list[dict]``
-    ``items``: tuples ``(data_source, solution_str, ground_truth)`` or dicts with those keys. Extracts
-    in the calling process, looks up the cache, de-duplicates the remaining (prediction, gold) pairs
-    and fans them out over the worker pool.
+    ``items``: tuples ``(data_source, solution_str, ground_truth)`` or dicts with those keys and an
+    optional ``policy`` (a policy name, a dict of fields or an ``AnswerPolicy``; overrides the ``policy``
+    option for that item). Extracts and normalises in the calling process, looks up the cache,
+    de-duplicates the remaining (prediction, gold, policy) triples and fans them out over the worker pool.
 ``reward_stats() -> dict`` / ``reset_reward_stats()``
     Process-wide counters: ``items``, ``correct``, ``by_reason`` (count per reason), ``cache_hits``
     (samples answered from the LRU cache), ``cache_misses`` (distinct pairs not in it), ``dedup_hits``
@@ -29,10 +38,15 @@ Public API
 ``clear_cache()``, ``shutdown_pool()``, ``worker_pids()``.
 
 Keyword options (per call; in verl: ``+reward.custom_reward_function.reward_kwargs.NAME=VALUE``)
-    ``correct_score=1.0``, ``wrong_score=-1.0``, ``extraction="boxed"`` (or ``"math_verify"``),
-    ``after_think=True``, ``require_think_close=False``, ``max_pred_chars=1000``, ``max_brace_depth=10``,
-    ``max_tail_chars=4000`` (math_verify mode), ``timeout_s=5.0`` (wall clock per verified pair),
-    ``use_cache=True``. An unknown option raises ``TypeError`` naming it (a config typo must not be
+    ``correct_score=1.0``, ``wrong_score=-1.0``, ``extraction="boxed"`` (the project's verifier; or
+    ``"math_verify"``: math-verify's own extraction on the answer region; or ``"plain"``: plain math-verify
+    as verl's ``math_verify`` reward runs it, on the whole completion, no policy -- the reference of the
+    eval audit and the benchmark), ``policy="auto"`` (the answer policy of every item: ``"auto"`` picks it
+    from the item's ``data_source`` -- aime* -> ``aime``, amc* -> ``amc``, else ``math`` -- or a name, see
+    :mod:`eksft_pipeline.rl.policy`), ``after_think=True``, ``require_think_close=False``,
+    ``max_pred_chars=1000``, ``max_brace_depth=10``, ``max_tail_chars=4000`` (math_verify mode),
+    ``max_plain_chars=100000`` (plain mode: the completion's tail), ``timeout_s=5.0`` (wall clock per
+    verified pair), ``use_cache=True``. An unknown option raises ``TypeError`` naming it (a config typo must not be
     silently ignored); verl's own extras (``reward_router_address``, ``reward_model_tokenizer``) are
     accepted and ignored. Extraction semantics: :mod:`eksft_pipeline.rl.answer`.
 
@@ -43,7 +57,7 @@ Why worker processes
     ``parsing_timeout=None``/``timeout_seconds=None`` in ``n_workers`` (default 2, env
     ``EKSFT_REWARD_WORKERS``) long-lived worker processes; the parent waits at most ``timeout_s`` per pair,
     then SIGKILLs the worker, starts a replacement and scores the pair "timeout". Workers are plain
-    ``subprocess.Popen`` children (``python -P answer.py --serve``) talking over two pipes with
+    ``subprocess.Popen`` children (``python -P verify.py --serve``) talking over two pipes with
     ``multiprocessing.connection.Connection`` framing: like the "spawn" start method, but it also works
     inside daemonic multiprocessing children (which may not start ``multiprocessing`` processes) and
     never re-imports the caller's ``__main__``. Each worker caps its address space at
@@ -52,11 +66,18 @@ Why worker processes
     orphaned mid-item) and exits on EOF or when re-parented, so no worker outlives its caller.
 
 Departures from calling math-verify directly
-    Integer-literal predictions against integer-literal golds (``-?[0-9]{1,15}`` with an optional
-    ``.0...``, most AIME/AMC pairs) are compared as integers in the caller (:func:`_int_fast_path`; the
-    tests check agreement with math-verify), and integer-valued decimal golds such as AMC's ``142.0`` are
-    read as integers (see :mod:`eksft_pipeline.rl.answer`: math-verify would score ``\\text{142}`` wrong
-    against a Float gold).
+    The final answer is the last box plus the boxes joined to it by connectors only (several roots as
+    several boxes), and both answer and gold are normalised (:mod:`eksft_pipeline.rl.normalize`: thousands
+    separators, choice labels, repeating decimals, percent, ``\\pm``, inequality unions); intervals and
+    inequalities are compared (``allow_set_relation_comp``); decimals against non-terminating golds need 6
+    significant digits instead of math-verify's 6-decimal rounding; the answer policy decides the
+    debatable cases (:mod:`eksft_pipeline.rl.policy`). On the held-out part of the labelled corpus this
+    has a fraction of plain math-verify's false negatives and no more false positives (numbers:
+    ``docs/benchmarks.md``). Integer-literal predictions against integer-literal golds (``-?[0-9]{1,15}``
+    with an optional ``.0...``, most AIME/AMC pairs) are compared as integers in the caller
+    (:func:`_int_fast_path`; the tests check agreement with math-verify), and integer-valued decimal golds
+    such as AMC's ``142.0`` are read as integers (math-verify would score ``\\text{142}`` wrong against a
+    Float gold).
 
 Time bound
     A call returns after at most: waiting for a free worker (other callers' items, each bounded the same
@@ -69,8 +90,9 @@ Time bound
 
 Cache
     LRU (default 200,000 entries, ``configure(cache_size=...)``) keyed on ``(extraction mode,
-    normalised prediction, gold tuple)`` -> ``(status, correct, display)``; scores are applied after the
-    lookup, so different ``correct_score``/``wrong_score`` share entries. Timeouts are cached too: the same
+    normalised prediction (plain mode: a hash of the completion), normalised gold tuple, policy options)``
+    -> ``(status, correct, display)``; scores are applied after the lookup, so different
+    ``correct_score``/``wrong_score`` share entries. Timeouts are cached too: the same
     pathological pair would time out again and each timeout costs a worker restart.
 
 verl 0.9.1 wiring (reward loop, ``verl/experimental/reward_loop``)::
@@ -92,6 +114,7 @@ actors, so the driver learns about failures through the ``reason``/``verify_fail
 """
 
 import atexit
+import hashlib
 import logging
 import os
 import re
@@ -106,6 +129,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from eksft_pipeline.rl import answer as _answer
+from eksft_pipeline.rl import normalize as _normalize
+from eksft_pipeline.rl import verify as _verify
 from eksft_pipeline.rl.answer import (
     ERROR,
     GOLD_UNPARSEABLE,
@@ -115,11 +140,12 @@ from eksft_pipeline.rl.answer import (
     PRED_TOO_LONG,
     TIMEOUT,
 )
+from eksft_pipeline.rl.policy import POLICIES, AnswerPolicy, get_policy, policy_for
 
 logger = logging.getLogger(__name__)
 
 REASONS = (OK, NO_ANSWER, PRED_TOO_LONG, PRED_TOO_DEEP, _answer.PRED_UNPARSEABLE, GOLD_UNPARSEABLE, TIMEOUT, ERROR)
-EXTRACTION_MODES = ("boxed", "math_verify")
+EXTRACTION_MODES = ("boxed", "math_verify", "plain")
 _VERL_PASSTHROUGH_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
 _MAX_EXAMPLES = 20
 
@@ -136,8 +162,10 @@ class RewardConfig:
     max_pred_chars: int = 1000
     max_brace_depth: int = 10
     max_tail_chars: int = 4000
+    max_plain_chars: int = 100_000
     timeout_s: float = 5.0
     use_cache: bool = True
+    policy: str = "auto"
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> "RewardConfig":
@@ -165,7 +193,9 @@ class RewardConfig:
             raise ValueError(f"extraction={cfg.extraction!r}; expected one of {EXTRACTION_MODES}")
         if not cfg.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {cfg.timeout_s!r}")
-        for name in ("max_pred_chars", "max_brace_depth", "max_tail_chars"):
+        if cfg.policy != "auto" and cfg.policy not in POLICIES:
+            raise ValueError(f"policy={cfg.policy!r}; expected 'auto' or one of {sorted(POLICIES)}")
+        for name in ("max_pred_chars", "max_brace_depth", "max_tail_chars", "max_plain_chars"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)!r}")
         return cfg
@@ -270,7 +300,7 @@ def clear_cache() -> None:
 # Worker pool
 # --------------------------------------------------------------------------------------------------
 
-_WORKER_SCRIPT = os.path.abspath(_answer.__file__)
+_WORKER_SCRIPT = os.path.abspath(_verify.__file__)
 
 
 class _Worker:
@@ -331,7 +361,7 @@ class _GoldQueues:
     16 samples per prompt this parses each gold about once instead of once per worker.
     """
 
-    def __init__(self, jobs: Sequence[tuple[str, tuple[str, ...], str]]):
+    def __init__(self, jobs: Sequence[tuple[str, tuple[str, ...], str, tuple]]):
         self._groups: dict[tuple, list[int]] = {}
         for j in range(len(jobs) - 1, -1, -1):  # reversed: list.pop() yields jobs in input order
             self._groups.setdefault(jobs[j][1], []).append(j)
@@ -428,8 +458,8 @@ class _Pool:
             self._all.add(nw)
         return nw
 
-    def run(self, jobs: Sequence[tuple[str, tuple[str, ...], str]], timeout_s: float) -> list[tuple[str, bool, str]]:
-        """Verify ``jobs`` (``(pred, golds, mode)``) on as many idle workers as there are (at least one)."""
+    def run(self, jobs: Sequence[tuple[str, tuple[str, ...], str, tuple]], timeout_s: float) -> list[tuple[str, bool, str]]:
+        """Verify ``jobs`` (``(pred, golds, mode, opts)``) on as many idle workers as there are (at least one)."""
         results: list[tuple[str, bool, str] | None] = [None] * len(jobs)
         if not jobs:
             return []
@@ -649,9 +679,50 @@ def _int_fast_path(pred: str, gold: str) -> bool | None:
     return int(pred.split(".")[0]) == int(gold.split(".")[0])
 
 
-def _extract(solution_str: Any, cfg: RewardConfig) -> tuple[str | None, str, str]:
+@dataclass(frozen=True)
+class _Gold:
+    """A gold tuple prepared under a policy (cached: a prompt's gold repeats for all its samples)."""
+
+    golds: tuple[str, ...]  # normalised strings sent to the worker
+    letter: str | None  # the choice letter when the gold is one ("\text{(C)}")
+    error: str | None  # why the gold violates the policy (-> "gold_unparseable"), else None
+
+
+_gold_memo: OrderedDict = OrderedDict()
+_GOLD_MEMO_MAX = 50_000
+_gold_memo_lock = threading.Lock()
+
+
+def _prepare_gold(golds: tuple[str, ...], policy: AnswerPolicy) -> _Gold:
+    key = (golds, policy)
+    with _gold_memo_lock:
+        hit = _gold_memo.get(key)
+    if hit is not None:
+        return hit
+    letter = _normalize.choice_letter(golds[0]) if len(golds) == 1 else None
+    error = None
+    if policy.integer_range is not None:
+        lo, hi = policy.integer_range
+        vals = [_normalize.integer_value(g) for g in golds]
+        if any(v is None or not lo <= v <= hi for v in vals):
+            error = f"gold {golds!r:.80} is not an integer in [{lo}, {hi}] (answer policy {policy.name!r})"
+    normed = tuple(_normalize.normalize_text(g, policy, is_gold=True) for g in golds)
+    out = _Gold(normed, letter, error)
+    with _gold_memo_lock:
+        _gold_memo[key] = out
+        while len(_gold_memo) > _GOLD_MEMO_MAX:
+            _gold_memo.popitem(last=False)
+    return out
+
+
+def _extract(solution_str: Any, cfg: RewardConfig, gold: _Gold | None, policy: AnswerPolicy
+             ) -> tuple[str | None, str, str]:
     """(payload for the worker or None, status, pred for the result dict) in the calling process."""
     text = _answer.sanitize_text(solution_str) if solution_str is not None else ""
+    if cfg.extraction == "plain":  # verl's math_verify reward reads the whole completion
+        if not text.strip():
+            return None, NO_ANSWER, ""
+        return text[-cfg.max_plain_chars :], OK, ""
     region = _answer.answer_region(text, after_think=cfg.after_think, require_think_close=cfg.require_think_close)
     if region is None:
         return None, NO_ANSWER, ""
@@ -660,14 +731,26 @@ def _extract(solution_str: Any, cfg: RewardConfig) -> tuple[str | None, str, str
         if not tail.strip():
             return None, NO_ANSWER, ""
         return tail, OK, ""
-    content, status = _answer.last_boxed(region, max_chars=cfg.max_pred_chars)
-    if content is None:
+    boxes, status = _answer.final_boxes(region, max_chars=cfg.max_pred_chars)
+    if boxes is None:
         return None, status, ""
-    pred = _answer.normalize_answer(content)
-    if not pred:
+    letter = gold.letter if gold is not None else None
+    parts = []
+    for content in boxes:
+        p = _answer.normalize_answer(content)
+        if not p:
+            continue
+        if _answer.brace_depth(p) > cfg.max_brace_depth:
+            return None, PRED_TOO_DEEP, ""
+        parts.append(_normalize.normalize_text(p, policy, gold_letter=letter))
+    parts = [p for p in parts if p]
+    if not parts:
         return None, NO_ANSWER, ""
-    if _answer.brace_depth(pred) > cfg.max_brace_depth:
-        return None, PRED_TOO_DEEP, ""
+    pred = ", ".join(dict.fromkeys(parts))  # several boxes of one answer: the list of their values
+    if len(pred) > cfg.max_pred_chars:
+        return None, PRED_TOO_LONG, ""
+    if policy.ordered_tuples and gold is not None and len(gold.golds) == 1:
+        pred = _normalize.order_like_gold(pred, gold.golds[0])
     return pred, OK, pred
 
 
@@ -686,36 +769,50 @@ def _result(cfg: RewardConfig, status: str, correct: bool, pred: str) -> dict[st
     }
 
 
-def _as_triple(item: Any) -> tuple[Any, Any, Any]:
+def _as_item(item: Any) -> tuple[Any, Any, Any, Any]:
+    """(data_source, solution_str, ground_truth, policy or None) of one score_batch item."""
     if isinstance(item, dict):
         try:
-            return item.get("data_source"), item["solution_str"], item["ground_truth"]
+            return item.get("data_source"), item["solution_str"], item["ground_truth"], item.get("policy")
         except KeyError as e:
             raise KeyError(f"score_batch item dict lacks key {e}; needs solution_str and ground_truth") from None
     if isinstance(item, list | tuple) and len(item) == 3:
-        return item[0], item[1], item[2]
+        return item[0], item[1], item[2], None
     raise TypeError(f"score_batch item must be (data_source, solution_str, ground_truth) or a dict, got {item!r:.80}")
 
 
+def _resolve_policy(spec: Any, data_source: Any) -> AnswerPolicy:
+    if spec is None or spec == "auto":
+        return policy_for(data_source)
+    return get_policy(spec)
+
+
 def score_batch(items: Sequence[Any], **kwargs: Any) -> list[dict[str, Any]]:
-    """Score many completions at once (see module docstring). Bad options raise; bad items never do."""
+    """Score many completions at once (see module docstring). Bad options raise; bad items never do,
+    except an item dict whose ``policy`` names no policy (a config error, like an unknown option)."""
     cfg = RewardConfig.from_kwargs(kwargs)
-    triples = [_as_triple(it) for it in items]
-    n = len(triples)
+    batch_policy = None if cfg.policy == "auto" else get_policy(cfg.policy)
+    quads = [_as_item(it) for it in items]
+    policies = [_resolve_policy(p, ds) if p is not None else (batch_policy or policy_for(ds)) for ds, _, _, p in quads]
+    n = len(quads)
     out: list[dict[str, Any] | None] = [None] * n
     verdicts: list[tuple[str, bool, str] | None] = [None] * n
     preds: list[str] = [""] * n
-    todo: dict[tuple, list[int]] = {}  # cache key -> indices waiting for it
+    todo: dict[tuple, tuple[str, tuple[str, ...], tuple, list[int]]] = {}  # key -> (payload, golds, opts, idx)
+    gold_notes: dict[int, str] = {}  # item -> why its gold violates the policy
     hits = misses = dedup = n_fast = 0
-    for i, (data_source, solution_str, ground_truth) in enumerate(triples):
+    mode = cfg.extraction
+    for i, (data_source, solution_str, ground_truth, _) in enumerate(quads):
+        policy = policies[i]
         try:
-            golds = _gold_tuple(ground_truth)
-            payload, status, pred = _extract(solution_str, cfg)
+            raw_golds = _gold_tuple(ground_truth)
+            gold = _prepare_gold(raw_golds, policy) if any(raw_golds) and mode == "boxed" else None
+            payload, status, pred = _extract(solution_str, cfg, gold, policy)
             preds[i] = pred
             if payload is None:
                 verdicts[i] = (status, False, pred)
                 continue
-            if not any(golds):
+            if not any(raw_golds):
                 verdicts[i] = (GOLD_UNPARSEABLE, False, pred)
                 _note_example(
                     "gold_unparseable_examples",
@@ -723,56 +820,69 @@ def score_batch(items: Sequence[Any], **kwargs: Any) -> list[dict[str, Any]]:
                     f"reward: empty gold answer {ground_truth!r:.80} (data_source={data_source!r})",
                 )
                 continue
-            if cfg.extraction == "boxed" and len(golds) == 1:
+            if gold is not None and gold.error:
+                verdicts[i] = (GOLD_UNPARSEABLE, False, pred)
+                gold_notes[i] = gold.error
+                continue
+            golds = gold.golds if gold is not None else raw_golds
+            if mode == "boxed" and len(golds) == 1:
                 fast = _int_fast_path(payload, golds[0])
                 if fast is not None:
                     verdicts[i] = (OK, fast, pred)
                     n_fast += 1
                     continue
-            key = (cfg.extraction, payload, golds)
+            opts = policy.worker_options() if mode == "boxed" else ()
+            ident = payload if mode != "plain" else hashlib.blake2b(payload.encode("utf-8", "replace")).digest()
+            key = (mode, ident, golds, opts)
             hit = _cache.get(key) if cfg.use_cache else None
             if hit is not None:
                 verdicts[i] = hit
                 hits += 1
+            elif key in todo:
+                todo[key][3].append(i)
             else:
-                todo.setdefault(key, []).append(i)
+                todo[key] = (payload, golds, opts, [i])
         except Exception as e:  # extraction must never take the caller down
             verdicts[i] = (ERROR, False, f"{type(e).__name__}: {e}"[:200])
     if todo:
         # without the cache every sample is its own job (no de-duplication), which the benchmark measures
-        keys = list(todo)
-        jobs: list[tuple[str, tuple[str, ...], str]] = []
+        jobs: list[tuple[str, tuple[str, ...], str, tuple]] = []
         owners: list[list[int]] = []
-        for k in keys:
-            idx = todo[k]
+        keys: list[tuple] = []
+        for k, (payload, golds, opts, idx) in todo.items():
             groups = [idx] if cfg.use_cache else [[i] for i in idx]
             for g in groups:
-                jobs.append((k[1], k[2], k[0]))
+                jobs.append((payload, golds, mode, opts))
                 owners.append(g)
-        misses = len(keys) if cfg.use_cache else 0
-        dedup = (sum(len(g) for g in owners) - len(keys)) if cfg.use_cache else 0
+                keys.append(k)
+        misses = len(todo) if cfg.use_cache else 0
+        dedup = (sum(len(g) for g in owners) - len(todo)) if cfg.use_cache else 0
         try:
             res = _get_pool().run(jobs, cfg.timeout_s)
         except Exception as e:
             logger.exception("reward: verifier pool failed")
             res = [(ERROR, False, f"pool: {type(e).__name__}: {e}"[:200])] * len(jobs)
         _bump("verify_calls", len(jobs))
-        for job, g, r in zip(jobs, owners, res):
+        for job, k, g, r in zip(jobs, keys, owners, res):
             if r[0] == TIMEOUT:  # logged once per verification; cached repeats are only counted
-                logger.warning("reward: verification timed out after %.1fs (pred=%r)", cfg.timeout_s, job[0][:80])
+                logger.warning("reward: verification timed out after %.1fs (pred=%r)", cfg.timeout_s, job[0][-80:])
             if cfg.use_cache and r[0] != ERROR:  # errors may be transient (worker crash): do not pin them
-                _cache.put((job[2], job[0], job[1]), r)
+                _cache.put(k, r)
             for i in g:
                 verdicts[i] = r
     correct_n = 0
     reasons: Counter = Counter()
-    for i, (data_source, _s, ground_truth) in enumerate(triples):
+    shows_display = mode in ("math_verify", "plain")
+    for i, (data_source, _s, ground_truth, _) in enumerate(quads):
         status, correct, display = verdicts[i]  # type: ignore[misc]
-        pred = display if cfg.extraction == "math_verify" and status in (OK, _answer.PRED_UNPARSEABLE) else preds[i]
+        pred = display if shows_display and status in (OK, _answer.PRED_UNPARSEABLE, GOLD_UNPARSEABLE) else preds[i]
         if status == ERROR:
             _note_example(
                 "error_examples", display, f"reward: verifier error {display!r} (data_source={data_source!r})"
             )
+        elif status == GOLD_UNPARSEABLE and i in gold_notes:
+            _note_example("gold_unparseable_examples", gold_notes[i][:200],
+                          f"reward: {gold_notes[i]} (data_source={data_source!r})")
         elif status == GOLD_UNPARSEABLE:
             _note_example(
                 "gold_unparseable_examples",

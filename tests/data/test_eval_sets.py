@@ -1,7 +1,6 @@
 """Eval-set loaders: the shared verl parquet (de-dup counts), jsonl with custom field names, missing answers."""
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,8 +13,9 @@ from eksft_pipeline.data.eval_sets import (
 )
 from eksft_pipeline.data.schema import RL_SCHEMA, SYSTEM_PROMPT, DataError, prompt_id
 from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
+from eksft_pipeline.rl.verifier_corpus import shared_eval_parquet
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval" / "luffy_valid_all.parquet"
+SHARED = shared_eval_parquet()
 needs_shared = pytest.mark.skipif(not SHARED.is_file(), reason=f"shared eval file absent: {SHARED}")
 
 
@@ -120,3 +120,64 @@ def test_parquet_missing_answers_counted_and_roundtrip(tmp_path):
         load_eval_sets(
             [{"path": str(out), "benchmarks": {"add": "add"}}, {"path": str(out), "benchmarks": {"add": "lin"}}]
         )
+
+
+# ------------------------------------------------------------------ eval data never loads silently wrong
+
+
+def _tiny_parquet(tmp_path, sources=("tiny_add",), answer="2"):
+    probs = [{"data_source": ds, "problem": f"What is $1 + {i}$?", "answer": answer} for i, ds in enumerate(sources)]
+    return write_parquet(to_rl_eval_rows(probs, system_prompt="S"), tmp_path / "ev.parquet", RL_SCHEMA)
+
+
+def test_default_mapping_without_a_match_is_an_error_naming_the_values(tmp_path):
+    path = _tiny_parquet(tmp_path, sources=("tiny_add", "tiny_linear"))
+    with pytest.raises(DataError, match=r"data_source values \['tiny_add', 'tiny_linear'\]"):
+        load_eval_parquet(path)  # returned {} before
+    no_answers = _tiny_parquet(tmp_path, answer="")
+    with pytest.raises(DataError, match="none with an answer"):
+        load_eval_parquet(no_answers, benchmarks={"add": "tiny_add"})
+
+
+def test_a_file_in_the_other_format_is_one_line_naming_file_and_format(tmp_path):
+    pq_path = _tiny_parquet(tmp_path)
+    jl = tmp_path / "hmmt.jsonl"
+    jl.write_text(json.dumps({"question": "Q", "ref_answer": "1"}) + "\n")
+    as_jsonl = tmp_path / "really_parquet.jsonl"
+    as_jsonl.write_bytes(pq_path.read_bytes())
+    with pytest.raises(DataError) as e:
+        load_eval_sets([{"path": str(jl), "format": "parquet", "benchmarks": {"h": "h"}}])  # ArrowInvalid before
+    msg = str(e.value)
+    assert "\n" not in msg and str(jl) in msg and "expected a parquet file" in msg and "set format: jsonl" in msg
+    with pytest.raises(DataError) as e:
+        load_eval_sets([{"path": str(as_jsonl), "benchmark": "h"}])  # UnicodeDecodeError before
+    msg = str(e.value)
+    assert "\n" not in msg and str(as_jsonl) in msg and "expected a jsonl file" in msg and "set format: parquet" in msg
+
+
+def test_unknown_keys_are_errors_listing_the_allowed_ones(tmp_path):
+    from eksft_pipeline.data.eval_sets import specs_from_benchmarks
+
+    jl = tmp_path / "h.jsonl"
+    jl.write_text(json.dumps({"question": "Q", "ref_answer": "1"}) + "\n")
+    with pytest.raises(DataError, match=r"unknown key\(s\) \['answer_feild'\].*allowed: .*'answer_field'"):
+        specs_from_benchmarks({"hmmt25": {"path": str(jl), "answer_feild": "ref_answer"}})
+    with pytest.raises(DataError, match=r"unknown key\(s\) \['question_field'\] for a parquet"):
+        specs_from_benchmarks({"amc": {"path": "x.parquet", "question_field": "q"}})
+    with pytest.raises(DataError, match=r"unknown key\(s\) \['sytem_prompt'\]"):
+        load_eval_sets([{"path": str(jl), "benchmark": "h", "sytem_prompt": "S"}])
+    with pytest.raises(DataError, match="unknown format 'csv'"):
+        specs_from_benchmarks({"x": {"path": "x.csv"}})
+
+
+def test_system_prompt_of_a_parquet_benchmark_is_applied(tmp_path):
+    from eksft_pipeline.data.eval_sets import specs_from_benchmarks
+
+    path = _tiny_parquet(tmp_path)
+    specs = specs_from_benchmarks({"add": {"path": str(path), "data_source": "tiny_add", "system_prompt": "NEW",
+                                           "policy": "math"}})
+    assert specs == [{"path": str(path), "format": "parquet", "benchmarks": {"add": "tiny_add"}, "system_prompt": "NEW"}]
+    es = load_eval_sets(specs)["add"]
+    assert es.problems[0].messages[0] == {"role": "system", "content": "NEW"}  # was silently ignored
+    kept = load_eval_sets(specs_from_benchmarks({"add": {"path": str(path), "data_source": "tiny_add"}}))["add"]
+    assert kept.problems[0].messages[0] == {"role": "system", "content": "S"}

@@ -252,3 +252,20 @@ def test_length_filter_and_token_stats(tmp_path, tokenizer):
 def test_default_system_prompt_is_in_samples():
     for r in _source_rows(SAMPLE):
         assert r["prompt"][0] == {"role": "system", "content": SYSTEM_PROMPT}
+
+
+def test_pandas_written_parquet_with_an_index_column_needs_no_allow_extra_columns(tmp_path):
+    import pandas as pd
+
+    rows = to_openr1_rows(generate_problems(12, seed=1))
+    keep = [i for i in range(len(rows)) if i % 3]
+    df = pd.DataFrame(rows).iloc[keep]  # a filtered frame: pandas stores its index as __index_level_0__
+    df.to_parquet(tmp_path / "pd.parquet")
+    assert "__index_level_0__" in pq.read_table(tmp_path / "pd.parquet").column_names
+    loaded = load_source(tmp_path / "pd.parquet")  # raised "unknown column '__index_level_0__'" before
+    assert "__index_level_0__" not in loaded.columns and loaded.extra_columns == []
+    assert [r["prompt"][-1]["content"] for r in loaded.rows] == [rows[i]["prompt"][-1]["content"] for i in keep]
+    # a genuinely unknown column still raises
+    df.assign(foo=1).to_parquet(tmp_path / "pd_foo.parquet")
+    with pytest.raises(DataError, match="unknown column 'foo'"):
+        load_source(tmp_path / "pd_foo.parquet")

@@ -6,16 +6,16 @@ import multiprocessing
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eksft_pipeline.rl import reward
-from eksft_pipeline.rl.answer import check_answer
+from eksft_pipeline.rl.verifier_corpus import shared_eval_parquet
+from eksft_pipeline.rl.verify import check_answer
 
-EVAL_PARQUET = Path(__file__).parents[2].parent / "shared/data/eval/luffy_valid_all.parquet"
+EVAL_PARQUET = shared_eval_parquet()
 KEYS = {"score", "acc", "pred", "reason", "verify_failed"}
 
 
