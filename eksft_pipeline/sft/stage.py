@@ -166,11 +166,17 @@ class SFTStage(Stage):
 
     def command(self, ctx: StageContext) -> list[str]:
         out = ctx.out_dir
+        nnodes = int(ctx.cfg.cluster.nnodes)
+        # one node: a standalone rendezvous; several (cluster=2x8gpu): the same command on every node, c10d
+        # rendezvous at the first node ($EKSFT_SFT_MASTER, e.g. the Ray head's address)
+        launch = ["--standalone"] if nnodes == 1 else [
+            f"--nnodes={nnodes}", "--rdzv_backend=c10d", "--rdzv_endpoint=${EKSFT_SFT_MASTER}:29400",
+            f"--rdzv_id=eksft-{ctx.cfg.model.name}-{ctx.cfg.method.name}"]  # fmt: skip
         return [
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--standalone",
+            *launch,
             f"--nproc_per_node={int(ctx.cfg.sft.nproc_per_node)}",
             "-m",
             "eksft_pipeline.sft.verl_main",
@@ -198,6 +204,15 @@ class SFTStage(Stage):
     # -- run --------------------------------------------------------------------------------------
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
+        if int(cfg.cluster.nnodes) > 1:
+            from eksft_pipeline.pipeline.stage_api import NotImplementedInThisBuild
+
+            raise NotImplementedInThisBuild(
+                f"the sft stage launches torchrun on this node only; for cluster.nnodes={cfg.cluster.nnodes} run the "
+                f"dry run's command on every node (EKSFT_SFT_MASTER=<first node's address>; run_dir on a shared "
+                f"filesystem), or train SFT with cluster=8gpu and run the other stages with cluster={cfg.cluster.name} "
+                "(verl's RL trainer places its workers over the whole Ray cluster)"
+            )
         out = ctx.out_dir
         out.mkdir(parents=True, exist_ok=True)
         vc = self.verl_config(ctx)

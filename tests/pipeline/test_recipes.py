@@ -199,3 +199,17 @@ def test_rl_stage_environment_reaches_the_ray_job(tmp_path):
     assert "eksft_pipeline.rl.cpu_rollout" in ev["VERL_USE_EXTERNAL_MODULES"].split(",")
     assert "CUDA_VISIBLE_DEVICES" not in ev and "HF_TOKEN" not in ev and "WANDB_API_KEY" not in ev
     stage.validate(vc)  # no logical-resource check when joining a cluster (Ray refuses num_cpus there)
+
+
+def test_two_node_sft_command_and_refusal(tmp_path):
+    """Two nodes: the dry run shows the per-node torchrun (c10d rendezvous); the stage does not pretend to launch it."""
+    from eksft_pipeline.pipeline.stage_api import NotImplementedInThisBuild, StageContext
+    from eksft_pipeline.sft.stage import SFTStage
+
+    cfg = compose_pipeline("model=qwen3-8b", "cluster=2x8gpu")
+    stage = SFTStage()
+    cmd = " ".join(stage.command(ctx_for(cfg, tmp_path, "sft/eksft")))
+    assert "--nnodes=2" in cmd and "--nproc_per_node=8" in cmd and "--standalone" not in cmd and "rdzv_backend=c10d" in cmd
+    ctx = StageContext(cfg=cfg, run_dir=tmp_path, manifest=Manifest(tmp_path), key="sft/eksft")
+    with pytest.raises(NotImplementedInThisBuild, match="every node"):
+        stage.run(ctx)
