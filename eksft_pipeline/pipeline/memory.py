@@ -13,8 +13,9 @@ SFT model (verl 0.9.1 FSDP2 engine, `eksft_pipeline/sft/trainer.py`), per GPU, m
 (`data.max_token_len_per_gpu` with dynamic batching), W data-parallel ranks, P parameters, L layers, d hidden,
 V vocabulary:
 
-* model states: fp32 master weights + fp32 gradients + AdamW m, v -> (4 + 4 + 8) P / W (verl trains with
-  `engine.model_dtype=fp32`; FSDP2 shards all three).
+* model states: fp32 master weights + AdamW m, v -> (4 + 8) P / W (verl trains with `engine.model_dtype=fp32`;
+  FSDP2 shards both), plus fp32 gradients (4 P / W) in the backward moments only (verl zeroes them with
+  set_to_none after every step, so the forward and the loss head run without them).
 * unsharded parameters: FSDP2 all-gathers one decoder layer at a time and prefetches the next (2 layers in the
   compute dtype); the root unit (lm_head, plus the embedding when tied) stays gathered from its forward to the
   end of backward.
@@ -180,7 +181,8 @@ class Estimate:
         if not self.fits:
             raise MemoryBudgetError(
                 f"{self.stage}: the estimated peak of {self.total / GIB:.1f} GiB per GPU exceeds the "
-                f"{self.capacity_bytes / GIB:.1f} GiB usable; {self.knob}\n" + "\n".join(self.lines())
+                f"{self.capacity_bytes / GIB:.1f} GiB usable (cluster.gpu_memory_gib x cluster.memory_headroom); "
+                f"{self.knob}\n" + "\n".join(self.lines())
             )
 
 
@@ -315,9 +317,11 @@ def sft_estimate(
     lp = shape.layer_params
     root = shape.embed_params + d  # lm_head (or the tied embedding) + final norm
     terms = [
-        Term("model states (params + grads + AdamW)", (pb + pb + 8) * P / world, f"({pb}+{pb}+8)*P/W, P={P / 1e9:.2f}B, W={world}"),
+        Term("model states (params + AdamW m, v)", (pb + 8) * P / world, f"({pb}+8)*P/W, P={P / 1e9:.2f}B, W={world}"),
         Term("unsharded params (2 layers + root unit)", cb * (2 * lp + root), f"{cb}*(2*layer+lm_head)"),
     ]  # fmt: skip
+    # sharded gradients exist from the backward on (verl zeroes them with set_to_none after each step)
+    grads = Term("sharded gradients", float(pb) * P / world, f"{pb}*P/W")
     act = shape.layer_act_elems()
     ckpt = Term("activations: layer inputs (checkpointed)", float(cb) * L * N * d, f"{cb}*L*N*d, N={N}") if grad_ckpt \
         else Term("activations: every layer's intermediates", float(cb) * L * N * act, f"{cb}*L*N*{act}")
@@ -333,13 +337,13 @@ def sft_estimate(
     moments = {
         "loss head": [ckpt, *head_terms],
         "reference forward": [ckpt, logits_t, *([ref_fwd] if ref_fwd else [])],
-        "layer backward": [ckpt, layer_ws, lm_grad, layer_grad],
+        "layer backward": [ckpt, layer_ws, lm_grad, layer_grad, grads],
     }
     if head == "fused":
         moments["layer backward"].append(next(t for t in head_terms if "grad accumulator" in t.name))
     name, items = max(moments.items(), key=lambda kv: sum(t.bytes for t in kv[1]))
     terms += [Term(f"[{name}] {t.name}", t.bytes, t.formula) for t in items]
-    dynamic = sum(t.bytes for t in items)
+    dynamic = sum(t.bytes for t in items if t is not grads)
     terms.append(Term("allocator slack (dynamic batching varies N)", SLACK * dynamic, f"{SLACK:g} x the [{name}] terms"))
     terms.append(Term("runtime (CUDA context, NCCL buffers)", RUNTIME_BYTES, "2 GiB"))
     assumptions = [
@@ -414,7 +418,7 @@ def shape_from_model(path: str, arch: dict[str, Any] | None = None) -> ModelShap
     return ModelShape.from_hf_config(dict(arch)) if arch else None
 
 
-def usable_bytes(gpu_memory_gib: float | None, headroom: float = 0.95) -> float | None:
+def usable_bytes(gpu_memory_gib: float | None, headroom: float = 0.9) -> float | None:
     """The share of a GPU's memory an estimate may use (None: not checked)."""
     if gpu_memory_gib in (None, 0):
         return None

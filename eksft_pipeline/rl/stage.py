@@ -206,7 +206,7 @@ class RLStage(Stage):
             world=int(vc.trainer.n_gpus_per_node) * int(vc.trainer.nnodes), gpu_memory_bytes=float(gib) * memory.GIB,
             gpu_memory_utilization=float(a.rollout.gpu_memory_utilization),
             grad_ckpt=bool(a.model.enable_gradient_checkpointing),
-            capacity_bytes=memory.usable_bytes(gib, cfg.cluster.get("memory_headroom", 0.95)),
+            capacity_bytes=memory.usable_bytes(gib, cfg.cluster.get("memory_headroom", 0.9)),
         )  # fmt: skip
 
     def validate(self, vc) -> None:

@@ -161,7 +161,7 @@ class SFTStage(Stage):
             grad_ckpt=bool(vc.model.enable_gradient_checkpointing), chunk=vc.eksft.get("chunk_size", None),
             device=device,
             capacity_bytes=None if device == "cpu" else memory.usable_bytes(
-                cfg.cluster.get("gpu_memory_gib"), cfg.cluster.get("memory_headroom", 0.95)),
+                cfg.cluster.get("gpu_memory_gib"), cfg.cluster.get("memory_headroom", 0.9)),
         )  # fmt: skip
 
     def command(self, ctx: StageContext) -> list[str]:

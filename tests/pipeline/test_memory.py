@@ -54,7 +54,7 @@ def test_naive_head_terms_by_hand():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head,ns,chunk", [("naive", "128,256,384", None), ("fused", "512", 128)])
+@pytest.mark.parametrize("head,ns,chunk", [("naive", "128,256", None), ("fused", "512", 128)])
 def test_loss_head_estimate_matches_the_measured_peak_on_cpu(head, ns, chunk):
     """Measured peak (resident set above the inputs) of the EKSFT head at V=151,936 vs the estimate, within 15%."""
     cmd = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--cpu", "--probe", "head", "--head", head,
