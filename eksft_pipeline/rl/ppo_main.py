@@ -122,7 +122,8 @@ def validate_ppo_config(cfg: Any, *, instantiate_model: bool | None = None) -> d
         "algorithm.filter_groups",
         lambda: PPOTrainer._resolve_filter_groups_metric(SimpleNamespace(config=cfg)),
     )
-    if str(cfg.trainer.device) == "cpu":
+    if str(cfg.trainer.device) == "cpu" and not cfg.ray_kwargs.ray_init.get("address", None):
+        # (joining an existing cluster: its own resources apply, Ray refuses num_cpus / num_gpus)
         build("ray_kwargs.ray_init", lambda: _check_cpu_ray_resources(cfg))
     if str(arr.rollout.name) == "hf_cpu":
         from .cpu_rollout import check_replica_world_size, server_options

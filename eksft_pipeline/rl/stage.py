@@ -23,6 +23,16 @@ training step is logged for `rl.stall_timeout_s` seconds.
 
 Resume: `checkpoints/` and `logs/` survive a failed attempt; verl's `resume_mode=auto` continues
 from `latest_checkpointed_iteration.txt`.
+
+Ray. verl's `main_ppo` starts a local Ray cluster, or joins `cluster.ray_address` (`auto`, `host:port`; set as
+`ray_kwargs.ray_init.address`). On a cluster someone else started, Ray workers are children of that cluster's
+raylets and do not inherit this process's environment: the stage's variables (`cluster.env`, `rl.env`,
+`VERL_FILE_LOGGER_PATH`, `PYTHONPATH`, `VERL_USE_EXTERNAL_MODULES`, ...) are therefore passed as the job's
+`ray_kwargs.ray_init.runtime_env.env_vars`, which verl merges into its own runtime env before `ray.init`, so they
+reach the TaskRunner and every worker (without them the metrics file never grows and the stall guard kills a
+healthy run). `CUDA_VISIBLE_DEVICES` is never forwarded (Ray assigns it per worker), nor are secrets
+(`*_TOKEN`, `*_KEY`, ...: they would be written into verl_dapo.yaml): put `HF_TOKEN` / `WANDB_API_KEY` into the
+Ray cluster's own environment (or `~/.netrc` for wandb) when a run needs them.
 """
 
 from __future__ import annotations
@@ -40,6 +50,12 @@ from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult, 
 from eksft_pipeline.pipeline.verl_config import compose_verl, strict_merge
 
 CONFIG_NAME = "verl_dapo"
+# stage variables forwarded to every Ray worker of the job (besides the keys of cluster.env and rl.env)
+RAY_ENV_PREFIXES = ("VERL_", "HF_", "WANDB_", "TOKENIZERS_", "TRANSFORMERS_", "NCCL_", "VLLM_", "PYTHONPATH",
+                    "OMP_NUM_THREADS", "EKSFT_")
+RAY_ENV_NEVER = frozenset({"CUDA_VISIBLE_DEVICES"})  # Ray sets it per worker from the GPUs it assigns
+# secrets are not written into the run's verl_dapo.yaml: give them to the Ray cluster's own environment
+SECRET_SUFFIXES = ("_TOKEN", "_API_KEY", "_KEY", "_SECRET", "_PASSWORD")
 
 
 def _plain(node):
@@ -95,7 +111,28 @@ class RLStage(Stage):
         return {} if ctx.dry_run else {"model": f["model"], "rl_train": f["rl_train"]}
 
     # -- config -----------------------------------------------------------------------------------
-    def verl_config(self, ctx: StageContext):
+    def stage_env(self, ctx: StageContext, metrics_file: Path | str | None = None) -> dict[str, str]:
+        """The environment of the main_ppo process: os.environ + cluster.env + rl.env + the metrics file."""
+        env = ctx.env()
+        env["VERL_FILE_LOGGER_PATH"] = str(metrics_file or ctx.out_dir / "logs" / "metrics-<time>.jsonl")
+        for k, v in (_plain(ctx.cfg.rl.get("env")) or {}).items():
+            env[str(k)] = str(v)
+        return env
+
+    @staticmethod
+    def ray_env_vars(ctx: StageContext, env: dict[str, str]) -> dict[str, str]:
+        """The part of the stage environment every Ray worker of the job must see (see the module docstring)."""
+        from eksft_pipeline.rl.ppo_main import add_external_module
+
+        keys = set(_plain(ctx.cfg.cluster.get("env")) or {}) | set(_plain(ctx.cfg.rl.get("env")) or {})
+        keys |= {k for k in env if k.startswith(RAY_ENV_PREFIXES)}
+        out = {k: str(env[k]) for k in sorted(keys)
+               if k in env and k not in RAY_ENV_NEVER and not k.upper().endswith(SECRET_SUFFIXES)}
+        # the driver (ppo_main) registers the hf_cpu rollout through this list; workers must import it too
+        add_external_module(env=out)
+        return out
+
+    def verl_config(self, ctx: StageContext, env: dict[str, str] | None = None):
         cfg = ctx.cfg
         cpu = str(cfg.cluster.device) == "cpu"
         vc = compose_verl("dapo", [f"dapo_platform={self._platform(cfg)}"])
@@ -125,8 +162,24 @@ class RLStage(Stage):
             vc.trainer.experiment_name = f"{cfg.model.name}-dapo-{init_tag(ctx.init_spec())}"
             vc.trainer.n_gpus_per_node = int(cfg.cluster.gpus_per_node)
             vc.trainer.nnodes = int(cfg.cluster.nnodes)
-            if cpu:
-                vc.ray_kwargs.ray_init.num_gpus = int(cfg.cluster.gpus_per_node) * int(cfg.cluster.nnodes)
+            # the run's one chat template (eksft_pipeline/data/chat_template.py) for RL prompts and the saved model
+            from eksft_pipeline.data.chat_template import resolve_template
+
+            template = resolve_template(cfg.model.get("chat_template"))
+            if template is not None:
+                vc.actor_rollout_ref.model.custom_chat_template = template
+            ray_init = vc.ray_kwargs.ray_init
+            address = cfg.cluster.get("ray_address")
+            if address:
+                # join an existing cluster: Ray refuses num_cpus / num_gpus there (the cluster has its resources)
+                ray_init.address = str(address)
+                ray_init.num_cpus = None
+                if "num_gpus" in ray_init:
+                    ray_init.num_gpus = None
+            elif cpu:
+                ray_init.num_gpus = int(cfg.cluster.gpus_per_node) * int(cfg.cluster.nnodes)
+            env_vars = self.ray_env_vars(ctx, env if env is not None else self.stage_env(ctx))
+            ray_init.runtime_env = {"env_vars": env_vars}
         return vc
 
     def _python(self, ctx: StageContext) -> str:
@@ -146,6 +199,26 @@ class RLStage(Stage):
         if not rep.exists():
             return ""
         return str(json.loads(rep.read_text()).get("generation_prefix", "") or "")
+
+    def memory_estimate(self, ctx: StageContext, vc):
+        """Per-GPU peak-memory estimate of a DAPO step (eksft_pipeline/pipeline/memory.py); None on CPU / no shape."""
+        from eksft_pipeline.pipeline import memory
+
+        cfg = ctx.cfg
+        if str(cfg.cluster.device) == "cpu":
+            return None
+        shape = memory.shape_from_model(str(cfg.model.path), _plain(cfg.model.get("arch")))
+        gib = cfg.cluster.get("gpu_memory_gib")
+        if shape is None or not gib:
+            return None
+        a = vc.actor_rollout_ref
+        return memory.rl_estimate(
+            shape, tokens=int(a.actor.ppo_max_token_len_per_gpu),
+            world=int(vc.trainer.n_gpus_per_node) * int(vc.trainer.nnodes), gpu_memory_bytes=float(gib) * memory.GIB,
+            gpu_memory_utilization=float(a.rollout.gpu_memory_utilization),
+            grad_ckpt=bool(a.model.enable_gradient_checkpointing),
+            capacity_bytes=memory.usable_bytes(gib, cfg.cluster.get("memory_headroom", 0.9)),
+        )  # fmt: skip
 
     def validate(self, vc, python: str | None = None) -> None:
         from eksft_pipeline.rl.ppo_main import validate_ppo_config
@@ -168,12 +241,19 @@ class RLStage(Stage):
     def describe(self, ctx):
         vc = self.verl_config(ctx)
         self.validate(vc, self._python(ctx))
+        est = self.memory_estimate(ctx, vc)
+        if est is not None:
+            print("\n".join(est.lines()), flush=True)
+            est.check()
         return {
             "stage": "rl",
             "key": ctx.key,
             "init": ctx.init_spec(),
             "command": " ".join(self.command(ctx)),
-            "env": {k: v for k, v in ctx.env().items() if k.startswith(("VERL_", "CUDA_", "HF_", "WANDB_", "RAY_"))},
+            "env": {k: v for k, v in self.stage_env(ctx).items()
+                    if k.startswith(("VERL_", "CUDA_", "HF_", "WANDB_", "RAY_"))},
+            "stall_timeout_s": ctx.cfg.rl.get("stall_timeout_s"),
+            "memory_estimate": None if est is None else {k: v for k, v in est.to_dict().items() if k != "text"},
             "verl_config": OmegaConf.to_container(vc, resolve=True),
         }
 
@@ -192,18 +272,18 @@ class RLStage(Stage):
         cfg = ctx.cfg
         out = ctx.out_dir
         out.mkdir(parents=True, exist_ok=True)
-        vc = self.verl_config(ctx)
-        self._write_val(str(vc.data.train_files), out / "val.parquet", int(cfg.rl.val_rows))
-        self.validate(vc, self._python(ctx))
-        OmegaConf.save(vc, out / f"{CONFIG_NAME}.yaml", resolve=True)
-
         stamp = time.strftime("%Y%m%d-%H%M%S")
         metrics_file = out / "logs" / f"metrics-{stamp}.jsonl"
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        env = ctx.env()
-        env["VERL_FILE_LOGGER_PATH"] = str(metrics_file)
-        for k, v in (_plain(cfg.rl.get("env")) or {}).items():
-            env[str(k)] = str(v)
+        env = self.stage_env(ctx, metrics_file)
+        vc = self.verl_config(ctx, env=env)
+        self._write_val(str(vc.data.train_files), out / "val.parquet", int(cfg.rl.val_rows))
+        self.validate(vc, self._python(ctx))
+        est = self.memory_estimate(ctx, vc)
+        if est is not None:
+            est.check()
+        OmegaConf.save(vc, out / f"{CONFIG_NAME}.yaml", resolve=True)
+
         log = out / "logs" / f"train-{stamp}.log"
         rc = tee(self.command(ctx), env, log, watchdog=self._stall_watchdog(cfg, metrics_file))
         if rc != 0:

@@ -83,8 +83,18 @@ class SFTStage(Stage):
             return str(ctx.run_dir / "split" / "sft_train.parquet")
         return ctx.upstream("split")["sft_train"]
 
+    @staticmethod
+    def _run_tokenizer(ctx: StageContext) -> str | None:
+        """The split's tokenizer (run template + EOS, checked), or None before the split has run (dry run)."""
+        if ctx.dry_run:
+            return None
+        tok = ctx.upstream("split").get("tokenizer")
+        return str(tok) if tok and Path(str(tok)).is_dir() else None
+
     def inputs(self, ctx):
         inp = {"sft_train": self._train_file(ctx)}
+        if self._run_tokenizer(ctx):
+            inp["tokenizer"] = self._run_tokenizer(ctx)
         if Path(str(ctx.cfg.model.path)).exists():
             inp["model"] = str(ctx.cfg.model.path)
         return inp
@@ -115,17 +125,58 @@ class SFTStage(Stage):
             vc.eksft.loss = str(cfg.method.loss)
             vc.eksft.loss_params = _plain(cfg.method.get("params")) or {}
             vc.eksft.selection_scope = str(cfg.method.get("selection_scope", "global_batch"))
+            # the run's one chat template (eksft_pipeline/data/chat_template.py): verl sets it on the tokenizer
+            # that renders the SFT data and that it saves with every checkpoint (the exported model's tokenizer)
+            from eksft_pipeline.data.chat_template import resolve_template
+
+            template = resolve_template(cfg.model.get("chat_template"))
+            if template is not None:
+                vc.model.custom_chat_template = template
+            tok_dir = self._run_tokenizer(ctx)
+            if tok_dir is not None:
+                vc.model.tokenizer_path = tok_dir
         validate_sft_config(vc)
         _check_loss(vc.eksft.loss, vc.eksft.loss_params)
         return vc
 
+    def memory_estimate(self, ctx: StageContext, vc):
+        """Per-GPU peak-memory estimate of one SFT step (eksft_pipeline/pipeline/memory.py); None without a shape."""
+        from eksft_pipeline.losses import get_loss
+        from eksft_pipeline.pipeline import memory
+
+        cfg = ctx.cfg
+        shape = memory.shape_from_model(str(cfg.model.path), _plain(cfg.model.get("arch")))
+        if shape is None:
+            return None
+        d = vc.data
+        tokens = int(d.max_token_len_per_gpu) if d.use_dynamic_bsz else int(d.micro_batch_size_per_gpu) * int(d.max_length)
+        mp = vc.engine.get("mixed_precision") or {}
+        params = _plain(vc.eksft.loss_params) or {}
+        device = "cpu" if str(cfg.cluster.device) == "cpu" else "cuda"
+        return memory.sft_estimate(
+            shape, tokens=tokens, world=int(vc.trainer.n_gpus_per_node) * int(vc.trainer.nnodes),
+            head=str(vc.eksft.get("head", None) or "naive"), loss=str(vc.eksft.loss), loss_params=params,
+            needs_ref=get_loss(str(vc.eksft.loss), **params).needs_ref, model_dtype=str(vc.engine.model_dtype),
+            compute_dtype=str(mp.get("param_dtype", "bf16")), ref_dtype=vc.eksft.get("ref_model_dtype", None),
+            grad_ckpt=bool(vc.model.enable_gradient_checkpointing), chunk=vc.eksft.get("chunk_size", None),
+            device=device,
+            capacity_bytes=None if device == "cpu" else memory.usable_bytes(
+                cfg.cluster.get("gpu_memory_gib"), cfg.cluster.get("memory_headroom", 0.9)),
+        )  # fmt: skip
+
     def command(self, ctx: StageContext) -> list[str]:
         out = ctx.out_dir
+        nnodes = int(ctx.cfg.cluster.nnodes)
+        # one node: a standalone rendezvous; several (cluster=2x8gpu): the same command on every node, c10d
+        # rendezvous at the first node ($EKSFT_SFT_MASTER, e.g. the Ray head's address)
+        launch = ["--standalone"] if nnodes == 1 else [
+            f"--nnodes={nnodes}", "--rdzv_backend=c10d", "--rdzv_endpoint=${EKSFT_SFT_MASTER}:29400",
+            f"--rdzv_id=eksft-{ctx.cfg.model.name}-{ctx.cfg.method.name}"]  # fmt: skip
         return [
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--standalone",
+            *launch,
             f"--nproc_per_node={int(ctx.cfg.sft.nproc_per_node)}",
             "-m",
             "eksft_pipeline.sft.verl_main",
@@ -137,20 +188,38 @@ class SFTStage(Stage):
 
     def describe(self, ctx):
         vc = self.verl_config(ctx)
+        est = self.memory_estimate(ctx, vc)
+        if est is not None:
+            print("\n".join(est.lines()), flush=True)
+            est.check()  # refuse (naming the knob) before anything is launched
         return {
             "stage": "sft",
             "key": ctx.key,
             "command": " ".join(self.command(ctx)),
             "env": {k: v for k, v in ctx.env().items() if k.startswith(("VERL_", "CUDA_", "HF_", "WANDB_"))},
+            "memory_estimate": None if est is None else {k: v for k, v in est.to_dict().items() if k != "text"},
             "verl_config": OmegaConf.to_container(vc, resolve=True),
         }
 
     # -- run --------------------------------------------------------------------------------------
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
+        if int(cfg.cluster.nnodes) > 1:
+            from eksft_pipeline.pipeline.stage_api import NotImplementedInThisBuild
+
+            raise NotImplementedInThisBuild(
+                f"the sft stage launches torchrun on this node only; for cluster.nnodes={cfg.cluster.nnodes} run the "
+                f"dry run's command on every node (EKSFT_SFT_MASTER=<first node's address>; run_dir on a shared "
+                f"filesystem), or train SFT with cluster=8gpu and run the other stages with cluster={cfg.cluster.name} "
+                "(verl's RL trainer places its workers over the whole Ray cluster)"
+            )
         out = ctx.out_dir
         out.mkdir(parents=True, exist_ok=True)
         vc = self.verl_config(ctx)
+        est = self.memory_estimate(ctx, vc)
+        if est is not None:
+            est.check()  # a configuration that cannot fit is refused before torchrun starts
+            (out / "memory_estimate.json").write_text(json.dumps(est.to_dict(), indent=1))
         OmegaConf.save(vc, out / f"{CONFIG_NAME}.yaml", resolve=True)
 
         stamp = time.strftime("%Y%m%d-%H%M%S")

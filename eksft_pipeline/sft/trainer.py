@@ -429,6 +429,7 @@ def selective_config(config) -> dict[str, Any]:
     block.setdefault("loss_params", {})
     block.setdefault("selection_scope", "global_batch")
     block.setdefault("ref_model_path", None)
+    block.setdefault("ref_model_dtype", None)
     block.setdefault("dump_dir", None)
     if block["selection_scope"] not in ("global_batch", "micro_batch"):
         raise ValueError(
@@ -503,6 +504,10 @@ class EKSFTTrainer(SFTTrainer):
                 ref_model_config = deepcopy(self.model_config)
             ref_engine_config = deepcopy(self.engine_config)
             ref_engine_config.forward_only = True
+            if block["ref_model_dtype"]:  # storage dtype of the (CPU-offloaded) reference weights, e.g. bf16
+                import dataclasses
+
+                ref_engine_config = dataclasses.replace(ref_engine_config, model_dtype=str(block["ref_model_dtype"]))
             ref_config = TrainingWorkerConfig(
                 model_type="language_model",
                 model_config=ref_model_config,

@@ -19,7 +19,7 @@ from eksft_pipeline.pipeline.verl_config import ConfigKeyError, compose_pipeline
 
 RECIPES = recipes_dir()
 METHODS = sorted(p.stem for p in (RECIPES / "method").glob("*.yaml"))
-GPU_MODELS = ["qwen3-4b", "qwen3-8b"]
+GPU_MODELS = ["qwen3-4b", "qwen3-8b", "qwen3-4b-base", "qwen3-8b-base"]
 
 
 def ctx_for(cfg, tmp_path: Path, key: str) -> StageContext:
@@ -51,7 +51,7 @@ def test_sft_config_composes_and_verl_accepts_it(tmp_path, model, cluster, metho
         assert vc.optim.weight_decay == 0.1 and vc.optim.clip_grad == 1.0
         assert vc.optim.lr_warmup_steps_ratio == 0.01 and vc.optim.lr_scheduler_type == "cosine"
         assert vc.trainer.total_epochs == 8 and vc.data.train_batch_size == 64
-        assert vc.data.max_length == 20000 and vc.trainer.n_gpus_per_node == 8
+        assert vc.data.max_length == 10240 and vc.trainer.n_gpus_per_node == 8
         assert vc.engine.strategy == "fsdp2" and vc.model.override_config.attn_implementation == "flash_attention_2"
     else:
         assert vc.trainer.device == "cpu" and vc.engine.strategy == "fsdp2"
@@ -64,10 +64,10 @@ def test_qwen3_4b_sft_config(tmp_path):
 
     cfg = compose_pipeline("model=qwen3-4b", "cluster=8gpu")
     vc = SFTStage().verl_config(ctx_for(cfg, tmp_path, "sft/eksft"))
-    assert vc.model.path == "Qwen/Qwen3-4B-Base" and vc.data.train_batch_size == 64
+    assert vc.model.path == "Qwen/Qwen3-4B" and vc.data.train_batch_size == 64
 
 
-@pytest.mark.parametrize("model,cluster", [("tiny", "cpu"), *[(m, "8gpu") for m in GPU_MODELS]])
+@pytest.mark.parametrize("model,cluster", [("tiny", "cpu"), *[(m, "8gpu") for m in GPU_MODELS], ("qwen3-8b", "2x8gpu")])
 def test_rl_config_composes_and_verl_accepts_it(tmp_path, model, cluster):
     from eksft_pipeline.rl.stage import RLStage
 
@@ -88,7 +88,7 @@ def test_rl_config_composes_and_verl_accepts_it(tmp_path, model, cluster):
     assert a.rollout.temperature == 1.0 and a.rollout.top_p == 1.0
     assert vc.data.max_response_length == cfg.rl.max_response_length
     assert vc.trainer.default_local_dir == str(tmp_path / "rl" / "eksft" / "checkpoints")
-    if cluster == "8gpu":
+    if cluster != "cpu":
         assert a.rollout.name == "vllm" and a.rollout.n == 16 and vc.data.train_batch_size == 512
         assert a.actor.optim.lr == 1e-6 and a.actor.optim.lr_warmup_steps == 10 and a.actor.optim.weight_decay == 0.1
         assert vc.trainer.n_gpus_per_node == 8
@@ -146,3 +146,70 @@ def test_stage_lists_cover_the_pipeline():
     assert list(cfg.stage.run) == ORDER  # stage=all: every stage, in order
     for name in ORDER:
         assert list(compose_pipeline(f"stage={name}").stage.run) == [name]
+
+
+def test_two_node_recipe(tmp_path):
+    """cluster=2x8gpu: verl's trainer.nnodes=2 for SFT and RL, 16 data-parallel ranks, the running Ray cluster."""
+    from eksft_pipeline.rl.stage import RLStage
+    from eksft_pipeline.sft.stage import SFTStage
+
+    cfg = compose_pipeline("model=qwen3-8b", "cluster=2x8gpu", "init=eksft")
+    sft = SFTStage().verl_config(ctx_for(cfg, tmp_path, "sft/eksft"))
+    assert (sft.trainer.nnodes, sft.trainer.n_gpus_per_node) == (2, 8)
+    stage = RLStage()
+    rl = stage.verl_config(ctx_for(cfg, tmp_path, "rl/eksft"))
+    stage.validate(rl)
+    assert (rl.trainer.nnodes, rl.trainer.n_gpus_per_node) == (2, 8)
+    assert rl.ray_kwargs.ray_init.address == "auto" and rl.ray_kwargs.ray_init.num_cpus is None
+
+
+@pytest.mark.parametrize("model", ["qwen3-8b", "qwen3-8b-base"])
+def test_paper_models_and_one_chat_template(tmp_path, model):
+    """model=qwen3-8b is the released Qwen3-8B (the paper's); the base is its own recipe. SFT and RL get the same
+    explicit template through verl's own custom_chat_template."""
+    from eksft_pipeline.data.chat_template import CHATML
+    from eksft_pipeline.rl.stage import RLStage
+    from eksft_pipeline.sft.stage import SFTStage
+
+    cfg = compose_pipeline(f"model={model}", "cluster=8gpu", "init=eksft")
+    assert cfg.model.path == ("Qwen/Qwen3-8B" if model == "qwen3-8b" else "Qwen/Qwen3-8B-Base")
+    assert cfg.model.eos_token == (None if model == "qwen3-8b" else "<|im_end|>")
+    sft = SFTStage().verl_config(ctx_for(cfg, tmp_path, "sft/eksft"))
+    rl = RLStage().verl_config(ctx_for(cfg, tmp_path, "rl/eksft"))
+    assert sft.model.custom_chat_template == rl.actor_rollout_ref.model.custom_chat_template == CHATML
+
+
+def test_rl_stage_environment_reaches_the_ray_job(tmp_path):
+    """On an existing Ray cluster workers do not inherit the driver's environment: the stage's variables go into
+    ray_kwargs.ray_init.runtime_env (verl merges it into the job's runtime env), CUDA_VISIBLE_DEVICES and secrets
+    never do."""
+    from eksft_pipeline.rl.stage import RLStage
+
+    cfg = compose_pipeline("model=tiny", "cluster=cpu", "init=eksft", "cluster.ray_address=127.0.0.1:6399",
+                           "+rl.env.EKSFT_MARK=seen")  # fmt: skip
+    stage = RLStage()
+    ctx = ctx_for(cfg, tmp_path, "rl/eksft")
+    env = {**stage.stage_env(ctx, tmp_path / "m.jsonl"), "HF_TOKEN": "secret", "WANDB_API_KEY": "secret"}
+    vc = stage.verl_config(ctx, env=env)
+    ray_init = vc.ray_kwargs.ray_init
+    assert ray_init.address == "127.0.0.1:6399" and ray_init.num_cpus is None and ray_init.num_gpus is None
+    ev = ray_init.runtime_env.env_vars
+    assert ev["VERL_FILE_LOGGER_PATH"] == str(tmp_path / "m.jsonl") and ev["EKSFT_MARK"] == "seen"
+    assert ev["VERL_PLATFORM"] == "cpu" and ev["PYTHONPATH"].split(":")[0] == str(RECIPES.parent)
+    assert "eksft_pipeline.rl.cpu_rollout" in ev["VERL_USE_EXTERNAL_MODULES"].split(",")
+    assert "CUDA_VISIBLE_DEVICES" not in ev and "HF_TOKEN" not in ev and "WANDB_API_KEY" not in ev
+    stage.validate(vc)  # no logical-resource check when joining a cluster (Ray refuses num_cpus there)
+
+
+def test_two_node_sft_command_and_refusal(tmp_path):
+    """Two nodes: the dry run shows the per-node torchrun (c10d rendezvous); the stage does not pretend to launch it."""
+    from eksft_pipeline.pipeline.stage_api import NotImplementedInThisBuild, StageContext
+    from eksft_pipeline.sft.stage import SFTStage
+
+    cfg = compose_pipeline("model=qwen3-8b", "cluster=2x8gpu")
+    stage = SFTStage()
+    cmd = " ".join(stage.command(ctx_for(cfg, tmp_path, "sft/eksft")))
+    assert "--nnodes=2" in cmd and "--nproc_per_node=8" in cmd and "--standalone" not in cmd and "rdzv_backend=c10d" in cmd
+    ctx = StageContext(cfg=cfg, run_dir=tmp_path, manifest=Manifest(tmp_path), key="sft/eksft")
+    with pytest.raises(NotImplementedInThisBuild, match="every node"):
+        stage.run(ctx)

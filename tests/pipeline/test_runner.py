@@ -106,7 +106,8 @@ def test_dry_run_qwen3_8b_prints_every_stage_without_a_gpu(tmp_path):
     assert list(stages) == ["assets", "split", "sft", "handoff", "rl", "eval", "report"]
     sft = stages["sft"]
     assert "--nproc_per_node=8" in sft["command"] and "eksft_pipeline.sft.verl_main" in sft["command"]
-    assert sft["verl_config"]["model"]["path"] == "Qwen/Qwen3-8B-Base"
+    assert sft["verl_config"]["model"]["path"] == "Qwen/Qwen3-8B"  # the paper's released model (issue 11)
+    assert "sft: estimated peak" in out and "rl: estimated peak" in out and sft["memory_estimate"]["fits"]
     assert sft["verl_config"]["optim"]["lr"] == 1e-5 and sft["verl_config"]["eksft"]["loss"] == "eksft"
     rl = stages["rl"]
     assert "eksft_pipeline.rl.ppo_main" in rl["command"]
