@@ -12,8 +12,10 @@ every stage uses exactly that text: the split measures lengths and checks the EO
 it to verl as ``model.custom_chat_template`` (verl sets it on the tokenizer that builds the SFT dataset and
 that verl saves next to every checkpoint, hence on the exported model), the RL stage as
 ``actor_rollout_ref.model.custom_chat_template`` (verl's RL dataset and agent loop render prompts with it), and
-the eval stage renders prompts with the exported tokenizer, which carries it. The handoff checks that the
-model RL starts from carries the same text.
+the eval stage renders prompts with it too (``SamplingParams.chat_template``, whatever the evaluated model
+saved). The handoff checks that RL renders prompts exactly as SFT did, and reports whether the init model's
+saved template is the run's; with ``model.chat_template: null`` every stage uses the model's own template and
+a mismatch between the SFT tokenizer and the init model is refused there.
 
 Templates (``TEMPLATES``; ``model.chat_template`` may also be a ``.jinja`` path or literal Jinja text):
 

@@ -70,6 +70,9 @@ class SamplingParams:
     # text appended after the chat template's generation prompt (e.g. "<think>\n" when the SFT data
     # moved it out of the assistant turn); must match what RL and SFT used
     generation_prefix: str = ""
+    # the run's chat template (``model.chat_template``: a name, a .jinja path or Jinja text), rendered instead of
+    # the one saved with the evaluated model, so eval prompts are exactly RL's and SFT's; "" = the model's own
+    chat_template: str = ""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -84,14 +87,17 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def render_prompt(tokenizer, messages: list[dict], generation_prefix: str = "") -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render_prompt(tokenizer, messages: list[dict], generation_prefix: str = "", chat_template: str = "") -> str:
+    from eksft_pipeline.data.chat_template import resolve_template
+
+    template = resolve_template(chat_template) if chat_template else None  # None: the tokenizer's own
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     return text + generation_prefix
 
 
-def prompt_token_ids(tokenizer, messages: list[dict], generation_prefix: str = "") -> list[int]:
+def prompt_token_ids(tokenizer, messages: list[dict], generation_prefix: str = "", chat_template: str = "") -> list[int]:
     """The prompt exactly as both backends feed it: chat template + prefix, no extra special tokens."""
-    return list(tokenizer(render_prompt(tokenizer, messages, generation_prefix), add_special_tokens=False)["input_ids"])
+    return list(tokenizer(render_prompt(tokenizer, messages, generation_prefix, chat_template), add_special_tokens=False)["input_ids"])
 
 
 def _sample_seed(seed: int, problem_id: str, sample_idx: int) -> int:
@@ -131,7 +137,7 @@ class HFSampler:
     @torch.no_grad()
     def sample(self, problem: Problem, sample_ids: list[int], params: SamplingParams) -> list[dict]:
         tok = self.tokenizer
-        ids = prompt_token_ids(tok, problem.messages, params.generation_prefix)
+        ids = prompt_token_ids(tok, problem.messages, params.generation_prefix, params.chat_template)
         input_ids = torch.tensor([ids], device=self.device)  # [1, P]
         plen = input_ids.shape[1]
         eos = tok.eos_token_id
@@ -298,7 +304,7 @@ class VLLMSampler:
                 # one output per request, once all its n samples are done (what LLM.generate sets too)
                 output_kind=RequestOutputKind.FINAL_ONLY,
             )
-            prompt = {"prompt_token_ids": prompt_token_ids(self.tokenizer, p.messages, params.generation_prefix)}
+            prompt = {"prompt_token_ids": prompt_token_ids(self.tokenizer, p.messages, params.generation_prefix, params.chat_template)}
             rid = f"p{i}"
             owners[engine.add_request(rid, prompt, sp)] = (p, ids)
             owners[rid] = (p, ids)

@@ -195,7 +195,8 @@ class EvalStage(Stage):
         e = ctx.cfg.eval
         return SamplingParams(n=int(e.n_samples), temperature=float(e.temperature), top_p=float(e.top_p),
                               max_new_tokens=int(e.max_response_length), seed=int(ctx.cfg.seed),
-                              generation_prefix=self._generation_prefix(ctx))
+                              generation_prefix=self._generation_prefix(ctx),
+                              chat_template=str(ctx.cfg.model.get("chat_template") or ""))
 
     def describe(self, ctx):
         return {"stage": "eval", "key": ctx.key, "targets": self.targets(ctx),

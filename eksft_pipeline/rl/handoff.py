@@ -22,7 +22,7 @@ pipelines: the run "works" and the reward stays at zero):
                run's SFT tokenizer (`<run_dir>/split/tokenizer`) rendered the SFT prompts, and an SFT
                conversation's rendering starts with its rendered prompt + the split's generation prefix
                (what RL will generate after); the report says whether the init model's saved template is
-               the run's (`init_template_is_run_template`: eval renders with the saved one)
+               the run's (`init_template_is_run_template`; RL and eval render with the run's template either way)
   eos          the token that ends every assistant turn in the SFT data is the model's EOS, i.e. the
                rollout's stop token (tokenizer eos and generation_config eos_token_id)
   context      rl.max_prompt_length + rl.max_response_length fits max_position_embeddings, and the
@@ -346,6 +346,9 @@ class HandoffStage(Stage):
         report: dict[str, Any] = {"init": ctx.init_spec(), "source": src, "model": str(model_dir), "merged_fsdp": merge_info is not None,
                                   "merge": merge_info, "chat_template": cfg.model.get("chat_template"),
                                   "init_template_is_run_template": template is None or init_saved_template == template}
+        if not report["init_template_is_run_template"]:
+            print(f"[handoff] note: {model_dir} saved a chat template other than the run's "
+                  f"({cfg.model.get('chat_template')}); RL and eval render with the run's", flush=True)
         checks = [
             ("weights", lambda: check_weights(model_dir)),
             ("template", lambda: check_template(init_tok, sft_tok, sft_rows, rl_prompts, prefix)),

@@ -59,8 +59,13 @@ def test_mismatched_chat_template_is_refused_with_a_clear_error(split_run, tmp_p
     tpl = (bad / "chat_template.jinja").read_text().replace("<|im_start|>assistant\\n", "<|im_start|>assistant\\n\\n")
     assert tpl != (assets / "model" / "chat_template.jinja").read_text()
     (bad / "chat_template.jinja").write_text(tpl)
+    # the run names its template (tiny: chatml): RL and eval render with it, so the saved one is only reported
+    res, run_dir = _handoff(root, common, bad, "bad_template_named")
+    rep = json.loads(Path(Manifest(run_dir).outputs(res[0]["key"])["report"]).read_text())
+    assert res[0]["summary"]["template"] is True and rep["init_template_is_run_template"] is False
+    # without a run template every stage uses the model's own, which no longer renders prompts as SFT's did
     with pytest.raises(HandoffError, match="template: the init model renders RL prompts differently"):
-        _handoff(root, common, bad, "bad_template")
+        _handoff(root, common + ["model.chat_template=null"], bad, "bad_template")
 
 
 def test_wrong_stop_token_is_refused(split_run, tmp_path):
