@@ -75,7 +75,7 @@ def test_rl_config_composes_and_verl_accepts_it(tmp_path, model, cluster):
     stage = RLStage()
     ctx = ctx_for(cfg, tmp_path, stage.key(cfg))
     vc = stage.verl_config(ctx)
-    stage.validate(vc)  # verl's validate_config + every dataclass block
+    stage.validate_verl(vc)  # verl's validate_config + every dataclass block
     a = vc.actor_rollout_ref
     # DAPO's switches
     assert vc.algorithm.adv_estimator == "grpo" and vc.algorithm.use_kl_in_reward is False
