@@ -281,6 +281,8 @@ class Manifest:
             return False, "never run"
         if e.get("status") == "stale":
             return False, f"stale: {e.get('stale_reason', 'an upstream stage re-ran')}"
+        if e.get("status") == "running":
+            return False, "last attempt interrupted (still marked running)"
         if e.get("status") != "complete":
             return False, f"last attempt {e.get('status', 'unknown')}"
         if e.get("config_hash") != cfg_hash:
@@ -321,16 +323,16 @@ class Manifest:
         return out
 
     def start(self, key: str, config: Any, cfg_hash: str, inputs: dict[str, str], *, run_token: str = "") -> list[str]:
-        """Record a new attempt of `key`; returns the entries marked stale because they used its outputs."""
+        """Record a new attempt of `key`; returns the complete entries now marked stale because they used its
+        outputs (a failed or running one is not a result to invalidate)."""
         recorded_inputs = {k: {"path": self.record_path(v), "hash": self.hash(v)} for k, v in inputs.items()}
         with self._locked():
             data = self.read()
             stages = data["stages"]
-            stale = self._dependents(stages, key)
+            stale = [k for k in self._dependents(stages, key) if stages[k].get("status") == "complete"]
             for other in stale:
-                if stages[other].get("status") in ("complete", "stale"):
-                    stages[other]["status"] = "stale"
-                    stages[other]["stale_reason"] = f"upstream {key} re-ran at {_now()}"
+                stages[other]["status"] = "stale"
+                stages[other]["stale_reason"] = f"upstream {key} re-ran at {_now()}"
             prev = stages.get(key) or {}
             stages[key] = {
                 "status": "running", "config": config, "config_hash": cfg_hash, "inputs": recorded_inputs,

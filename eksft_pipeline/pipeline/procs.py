@@ -20,7 +20,7 @@ and finds processes by reading `/proc/<pid>/environ` (Linux; same user or root).
 * `Watchdog` -- a tiny process in a session of its own that holds the read end of a pipe from the
   orchestrator. When the orchestrator dies in any way (kill -9 of its process group included, which the
   watchdog survives because it is in another session), the pipe reaches EOF and the watchdog ends every
-  process with the invocation's token, then exits. Direct children (torchrun, main_ppo) stay in the
+  process with the invocation's token, marks the stages it left `running` as `killed`, then exits. Direct children (torchrun, main_ppo) stay in the
   orchestrator's process group, so a group kill reaches them at once.
 * `survivors` -- a re-run looks for processes of an earlier attempt of the same stage in the same run
   directory (e.g. the watchdog was killed too) and ends them before it starts, so two trainers never
@@ -165,13 +165,15 @@ def describe(pids: Iterable[int], limit: int = 4) -> str:
 
 
 class Watchdog:
-    """Ends every process carrying `token` once this process is gone (however it died)."""
+    """Ends every process carrying `token` once this process is gone (however it died), then marks the
+    stages the dead orchestrator left `running` in `run_dir`'s manifest as `killed`."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, run_dir: str | os.PathLike | None = None):
         self.token = token
         env = {k: v for k, v in os.environ.items() if k not in (ENV_TOKEN, ENV_RUN_DIR, ENV_STAGE)}
+        extra = [str(run_dir)] if run_dir is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "eksft_pipeline.pipeline.procs", "watch", token],
+            [sys.executable, "-m", "eksft_pipeline.pipeline.procs", "watch", token, *extra],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True, env=env,
         )
@@ -187,7 +189,7 @@ class Watchdog:
             self.proc.wait()
 
 
-def _watch(token: str) -> int:
+def _watch(token: str, run_dir: str | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # only EOF on stdin ends the watch
         signal.signal(sig, signal.SIG_IGN)
     try:
@@ -195,11 +197,36 @@ def _watch(token: str) -> int:
             pass
     except OSError:
         pass
-    end_processes({ENV_TOKEN: token}, grace_s=2.0)
+    ended = end_processes({ENV_TOKEN: token}, grace_s=2.0)
+    if run_dir is not None:
+        _mark_killed(run_dir, token, len(ended))
     return 0
 
 
+def _mark_killed(run_dir: str, token: str, n_ended: int) -> None:
+    """The orchestrator died without recording it (kill -9, OOM killer): say so in the manifest."""
+    from eksft_pipeline.pipeline.manifest import Manifest, _now
+
+    try:
+        m = Manifest(run_dir)
+        if not m.path.exists():
+            return
+        with m._locked():
+            data = m.read()
+            hit = False
+            for e in data["stages"].values():
+                if e.get("status") == "running" and e.get("run_token") == token:
+                    e.update(status="killed", finished=_now(),
+                             error=f"the orchestrator died (kill -9, OOM killer, ...); its watchdog ended {n_ended} "
+                                   "process(es) of the run")
+                    hit = True
+            if hit:
+                m._write(data)
+    except Exception:  # noqa: BLE001 - best effort: a re-run treats a dead 'running' entry the same way
+        pass
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "watch":
-        sys.exit(_watch(sys.argv[2]))
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "watch":
+        sys.exit(_watch(sys.argv[2], sys.argv[3] if len(sys.argv) == 4 else None))
     sys.exit("internal: started by the orchestrator (eksft_pipeline.pipeline.runner)")

@@ -12,10 +12,11 @@ Per stage (nothing on disk changes before step 1 passed):
    up front (placeholder upstream paths), so a bad SFT value fails before the split runs.
 2. an attempt still running in another live orchestrator is an error; processes left over by an
    earlier attempt of this stage in this run dir (see pipeline/procs.py) are ended.
-3. `stage.clean`: resume points (verl checkpoints, eval samples) are kept only for the SAME config
+3. manifest `start` (status `running`; entries that used this stage's outputs become `stale`), then
+   `stage.clean`: resume points (verl checkpoints, eval samples) are kept only for the SAME config
    (and not with force=true): a changed config retrains from scratch instead of resuming a checkpoint
    written under another config. Eval samples carry their own key (model weights + sampling).
-4. manifest `start` (entries that used this stage's outputs become `stale`), run, `complete`.
+4. run, manifest `complete`.
 
 Failure: the manifest says `failed`, or `killed` after SIGTERM / SIGINT / SIGHUP; every process the
 stage started is ended first. A manifest that cannot be written (full disk) never hides the original
@@ -221,7 +222,7 @@ class Session:
 
     def ensure_watchdog(self) -> None:
         if self.watchdog is None and sys.platform.startswith("linux"):
-            self.watchdog = procs.Watchdog(self.token)
+            self.watchdog = procs.Watchdog(self.token, self.run_dir)
 
     def close(self) -> None:
         if self.watchdog is not None:
@@ -326,19 +327,23 @@ def _run_stage(stage: Stage, key: str, ctx: StageContext, session: Session | Non
             why = "force=true" if force and done else reason
             same = entry.get("config_hash") == h or stage.resume_keyed_by_content
             keep = tuple(k for k in stage.keep_on_retry if (ctx.out_dir / k).exists()) if same and not force else ()
-            if keep:
+            if keep and entry.get("config_hash") != h:
+                _say(f"{key}: re-running ({why}); keeping {list(keep)}: their own key decides what is reused")
+            elif keep:
                 _say(f"{key}: re-running ({why}); same config: keeping {list(keep)} to resume from")
             else:
                 _say(f"{key}: re-running ({why}); removing the previous attempt's outputs"
                      + (" and its checkpoints (they belong to another config)" if stage.keep_on_retry else ""))
-        stage.clean(ctx, keep=keep)
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
         session.ensure_watchdog()
+        # 'running' is recorded BEFORE the previous outputs are removed: a kill in between never leaves a
+        # 'complete' entry whose files are gone
         stale = manifest.start(key, stage_cfg, h, inputs, run_token=session.token)
         if stale:
             _say(f"{key}: marked stale (they used its previous outputs): {', '.join(stale)}")
         t0 = time.time()
         try:
+            stage.clean(ctx, keep=keep)
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
             with _env({procs.ENV_STAGE: key}):
                 result = _launch(stage, ctx)
                 result.summary.setdefault("wall_time_s", round(time.time() - t0, 2))
@@ -465,7 +470,9 @@ def report_error(e: BaseException, cfg: DictConfig) -> int:
     known = isinstance(e, PipelineError | ValueError | FileNotFoundError | KeyError | StalledRun)
     if isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left on device" in msg):
         known = True
-        first += " -- the disk is full: free space there (or use another run_dir) and re-run; resume points are kept"
+        where_fs = getattr(e, "filename", None) or cfg.get("run_dir") or "the run directory"
+        first += (f" -- the file system holding {where_fs} is full: free space there (or use another run_dir) "
+                  "and re-run; resume points are kept")
     elif isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
         known = True
         first = f"{type(e).__name__}: {first}"

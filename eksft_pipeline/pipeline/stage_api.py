@@ -135,7 +135,7 @@ class Stage:
 
     Lifecycle (pipeline/runner.py): `check` (cheap) -> `inputs` + `config` hashed -> skip if complete ->
     `validate` (the whole stage config, the composed verl config; reads only) -> end survivors of an earlier
-    attempt -> `clean` -> manifest `start` -> `run` -> manifest `complete`. Nothing on disk changes before
+    attempt -> manifest `start` -> `clean` -> `run` -> manifest `complete`. Nothing on disk changes before
     `validate` passed.
     """
 

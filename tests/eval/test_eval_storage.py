@@ -15,6 +15,8 @@ from eksft_pipeline.pipeline.manifest import Manifest
 from eksft_pipeline.pipeline.runner import run_pipeline
 from eksft_pipeline.pipeline.verl_config import compose_pipeline
 
+pytestmark = pytest.mark.slow  # HF sampling with a real (untrained) tiny model, 6 eval runs: ~1 min on 2 cores
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
@@ -29,7 +31,7 @@ def _eval(run: Path, assets: Path, model: Path, *extra: str):
     cfg = compose_pipeline(
         "stage=eval", "init=base", "eval.targets=[base]", f"run_dir={run}", f"model.assets_dir={assets}",
         f"model.path={model}", "model.eval.max_problems=2", "model.eval.n_samples=2",
-        "model.eval.max_response_length=12", "model.eval.pass_k=[1,2]", "eval.bootstrap=10", *extra,
+        "model.eval.max_response_length=6", "model.eval.pass_k=[1,2]", "eval.bootstrap=10", *extra,
     )  # fmt: skip
     res = run_pipeline(cfg)
     assert res[0]["status"] == "complete"
@@ -80,7 +82,7 @@ def test_samples_are_keyed_by_model_content_and_damaged_parts_are_redone(assets,
     assert run_pipeline(compose_pipeline(
         "stage=eval", "init=base", "eval.targets=[base]", f"run_dir={run}", f"model.assets_dir={assets}",
         f"model.path={model}", "model.eval.max_problems=2", "model.eval.n_samples=2",
-        "model.eval.max_response_length=12", "model.eval.pass_k=[1,2]", "eval.bootstrap=20"))[0]["status"] == "skipped"
+        "model.eval.max_response_length=6", "model.eval.pass_k=[1,2]", "eval.bootstrap=20"))[0]["status"] == "skipped"
     assert Manifest(run).entry("eval/base")["status"] == "complete"
 
 
