@@ -115,11 +115,33 @@ def _is_multirun() -> bool:
     return any(a in ("-m", "--multirun") for a in sys.argv[1:])
 
 
+def _reexec_with_run_token() -> None:
+    """Put the run token into THIS process's own environment block, by re-executing once before any heavy
+    import (~50 ms). Variables set later through os.environ are invisible in /proc/<pid>/environ, so a child
+    the orchestrator forks without exec (multiprocessing's fork start method) would otherwise carry no token
+    and escape the watchdog's sweep (pipeline/procs.py). EKSFT_NO_REEXEC=1 skips it (debuggers)."""
+    import uuid
+
+    from eksft_pipeline.pipeline.procs import ENV_TOKEN
+
+    if os.environ.get(ENV_TOKEN) or os.environ.get("EKSFT_NO_REEXEC") or not sys.platform.startswith("linux"):
+        return
+    prog = os.path.basename(sys.argv[0])
+    if prog == "__main__.py":  # python [flags] -m eksft_pipeline ...: the same interpreter flags again
+        argv = list(getattr(sys, "orig_argv", None) or [sys.executable, "-m", "eksft_pipeline", *sys.argv[1:]])
+    elif prog.startswith("eksft-pipeline"):  # the console script
+        argv = [sys.executable, "-m", "eksft_pipeline", *sys.argv[1:]]
+    else:  # called from other code: leave the process alone
+        return
+    os.execve(sys.executable, argv, {**os.environ, ENV_TOKEN: uuid.uuid4().hex[:16]})
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if any(a in ("--help", "-h") for a in argv):
         print(_help(), end="")
         return
+    _reexec_with_run_token()
     problem = _precheck(argv)
     if problem:
         print(f"[eksft-pipeline] error: {problem}", flush=True)

@@ -108,6 +108,8 @@ def _ancestors() -> set[int]:
 def find(match: Mapping[str, str], *, exclude_token: str | None = None) -> list[int]:
     """Live processes (never this one or its ancestors) whose environment has every NAME=value of `match`;
     `exclude_token` leaves out those of that invocation."""
+    if not os.path.isdir("/proc"):  # not Linux: nothing to find (children then get sessions of their own)
+        return []
     skip = _ancestors()
     out = []
     for name in os.listdir("/proc"):
@@ -171,9 +173,10 @@ class Watchdog:
     def __init__(self, token: str, run_dir: str | os.PathLike | None = None):
         self.token = token
         env = {k: v for k, v in os.environ.items() if k not in (ENV_TOKEN, ENV_RUN_DIR, ENV_STAGE)}
+        me = f"{os.getpid()}:{start_time(os.getpid())}"
         extra = [str(run_dir)] if run_dir is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "eksft_pipeline.pipeline.procs", "watch", token, *extra],
+            [sys.executable, "-m", "eksft_pipeline.pipeline.procs", "watch", token, me, *extra],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True, env=env,
         )
@@ -189,14 +192,24 @@ class Watchdog:
             self.proc.wait()
 
 
-def _watch(token: str, run_dir: str | None = None) -> int:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # only EOF on stdin ends the watch
+def _watch(token: str, parent: str, run_dir: str | None = None) -> int:
+    """Wait for EOF on stdin (the orchestrator closed it, or died) -- or for the orchestrator to be gone while a
+    child it forked still holds the pipe open -- then sweep."""
+    import select
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # only the orchestrator's end ends the watch
         signal.signal(sig, signal.SIG_IGN)
-    try:
-        while sys.stdin.buffer.read(4096):
-            pass
-    except OSError:
-        pass
+    pid, started = (int(x) if x.isdigit() else None for x in parent.split(":"))
+    fd = sys.stdin.fileno()
+    while True:
+        try:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready and not os.read(fd, 4096):
+                break
+        except OSError:
+            break
+        if pid is not None and not alive(pid, started):
+            break
     ended = end_processes({ENV_TOKEN: token}, grace_s=2.0)
     if run_dir is not None:
         _mark_killed(run_dir, token, len(ended))
@@ -227,6 +240,6 @@ def _mark_killed(run_dir: str, token: str, n_ended: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (3, 4) and sys.argv[1] == "watch":
-        sys.exit(_watch(sys.argv[2], sys.argv[3] if len(sys.argv) == 4 else None))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "watch":
+        sys.exit(_watch(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) == 5 else None))
     sys.exit("internal: started by the orchestrator (eksft_pipeline.pipeline.runner)")

@@ -215,7 +215,8 @@ class Session:
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.token = uuid.uuid4().hex[:16]
+        # the command line put one into this process's own environment (__main__._reexec_with_run_token)
+        self.token = os.environ.get(procs.ENV_TOKEN) or uuid.uuid4().hex[:16]
         self.watchdog: procs.Watchdog | None = None
         self._env = _env({procs.ENV_TOKEN: self.token, procs.ENV_RUN_DIR: str(run_dir), procs.ENV_STAGE: None})
         self._env.__enter__()

@@ -108,3 +108,35 @@ def test_alive_tells_a_reused_pid_from_the_original():
         p.kill()
         p.wait()
     assert not procs.alive(p.pid)
+
+
+def test_watchdog_also_notices_a_dead_orchestrator_whose_forked_child_holds_the_pipe(tmp_path):
+    """A child forked (not exec'd) after the watchdog started keeps the pipe open: the watchdog must still act
+    when the orchestrator itself is gone."""
+    mark = uuid.uuid4().hex
+    script = tmp_path / "orchestrator.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        from eksft_pipeline.pipeline import procs
+        w = procs.Watchdog(os.environ[procs.ENV_TOKEN])
+        if os.fork() == 0:  # a forked (not exec'd) child in a session of its own: holds the pipe's write end
+            os.setsid()
+            while True:
+                time.sleep(0.2)
+        print(w.proc.pid, flush=True)
+        time.sleep(600)
+    """))
+    # the token in the orchestrator's own environment block, as `python -m eksft_pipeline` arranges it
+    env = {**os.environ, "EKSFT_TEST_MARK": mark, procs.ENV_TOKEN: uuid.uuid4().hex}
+    orch = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        watchdog_pid = int(orch.stdout.readline())
+        time.sleep(1.0)
+        os.killpg(orch.pid, signal.SIGKILL)
+        orch.wait()
+        assert _wait_gone(mark, timeout=10) == []
+        assert not procs.alive(watchdog_pid)
+    finally:
+        for pid in _marked(mark):
+            os.kill(pid, signal.SIGKILL)
