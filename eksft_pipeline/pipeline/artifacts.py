@@ -165,6 +165,7 @@ def tee(
     from eksft_pipeline.pipeline import procs
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**env, "PYTHONUNBUFFERED": env.get("PYTHONUNBUFFERED") or "1"}  # the log is complete up to a crash
     tracked = bool(env.get(procs.ENV_TOKEN)) and sys.platform.startswith("linux")
     match = {procs.ENV_TOKEN: env[procs.ENV_TOKEN]} if tracked else {}
     if tracked and env.get(procs.ENV_STAGE):

@@ -169,6 +169,9 @@ def trial_rng(name: str) -> random.Random:
 # -- kill -9 at a random point of each stage, then re-run ---------------------------------------------
 KILL_TRIALS = {
     # stage key: (overrides that make the stage run in a copy of the complete run, kill window after it starts)
+    # assets: into a folder of the trial's own (the shared data/generated/tiny must not be rebuilt)
+    "assets": (("stage=assets", "model.assets_dir={tmp}/assets", "model.assets.pretrain=false",
+                "model.assets.n_problems=300"), (0.0, 8.0)),
     "split": (("stage=split", "force=true"), (0.0, 4.0)),
     "sft/eksft": (("stage=sft", *SFT_SMALL), (2.0, 40.0)),
     "handoff/eksft": (("stage=handoff", "force=true"), (0.0, 6.0)),
@@ -183,6 +186,7 @@ FAST_KILLS = {"rl/eksft"}  # in `make test`; the others run with `make test-long
                                  for k in KILL_TRIALS])
 def test_kill9_at_a_random_point_then_rerun(complete_tiny_run, tmp_path, key):
     args, (lo, hi) = KILL_TRIALS[key]
+    args = tuple(a.replace("{tmp}", str(tmp_path)) for a in args)
     delay = trial_rng(key).uniform(lo, hi)
     print(f"\n[faults] {key}: kill -9 of the process group {delay:.2f}s after the stage starts (seed {SEED})")
     run = copy_run(complete_tiny_run.run_dir, tmp_path / "run")
