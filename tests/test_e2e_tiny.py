@@ -8,10 +8,7 @@ that the report carries every stage's numbers.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,17 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ["assets", "split", "sft/eksft", "handoff/eksft", "rl/eksft", "eval/eksft", "report"]
 
 
-def test_tiny_pipeline_end_to_end(tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "eksft_pipeline", f"run_dir={run_dir}"]
-    t0 = time.time()
-    log = tmp_path / "pipeline.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=1500,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wall = time.time() - t0
-    text = log.read_text(errors="replace")
-    assert proc.returncode == 0, text[-5000:]
+def test_tiny_pipeline_end_to_end(tiny_run):
+    """The run itself is the session fixture `tiny_run` (tests/conftest.py), shared with the fault-injection suite."""
+    run_dir, cmd, text, wall = tiny_run.run_dir, list(tiny_run.cmd), tiny_run.log, tiny_run.wall_s
+    assert tiny_run.returncode == 0, text[-5000:]
     print(f"\n[e2e] tiny pipeline: {wall:.0f}s")
 
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
@@ -45,7 +35,10 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert set(s["eval/eksft"]) >= {"sft", "rl"}
 
     out = {k: v["path"] for k, v in manifest["rl/eksft"]["outputs"].items()}
-    assert (Path(out["hf_model"]) / "model.safetensors").is_file()
+    assert out["hf_model"] == "rl/eksft/hf_model"  # recorded relative to the run dir
+    assert (run_dir / out["hf_model"] / "model.safetensors").is_file()
+    # the console shows the pipeline's lines and training progress, not verl's config dump
+    assert "step 4/4" in text and len(text.splitlines()) < 200, len(text.splitlines())
     for target in ("sft", "rl"):
         d = run_dir / "eval" / "eksft" / target
         assert (d / "samples.parquet").is_file() and (d / "scores.parquet").is_file()
@@ -66,7 +59,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
               "rl_curves.png", "case_study/token_probs.html", "report.json"):
         assert (run_dir / "report" / f).stat().st_size > 0, f
 
-    # a second invocation skips every complete stage
+    # a second invocation skips every complete stage (tiny_run is shared: this changes nothing in it)
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     for key in STAGES:

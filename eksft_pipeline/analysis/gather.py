@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eksft_pipeline.pipeline.manifest import resolve_recorded
+
 TARGET_LABEL = {"base": "base", "sft": "SFT", "rl": "SFT→RL"}
 
 
@@ -71,7 +73,8 @@ def gather(run_dirs: list[str | Path]) -> RunData:
             data.stages[f"{rd}::{key}"] = entry
             if entry.get("status") != "complete":
                 continue
-            outs = {k: v["path"] for k, v in (entry.get("outputs") or {}).items()}
+            # recorded relative to the run dir (pipeline/manifest.py): a moved or copied run reads its own files
+            outs = {k: resolve_recorded(rd, v["path"]) for k, v in (entry.get("outputs") or {}).items()}
             kind, _, tag = key.partition("/")
             if kind == "split" and data.split is None:
                 data.split = entry.get("summary", {})

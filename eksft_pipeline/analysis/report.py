@@ -29,7 +29,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from eksft_pipeline.analysis.gather import RunData, gather
-from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult
+from eksft_pipeline.pipeline.artifacts import atomic_write_text
+from eksft_pipeline.pipeline.manifest import resolve_recorded
+from eksft_pipeline.pipeline.stage_api import ConfigError, Stage, StageContext, StageResult
 
 
 def _plain(x):
@@ -109,9 +111,18 @@ class ReportStage(Stage):
                 if key == "report" or e.get("status") != "complete":
                     continue
                 for name, o in (e.get("outputs") or {}).items():
-                    if name.endswith(("metrics", "drift")) and Path(o["path"]).is_file():
-                        inp[f"{rd.name}:{key}:{name}"] = o["path"]
+                    path = resolve_recorded(rd, o["path"])
+                    if name.endswith(("metrics", "drift")) and Path(path).is_file():
+                        inp[f"{rd.name}:{key}:{name}"] = path
         return inp
+
+    def check(self, ctx):
+        if ctx.dry_run:
+            return
+        missing = [str(d) for d in self._run_dirs(ctx) if not (d / "manifest.json").exists() and d != ctx.run_dir]
+        if missing:
+            raise ConfigError(f"report.run_dirs: no manifest.json in {', '.join(missing)}; list run directories "
+                              "this pipeline wrote")
 
     def describe(self, ctx):
         return {"stage": "report", "run_dirs": [str(d) for d in self._run_dirs(ctx)],
@@ -213,8 +224,8 @@ class ReportStage(Stage):
             everything["split"] = data.split
         everything["stages"] = data.stages
 
-        (out / "report.json").write_text(json.dumps(everything, indent=1, default=str))
-        (out / "report.md").write_text("\n".join(md))
+        atomic_write_text(out / "report.json", json.dumps(everything, indent=1, default=str))
+        atomic_write_text(out / "report.md", "\n".join(md))
         outputs["report_json"] = str(out / "report.json")
         outputs["report_md"] = str(out / "report.md")
         return StageResult(outputs=outputs, summary={"report": str(out / "report.md"), "n_models": len(data.evals),

@@ -221,7 +221,14 @@ def load_source(
     elif _is_hub_name(src):
         import datasets  # heavy import; only for hub sources
 
-        ds = datasets.load_dataset(src, split=hub_split)
+        try:
+            ds = datasets.load_dataset(src, split=hub_split)
+        except Exception as e:  # noqa: BLE001 - offline / missing / auth errors come in many types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DataError(
+                f"hub dataset {src!r} could not be loaded ({type(e).__name__}: {first}); download it first "
+                f"(huggingface-cli download --repo-type dataset {src}) or set split.source=/path/to/file.parquet"
+            ) from None
         index_cols = [c for c in ds.column_names if _PANDAS_INDEX.fullmatch(c)]
         if index_cols:
             ds = ds.remove_columns(index_cols)
@@ -248,6 +255,43 @@ def load_source(
             "map it with field_map or pass allow_extra_columns=True to ignore it"
         )
     return LoadedSource(rows=rows, columns=columns, extra_columns=extra, files=file_names)
+
+
+def _short(value: Any, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def drop_detail(row: dict[str, Any] | None, reason: str) -> str:
+    """One human-readable line saying what exactly is wrong with a dropped row (written to dropped.jsonl)."""
+    if row is None or reason == "invalid_json":
+        return "the line does not parse as a JSON object"
+    if reason == "missing_field":
+        return f"missing column(s) {[c for c in REQUIRED_COLUMNS if c not in row]}"
+    if reason == "bad_data_source":
+        return f"data_source={_short(row.get('data_source'))} (need a non-empty string)"
+    for col in ("prompt", "target"):
+        if reason == f"{col}_not_list":
+            return f"{col} is {type(row.get(col)).__name__}, not a list of messages"
+        if reason == f"{col}_bad_message":
+            return f"{col}={_short(row.get(col), 120)} (need [{{'role': ..., 'content': str}}], roles system/user/assistant" + (
+                ", exactly one assistant message)" if col == "target" else ")")
+    if reason == "prompt_no_user":
+        return "the last prompt message is not a non-empty user message"
+    if reason == "empty_trace":
+        return "the assistant content is empty"
+    if reason == "bad_reward_model":
+        return f"reward_model is {type(row.get('reward_model')).__name__}, not a mapping with ground_truth"
+    rm = row.get("reward_model") if isinstance(row.get("reward_model"), dict) else {}
+    if reason == "missing_answer":
+        return f"reward_model.ground_truth={_short(rm.get('ground_truth'))} (missing or empty)"
+    if reason == "bad_answer_type":
+        return f"reward_model.ground_truth is {type(rm.get('ground_truth')).__name__}, not a string"
+    if reason == "bad_ability":
+        return f"ability is {type(row.get('ability')).__name__}, not a string"
+    if reason == "missing_think_prefix":
+        return "think_prefix=prompt needs the trace to start with '<think>\\n'"
+    return reason
 
 
 # ------------------------------------------------------------------------------------------ think prefix
@@ -287,7 +331,13 @@ def _load_tokenizer(tokenizer: Any) -> Any:
         return tokenizer
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tokenizer))
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    except OSError as e:  # transformers' messages run to many lines; the cause fits in one
+        raise DataError(
+            f"tokenizer {str(tokenizer)!r} could not be loaded ({type(e).__name__}); it must be a local model "
+            f"directory or a hub model in the local cache (huggingface-cli download {tokenizer})"
+        ) from None
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool, kwargs: dict) -> str:
@@ -440,11 +490,11 @@ def split_dataset(
     valid: list[tuple[int, dict[str, Any]]] = []
     for i, row in enumerate(tqdm(loaded.rows, desc="validate", disable=not progress)):
         if row is _INVALID_JSON:
-            dropped.append((i, "invalid_json", ""))
+            dropped.append((i, "invalid_json", drop_detail(None, "invalid_json")))
             continue
         clean, reason = validate_row(row, think_prefix=think_prefix)
         if reason is not None:
-            dropped.append((i, reason, ""))
+            dropped.append((i, reason, drop_detail(row, reason)))
             continue
         clean["content"], _ = apply_think_prefix(clean["trace"], think_prefix)
         valid.append((i, clean))

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult
+from eksft_pipeline.pipeline.artifacts import atomic_write_json
+from eksft_pipeline.pipeline.stage_api import ConfigError, Stage, StageContext, StageResult, positive
 
 
 def _plain(x):
@@ -33,6 +34,23 @@ class AssetsStage(Stage):
     def config(self, cfg):
         return {"model": {"name": cfg.model.name, "kind": cfg.model.kind, "path": str(cfg.model.path),
                           "assets": _plain(cfg.model.get("assets"))}}
+
+    def check(self, ctx):
+        if str(ctx.cfg.model.kind) not in ("tiny", "hf"):
+            raise ConfigError(f"model.kind={ctx.cfg.model.kind!r} must be 'tiny' (built here) or 'hf' (a hub name or "
+                              "local directory in model.path); fix the model recipe")
+
+    def validate(self, ctx):
+        self.check(ctx)
+        if str(ctx.cfg.model.kind) == "tiny":
+            import inspect
+
+            from eksft_pipeline.models.tiny import make_tiny_assets
+
+            known = set(inspect.signature(make_tiny_assets).parameters) - {"out_dir"}
+            bad = sorted(set(_plain(ctx.cfg.model.get("assets")) or {}) - known)
+            if bad:
+                raise ConfigError(f"model.assets has unknown key(s) {bad}; known: {sorted(known)}")
 
     def describe(self, ctx):
         cfg = ctx.cfg
@@ -54,7 +72,7 @@ class AssetsStage(Stage):
                 if Path(str(want)).resolve() != Path(paths[key]).resolve():
                     raise ValueError(f"model recipe points at {want} but make_tiny_assets wrote {paths[key]}")
             ref = {k: str(v) for k, v in paths.items()}
-            (out / "assets.json").write_text(json.dumps(ref, indent=2))
+            atomic_write_json(out / "assets.json", ref, indent=2)
             log = Path(paths["model"]) / "pretrain_log.json"
             summary = json.loads(log.read_text()) if log.exists() else {}
             summary = {k: v for k, v in summary.items() if not isinstance(v, list)}
@@ -66,7 +84,7 @@ class AssetsStage(Stage):
         if cfg.model.kind != "hf":
             raise ValueError(f"model.kind must be 'tiny' or 'hf', got {cfg.model.kind!r}")
         ref = {"model": str(cfg.model.path), "note": "hub name or local dir, loaded by verl / transformers"}
-        (out / "assets.json").write_text(json.dumps(ref, indent=2))
+        atomic_write_json(out / "assets.json", ref, indent=2)
         return StageResult(outputs={"assets": str(out / "assets.json")}, summary=ref)
 
 
@@ -86,6 +104,20 @@ class SplitStage(Stage):
         if Path(str(ctx.cfg.model.path)).exists():
             inp["tokenizer"] = str(ctx.cfg.model.path)
         return inp
+
+    def check(self, ctx):
+        from eksft_pipeline.data.split import THINK_PREFIX_MODES, _is_hub_name
+
+        s = ctx.cfg.split
+        if str(s.think_prefix) not in THINK_PREFIX_MODES:
+            raise ConfigError(f"split.think_prefix={s.think_prefix!r} must be one of {list(THINK_PREFIX_MODES)}")
+        positive(s, "n_sft", "split")
+        positive(s, "n_rl", "split", allow_none=True)
+        positive(s, "cutoff_tokens", "split")
+        src = str(s.source)
+        if not ctx.dry_run and not Path(src).expanduser().exists() and not _is_hub_name(src):
+            raise ConfigError(f"split.source={src} does not exist and is not a hub dataset name (owner/name); "
+                              "point it at a local parquet/jsonl file or directory")
 
     def describe(self, ctx):
         from eksft_pipeline.data.chat_template import template_name

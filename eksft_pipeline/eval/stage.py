@@ -17,13 +17,19 @@ For each target model (`eval.targets`: `sft` = the SFT output of `init`, `rl` = 
                                                      problems, and the sampling settings of every number;
                                                      verifier_audit per benchmark (eval/audit.py)
 
-Sampling is resumable (completed problems are appended to `samples/part-*.parquet` as they finish,
-and kept across a killed attempt); a re-run with the same sampling settings scores from the saved
-samples without regenerating. Changing n / temperature / top_p / max length / seed re-samples.
+Sample storage (`<target>/samples/part-*.parquet` + `<target>/sampling.json`): each completed problem's
+rows are written as one part, atomically (temporary name + rename), so a kill loses at most the problems
+in flight. The saved samples are keyed by a hash of the model's CONTENT (weights, config, tokenizer files;
+`model_fingerprint`) plus the sampling settings (n, temperature, top_p, max length, seed, generation
+prefix, backend) -- not by the model's path: a re-trained model at the same path, or changed settings,
+re-samples; the same model and settings (even after a config change elsewhere, or from a copied run
+directory) score the saved samples without regenerating. `force=true` re-samples everything. A part a
+kill or a disk error left unreadable is removed and its problems sampled again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,7 +40,45 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult, init_tag, known_methods
+from eksft_pipeline.pipeline.artifacts import atomic_path, atomic_write_json, is_temporary
+from eksft_pipeline.pipeline.stage_api import (
+    ConfigError,
+    Stage,
+    StageContext,
+    StageResult,
+    check_init_spec,
+    init_tag,
+    known_methods,
+    positive,
+)
+
+SAMPLE_COLUMNS = ("benchmark", "problem_id", "sample_idx", "completion", "finish_reason", "n_tokens", "ground_truth")
+# files of a model directory that say where it came from, not what it computes
+_PROVENANCE = {"EXPORTED_FROM", "pretrain_log.json", "README.md"}
+
+
+def model_fingerprint(model_ref: str, cache=None) -> str:
+    """Hash of what a model directory computes: sha256 of every file (weights, config, tokenizer, chat template,
+    generation config) by relative path, provenance notes excluded. A hub name not in the local cache
+    (sampled by vLLM, which downloads it) is keyed by its name."""
+    from eksft_pipeline.pipeline.manifest import HashCache
+
+    p = Path(str(model_ref)).expanduser()
+    if not p.is_dir():
+        try:
+            from eksft_pipeline.models.hub import resolve_model_dir
+
+            p = resolve_model_dir(str(model_ref))
+        except FileNotFoundError:
+            return f"name:{model_ref}"
+    cache = cache or HashCache(None)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        rel = f.relative_to(p).as_posix()
+        if f.name in _PROVENANCE or any(part.startswith(".") for part in f.relative_to(p).parts):
+            continue
+        h.update(f"{rel}\0{cache.sha256(f)}\n".encode())
+    return "sha256:" + h.hexdigest()
 
 
 def _plain(x):
@@ -139,6 +183,8 @@ def metrics_for(scores: pd.DataFrame, n: int, pass_k: list[int], *, n_boot: int,
 class EvalStage(Stage):
     name = "eval"
     resources = {"num_cpus": 1, "num_gpus": "all"}
+    # saved samples carry their own key (model content + sampling settings): kept across config changes
+    resume_keyed_by_content = True
 
     def key(self, cfg):
         spec = str(cfg.init) if cfg.get("init") not in (None, "") else str(cfg.method.name)
@@ -175,6 +221,35 @@ class EvalStage(Stage):
         if not out:
             raise ValueError(f"eval: no model to evaluate for targets {list(cfg.eval.targets)} and init={spec}")
         return out
+
+    def check(self, ctx):
+        e = ctx.cfg.eval
+        if any(t in ("sft", "rl") for t in list(e.targets)):
+            check_init_spec(ctx.init_spec())
+        bad = [t for t in list(e.targets) if t not in ("sft", "rl", "base")]
+        if bad or not list(e.targets):
+            raise ConfigError(f"eval.targets={list(e.targets)}: each must be sft, rl or base")
+        positive(e, "n_samples", "eval")
+        positive(e, "max_response_length", "eval")
+        positive(e, "temperature", "eval", zero=True, kind=float)
+        top_p = positive(e, "top_p", "eval", kind=float)
+        if top_p > 1:
+            raise ConfigError(f"eval.top_p={top_p} must be in (0, 1]")
+        positive(e, "bootstrap", "eval", zero=True)
+        positive(e, "max_problems", "eval", allow_none=True)
+        ks = list(e.pass_k)
+        if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+            raise ConfigError(f"eval.pass_k={ks} must be a non-empty list of integers >= 1")
+        if str(e.backend) not in ("hf", "vllm"):
+            raise ConfigError(f"eval.backend={e.backend!r} must be 'hf' (CPU / one GPU) or 'vllm' (GPU)")
+        benches = _plain(e.benchmarks) or {}
+        if not benches:
+            raise ConfigError("eval.benchmarks is empty; pick a benchmark recipe (recipes/benchmarks/)")
+        if not ctx.dry_run:
+            missing = [f"{n}: {b.get('path')}" for n, b in benches.items() if not Path(str(b.get("path"))).exists()]
+            if missing:
+                raise ConfigError(f"benchmark file(s) not found ({'; '.join(missing)}); put them there or set "
+                                  "EKSFT_EVAL_DATA_DIR / eval_data_dir to their folder")
 
     def inputs(self, ctx):
         inp = {f"model_{k}": v for k, v in self.targets(ctx).items() if Path(v).exists()}
@@ -232,27 +307,54 @@ class EvalStage(Stage):
 
     def _eval_target(self, ctx, target, model_dir, problems, params, tdir: Path) -> dict:
         from eksft_pipeline.eval.audit import verifier_audit
+        from eksft_pipeline.rl.reward import shutdown_pool
 
         cfg = ctx.cfg
-        settings = params.as_dict() | {"model": str(model_dir), "backend": str(cfg.eval.backend)}
-        sfile = tdir / "sampling.json"
-        if sfile.exists() and json.loads(sfile.read_text()) != settings:
-            print(f"[eval] {target}: sampling settings changed; discarding saved samples in {tdir}", flush=True)
-            shutil.rmtree(tdir)
-        parts = tdir / "samples"
+        settings = params.as_dict() | {"model_hash": model_fingerprint(str(model_dir), ctx.manifest.hashes),
+                                       "backend": str(cfg.eval.backend)}
+        parts, sfile = tdir / "samples", tdir / "sampling.json"
+        try:
+            saved = json.loads(sfile.read_text())
+            saved.pop("model_path", None)
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if parts.exists() and saved != settings:
+            why = "no readable sampling.json" if saved is None else "the model's weights or the sampling settings differ"
+            print(f"[eval] {target}: discarding saved samples ({why})", flush=True)
+            shutil.rmtree(parts)
+        for name in ("samples.parquet", "scores.parquet", "metrics.json"):  # derived: rebuilt below
+            (tdir / name).unlink(missing_ok=True)
         parts.mkdir(parents=True, exist_ok=True)
-        sfile.write_text(json.dumps(settings, indent=2))
+        atomic_write_json(sfile, settings | {"model_path": str(model_dir)}, indent=2)
 
-        existing = set()
-        for f in sorted(parts.glob("part-*.parquet")):
-            d = pd.read_parquet(f, columns=["problem_id", "sample_idx"])
+        existing: set[tuple[str, int]] = set()
+        last = -1
+        for f in sorted(parts.iterdir()):
+            if is_temporary(f.name):  # a write a kill interrupted
+                f.unlink(missing_ok=True)
+                continue
+            if not (f.name.startswith("part-") and f.suffix == ".parquet"):
+                continue
+            try:
+                d = pd.read_parquet(f)
+                missing = [c for c in SAMPLE_COLUMNS if c not in d.columns]
+                if missing:
+                    raise ValueError(f"columns {missing} missing")
+            except Exception as e:  # noqa: BLE001 - any unreadable part is a leftover to redo
+                print(f"[eval] {target}: {f.name} is unreadable ({type(e).__name__}); removing it, its problems "
+                      "are sampled again", flush=True)
+                f.unlink(missing_ok=True)
+                continue
             existing |= set(zip(d.problem_id, d.sample_idx.astype(int)))
-        n_parts = len(list(parts.glob("part-*.parquet")))
+            last = max(last, int(f.stem.split("-")[1]) if f.stem.split("-")[1].isdigit() else last)
+        n_parts = last + 1
 
         def save(rows):
+            """Persist one completed problem's rows as a new part (atomic)."""
             nonlocal n_parts
             if rows:
-                pd.DataFrame(rows).to_parquet(parts / f"part-{n_parts:06d}.parquet", index=False)
+                with atomic_path(parts / f"part-{n_parts:06d}.parquet") as tmp:
+                    pd.DataFrame(rows).to_parquet(tmp, index=False)
                 n_parts += 1
 
         backend = str(cfg.eval.backend)
@@ -285,22 +387,30 @@ class EvalStage(Stage):
         else:
             print(f"[eval] {target}: all samples present, scoring saved samples", flush=True)
 
-        samples = pd.concat([pd.read_parquet(f) for f in sorted(parts.glob("part-*.parquet"))], ignore_index=True)
+        files = sorted(parts.glob("part-*.parquet"))
+        if not files:
+            raise RuntimeError(f"eval {target}: no samples were produced in {parts}")
+        samples = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
         samples = samples.drop_duplicates(["problem_id", "sample_idx"], keep="first")
         wanted = {p.problem_id for p in problems}
         samples = samples[samples.problem_id.isin(wanted) & (samples.sample_idx < params.n)]
         samples = samples.sort_values(["benchmark", "problem_id", "sample_idx"]).reset_index(drop=True)
-        samples.to_parquet(tdir / "samples.parquet", index=False)
+        with atomic_path(tdir / "samples.parquet") as tmp:
+            samples.to_parquet(tmp, index=False)
 
-        scores, rstats = score_samples(samples, benchmark_policies(_plain(cfg.eval.benchmarks)))
-        scores.to_parquet(tdir / "scores.parquet", index=False)
+        try:
+            scores, rstats = score_samples(samples, benchmark_policies(_plain(cfg.eval.benchmarks)))
+        finally:
+            shutdown_pool()  # the verifier processes must not outlive the stage
+        with atomic_path(tdir / "scores.parquet") as tmp:
+            scores.to_parquet(tmp, index=False)
 
         per_bench = metrics_for(scores, params.n, [int(k) for k in cfg.eval.pass_k],
                                 n_boot=int(cfg.eval.bootstrap), seed=int(cfg.seed))
         result = {"target": target, "model": str(model_dir), "sampling": settings,
                   "reward_stats": _jsonable(rstats), "benchmarks": per_bench,
                   "verifier_audit": _jsonable(verifier_audit(scores, policies=_policy_names(scores)))}
-        (tdir / "metrics.json").write_text(json.dumps(result, indent=2))
+        atomic_write_json(tdir / "metrics.json", result, indent=2)
         return result
 
 

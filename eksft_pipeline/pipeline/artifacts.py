@@ -1,18 +1,140 @@
-"""Files and processes the training stages share: a tee'd subprocess, verl checkpoints -> HF dirs.
+"""Files and processes the training stages share: a logged subprocess, atomic writes, verl checkpoints -> HF dirs.
 
 Lives in `pipeline/` so that the SFT and RL stages use the same code without importing each other.
+
+* `tee` runs verl (torchrun / main_ppo) with its FULL output in the stage's log file (progress bars as one
+  line per update, not one giant line) and a short console view: `StepProgress` turns verl's
+  `step:N - key:value - ...` lines into `[rl/eksft] step 3/8  score -1.62  73.1 s/step  ETA 6m05s`.
+* `atomic_path` / `atomic_write_text` / `atomic_write_json`: write to a temporary name in the same folder,
+  fsync, rename -- a kill never leaves a half-written file under the final name.
+* `export_hf_model` copies the last checkpoint's HF directory into `hf_model/` (checked, atomically swapped);
+  `check_resume_point` makes sure verl's `latest_checkpointed_iteration.txt` can be trusted before a resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from eksft_pipeline.pipeline.stage_api import PipelineError
+
+
+@contextlib.contextmanager
+def quiet():
+    """verl prints and warns while its config is validated (platform probing, optional engines); the
+    console is for the pipeline's own lines. Errors still propagate as exceptions."""
+    import io
+    import logging
+    import warnings
+
+    buf = io.StringIO()
+    prev = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(prev)
+
+
+# -- atomic writes -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it is fsynced and renamed to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, **kw) -> None:
+    atomic_write_text(path, json.dumps(obj, **kw))
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
+
+
+# -- logged subprocess ---------------------------------------------------------------------------------
+_ANSI = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")
+_RAY_PREFIX = re.compile(r"^\((?:[\w.]+ )?pid=\d+(?:, ip=[\d.]+)?\)\s*")
+_STEP = re.compile(r"(?<![\w/])step:(\d+) - (.*)")
+_KV = re.compile(r"([\w/@.\-]+):(-?[\d.]+(?:e[-+]?\d+)?)(?=\s|$)")
+_TOTAL = re.compile(r"Total (?:training )?steps:? (\d+)")
+_BAR = re.compile(r"\|\s*(\d+)/(\d+) \[")
+_CKPT = re.compile(r"Saving checkpoint to:? (\S+)")
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class StepProgress:
+    """Console view of a verl run: one line per training step (step/total, chosen metrics, s/step, ETA) and one
+    per checkpoint; everything else stays in the log file."""
+
+    def __init__(self, key: str, metrics: dict[str, str], total: int | None = None):
+        self.key, self.metrics, self.total = key, metrics, total
+        self.t_first: float | None = None
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+
+    def __call__(self, line: str) -> str | None:
+        line = _RAY_PREFIX.sub("", line.strip())
+        m = _STEP.search(line)
+        if m is None:
+            bar = _BAR.search(line) if ("Epoch" in line or "Training Progress" in line) else None
+            if self.total is None and (t := _TOTAL.search(line) or bar):
+                self.total = int(t.group(t.lastindex))
+            if c := _CKPT.search(line):
+                return f"[{self.key}] checkpoint {Path(c.group(1)).name}"
+            return None
+        step = int(m.group(1))
+        kv = dict(_KV.findall(m.group(2)))
+        now = time.monotonic()
+        parts = [f"[{self.key}] step {step}" + (f"/{self.total}" if self.total else "")]
+        for label, k in self.metrics.items():
+            if k in kv:
+                parts.append(f"{label} {float(kv[k]):.4g}")
+        if self.t_first is None:
+            self.t_first, self.first_step = now, step
+        elif step > self.first_step:
+            rate = (now - self.t_first) / (step - self.first_step)
+            parts.append(f"{rate:.1f} s/step")
+            if self.total and self.total > step:
+                parts.append(f"ETA {_fmt_s(rate * (self.total - step))}")
+        self.last_step = step
+        return "  ".join(parts)
 
 
 def tee(
@@ -23,42 +145,98 @@ def tee(
     *,
     watchdog: Callable[[], str | None] | None = None,
     poll_s: float = 5.0,
+    progress: Callable[[str], str | None] | None = None,
+    heartbeat_s: float = 120.0,
 ) -> int:
-    """Run `cmd`, streaming its output to our stdout and to `log_path`. Returns the exit code.
+    """Run `cmd`, its whole output going to `log_path`; return the exit code.
 
-    `watchdog`, if given, is polled every `poll_s` seconds while the process runs; when it returns
-    a message, the process group is killed, the message is logged, and `StalledRun` is raised
-    (used by the RL stage: verl's dynamic sampling can loop forever on a policy whose groups are
-    all right or all wrong).
+    Console: every line when `progress` is None; otherwise only what `progress(line)` returns (e.g. a
+    `StepProgress`), plus a heartbeat line when nothing was shown for `heartbeat_s`.
+
+    Processes: when `env` carries the orchestrator's run token (pipeline/procs.py) the command stays in the
+    orchestrator's process group -- a `kill -9` of the group reaches it -- and everything it starts (Ray
+    included) is found and ended by that token; without a token it gets a session of its own and is ended
+    through that process group. Either way an exception here (Ctrl-C, SIGTERM) ends the whole tree first.
+
+    `watchdog`, if given, is polled every `poll_s` seconds while the process runs; when it returns a
+    message, the process tree is ended, the message is logged, and `StalledRun` is raised (used by the RL
+    stage: verl's dynamic sampling can loop forever on a policy whose groups are all right or all wrong).
     """
+    from eksft_pipeline.pipeline import procs
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**env, "PYTHONUNBUFFERED": env.get("PYTHONUNBUFFERED") or "1"}  # the log is complete up to a crash
+    tracked = bool(env.get(procs.ENV_TOKEN)) and sys.platform.startswith("linux")
+    match = {procs.ENV_TOKEN: env[procs.ENV_TOKEN]} if tracked else {}
+    if tracked and env.get(procs.ENV_STAGE):
+        match[procs.ENV_STAGE] = env[procs.ENV_STAGE]
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
+        log.flush()
         proc = subprocess.Popen(
-            cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=not tracked
         )
         assert proc.stdout is not None
+
+        def kill_tree() -> None:
+            if tracked:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                procs.end_processes(match, grace_s=5.0)
+            else:
+                _kill_group(proc)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)
+
         stalled: list[str] = []
         stop = threading.Event()
+        shown = {"t": time.monotonic(), "last": ""}
+        t_start = time.monotonic()
+        say_lock = threading.Lock()
+
+        def say(text: str) -> None:
+            with say_lock:
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
+                shown["t"] = time.monotonic()
 
         def _watch():
             while not stop.wait(poll_s):
-                msg = watchdog()
-                if msg:
-                    stalled.append(msg)
-                    _kill_group(proc)
-                    return
+                if watchdog is not None:
+                    msg = watchdog()
+                    if msg:
+                        stalled.append(msg)
+                        kill_tree()
+                        return
+                if progress is not None and time.monotonic() - shown["t"] > heartbeat_s:
+                    say(f"    ... still running ({_fmt_s(time.monotonic() - t_start)}); last log line: "
+                        f"{shown['last'][:100]!r}; full output: {log_path}")
 
-        watcher = threading.Thread(target=_watch, daemon=True) if watchdog is not None else None
-        if watcher is not None:
-            watcher.start()
+        watcher = threading.Thread(target=_watch, daemon=True)
+        watcher.start()
+        pending = b""
         try:
-            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
-                log.write(chunk)
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
+            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+                # progress bars redraw with '\r': one log line per redraw instead of one giant line
+                chunk = pending + chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                *lines, pending = chunk.split(b"\n")
+                if lines:
+                    log.write(b"\n".join(lines) + b"\n")
+                    log.flush()
+                for raw in lines:
+                    text = _ANSI.sub(b"", raw).decode(errors="replace")
+                    if text.strip():
+                        shown["last"] = text.strip()
+                    if progress is None:
+                        say(text)
+                    elif (msg := progress(text)) is not None:
+                        say(msg)
+            if pending:
+                log.write(pending + b"\n")
+                if progress is None:
+                    say(_ANSI.sub(b"", pending).decode(errors="replace"))
         except BaseException:
-            _kill_group(proc)
+            kill_tree()
             raise
         finally:
             stop.set()
@@ -69,12 +247,12 @@ def tee(
         return rc
 
 
-class StalledRun(RuntimeError):
+class StalledRun(PipelineError):
     """A watched subprocess made no progress and was killed."""
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the process and everything it started (Ray workers of a verl run included)."""
+    """Kill the process and everything in its session's process group."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -89,9 +267,30 @@ def tail(path: Path, n: int = 40) -> str:
         return ""
 
 
+def read_metric_logs(log_dir: Path) -> tuple[dict[int, dict], int]:
+    """step -> metrics from verl's file logger (`metrics-*.jsonl`, one file per attempt), merged over attempts
+    (a later attempt's value for a step wins), and the number of unreadable lines skipped (a line cut short
+    by a kill is a leftover, not a reason to fail)."""
+    steps: dict[int, dict] = {}
+    bad = 0
+    for f in sorted(log_dir.glob("metrics-*.jsonl")):
+        for line in f.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                steps.setdefault(int(rec["step"]), {}).update(rec["data"])
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+    return dict(sorted(steps.items())), bad
+
+
+# -- checkpoints -> HF model -----------------------------------------------------------------------------
+TRACKER = "latest_checkpointed_iteration.txt"
+
 
 def latest_checkpoint(ckpt_root: Path) -> Path:
-    tracker = ckpt_root / "latest_checkpointed_iteration.txt"
+    tracker = ckpt_root / TRACKER
     if not tracker.exists():
         raise FileNotFoundError(f"no checkpoint tracker {tracker}: verl saved no checkpoint")
     step = int(tracker.read_text().strip())
@@ -101,15 +300,76 @@ def latest_checkpoint(ckpt_root: Path) -> Path:
     return path
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def check_resume_point(ckpt_root: Path) -> str | None:
+    """Make verl's `resume_mode=auto` safe after a kill; returns what was done (None: nothing to do).
+
+    verl resumes from `global_step_<latest_checkpointed_iteration.txt>` and writes the tracker after a
+    checkpoint's files. So: an unreadable tracker or one pointing at a missing folder -> start afresh (the
+    folder is removed); checkpoint folders newer than the tracker (a kill during a save) -> removed.
+    """
+    if not ckpt_root.is_dir():
+        return None
+    tracker = ckpt_root / TRACKER
+    dirs = {int(d.name.rsplit("_", 1)[1]): d for d in ckpt_root.glob("global_step_*")
+            if d.is_dir() and d.name.rsplit("_", 1)[1].isdigit()}
+    step = None
+    if tracker.exists():
+        with contextlib.suppress(ValueError, OSError):
+            step = int(tracker.read_text().strip())
+        if step is None or step not in dirs:
+            shutil.rmtree(ckpt_root)
+            return f"checkpoint tracker {tracker} is unreadable or points at a missing folder: starting afresh"
+    partial = sorted(n for n in dirs if step is None or n > step)
+    for n in partial:
+        shutil.rmtree(dirs[n])
+    if partial:
+        return f"removed {len(partial)} checkpoint folder(s) a kill left half-written: {partial}"
+    return None
+
+
+DONE_MARKER = "TRAINING_COMPLETE.json"
+
+
+def mark_training_done(ckpt_root: Path) -> None:
+    """After verl exited 0: remember that training under THIS config finished at the tracker's step (the runner
+    removes `checkpoints/` whenever the config changes, so the marker never outlives its config)."""
+    step = int(latest_checkpoint(ckpt_root).name.rsplit("_", 1)[1])
+    atomic_write_json(ckpt_root / DONE_MARKER, {"step": step})
+
+
+def training_done(ckpt_root: Path) -> int | None:
+    """The final step if a previous attempt with this config finished training (e.g. it was killed while
+    exporting, or an exported file was damaged): then only the export is redone, verl is not relaunched --
+    relaunching it on a finished checkpoint costs its whole start-up, and verl 0.9.1's SFT trainer even trains
+    one step past the end when the last step is not an epoch boundary."""
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        step = int(json.loads((ckpt_root / DONE_MARKER).read_text())["step"])
+        return step if int(latest_checkpoint(ckpt_root).name.rsplit("_", 1)[1]) == step else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is complete: its header parses and the file is as long as the header says."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise PipelineError(f"{path} is not a complete safetensors file ({e}); delete it to have it rebuilt") from e
+    if 8 + n + end != size:
+        raise PipelineError(f"{path} is truncated or padded ({size} bytes, header says {8 + n + end}); "
+                            "delete it to have it rebuilt")
 
 
 def export_hf_model(ckpt_root: Path, dst: Path, *, base_model: str, subdir: str = "huggingface") -> Path:
-    """Last checkpoint's `huggingface/` -> `dst` (hard links when possible), completed and checked.
+    """Last checkpoint's `huggingface/` -> `dst` (a copy, never hard links: the output must not share bytes
+    with a checkpoint that a later resume or a user might rewrite), completed, checked and swapped in
+    atomically (a temporary folder renamed over `dst`).
 
     verl writes weights + config + tokenizer there when `checkpoint.save_contents` has `hf_model`.
     If only FSDP shards exist (hf_model not saved), the handoff stage merges them instead; here we
@@ -123,13 +383,16 @@ def export_hf_model(ckpt_root: Path, dst: Path, *, base_model: str, subdir: str 
             f"{src} has no weights: add hf_model to checkpoint.save_contents, or merge the FSDP shards "
             f"with `python -m verl.model_merger merge --backend fsdp --local_dir {ckpt} --target_dir {dst}`"
         )
-    tmp = dst.with_name(dst.name + ".tmp")
+    for w in weights:
+        if w.suffix == ".safetensors":
+            check_safetensors(w)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for f in src.iterdir():
         if f.is_file():
-            _link_or_copy(f, tmp / f.name)
+            shutil.copy2(f, tmp / f.name)
     # generation config / chat template from the base model when verl did not write them
     from eksft_pipeline.models.hub import resolve_model_dir
 
@@ -143,10 +406,13 @@ def export_hf_model(ckpt_root: Path, dst: Path, *, base_model: str, subdir: str 
             if not (tmp / name).exists() and (base / name).exists():
                 shutil.copy2(base / name, tmp / name)
     _check_hf_dir(tmp)
+    (tmp / "EXPORTED_FROM").write_text(os.path.relpath(ckpt, dst.parent) + "\n")
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
     if dst.exists():
-        shutil.rmtree(dst)
+        os.replace(dst, old)
     os.replace(tmp, dst)
-    (dst / "EXPORTED_FROM").write_text(str(ckpt) + "\n")
+    if old.exists():
+        shutil.rmtree(old)
     return dst
 
 
@@ -159,3 +425,5 @@ def _check_hf_dir(d: Path) -> None:
         raise ValueError(f"exported model {d} has no chat template")
     if tok.eos_token is None:
         raise ValueError(f"exported model {d} has no EOS token")
+    for w in d.glob("*.safetensors"):
+        check_safetensors(w)

@@ -4,6 +4,25 @@
     python -m eksft_pipeline stage=sft method=dft  # one stage
     python -m eksft_pipeline dry_run=true model=qwen3-8b cluster=8gpu   # print commands + configs
 
+Per stage (nothing on disk changes before step 1 passed):
+
+1. `stage.check` (cheap checks, e.g. `init=`), inputs + config -> hash; a complete entry with the same
+   hash and intact outputs is skipped. Then `stage.validate` -- the whole stage config and the composed
+   verl config (read-only). With several stages listed, every stage not yet complete is validated once
+   up front (placeholder upstream paths), so a bad SFT value fails before the split runs.
+2. an attempt still running in another live orchestrator is an error; processes left over by an
+   earlier attempt of this stage in this run dir (see pipeline/procs.py) are ended.
+3. manifest `start` (status `running`; entries that used this stage's outputs become `stale`), then
+   `stage.clean`: resume points (verl checkpoints, eval samples) are kept only for the SAME config
+   (and not with force=true): a changed config retrains from scratch instead of resuming a checkpoint
+   written under another config. Eval samples carry their own key (model weights + sampling).
+4. run, manifest `complete`.
+
+Failure: the manifest says `failed`, or `killed` after SIGTERM / SIGINT / SIGHUP; every process the
+stage started is ended first. A manifest that cannot be written (full disk) never hides the original
+error. The console's last line is one `error:` line naming the fix; verl's full output stays in the
+stage's log file.
+
 Launchers: `cluster.launcher=local` runs a stage in this process (stages that need torchrun or
 verl's Ray trainer start those themselves); `cluster.launcher=ray` submits each stage as a Ray
 task with the stage's resources (the SFT and eval stages hold the node's GPUs, the RL stage holds
@@ -12,19 +31,26 @@ none because verl's own Ray actors take them).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import json
 import os
+import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from eksft_pipeline.pipeline.manifest import Manifest, config_hash, hash_path
-from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult
+from eksft_pipeline.pipeline import procs
+from eksft_pipeline.pipeline.artifacts import quiet
+from eksft_pipeline.pipeline.manifest import Manifest
+from eksft_pipeline.pipeline.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult
 
 REGISTRY = {
     "assets": "eksft_pipeline.data.stage:AssetsStage",
@@ -36,23 +62,22 @@ REGISTRY = {
     "report": "eksft_pipeline.analysis.report:ReportStage",
 }
 ORDER = list(REGISTRY)
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+class StageKilled(BaseException):
+    """SIGTERM / SIGHUP reached the orchestrator (SIGINT arrives as KeyboardInterrupt)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def load_stage(name: str) -> Stage:
     if name not in REGISTRY:
-        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(ORDER)} (or 'all')")
+        raise ConfigError(f"unknown stage {name!r}; known stages: {', '.join(ORDER)} (or 'all')")
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _say(msg: str) -> None:
@@ -78,7 +103,7 @@ def _launch(stage: Stage, ctx: StageContext) -> StageResult:
     if str(cfg.cluster.launcher) == "local":
         return stage.run(ctx)
     if str(cfg.cluster.launcher) != "ray":
-        raise ValueError(f"cluster.launcher must be 'local' or 'ray', got {cfg.cluster.launcher!r}")
+        raise ConfigError(f"cluster.launcher must be 'local' or 'ray', got {cfg.cluster.launcher!r}")
     import ray
 
     if not ray.is_initialized():
@@ -90,7 +115,7 @@ def _launch(stage: Stage, ctx: StageContext) -> StageResult:
         env = {
             k: v
             for k, v in ctx.env().items()
-            if k.startswith(("VERL_", "HF_", "WANDB_", "PYTHONPATH", "CUDA_", "TOKENIZERS"))
+            if k.startswith(("VERL_", "HF_", "WANDB_", "PYTHONPATH", "CUDA_", "TOKENIZERS", "EKSFT_"))
         }
         init_kwargs["runtime_env"] = {"env_vars": env}
         ray.init(**init_kwargs)
@@ -101,85 +126,384 @@ def _launch(stage: Stage, ctx: StageContext) -> StageResult:
     return ray.get(remote.remote(stage.name, cfg_container, str(ctx.run_dir), ctx.key))
 
 
-def run_stage(name: str, cfg: DictConfig, run_dir: Path, manifest: Manifest) -> dict:
+# -- run directory, environment, processes -------------------------------------------------------------
+def check_run_dir(value) -> Path:
+    """The run directory, resolved; ConfigError (one line) for an empty value, a file, or the repository."""
+    from eksft_pipeline.pipeline.verl_config import RECIPES_DIR
+
+    text = "" if value is None else str(value).strip()
+    if not text:
+        raise ConfigError("run_dir is empty; set run_dir=runs/<name> (a directory for this run's stages and manifest)")
+    p = Path(text).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"run_dir={value} is a file, not a directory; choose another run_dir=runs/<name>")
+    repo = RECIPES_DIR.parent.resolve()
+    if p == Path(p.anchor) or p == repo or p in repo.parents:
+        raise ConfigError(f"run_dir={value} is {p}, which would mix stage folders into "
+                          f"{'the repository' if p == repo else 'a parent of the repository'}; use run_dir=runs/<name>")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ConfigError(f"run_dir={p} is not writable; choose another run_dir")
+    return p
+
+
+@contextlib.contextmanager
+def _env(updates: dict[str, str | None]):
+    saved = {k: os.environ.get(k) for k in updates}
+    for k, v in updates.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _offline_updates(cfg: DictConfig) -> dict[str, str]:
+    """The cluster's HF offline switches, applied to this process too: in-process stages (split's tokenizer,
+    eval, the report) must fail at once on a missing model, not retry the network for a minute."""
+    env = OmegaConf.to_container(cfg.cluster.get("env") or {}, resolve=True) or {}
+    if str(env.get("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", ""))).lower() not in ("1", "true", "yes"):
+        return {}
+    return dict.fromkeys(OFFLINE_VARS, "1")
+
+
+@contextlib.contextmanager
+def _hub_offline(on: bool):
+    """huggingface_hub reads HF_HUB_OFFLINE at import; patch the constant if it was imported already."""
+    hub = sys.modules.get("huggingface_hub.constants")
+    if not on or hub is None:
+        yield
+        return
+    saved = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
+
+
+def preflight(cfg: DictConfig, names: list[str]) -> None:
+    """Checks that need no stage: a hub model on an offline cluster must already be in the local cache."""
+    if not set(names) & {"split", "sft", "handoff", "rl", "eval"}:
+        return
+    ref = str(cfg.model.path)
+    if Path(ref).expanduser().is_dir() or not _offline_updates(cfg):
+        return
+    if str(cfg.model.get("kind")) == "tiny":
+        return  # built by the assets stage
+    from eksft_pipeline.models.hub import resolve_model_dir
+
+    try:
+        resolve_model_dir(ref)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"model.path={ref} is neither a local directory nor in the local HF cache, and cluster={cfg.cluster.name} "
+            f"is offline (HF_HUB_OFFLINE=1): download it first (huggingface-cli download {ref}), set "
+            "model.path=/local/dir, or use model=tiny on this machine"
+        ) from None
+
+
+class Session:
+    """One orchestrator invocation: its run token in the environment and the watchdog that ends its
+    processes if it dies (pipeline/procs.py)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        # the command line put one into this process's own environment (__main__._reexec_with_run_token)
+        self.token = os.environ.get(procs.ENV_TOKEN) or uuid.uuid4().hex[:16]
+        self.watchdog: procs.Watchdog | None = None
+        self._env = _env({procs.ENV_TOKEN: self.token, procs.ENV_RUN_DIR: str(run_dir), procs.ENV_STAGE: None})
+        self._env.__enter__()
+
+    def ensure_watchdog(self) -> None:
+        if self.watchdog is None and sys.platform.startswith("linux"):
+            self.watchdog = procs.Watchdog(self.token, self.run_dir)
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
+        self._env.__exit__(None, None, None)
+
+
+_signals = {"deferred": False, "pending": None}
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Cleanup after a failure must not itself be interrupted by a second Ctrl-C / SIGTERM."""
+    _signals["deferred"] = True
+    try:
+        yield
+    finally:
+        _signals["deferred"] = False
+
+
+def _guard(entry: dict | None, key: str, run_dir: Path, session: Session) -> None:
+    if entry and entry.get("status") == "running" and entry.get("host") == socket.gethostname():
+        pid = int(entry.get("pid", -1))
+        started = entry.get("pid_start")
+        if pid > 0 and pid != os.getpid():
+            live = procs.alive(pid, started) if started is not None else (
+                procs.alive(pid) and "eksft_pipeline" in procs.cmdline(pid))
+            if live:
+                raise PipelineError(
+                    f"stage {key} is already running in process {pid} (since {entry.get('started')}); "
+                    f"wait for it to finish, or stop it with `kill {pid}` and re-run"
+                )
+    left = procs.survivors(str(run_dir), key, session.token)
+    if left:
+        _say(f"{key}: ending {len(left)} process(es) left over by an earlier attempt: {procs.describe(left)}")
+        procs.end_processes({procs.ENV_RUN_DIR: str(run_dir), procs.ENV_STAGE: key}, exclude_token=session.token)
+
+
+def _record_failure(e: BaseException, key: str, manifest: Manifest, session: Session | None) -> None:
+    killed = isinstance(e, KeyboardInterrupt | StageKilled)
+    with _signals_deferred():
+        if session is not None:
+            ended = procs.end_processes({procs.ENV_TOKEN: session.token, procs.ENV_STAGE: key})
+            if ended:
+                _say(f"{key}: ended {len(ended)} process(es) of this stage")
+        status = "killed" if killed else "failed"
+        try:
+            manifest.fail(key, "".join(traceback.format_exception(e)), status=status)
+        except OSError as me:  # e.g. ENOSPC: keep the original error, say what else went wrong
+            try:
+                e.manifest_error = me
+            except AttributeError:
+                pass
+            _say(f"warning: could not record '{status}' for {key} in {manifest.path}: {me}")
+
+
+def run_stage(name: str, cfg: DictConfig, run_dir: Path, manifest: Manifest, session: Session | None = None) -> dict:
     stage = load_stage(name)
     key = stage.key(cfg)
     ctx = StageContext(cfg=cfg, run_dir=run_dir, manifest=manifest, key=key, dry_run=bool(cfg.dry_run))
-    if ctx.dry_run:
-        desc = stage.describe(ctx)
-        print(json.dumps(desc, indent=2, default=str), flush=True)
-        return {"key": key, "status": "dry-run"}
+    try:
+        if ctx.dry_run:
+            with quiet():
+                stage.validate(ctx)
+            print(json.dumps(stage.describe(ctx), indent=2, default=str), flush=True)
+            return {"key": key, "status": "dry-run"}
+        return _run_stage(stage, key, ctx, session)
+    except BaseException as e:
+        if not hasattr(e, "stage_key"):
+            with contextlib.suppress(AttributeError):
+                e.stage_key = key
+        raise
 
+
+def _run_stage(stage: Stage, key: str, ctx: StageContext, session: Session | None) -> dict:
+    cfg, run_dir, manifest = ctx.cfg, ctx.run_dir, ctx.manifest
+    stage.check(ctx)
     inputs = stage.inputs(ctx)
     stage_cfg = stage.config(cfg)
-    h = config_hash({"config": stage_cfg, "inputs": {k: hash_path(v) for k, v in inputs.items()}})
+    h = manifest.stage_hash(stage_cfg, inputs)
     done, reason = manifest.is_complete(key, h)
-    if done and not cfg.force:
+    force = bool(cfg.force)
+    if done and not force:
         _say(f"{key}: complete, skipped (outputs in {ctx.out_dir})")
         return {"key": key, "status": "skipped"}
+    with quiet():
+        stage.validate(ctx)  # before anything below touches the disk
 
-    entry = manifest.entry(key)
-    if entry and entry.get("status") == "running" and entry.get("host") == socket.gethostname():
-        pid = int(entry.get("pid", -1))
-        if pid != os.getpid() and pid > 0 and _pid_alive(pid):
-            raise RuntimeError(f"stage {key} is already running in process {pid} (manifest {manifest.path})")
-    if entry is not None:
-        _say(
-            f"{key}: re-running ({reason}); cleaning the previous attempt, keeping {list(stage.keep_on_retry) or 'nothing'}"
-        )
-        stage.clean(ctx)
+    if session is None:
+        session = Session(run_dir)
+        own_session = True
     else:
-        _say(f"{key}: running")
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    manifest.start(key, stage_cfg, h, inputs)
-    t0 = time.time()
+        own_session = False
     try:
-        result = _launch(stage, ctx)
-    except BaseException as e:  # KeyboardInterrupt too: the manifest must say the attempt died
-        manifest.fail(key, "".join(traceback.format_exception(e)))
-        raise
-    result.summary.setdefault("wall_time_s", round(time.time() - t0, 2))
-    manifest.complete(key, result.outputs, result.summary)
-    _say(f"{key}: complete in {time.time() - t0:.1f}s")
-    return {"key": key, "status": "complete", "outputs": result.outputs, "summary": result.summary}
+        entry = manifest.entry(key)
+        _guard(entry, key, run_dir, session)
+        if entry is None:
+            _say(f"{key}: running")
+            keep: tuple[str, ...] = ()
+        else:
+            why = "force=true" if force and done else reason
+            same = entry.get("config_hash") == h or stage.resume_keyed_by_content
+            keep = tuple(k for k in stage.keep_on_retry if (ctx.out_dir / k).exists()) if same and not force else ()
+            if keep and entry.get("config_hash") != h:
+                _say(f"{key}: re-running ({why}); keeping {list(keep)}: their own key decides what is reused")
+            elif keep:
+                _say(f"{key}: re-running ({why}); same config: keeping {list(keep)} to resume from")
+            else:
+                _say(f"{key}: re-running ({why}); removing the previous attempt's outputs"
+                     + (" and its checkpoints (they belong to another config)" if stage.keep_on_retry else ""))
+        session.ensure_watchdog()
+        # 'running' is recorded BEFORE the previous outputs are removed: a kill in between never leaves a
+        # 'complete' entry whose files are gone
+        stale = manifest.start(key, stage_cfg, h, inputs, run_token=session.token)
+        if stale:
+            _say(f"{key}: marked stale (they used its previous outputs): {', '.join(stale)}")
+        t0 = time.time()
+        try:
+            stage.clean(ctx, keep=keep)
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+            with _env({procs.ENV_STAGE: key}):
+                result = _launch(stage, ctx)
+                result.summary.setdefault("wall_time_s", round(time.time() - t0, 2))
+                restored = manifest.complete(key, result.outputs, result.summary)
+        except BaseException as e:
+            _record_failure(e, key, manifest, session)
+            raise
+        _say(f"{key}: complete in {time.time() - t0:.1f}s")
+        if restored:
+            _say(f"{key}: its outputs are unchanged, so these are current again: {', '.join(restored)}")
+        return {"key": key, "status": "complete", "outputs": result.outputs, "summary": result.summary}
+    finally:
+        if own_session:
+            session.close()
 
 
 def stage_list(cfg: DictConfig) -> list[str]:
     names = list(cfg.stage.run)
     for n in names:
         if n not in REGISTRY:
-            raise ValueError(f"unknown stage {n!r} in stage.run; known stages: {', '.join(ORDER)}")
+            raise ConfigError(f"unknown stage {n!r} in stage.run; known stages: {', '.join(ORDER)}")
     return names
 
 
+def _validate_upfront(names: list[str], cfg: DictConfig, run_dir: Path, manifest: Manifest) -> None:
+    """Validate every listed stage that is not complete yet, with placeholder upstream paths."""
+    if len(names) < 2:
+        return
+    stages = manifest.read()["stages"]
+    for name in names:
+        stage = load_stage(name)
+        key = stage.key(cfg)
+        if (stages.get(key) or {}).get("status") == "complete" and not cfg.force:
+            continue
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, manifest=manifest, key=key, dry_run=True)
+        try:
+            with quiet():
+                stage.validate(ctx)
+        except BaseException as e:
+            with contextlib.suppress(AttributeError):
+                e.stage_key = key
+            raise
+
+
 def run_pipeline(cfg: DictConfig) -> list[dict]:
-    run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
+    run_dir = check_run_dir(cfg.get("run_dir"))
+    names = stage_list(cfg)
     manifest = Manifest(run_dir)
     results = []
-    names = stage_list(cfg)
     _say(
         f"run dir {run_dir}; stages {' -> '.join(names)}; model={cfg.model.name} method={cfg.method.name}"
         f" cluster={cfg.cluster.name}" + (" (dry run)" if cfg.dry_run else "")
     )
-    for name in names:
-        results.append(run_stage(name, cfg, run_dir, manifest))
+    offline = _offline_updates(cfg)
+    if not sys.stdout.isatty():  # console captured to a file: in-process progress bars redraw rarely
+        offline.setdefault("TQDM_MININTERVAL", os.environ.get("TQDM_MININTERVAL", "30"))
+    with _env(offline), _hub_offline(bool(offline)):
+        if not cfg.dry_run:
+            preflight(cfg, names)
+            _validate_upfront(names, cfg, run_dir, manifest)
+        session = None if cfg.dry_run else Session(run_dir)
+        try:
+            for name in names:
+                results.append(run_stage(name, cfg, run_dir, manifest, session))
+        finally:
+            if session is not None:
+                session.close()
     if not cfg.dry_run:
         report = [r for r in results if r["key"] == "report" and r["status"] in ("complete", "skipped")]
         if report:
-            rep = manifest.entry("report") or {}
-            path = (rep.get("outputs") or {}).get("report_md", {}).get("path")
-            if path:
-                _say(f"report: {path}")
+            with contextlib.suppress(FileNotFoundError):
+                path = manifest.outputs("report").get("report_md")
+                if path:
+                    _say(f"report: {path}")
     return results
 
 
+# -- the command line ---------------------------------------------------------------------------------
+def _on_signal(signum, frame):
+    if _signals["deferred"]:
+        _signals["pending"] = signum
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise StageKilled(signum)
+
+
+def _signal_name(e: BaseException) -> tuple[str, int]:
+    signum = e.signum if isinstance(e, StageKilled) else signal.SIGINT
+    return signal.Signals(signum).name, int(signum)
+
+
+def _traceback_file(e: BaseException, cfg: DictConfig) -> str:
+    text = "".join(traceback.format_exception(e))
+    for folder in (Path(str(cfg.get("run_dir") or ".")) / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+            path.write_text(text)
+            return str(path.resolve())
+        except OSError:
+            continue
+    return "(could not be written)"
+
+
+def report_error(e: BaseException, cfg: DictConfig) -> int:
+    """Print context (if any) and then ONE `error:` line naming the fix; returns the exit code."""
+    from eksft_pipeline.pipeline.artifacts import StalledRun
+
+    where = f"{e.stage_key}: " if getattr(e, "stage_key", None) else ""
+    if isinstance(e, KeyboardInterrupt | StageKilled):
+        name, num = _signal_name(e)
+        _say(f"error: {where}stopped by {name}; every process it started was ended and the manifest says 'killed'; "
+             "re-run the same command to resume")
+        return 128 + num
+    msg = str(e).strip()
+    if isinstance(e, KeyError) and msg.startswith(("'", '"')) and len(e.args) == 1:
+        msg = str(e.args[0])
+    lines = msg.splitlines() or [type(e).__name__]
+    details = [*str(getattr(e, "details", "") or "").splitlines(), *lines[1:]]
+    for line in details[-40:]:
+        print(f"    {line}", flush=True)
+    first = lines[0]
+    known = isinstance(e, PipelineError | ValueError | FileNotFoundError | KeyError | StalledRun)
+    if isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left on device" in msg):
+        known = True
+        where_fs = getattr(e, "filename", None) or cfg.get("run_dir") or "the run directory"
+        first += (f" -- the file system holding {where_fs} is full: free space there (or use another run_dir) "
+                  "and re-run; resume points are kept")
+    elif isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        known = True
+        first = f"{type(e).__name__}: {first}"
+    if not known:
+        first = (f"{type(e).__name__}: {first} (unexpected; full traceback in {_traceback_file(e, cfg)}; "
+                 "set EKSFT_DEBUG=1 to see it here)")
+    me = getattr(e, "manifest_error", None)
+    if me is not None:
+        first += f" [the manifest could not record this failure either: {me.strerror or me}]"
+    _say(f"error: {where}{first}")
+    return 2 if known else 1
+
+
 def main_from_config(cfg: DictConfig) -> int:
+    import threading
+
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            installed[sig] = signal.signal(sig, _on_signal)
     try:
         run_pipeline(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        _say(f"error: {e}")
-        return 2
-    return 0
+        return 0
+    except (Exception, KeyboardInterrupt, StageKilled) as e:
+        if os.environ.get("EKSFT_DEBUG") and not isinstance(e, KeyboardInterrupt | StageKilled):
+            traceback.print_exception(e)
+        return report_error(e, cfg)
+    finally:
+        for sig, old in installed.items():
+            signal.signal(sig, old)
 
 
 if __name__ == "__main__":  # pragma: no cover

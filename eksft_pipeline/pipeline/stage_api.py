@@ -23,6 +23,19 @@ class NotImplementedInThisBuild(RuntimeError):
     """A stage this build cannot run (never reported as success)."""
 
 
+class PipelineError(RuntimeError):
+    """An error the user can fix: `str(e)` is ONE line naming the problem and the fix; `details` (optional,
+    several lines, e.g. the last lines of verl's log) is printed above it."""
+
+    def __init__(self, message: str, *, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+class ConfigError(PipelineError, ValueError):
+    """A config value a stage rejects before it touches anything on disk."""
+
+
 @dataclass
 class StageResult:
     outputs: dict[str, str]
@@ -67,6 +80,46 @@ def known_methods() -> set[str]:
     return {p.stem for p in (recipes_dir() / "method").glob("*.yaml")}
 
 
+def check_init_spec(spec: str) -> str:
+    """`init=` must be a method name, `base`, a local model directory or a model in the local HF cache;
+    returns which of these it is, or raises ConfigError (one line) instead of a later "no complete output"."""
+    if spec == "base":
+        return "base"
+    methods = known_methods()
+    if spec in methods:
+        return "method"
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return "path"
+    if not p.exists() and not spec.startswith(("/", ".", "~")) and "/" in spec:
+        from eksft_pipeline.models.hub import resolve_model_dir
+
+        try:
+            resolve_model_dir(spec)
+            return "hub"
+        except FileNotFoundError:
+            pass
+    what = "is a file, not a model directory" if p.is_file() else "does not exist"
+    raise ConfigError(
+        f"init={spec!r} is neither a method ({', '.join(sorted(methods))}), 'base', nor a model directory or "
+        f"cached hub model (as a path it {what}); fix: init=<method>, init=base or init=/path/to/hf_model"
+    )
+
+
+def positive(cfg_node, name: str, where: str, *, allow_none: bool = False, zero: bool = False, kind=int):
+    """Read `cfg_node[name]` as a positive number (or None / 0 where allowed); ConfigError naming the key otherwise."""
+    v = cfg_node.get(name)
+    if v is None and allow_none:
+        return None
+    try:
+        x = kind(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}.{name}={v!r} is not a number; set {where}.{name}=<{kind.__name__}>") from None
+    if x < 0 or (x == 0 and not zero):
+        raise ConfigError(f"{where}.{name}={v!r} must be {'>= 0' if zero else '> 0'}; fix {where}.{name}")
+    return x
+
+
 def init_tag(spec: str) -> str:
     """Directory-safe name of an `init=` value: a method name, `base`, or `path-<hash>`."""
     if spec == "base" or spec in known_methods():
@@ -78,11 +131,21 @@ def init_tag(spec: str) -> str:
 
 
 class Stage:
-    """Base class: subclasses set `name` and implement `key`, `config`, `inputs`, `run`, `describe`."""
+    """Base class: subclasses set `name` and implement `key`, `config`, `inputs`, `validate`, `run`, `describe`.
+
+    Lifecycle (pipeline/runner.py): `check` (cheap) -> `inputs` + `config` hashed -> skip if complete ->
+    `validate` (the whole stage config, the composed verl config; reads only) -> end survivors of an earlier
+    attempt -> manifest `start` -> `clean` -> `run` -> manifest `complete`. Nothing on disk changes before
+    `validate` passed.
+    """
 
     name: str = ""
-    # relative paths under out_dir kept when a failed/killed attempt is cleaned (resume points)
+    # relative paths under out_dir kept when a failed/killed attempt OF THE SAME CONFIG is cleaned (resume
+    # points: verl checkpoints and their logs); a changed config or force=true removes them too
     keep_on_retry: tuple[str, ...] = ()
+    # True when the stage's resume points carry their own key (eval samples are keyed by the model's
+    # weights and the sampling settings), so they are kept across config changes (not across force=true)
+    resume_keyed_by_content: bool = False
     # Ray resources when launched as a Ray task: num_gpus="all" means cluster.gpus_per_node
     resources: dict[str, Any] = {"num_cpus": 1, "num_gpus": 0}
 
@@ -96,6 +159,15 @@ class Stage:
     def inputs(self, ctx: StageContext) -> dict[str, str]:
         return {}
 
+    def check(self, ctx: StageContext) -> None:
+        """Cheap config checks (no heavy imports, no upstream files): run before anything else, even before a
+        complete stage is skipped, so e.g. a bad `init=` is named as such. Reads only."""
+
+    def validate(self, ctx: StageContext) -> None:
+        """Everything `check` does plus the expensive part (compose and validate the verl config): run before
+        anything is cleaned or written, when the stage is about to run. Reads only; `ctx.dry_run` may be set."""
+        self.check(ctx)
+
     def run(self, ctx: StageContext) -> StageResult:
         raise NotImplementedInThisBuild(f"stage {self.name!r} is not implemented in this build")
 
@@ -103,12 +175,12 @@ class Stage:
         """What `dry_run=true` prints: commands and resolved configs, without running anything."""
         return {"stage": self.name, "key": ctx.key}
 
-    def clean(self, ctx: StageContext) -> None:
-        """Remove a failed/killed attempt's partial outputs, keeping `keep_on_retry` paths."""
+    def clean(self, ctx: StageContext, keep: tuple[str, ...] | None = None) -> None:
+        """Remove a previous attempt's outputs, keeping the resume points `keep` (default `keep_on_retry`)."""
         out = ctx.out_dir
         if not out.exists():
             return
-        keep = {out / k for k in self.keep_on_retry}
+        keep = {out / k for k in (self.keep_on_retry if keep is None else keep)}
         for child in out.iterdir():
             if child in keep:
                 continue

@@ -88,8 +88,13 @@ def compose_verl(name: str, overrides: list[str] | None = None) -> DictConfig:
 
 def compose_pipeline(*overrides: str) -> DictConfig:
     """The orchestrator's config (`recipes/config.yaml`) as `python -m eksft_pipeline <overrides>` composes it,
-    for running stages from Python: `run_pipeline(compose_pipeline("stage=sft", "method=sft"))`."""
-    return _compose(recipes_dir(), "config", redirect_benchmark_overrides(list(overrides)))
+    for running stages from Python: `run_pipeline(compose_pipeline("stage=sft", "method=sft"))`.
+    The overrides are recorded in `cli_overrides`, as the command line records its own."""
+    overrides = redirect_benchmark_overrides(list(overrides))
+    cfg = _compose(recipes_dir(), "config", overrides)
+    with open_dict(cfg):
+        cfg.cli_overrides = list(overrides)
+    return cfg
 
 
 _EVAL_BENCHMARKS = re.compile(r"^([+~]{0,2})eval\.benchmarks\.")
@@ -108,6 +113,42 @@ def redirect_benchmark_overrides(overrides: list[str]) -> list[str]:
             print(f"[eksft] {o} -> {new} (eval.benchmarks interpolates the model's benchmark block)", file=sys.stderr)
         out.append(new)
     return out
+
+
+def command_line_blocks(cfg: DictConfig, *prefixes: str, owned: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+    """The command line's overrides of keys under `prefixes` (e.g. `sft.verl`, `model.sft.verl`), as
+    (where, nested dict) blocks to merge LAST into a verl config: a value typed on the command line wins over
+    every recipe layer (`sft.verl.optim.lr=5e-4` beats the model recipe's `model.sft.verl.optim.lr`).
+
+    Values are read back from the composed `cfg` (Hydra already parsed them); a '+' on the override is kept
+    on the leaf key so `strict_merge` lets a deliberately new key through. Deletions (`~key`) are skipped.
+    `owned` maps verl keys the stage sets itself (e.g. `data.max_response_length`) to the pipeline key that
+    controls them: overriding those on the command line would be silently undone, so it is rejected.
+    """
+    from eksft_pipeline.pipeline.stage_api import ConfigError
+
+    blocks = []
+    for ov in list(cfg.get("cli_overrides") or []):
+        key, sep, _ = str(ov).partition("=")
+        if not sep or key.startswith("~"):
+            continue
+        add = key.startswith("+") and not key.startswith("++")
+        key = key.lstrip("+")
+        for prefix in prefixes:
+            if not key.startswith(prefix + "."):
+                continue
+            path = key[len(prefix) + 1 :].split(".")
+            dotted = ".".join(path)
+            for own, instead in (owned or {}).items():
+                if dotted == own or dotted.startswith(own + ".") or own.startswith(dotted + "."):
+                    raise ConfigError(f"{key} is set by the stage itself (from {instead}); set {instead} instead")
+            value = _to_plain(OmegaConf.select(cfg, key, default=None))
+            node: Any = value
+            for i, part in enumerate(reversed(path)):
+                leaf = i == 0
+                node = {("+" + part) if (leaf and add) else part: node}
+            blocks.append((f"command line {key}", node))
+    return blocks
 
 
 def _to_plain(x):

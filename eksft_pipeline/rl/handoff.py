@@ -41,7 +41,15 @@ from typing import Any
 
 import pandas as pd
 
-from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult, init_tag, known_methods
+from eksft_pipeline.pipeline.stage_api import (
+    Stage,
+    StageContext,
+    StageResult,
+    check_init_spec,
+    init_tag,
+    known_methods,
+    positive,
+)
 
 
 class HandoffError(ValueError):
@@ -303,6 +311,12 @@ class HandoffStage(Stage):
                 inp["run_tokenizer"] = split["tokenizer"]
         return inp
 
+    def check(self, ctx):
+        check_init_spec(ctx.init_spec())
+        positive(ctx.cfg.handoff, "n_check", "handoff")
+        positive(ctx.cfg.rl, "max_prompt_length", "rl")
+        positive(ctx.cfg.rl, "max_response_length", "rl")
+
     def describe(self, ctx):
         return {"stage": "handoff", "key": ctx.key, "init": ctx.init_spec(), "model": self.source(ctx),
                 "checks": ["weights", "template", "eos", "context"]}
@@ -363,7 +377,9 @@ class HandoffStage(Stage):
             except HandoffError as e:
                 report[name] = {"ok": False, "error": str(e)}
                 failures.append(str(e))
-        (out / "handoff_report.json").write_text(json.dumps(report, indent=2, default=str))
+        from eksft_pipeline.pipeline.artifacts import atomic_write_json
+
+        atomic_write_json(out / "handoff_report.json", report, indent=2, default=str)
         if failures and bool(cfg.handoff.strict):
             raise HandoffError("handoff checks failed (handoff.strict=true):\n- " + "\n- ".join(failures))
         return StageResult(outputs={"model": str(model_dir), "report": str(out / "handoff_report.json")},

@@ -79,6 +79,7 @@ def validate_ppo_config(cfg: Any, *, instantiate_model: bool | None = None) -> d
     Any rejection is re-raised as ``ValueError`` naming the block. Returns ``{block: instance}``.
     """
     from omegaconf import OmegaConf
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
     from verl.trainer.ppo.reward import get_custom_reward_fn, resolve_reward_manager_cls
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.trainer.ppo.v1.trainer_base import PPOTrainer
@@ -101,6 +102,8 @@ def validate_ppo_config(cfg: Any, *, instantiate_model: bool | None = None) -> d
     arr = cfg.actor_rollout_ref
     build("actor_rollout_ref.actor", lambda: omega_conf_to_dataclass(arr.actor))
     build("algorithm", lambda: omega_conf_to_dataclass(cfg.algorithm))
+    # verl only looks the estimator up when the first advantage is computed, after rollout: check it now
+    build("algorithm.adv_estimator", lambda: get_adv_estimator_fn(str(cfg.algorithm.adv_estimator)))
     build("actor_rollout_ref.rollout", lambda: omega_conf_to_dataclass(arr.rollout))
     build("actor_rollout_ref.rollout.checkpoint_engine", lambda: omega_conf_to_dataclass(arr.rollout.checkpoint_engine))
     if use_ref:

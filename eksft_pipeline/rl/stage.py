@@ -21,8 +21,15 @@ Stall guard: verl's V1 dynamic sampling refills filtered groups without a bound 
 are all right or all wrong loops forever. The stage kills the run with a clear error when no
 training step is logged for `rl.stall_timeout_s` seconds.
 
-Resume: `checkpoints/` and `logs/` survive a failed attempt; verl's `resume_mode=auto` continues
-from `latest_checkpointed_iteration.txt`.
+Resume: `checkpoints/` and `logs/` survive a failed or killed attempt OF THE SAME CONFIG (and the same
+input model); verl's `resume_mode=auto` continues from `latest_checkpointed_iteration.txt` (checked
+first, see pipeline/artifacts.check_resume_point). A changed config, a new SFT model or `force=true`
+start from scratch. `trainer.save_freq` must be > 0 (the recipes save every step on the tiny model and
+every 5 on GPU), so a kill loses at most that many steps. verl's full output (its whole config, Ray's
+logs) is in `logs/train-<time>.log`; the console shows step, score, response length and ETA.
+
+Config layers, later wins: `recipes/verl/dapo.yaml` <- `rl.verl` <- `model.rl.verl` <- `cluster.rl.verl`
+<- anything typed on the command line under those keys.
 
 Ray. verl's `main_ppo` starts a local Ray cluster, or joins `cluster.ray_address` (`auto`, `host:port`; set as
 `ray_kwargs.ray_init.address`). On a cluster someone else started, Ray workers are children of that cluster's
@@ -45,9 +52,30 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
-from eksft_pipeline.pipeline.artifacts import export_hf_model, tail, tee
-from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult, init_tag
-from eksft_pipeline.pipeline.verl_config import compose_verl, strict_merge
+from eksft_pipeline.pipeline.artifacts import (
+    StepProgress,
+    atomic_path,
+    atomic_write_json,
+    check_resume_point,
+    export_hf_model,
+    mark_training_done,
+    quiet,
+    read_metric_logs,
+    tail,
+    tee,
+    training_done,
+)
+from eksft_pipeline.pipeline.stage_api import (
+    ConfigError,
+    PipelineError,
+    Stage,
+    StageContext,
+    StageResult,
+    check_init_spec,
+    init_tag,
+    positive,
+)
+from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
 
 CONFIG_NAME = "verl_dapo"
 # stage variables forwarded to every Ray worker of the job (besides the keys of cluster.env and rl.env)
@@ -56,6 +84,15 @@ RAY_ENV_PREFIXES = ("VERL_", "HF_", "WANDB_", "TOKENIZERS_", "TRANSFORMERS_", "N
 RAY_ENV_NEVER = frozenset({"CUDA_VISIBLE_DEVICES"})  # Ray sets it per worker from the GPUs it assigns
 # secrets are not written into the run's verl_dapo.yaml: give them to the Ray cluster's own environment
 SECRET_SUFFIXES = ("_TOKEN", "_API_KEY", "_KEY", "_SECRET", "_PASSWORD")
+# verl keys the stage sets itself -> the pipeline key that controls each (a command-line override is rejected)
+OWNED = {
+    "actor_rollout_ref.model.path": "init=", "data.train_files": "the split stage's output",
+    "data.val_files": "rl.val_rows", "data.max_prompt_length": "rl.max_prompt_length",
+    "data.max_response_length": "rl.max_response_length", "data.seed": "seed",
+    "data.apply_chat_template_kwargs": "split.think_prefix", "trainer.total_training_steps": "rl.total_training_steps",
+    "trainer.default_local_dir": "run_dir", "trainer.n_gpus_per_node": "cluster.gpus_per_node",
+    "trainer.nnodes": "cluster.nnodes", "trainer.resume_mode": "(the stage: auto)",
+}  # fmt: skip
 
 
 def _plain(node):
@@ -63,14 +100,9 @@ def _plain(node):
 
 
 def read_metrics(log_dir: Path) -> dict[int, dict]:
-    """step -> metrics from verl's file logger, merged over attempts (a later attempt's value wins)."""
-    steps: dict[int, dict] = {}
-    for f in sorted(log_dir.glob("metrics-*.jsonl")):
-        for line in f.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                steps.setdefault(int(rec["step"]), {}).update(rec["data"])
-    return dict(sorted(steps.items()))
+    """step -> metrics from verl's file logger, merged over attempts (a later attempt's value wins; a line a
+    kill cut short is skipped)."""
+    return read_metric_logs(log_dir)[0]
 
 
 class RLStage(Stage):
@@ -110,6 +142,20 @@ class RLStage(Stage):
         f = self._files(ctx)
         return {} if ctx.dry_run else {"model": f["model"], "rl_train": f["rl_train"]}
 
+    def check(self, ctx):
+        check_init_spec(ctx.init_spec())
+        positive(ctx.cfg.rl, "val_rows", "rl")
+        positive(ctx.cfg.rl, "stall_timeout_s", "rl", allow_none=True, zero=True, kind=float)
+        positive(ctx.cfg.rl, "total_training_steps", "rl", allow_none=True)
+
+    def validate(self, ctx):
+        self.check(ctx)
+        vc = self.verl_config(ctx)
+        self.validate_verl(vc, self._python(ctx))
+        est = self.memory_estimate(ctx, vc)
+        if est is not None:
+            est.check()  # refused before anything on disk is touched
+
     # -- config -----------------------------------------------------------------------------------
     def stage_env(self, ctx: StageContext, metrics_file: Path | str | None = None) -> dict[str, str]:
         """The environment of the main_ppo process: os.environ + cluster.env + rl.env + the metrics file."""
@@ -140,6 +186,7 @@ class RLStage(Stage):
             ("rl.verl", cfg.rl.get("verl")),
             ("model.rl.verl", (cfg.model.get("rl") or {}).get("verl")),
             ("cluster.rl.verl", (cfg.cluster.get("rl") or {}).get("verl")),
+            *command_line_blocks(cfg, "rl.verl", "model.rl.verl", "cluster.rl.verl", owned=OWNED),
         ):
             strict_merge(vc, block, where=where)
         f = self._files(ctx)
@@ -220,10 +267,19 @@ class RLStage(Stage):
             capacity_bytes=memory.usable_bytes(gib, cfg.cluster.get("memory_headroom", 0.9)),
         )  # fmt: skip
 
-    def validate(self, vc, python: str | None = None) -> None:
+    def validate_verl(self, vc, python: str | None = None) -> None:
         from eksft_pipeline.rl.ppo_main import validate_ppo_config
 
-        validate_ppo_config(vc, instantiate_model=False)
+        try:
+            validate_ppo_config(vc, instantiate_model=False)
+        except ValueError as e:
+            raise ConfigError(f"{e}; fix the rl.verl value") from e
+        if int(vc.trainer.save_freq) <= 0:
+            raise ConfigError(f"rl.verl.trainer.save_freq={vc.trainer.save_freq}: verl then saves no checkpoint, so "
+                              "there is no model to export and a kill loses the whole run; set it to a few steps")
+        if str(vc.trainer.resume_mode) != "auto":
+            raise ConfigError(f"rl.verl.trainer.resume_mode={vc.trainer.resume_mode}: the stage manages resumption "
+                              "itself (same config: resume, changed config: retrain); leave it at auto")
         if str(vc.actor_rollout_ref.rollout.name) == "vllm" and str(vc.trainer.device) == "cpu":
             # vLLM's CPU build under verl: only the tested combination, in the interpreter that will run it
             from eksft_pipeline.pipeline.vllm_cpu import check_versions, installed_versions
@@ -240,7 +296,7 @@ class RLStage(Stage):
 
     def describe(self, ctx):
         vc = self.verl_config(ctx)
-        self.validate(vc, self._python(ctx))
+        self.validate_verl(vc, self._python(ctx))
         est = self.memory_estimate(ctx, vc)
         if est is not None:
             print("\n".join(est.lines()), flush=True)
@@ -266,35 +322,51 @@ class RLStage(Stage):
         df = pd.read_parquet(rl_train)
         if len(df) == 0:
             raise ValueError(f"RL split {rl_train} is empty")
-        df.head(max(1, n)).to_parquet(dst, index=False)
+        with atomic_path(dst) as tmp:
+            df.head(max(1, n)).to_parquet(tmp, index=False)
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
         out = ctx.out_dir
         out.mkdir(parents=True, exist_ok=True)
+        note = check_resume_point(out / "checkpoints")
+        if note:
+            print(f"[{ctx.key}] {note}", flush=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         metrics_file = out / "logs" / f"metrics-{stamp}.jsonl"
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         env = self.stage_env(ctx, metrics_file)
-        vc = self.verl_config(ctx, env=env)
-        self._write_val(str(vc.data.train_files), out / "val.parquet", int(cfg.rl.val_rows))
-        self.validate(vc, self._python(ctx))
+        with quiet():
+            vc = self.verl_config(ctx, env=env)
+        self.validate_verl(vc, self._python(ctx))
         est = self.memory_estimate(ctx, vc)
         if est is not None:
             est.check()
-        OmegaConf.save(vc, out / f"{CONFIG_NAME}.yaml", resolve=True)
+        self._write_val(str(vc.data.train_files), out / "val.parquet", int(cfg.rl.val_rows))
+        with atomic_path(out / f"{CONFIG_NAME}.yaml") as tmp:
+            OmegaConf.save(vc, tmp, resolve=True)
 
         log = out / "logs" / f"train-{stamp}.log"
-        rc = tee(self.command(ctx), env, log, watchdog=self._stall_watchdog(cfg, metrics_file))
-        if rc != 0:
-            raise RuntimeError(f"verl DAPO (main_ppo) exited with code {rc}; log {log}; last lines:\n{tail(log)}")
+        print(f"[{ctx.key}] verl DAPO (main_ppo, Ray); full output: {log}", flush=True)
+        progress = StepProgress(ctx.key, {"score": "critic/score/mean", "resp_len": "response_length/mean",
+                                          "acc": "critic/acc/mean"},
+                                total=vc.trainer.get("total_training_steps"))
+        done = training_done(out / "checkpoints")
+        if done is not None:
+            print(f"[{ctx.key}] training under this config already finished at step {done}; exporting only", flush=True)
+        else:
+            rc = tee(self.command(ctx), env, log, watchdog=self._stall_watchdog(cfg, metrics_file), progress=progress)
+            if rc != 0:
+                raise PipelineError(f"verl DAPO (main_ppo) exited with code {rc}; the cause is in its log {log} "
+                                    "(last lines above); fix it and re-run (same config: resumes)", details=tail(log, 30))
+            mark_training_done(out / "checkpoints")
 
         hf_dir = export_hf_model(out / "checkpoints", out / "hf_model", base_model=str(vc.actor_rollout_ref.model.path),
                                  subdir="actor/huggingface")
         metrics = read_metrics(out / "logs")
         if not metrics:
             raise RuntimeError(f"verl DAPO finished but logged no metrics under {out / 'logs'}")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        atomic_write_json(out / "metrics.json", metrics, indent=1)
         return StageResult(
             outputs={"hf_model": str(hf_dir), "metrics": str(out / "metrics.json"),
                      "verl_config": str(out / f"{CONFIG_NAME}.yaml")},

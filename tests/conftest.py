@@ -1,0 +1,58 @@
+"""Session-wide fixtures.
+
+`tiny_run`: the embedded CPU default end to end (`python -m eksft_pipeline`, what `make reproduce MODEL=tiny`
+runs), once per test session into a fresh run directory. tests/test_e2e_tiny.py checks it; the fault-injection
+suite (tests/pipeline/test_faults.py) works on `cp -r` copies of it, so the expensive run is paid once.
+Nothing may modify `tiny_run.run_dir` itself.
+
+Developing the slow tests: `EKSFT_TEST_TINY_RUN=/path/to/run` reuses a completed run made by the same command
+(`python -m eksft_pipeline run_dir=/path/to/run > /path/to/pipeline.log`) instead of running it again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    run_dir: Path
+    cmd: tuple[str, ...]
+    returncode: int
+    log: str
+    wall_s: float
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    reuse = os.environ.get("EKSFT_TEST_TINY_RUN")
+    if reuse and (Path(reuse) / "manifest.json").is_file():
+        run_dir = Path(reuse).resolve()
+        log = run_dir.parent / "pipeline.log"
+        return TinyRun(run_dir, (sys.executable, "-m", "eksft_pipeline", f"run_dir={run_dir}"), 0,
+                       log.read_text(errors="replace") if log.exists() else "", 0.0)
+    run_dir = tmp_path_factory.mktemp("tiny_e2e") / "run"
+    cmd = (sys.executable, "-m", "eksft_pipeline", f"run_dir={run_dir}")
+    log = run_dir.parent / "pipeline.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=2400,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return TinyRun(run_dir, cmd, proc.returncode, log.read_text(errors="replace"), time.time() - t0)
+
+
+@pytest.fixture
+def complete_tiny_run(tiny_run) -> TinyRun:
+    """`tiny_run`, required to have succeeded (tests that copy it fail early, naming the cause)."""
+    if tiny_run.returncode != 0:
+        pytest.fail(f"the shared tiny end-to-end run failed (exit {tiny_run.returncode}):\n{tiny_run.log[-3000:]}")
+    return tiny_run
