@@ -27,6 +27,7 @@ from omegaconf import OmegaConf, open_dict
 from eksft_pipeline.pipeline.artifacts import export_hf_model, tail, tee
 from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult
 from eksft_pipeline.pipeline.verl_config import compose_verl, strict_merge, validate_sft_config
+from eksft_pipeline.sft.selection import validate_sft_block
 
 CONFIG_NAME = "verl_sft"
 
@@ -115,8 +116,10 @@ class SFTStage(Stage):
             vc.eksft.loss = str(cfg.method.loss)
             vc.eksft.loss_params = _plain(cfg.method.get("params")) or {}
             vc.eksft.selection_scope = str(cfg.method.get("selection_scope", "global_batch"))
+            vc.eksft.updates_per_batch = int(cfg.method.get("updates_per_batch", 1))
         validate_sft_config(vc)
         _check_loss(vc.eksft.loss, vc.eksft.loss_params)
+        validate_sft_block(vc)  # selection scope / head / updates: fail here, not inside torchrun
         return vc
 
     def command(self, ctx: StageContext) -> list[str]:
