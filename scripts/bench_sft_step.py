@@ -43,7 +43,7 @@ PRESETS = {
                       seq_tokens=1024, micro_tokens=4096, verl_backend="torch"),
     # a Qwen3-8B truncated to 2 layers: hidden 4096, 32 query / 8 kv heads of 128, SwiGLU 12288, untied head
     "qwen3-8b-trunc": dict(hidden=4096, layers=2, heads=32, kv_heads=8, intermediate=12288, head_dim=128,
-                           dtype="bfloat16", seq_tokens=4096, micro_tokens=16384, verl_backend="triton"),
+                           dtype="bfloat16", seq_tokens=4096, micro_tokens=8192, verl_backend="triton"),
 }
 
 
@@ -270,8 +270,9 @@ def run_variant(args, variant: str, work: Path) -> dict:
     with open(log, "w") as fh:
         rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if rc != 0 or not result.is_file():
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
-        raise SystemExit(f"variant {variant} failed (rc={rc}); log {log}:\n{tail}")
+        lines = log.read_text(errors="replace").splitlines()
+        reason = next((x for x in reversed(lines) if "Error" in x or "error" in x), lines[-1] if lines else "")
+        return {"variant": variant, "failed": f"rc={rc}: {reason.strip()[:300]} (log {log})"}
     res = json.loads(result.read_text())
     res["wall_s"] = time.perf_counter() - t0
     return res
@@ -328,6 +329,9 @@ def main() -> None:
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
         r = run_variant(args, variant, work)
+        if "failed" in r:
+            print(f"  {variant:15s} FAILED {r['failed']}", flush=True)
+            continue
         results[variant] = r
         timed = r["step_times"][1:]
         r["step_s"] = statistics.median(timed)
@@ -346,6 +350,8 @@ def main() -> None:
                   f"step time {n['step_s'] / b['step_s']:.2f}x")
         print(f"eksft-fused vs verl-sft-fused: peak memory {a['peak_bytes'] / b['peak_bytes']:.2f}x, "
               f"step time {a['step_s'] / b['step_s']:.2f}x")
+    else:
+        raise SystemExit("eksft-fused or verl-sft-fused did not run: no ratio")
 
 
 if __name__ == "__main__":
