@@ -233,7 +233,7 @@ class SelectiveLossHook:
             units = [slice(a, b) for a, b in zip(offsets[:-1], offsets[1:])]
         else:
             units = [slice(0, logits.shape[0])]
-        total = logits.new_zeros((), dtype=torch.float32)
+        total = logits[:0].float().sum()  # 0 with a grad_fn, so a micro-batch without response tokens still backprops
         valid = labels != IGNORE_INDEX
         for rows in units:
             v = valid[rows]
@@ -520,8 +520,7 @@ class SelectiveTrainingWorker(TrainingWorker):
             world = dist.get_world_size() if dist.is_initialized() else 1
             if ref is not None:
                 metrics[p + "ref_forwards_per_step"] = (ref.tokens_forwarded - ref_tokens0) / max(n_rows, 1)
-                if ref.store is None and ref.weight is not None:
-                    metrics["perf/eksft_ref_lm_head_gb"] = ref.weight_nbytes / 1024**3
+                metrics["perf/eksft_ref_lm_head_gb"] = ref.weight_nbytes / 1024**3
             prepass = self.loss_obj.needs_prepass and self.selection_scope != "micro_batch"
             metrics[p + "policy_forwards_per_step"] = 2.0 if prepass else 1.0
             metrics["perf/response_tokens_per_s"] = n_tokens * world / max(elapsed, 1e-9)
@@ -547,15 +546,20 @@ class SelectiveTrainingWorker(TrainingWorker):
         return mini
 
     def _reduce_terms(self, sums: dict[str, float]) -> dict[str, float]:
-        """Sum the loss terms of one update over ranks (each rank holds its micro-batches' shares of the global mean)."""
-        keys = sorted(sums)
+        """Sum the loss terms of one update over ranks (each rank holds its micro-batches' shares of the global mean).
+
+        Gathered as objects: a rank whose micro-batches held no response token may have computed no term at all.
+        """
         group = self.engine.get_data_parallel_group()
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            # every rank must agree on the keys; the loss decides them, so they match
-            t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self._comm_device())
-            dist.all_reduce(t, group=group)
-            return dict(zip(keys, t.tolist()))
-        return dict(sums)
+        if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+            return dict(sums)
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, dict(sums), group)
+        out: dict[str, float] = {}
+        for part in parts:
+            for k, v in part.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
 
     # -- debugging / tests --------------------------------------------------------------------
     def _dump(self, data, valid: torch.Tensor, local: dict, plan, gathered) -> None:
