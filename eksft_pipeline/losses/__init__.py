@@ -4,7 +4,7 @@
 Pure PyTorch (no verl / trainer imports). Rows are shifted (row i of logits predicts labels[i]); label -100
 marks ignored rows. Modules:
     stats.py      per-token entropy / KL / log-probs in row chunks (pre-pass), DP all-gather
-    selection.py  top-k masks (ceil(rho·N), stable tie-breaking), union, IoU
+    selection.py  top-k masks (ceil(rho·N); zero scores never selected, random ties), union, IoU
     base.py       Plan, TokenLoss two-phase interface (stats -> plan once -> compute per micro-batch)
     variants.py   every loss class, each with its formula and source in the docstring
     registry.py   get_loss / available_losses / compute_loss / eksft_loss
@@ -22,7 +22,7 @@ from .fused import (
     fused_token_loss,
 )
 from .registry import REGISTRY, available_losses, compute_loss, eksft_loss, get_loss
-from .selection import ceil_k, floor_k_official, iou, topk_mask
+from .selection import ceil_k, floor_k_official, iou, iou_per_sequence, topk_mask
 from .stats import IGNORE_INDEX, TokenStats, all_gather_stats, token_stats
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "fused_token_loss",
     "get_loss",
     "iou",
+    "iou_per_sequence",
     "token_stats",
     "topk_mask",
 ]

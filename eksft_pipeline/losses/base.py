@@ -106,7 +106,8 @@ class TokenLoss:
     needs_prepass:   the loss needs global statistics before the training pass (selection, old log-probs,
                      sequence weights); if False, ``plan`` only counts valid tokens.
     needs_seq_ids:   ``plan`` uses sequence ids (iw_sft).
-    selection_scope: "global" (plan over the whole global batch) or "micro_batch" (eksft_official).
+    selection_scope: the unit a plan is meant for: "global" (the whole global batch, the paper) or "sequence"
+                     (one sequence, losses averaged with equal weight per sequence: eksft_official).
     stats_options:   extra keyword arguments ``stats`` passes to ``token_stats``.
     ``ref_in_compute`` (property): ``compute`` needs ``ref_logits`` of the micro-batch rows.
     """

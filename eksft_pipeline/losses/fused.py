@@ -45,17 +45,27 @@ from .base import LinearTokenLoss, Plan, TokenLoss
 from .registry import get_loss
 from .stats import TokenStats, Workspace, check_labels, chunk_stats, rowdot, valid_and_safe_labels
 
-DEFAULT_CHUNK = 512  # rows per chunk on CPU: 512 × V fp32 = 64 MiB per buffer at V = 32768 (scripts/bench_loss.py)
+DEFAULT_CHUNK = 512  # rows per chunk on CPU at V <= 32768: 512 × V fp32 = 64 MiB per buffer (scripts/bench_loss.py)
+# Off CUDA the chunk is sized by elements, not rows: a handful of fp32 [chunk, V] buffers is the head's whole
+# working set, so at Qwen3's V = 151,936 the default is 110 rows (64 MiB per buffer), not 512 (297 MiB each).
+CPU_CHUNK_ELEMENTS = DEFAULT_CHUNK * 32768
 # rows per chunk on CUDA. Measured on an H100 (docs/benchmarks.md; N=16384, V=151936, d=4096, bf16):
 # 1024 -> 2.27x Liger's fused CE time, 2048 -> 2.07x, 4096 -> 1.98x at +8.5 GiB (23% of the naive head's peak);
 # fewer, larger chunks amortise the per-chunk [V, d] grad_weight accumulation.
 CUDA_DEFAULT_CHUNK = 4096
 
 
-def resolve_chunk(chunk_size: int | None, t: Tensor) -> int:
-    """`chunk_size`, or the device's default (CUDA_DEFAULT_CHUNK on CUDA, DEFAULT_CHUNK elsewhere)."""
+def default_chunk(vocab_size: int, device: torch.device | str) -> int:
+    """Rows per chunk when none is given: CUDA_DEFAULT_CHUNK on CUDA, else CPU_CHUNK_ELEMENTS // V (<= 512)."""
+    if torch.device(device).type == "cuda":
+        return CUDA_DEFAULT_CHUNK
+    return max(1, min(DEFAULT_CHUNK, CPU_CHUNK_ELEMENTS // max(int(vocab_size), 1)))
+
+
+def resolve_chunk(chunk_size: int | None, t: Tensor, vocab_size: int | None = None) -> int:
+    """`chunk_size`, or the device's default for this vocabulary (``default_chunk``)."""
     if chunk_size is None:
-        chunk_size = CUDA_DEFAULT_CHUNK if t.is_cuda else DEFAULT_CHUNK
+        chunk_size = default_chunk(vocab_size or 32768, t.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return int(chunk_size)
@@ -180,7 +190,7 @@ def fused_stats(
     """Pass 1: ``token_stats`` of ``hidden @ weight.T`` (and the reference head) without materialising them."""
     need_ref = bool(loss is not None and loss.needs_ref)
     _check_head(hidden, weight, ref_hidden, ref_weight, labels, need_ref)
-    chunk_size = resolve_chunk(chunk_size, hidden)
+    chunk_size = resolve_chunk(chunk_size, hidden, weight.shape[0])
     if with_prob_sq is None:
         with_prob_sq = bool(loss is not None and loss.stats_options.get("with_prob_sq", False))
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -333,7 +343,7 @@ def fused_linear_loss(
     chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Σ_t w_ce·CE + w_h·H + w_kl·KL of the head ``hidden @ weight.T`` (weights detached, [N] each) — pass 2."""
-    chunk_size = resolve_chunk(chunk_size, hidden)
+    chunk_size = resolve_chunk(chunk_size, hidden, weight.shape[0])
     n = hidden.shape[0]
     for nm, w in (("w_ce", w_ce), ("w_h", w_h), ("w_kl", w_kl)):
         if w is not None and w.shape != (n,):
@@ -465,4 +475,4 @@ def fused_eksft_head(
     return out, {**plan.metrics, "ce_unmasked": float(part["ce_term"]), **part}
 
 
-__all__ = ["DEFAULT_CHUNK", "fused_compute", "fused_eksft_head", "fused_linear_loss", "fused_stats", "fused_token_loss"]
+__all__ = ["CPU_CHUNK_ELEMENTS", "CUDA_DEFAULT_CHUNK", "DEFAULT_CHUNK", "default_chunk", "fused_compute", "fused_eksft_head", "fused_linear_loss", "fused_stats", "fused_token_loss"]

@@ -59,8 +59,8 @@ class _SelectiveLoss(LinearTokenLoss):
         require_stats(self, stats, "entropy", "logp", "kl")
         valid, n = stats.valid, stats.n_tokens
         k = ceil_k(self.params["rho"], n)
-        m_h = topk_mask(stats.entropy, valid, k)
-        m_kl = topk_mask(stats.kl, valid, k)
+        m_h = topk_mask(stats.entropy, valid, k, generator=generator)
+        m_kl = topk_mask(stats.kl, valid, k, generator=generator)
         mask = self._mask(m_h, m_kl, valid, generator)
         n_mask = int(mask.sum())
         n_unmasked = n - n_mask
@@ -79,7 +79,8 @@ class _SelectiveLoss(LinearTokenLoss):
             }
         )
         return Plan(
-            token={"mask": mask},
+            # mask_h / mask_kl are diagnostics (IoU per sequence, dumps); compute() reads only `mask`
+            token={"mask": mask, "mask_h": m_h, "mask_kl": m_kl},
             scalars={"n_tokens": float(n), "n_unmasked": float(n_unmasked), "n_mask": float(n_mask)},
             metrics=metrics,
         )
@@ -97,7 +98,9 @@ class EKSFT(_SelectiveLoss):
 
     Over the N valid tokens of the global batch: k = ceil(rho·N); M_H = top-k tokens by entropy H(t);
     M_KL = top-k tokens by KL(pi_theta || pi_ref)(t) with pi_ref the frozen initial model; M = M_H ∪ M_KL
-    (selection detached, ties broken stably by row index);
+    (selection detached; ties and zero scores follow the rule in selection.py: a token with KL = 0 or H = 0 is
+    never selected -- so M_KL is empty at the first step, where pi_theta = pi_ref -- and ties at the k-th
+    score are broken at random, never by position);
 
         loss = mean_{t∉M} CE(t) − lambda_H · mean_{t∈M} H(t) + lambda_KL · mean_{t∈M} KL(t).
 
@@ -326,7 +329,10 @@ class PSFT(TokenLoss):
     evaluated in that form, which has the same value and gradient but cannot overflow for huge ratios.
     NOTE: with a single optimizer step per batch (plan from the same weights) r ≡ 1 and the gradient
     −∇r = −∇log pi_theta(y_t) equals SFT's exactly; PSFT differs only when one batch (its old_logp) is
-    reused for several optimizer steps (PPO epochs / mini-batches).
+    reused for several optimizer steps. PSFT's own schedule (its run script: 256 prompts per pi_old,
+    mini-batches of 32, i.e. 8 optimizer updates per pi_old) is the SFT trainer's ``eksft.updates_per_batch``
+    (8 in recipes/method/psft.yaml): old_logp from the pre-pass at the start of the batch, then one update per
+    mini-batch, each with its own token-mean denominator.
     """
 
     name = "psft"
@@ -364,9 +370,12 @@ class EKSFTOfficial(TokenLoss):
     """EKSFT as the authors' public code computes it. Source: github.com/MINE-USTC/EKSFT,
     src/llamafactory/train/eksft/trainer.py, ``EKSFTSeq2SeqTrainer.compute_loss`` (read for this project).
 
-    Intended use: ``selection_scope = "micro_batch"`` — call ``plan`` on the rows of ONE micro-batch (their
-    ``compute_loss`` runs per device per gradient-accumulation step; with their released script,
-    per_device_train_batch_size = 1, that is one sequence) and ``compute`` on the same rows.
+    Intended use: ``selection_scope = "sequence"`` — call ``plan`` on the rows of ONE sequence and ``compute`` on
+    the same rows, then average the sequences' losses with equal weight: their ``compute_loss`` runs per device
+    per gradient-accumulation step, and their released script uses per_device_train_batch_size = 1, so each
+    call sees one sequence, and the HF Trainer's accumulation / DDP averaging weighs every sequence equally.
+    The SFT trainer (eksft_pipeline/sft) runs it that way and refuses a configuration that would hand the loss
+    several packed sequences as one.
 
         loss = mean_{t∉M} CE(t) − lambda_H' · mean_{t∈M_H} H(t)/log V
                                 + lambda_KL' · mean_{t∈M_KL} Σ_v p_v (p_v − log q_v)
@@ -395,7 +404,8 @@ class EKSFTOfficial(TokenLoss):
         here exact fp32 log-softmax and exact counts (empty sets contribute 0).
       - With k = 0 their IoU logging divides by zero (ZeroDivisionError); here iou = 0.
       - If every token is masked their CE is 0/0 = NaN; here the CE term is 0.
-      - Ties: torch.topk (unspecified order) there; stable by row index here.
+      - Ties: torch.topk (unspecified order) there; a seeded random choice among the tied tokens here
+        (selection.py), exactly k tokens per call as theirs (zero scores included, e.g. every KL at step 1).
     """
 
     name = "eksft_official"
@@ -410,7 +420,7 @@ class EKSFTOfficial(TokenLoss):
     }
     needs_ref = True
     needs_prepass = True
-    selection_scope = "micro_batch"
+    selection_scope = "sequence"
     stats_options = {"with_prob_sq": True}
     TOKEN_KEYS = ("mask", "mask_h", "mask_kl")
     SCALAR_KEYS = ("n_unmasked", "n_mask_h", "n_mask_kl", "lambda_entropy_eff", "lambda_kl_eff", "log_vocab")
@@ -425,8 +435,9 @@ class EKSFTOfficial(TokenLoss):
             raise ValueError("eksft_official normalises the entropy by log V and needs a vocabulary of >= 2 tokens")
         valid, n = stats.valid, stats.n_tokens
         k = floor_k_official(self.params["rho"], n)
-        m_h = topk_mask(stats.entropy, valid, k)
-        m_kl = topk_mask(stats.kl, valid, k)
+        # their torch.topk always returns k rows, zero scores included; ties at random (selection.py)
+        m_h = topk_mask(stats.entropy, valid, k, generator=generator, select_nonpositive=True)
+        m_kl = topk_mask(stats.kl, valid, k, generator=generator, select_nonpositive=True)
         mask = (m_h | m_kl) if self.params["union"] else (m_h & m_kl)
         log_v = math.log(stats.vocab_size)
         ent_term = masked_mean(stats.entropy / log_v, m_h)

@@ -43,6 +43,7 @@ from eksft_pipeline.pipeline.artifacts import (
 )
 from eksft_pipeline.pipeline.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult, positive
 from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge, validate_sft_config
+from eksft_pipeline.sft.selection import validate_sft_block
 
 CONFIG_NAME = "verl_sft"
 # verl keys the stage sets itself -> the pipeline key that controls each (a command-line override is rejected)
@@ -156,6 +157,7 @@ class SFTStage(Stage):
             vc.eksft.loss = str(cfg.method.loss)
             vc.eksft.loss_params = _plain(cfg.method.get("params")) or {}
             vc.eksft.selection_scope = str(cfg.method.get("selection_scope", "global_batch"))
+            vc.eksft.updates_per_batch = int(cfg.method.get("updates_per_batch", 1))
             # the run's one chat template (eksft_pipeline/data/chat_template.py): verl sets it on the tokenizer
             # that renders the SFT data and that it saves with every checkpoint (the exported model's tokenizer)
             from eksft_pipeline.data.chat_template import resolve_template
@@ -174,11 +176,15 @@ class SFTStage(Stage):
             raise ConfigError(f"sft.verl.trainer.resume_mode={vc.trainer.resume_mode}: the stage manages resumption "
                               "itself (same config: resume, changed config: retrain); leave it at auto")
         _check_loss(vc.eksft.loss, vc.eksft.loss_params)
+        try:
+            validate_sft_block(vc)  # selection scope / head / updates: fail here, not inside torchrun
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         return vc
 
     def memory_estimate(self, ctx: StageContext, vc):
         """Per-GPU peak-memory estimate of one SFT step (eksft_pipeline/pipeline/memory.py); None without a shape."""
-        from eksft_pipeline.losses import get_loss
+        from eksft_pipeline.losses import LinearTokenLoss, get_loss
         from eksft_pipeline.pipeline import memory
 
         cfg = ctx.cfg
@@ -189,11 +195,14 @@ class SFTStage(Stage):
         tokens = int(d.max_token_len_per_gpu) if d.use_dynamic_bsz else int(d.micro_batch_size_per_gpu) * int(d.max_length)
         mp = vc.engine.get("mixed_precision") or {}
         params = _plain(vc.eksft.loss_params) or {}
+        loss = get_loss(str(vc.eksft.loss), **params)
+        head = str(vc.eksft.get("head", None) or "auto")
+        if head == "auto":  # as the trainer resolves it: the fused head for losses of the linear form
+            head = "fused" if isinstance(loss, LinearTokenLoss) else "naive"
         device = "cpu" if str(cfg.cluster.device) == "cpu" else "cuda"
         return memory.sft_estimate(
             shape, tokens=tokens, world=int(vc.trainer.n_gpus_per_node) * int(vc.trainer.nnodes),
-            head=str(vc.eksft.get("head", None) or "naive"), loss=str(vc.eksft.loss), loss_params=params,
-            needs_ref=get_loss(str(vc.eksft.loss), **params).needs_ref, model_dtype=str(vc.engine.model_dtype),
+            head=head, loss=str(vc.eksft.loss), loss_params=params, needs_ref=loss.needs_ref, model_dtype=str(vc.engine.model_dtype),
             compute_dtype=str(mp.get("param_dtype", "bf16")), ref_dtype=vc.eksft.get("ref_model_dtype", None),
             grad_ckpt=bool(vc.model.enable_gradient_checkpointing), chunk=vc.eksft.get("chunk_size", None),
             device=device,

@@ -1,35 +1,46 @@
 """EKSFT (and every loss of `eksft_pipeline.losses`) inside verl 0.9.1's own SFT trainer.
 
-verl's `SFTTrainer` hard-codes `sft_loss`, which only ever sees label log-probs, and has no
-reference model. This module keeps verl's trainer, engine, data pipeline, checkpointing, resume
-and logging, and changes three things by subclassing (no verl file is patched):
+    torchrun --standalone --nproc_per_node=8 -m eksft_pipeline.sft.verl_main \
+        --config-path=<run_dir>/sft/eksft --config-name=verl_sft      # written by `stage=sft`
 
-1. `EKSFTTrainer._build_engine` builds a `SelectiveTrainingWorker` instead of verl's
-   `TrainingWorker`, plus (when the loss needs it) a frozen reference `TrainingWorker` whose
-   engine is `forward_only` -- the initial model, sharded by FSDP like the policy, in the
-   engine's dtype (bf16 on GPU).
-2. Full logits reach our loss through verl's distillation hook: with the non-tensor flags
-   `distillation_use_topk=True, distillation_only=True` the FSDP engine's `prepare_model_outputs`
-   hands each micro-batch's `[nnz, V]` logits to `loss_function(student_logits=..., data=...)`
-   and stores the per-token tensors it returns in `model_output`; the engine then calls the same
-   callable as `loss_function(model_output=..., data=...)`. `SelectiveLossHook` is that callable.
-   Inside it, the reference logits of the same micro-batch come from the reference engine's own
-   `prepare_model_inputs` + module forward (no grad), so packing/temperature handling is verl's.
-3. The selection pass (paper semantics, `selection_scope=global_batch`): before each training
-   step the worker runs a no-grad forward of policy and reference over its whole local batch
-   (`engine.infer_batch` with the hook in "stats" mode), gathers per-token H, KL, log p across
-   data-parallel ranks, computes the loss's plan (M_H, M_KL, M, denominators) over the GLOBAL
-   batch on every rank, and carries the plan into the batch as jagged per-token tensors
-   (`eksft_plan_<field>`) plus a dict of global scalars. The training pass then computes each
-   micro-batch's share of the loss with global denominators, times dp_size (FSDP averages
-   gradients over data-parallel ranks, exactly as verl's `sft_loss` compensates).
+verl's `SFTTrainer` hard-codes `sft_loss`, which only ever sees label log-probs, and has no reference
+model. This module keeps verl's trainer, engine, data pipeline, checkpointing, resume and logging, and
+changes what one `train_batch` does (subclasses only, no verl file is patched). Per step, on every rank:
 
-Cost: per step two policy forwards, two reference forwards and one backward (about 2x plain SFT).
-`selection_scope=micro_batch` (the authors' public code) skips the pre-pass: each micro-batch
-selects its own top-k and its loss is weighted by its share of the global valid tokens.
+1. Reference pass (losses with a reference): ONE forward of the frozen reference engine over the
+   rank's batch; its final hidden states of the response rows are kept (`head.RefSide`, on the device
+   by default, `eksft.ref_hidden_store=host` for pinned host memory) with a copy of its lm_head weight.
+2. Selection pre-pass (losses that need statistics: EKSFT, its ablations, iw_sft, psft): a no-grad
+   forward of the policy (`engine.infer_batch`), per-token H, KL(pi_theta||pi_ref), log p, all-gathered
+   over the data-parallel ranks (`selection.gather_token_stats`), and the plan of the GLOBAL batch
+   (`selection.plan_step`: top-k, masks, denominators -> per-token weights) computed identically on every
+   rank; each rank carries its rows of the plan in the batch as jagged per-token fields.
+3. Training pass: verl's `train_batch` (micro-batches, gradient accumulation, clipping, optimizer, lr
+   scheduler); our loss gets each micro-batch's share of the global loss (global denominators, times
+   dp_size because FSDP averages gradients over ranks, as verl's `sft_loss` compensates).
 
-Limits (clear errors, not silent): Ulysses sequence parallelism > 1 and `use_fused_kernels`
-are rejected, because both hide the full logits this loss needs; temperature must be 1.
+The loss head (`eksft.head`): `fused` (default for every loss of the form Σ w_ce·CE + w_h·H + w_kl·KL:
+eksft, its ablations, global_reg, sft, iw_sft) computes pass 2 and 3 from hidden states and the lm_head
+weight with `losses/fused.py` -- no [N, V] tensor for the policy or the reference (head.py shows how
+the engine hands them over). `naive` (the reference implementation, and what dft, asft, psft and
+eksft_official need) receives verl's full logits through its distillation hook (`distillation_use_topk`
+/ `distillation_only`: `prepare_model_outputs` calls `loss_function(student_logits=[1, nnz, V])` and stores
+the per-token tensors returned) and rebuilds the reference logits from the stored hidden states.
+
+Selection scope (`eksft.selection_scope`): `global_batch` (the paper: top-k over all valid tokens of the
+global batch), `sequence` (the authors' code: top-k per sequence, each sequence's loss averaged with
+equal weight -- eksft_official's recipe), `micro_batch` (per micro-batch as verl packs it; a departure
+from both, kept for comparison; its loss is weighted by the micro-batch's share of the global tokens).
+
+Updates per batch (`eksft.updates_per_batch`, PSFT: 8): the pre-pass statistics (e.g. PSFT's pi_old
+log-probs) are taken once at the start of the batch, then the batch is split into that many
+mini-batches, each planned over its own tokens and given its own optimizer update (verl's
+`train_mini_batch` pattern: the lr scheduler advances once per trainer step).
+
+Cost per step: one reference forward, two policy forwards (pre-pass, training) and one backward; the
+metrics `eksft/ref_forwards_per_step` (tokens through the reference / tokens in the batch) and
+`perf/eksft_*_s` record it. Limits (clear errors): Ulysses sequence parallelism > 1, verl's own
+`use_fused_kernels`, temperature != 1.
 """
 
 from __future__ import annotations
@@ -47,8 +58,20 @@ from verl.trainer.sft_trainer import SFTTrainer
 from verl.utils import tensordict_utils as tu
 from verl.workers.engine_workers import TrainingWorker
 
-from eksft_pipeline.losses import IGNORE_INDEX, TokenStats, get_loss
-from eksft_pipeline.sft.selection import gather_token_stats, scatter_to_positions
+from eksft_pipeline.losses import IGNORE_INDEX, LinearTokenLoss, TokenStats, get_loss
+from eksft_pipeline.losses.base import linear_compute
+from eksft_pipeline.losses.fused import fused_linear_loss, fused_stats
+from eksft_pipeline.sft.head import SEQ_INDEX, RefSide, install_policy_head, labels_of, valid_rows
+from eksft_pipeline.sft.selection import (
+    COEFFS,
+    SCALAR_PREFIX,
+    UNIT_WEIGHT,
+    check_eksft_block,
+    complete_eksft_block,
+    gather_token_stats,
+    plan_step,
+    scatter_to_positions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,145 +79,220 @@ PLAN_PREFIX = "eksft_plan_"
 STAT_PREFIX = "eksft_stat_"
 LOSS_KEY = "eksft_loss_part"
 MODE_KEY = "eksft_mode"
-SCALARS_KEY = "eksft_scalars"
 DTYPES_KEY = "eksft_dtypes"
 _DTYPES = {"bool": torch.bool, "float32": torch.float32, "int64": torch.int64, "float64": torch.float64}
+_STAT_FIELDS = ("entropy", "logp", "kl", "ref_logp", "prob_sq")
+
+
+def _stats_fields(stats: TokenStats) -> dict[str, torch.Tensor]:
+    """The per-row statistics present in `stats` (row-aligned, 0 on ignored rows)."""
+    return {f: getattr(stats, f) for f in _STAT_FIELDS if getattr(stats, f) is not None}
+
+
+def _seq_ids(batch) -> torch.Tensor:
+    """Sequence index of every packed row [nnz] (position of the sequence in `batch`)."""
+    lengths = batch["input_ids"].offsets().diff()
+    return torch.repeat_interleave(torch.arange(lengths.numel()), lengths.cpu())
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.values() if t.is_nested else t.reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------
-# micro-batch helpers
+# the loss function verl's engine calls
 # --------------------------------------------------------------------------------------------
-
-
-def _labels_and_valid(micro_batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shifted labels [nnz] and the response-token mask [nnz] of a packed micro-batch.
-
-    Row i of the packed logits predicts token i+1, so labels = roll(input_ids, -1) and the loss
-    mask is rolled the same way -- identical to verl's `sft_loss`. The wrap-around rows land on
-    the first token of the next sequence, which is a prompt token (mask 0).
-    """
-    input_ids = micro_batch["input_ids"]
-    loss_mask = micro_batch["loss_mask"]
-    ids = input_ids.values() if input_ids.is_nested else input_ids.reshape(-1)
-    lm = loss_mask.values() if loss_mask.is_nested else loss_mask.reshape(-1)
-    labels = torch.roll(ids, shifts=-1, dims=0)
-    valid = torch.roll(lm, shifts=-1, dims=0).bool()
-    return labels, valid
-
-
-def _ref_logits(ref_engine, micro_batch) -> torch.Tensor:
-    """Reference logits [nnz, V] for a packed micro-batch, through verl's own input preparation."""
-    model_inputs, output_args = ref_engine.prepare_model_inputs(micro_batch=micro_batch)
-    with torch.no_grad():
-        out = ref_engine.module(**model_inputs, use_cache=False)
-    logits = out.logits
-    if hasattr(logits, "full_tensor"):  # DTensor under tensor parallel
-        logits = logits.full_tensor()
-    if (
-        logits.dim() == 3
-        and logits.shape[0] == 1
-        and "input_ids_rmpad_rolled" in output_args
-        and "temperature_rmpad" in output_args
-    ):
-        logits = logits.squeeze(0)
-        pad = output_args.get("pad_size", 0) or 0
-        if pad:
-            logits = logits[: logits.shape[0] - pad]
-        return logits
-    # padded path: [bsz, max_len, V] -> packed rows in batch order
-    lengths = micro_batch["input_ids"].offsets().diff().tolist()
-    return torch.cat([logits[i, :n] for i, n in enumerate(lengths)], dim=0)
 
 
 class SelectiveLossHook:
-    """The callable verl's FSDP engine receives as `loss_function` (see module docstring).
+    """The `loss_function` verl's FSDP engine receives, plus the fused head it routes the model through.
 
-    Called twice per micro-batch by `FSDPEngineWithLMHead.forward_step`:
-      1. `hook(student_logits=[1, nnz, V], data=micro_batch)` -> dict of [1, nnz] tensors
-      2. `hook(model_output=..., data=micro_batch, dp_group=...)` -> (loss, metrics)
-    The non-tensor key `eksft_mode` of the batch says which pass this is: "stats" (no-grad
-    pre-pass: per-token H, KL, log p) or "train".
+    Per micro-batch, `forward_step` calls it twice:
+      1. per-token tensors: naive head -> `hook(student_logits=[1, nnz, V], data=mb)` (verl's distillation hook);
+         fused head -> `head_for(mb)(hidden [nnz, d], weight [V, d])` from inside lm_head (head.py);
+      2. `hook(model_output=..., data=mb, dp_group=...)` -> (loss, metrics).
+    The batch's non-tensor `eksft_mode` says which pass runs: "stats" (no-grad pre-pass: per-token H, KL,
+    log p, ...) or "train" (the loss share of the micro-batch, on row 0 of a per-token carrier).
     """
 
-    def __init__(self, loss, ref_engine_getter, *, selection_scope: str, seed: int):
+    def __init__(self, loss, *, fused: bool, selection_scope: str, seed: int, chunk_size: int | None = None):
         self.loss = loss
-        self._ref_engine_getter = ref_engine_getter
+        self.fused = fused
+        self.linear = isinstance(loss, LinearTokenLoss)
         self.selection_scope = selection_scope
         self.seed = seed
+        self.chunk_size = chunk_size
+        self.ref: RefSide | None = None
         self.step = 0
         self.vocab_size: int | None = None
         self.micro_metrics: list[dict[str, float]] = []
+        self.term_sums: dict[str, float] = {}
 
     # verl calls us with keyword arguments only
     def __call__(self, student_logits=None, data=None, model_output=None, dp_group=None, **_):
         if student_logits is not None:
-            return self._process_logits(student_logits, data)
+            out = self._naive(student_logits.squeeze(0), data)
+            return {k: v.unsqueeze(0) for k, v in out.items()}
         return self._loss(model_output, data)
 
-    # -- pass 1 of forward_step: logits -> per-token tensors ----------------------------------
-    def _process_logits(self, student_logits: torch.Tensor, mb) -> dict[str, torch.Tensor]:
-        logits = student_logits.squeeze(0)  # [nnz, V], rows in packed order
+    def head_for(self, mb, output_args):
+        """The fused head for this micro-batch (head.install_policy_head asks), or None for verl's plain forward."""
+        if not self.fused or tu.get_non_tensor_data(mb, MODE_KEY, None) not in ("stats", "train"):
+            return None
+        return lambda hidden, weight: self._fused(hidden, weight, mb)
+
+    # -- shared -------------------------------------------------------------------------------
+    def _rows(self, mb, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels with IGNORE_INDEX on invalid rows [nnz], valid [nnz]) on `device`."""
+        valid = valid_rows(mb).to(device)
+        labels = labels_of(mb).to(device)
+        return torch.where(valid, labels, torch.full_like(labels, IGNORE_INDEX)), valid
+
+    def _mode(self, mb) -> str:
+        return tu.get_non_tensor_data(mb, MODE_KEY, "train")
+
+    def _ref_needed(self, mode: str) -> bool:
+        if mode == "stats" or self.selection_scope == "micro_batch":
+            return self.loss.needs_ref
+        return self.loss.ref_in_compute
+
+    def _plan_fields(self, mb, device) -> dict[str, torch.Tensor]:
+        dtypes = tu.get_non_tensor_data(mb, DTYPES_KEY, {}) or {}
+        out = {}
+        for key in mb.keys():
+            if isinstance(key, str) and key.startswith(PLAN_PREFIX):
+                name = key[len(PLAN_PREFIX) :]
+                out[name] = _flat(mb[key]).to(device).to(_DTYPES[dtypes.get(name, "float32")])
+        if not out:
+            raise RuntimeError("the selective loss needs its plan, but the batch carries none")
+        return out
+
+    def _micro_plan(self, stats: TokenStats, mb, valid: torch.Tensor):
+        """selection_scope=micro_batch: plan this micro-batch alone; weight = its share of the batch's tokens."""
+        seq = _seq_ids(mb).to(valid.device)
+        plan = self.loss.plan(stats, seq_ids=seq, generator=self._generator(extra=valid.numel()))
+        self.micro_metrics.append({k: float(v) for k, v in plan.metrics.items()})
+        share = float(valid.sum().item()) / max(float(mb["batch_num_tokens"]), 1.0)
+        return plan, share
+
+    def _carrier(self, part: torch.Tensor, nnz: int, mb) -> dict[str, torch.Tensor]:
+        """verl wants per-token tensors: the micro-batch's loss share (times dp_size) rides on row 0."""
+        part = part * float(mb["dp_size"])
+        carrier = torch.zeros(nnz, dtype=part.dtype, device=part.device)
+        carrier = carrier.index_put((torch.zeros(1, dtype=torch.long, device=part.device),), part.reshape(1))
+        return {LOSS_KEY: carrier}
+
+    def _add_terms(self, terms: dict, scale: float) -> None:
+        for k, v in terms.items():
+            if k == "loss" or not isinstance(v, torch.Tensor | float | int):
+                continue
+            self.term_sums[k] = self.term_sums.get(k, 0.0) + float(v) * scale
+
+    # -- naive head: full logits from verl ------------------------------------------------------
+    def _naive(self, logits: torch.Tensor, mb) -> dict[str, torch.Tensor]:
         nnz = logits.shape[0]
         self.vocab_size = int(logits.shape[-1])
-        labels, valid = _labels_and_valid(mb)
+        labels, valid = self._rows(mb, logits.device)
         if labels.shape[0] != nnz:
-            raise RuntimeError(
-                f"packed logits have {nnz} rows but the micro-batch has {labels.shape[0]} tokens; "
-                "static padding (pad_to_length) and sequence parallelism are not supported by the selective loss"
-            )
-        valid = valid.to(logits.device)
-        # prompt rows (and the wrap-around row of each sequence) are ignored rows for the loss library
-        labels = torch.where(valid, labels.to(logits.device), torch.full_like(labels.to(logits.device), IGNORE_INDEX))
-        mode = tu.get_non_tensor_data(mb, MODE_KEY, "train")
-        per_micro = self.selection_scope == "micro_batch"
-        need_ref = self.loss.needs_ref if (mode == "stats" or per_micro) else self.loss.ref_in_compute
-        ref_engine = self._ref_engine_getter() if need_ref else None
-        if need_ref and ref_engine is None:
-            raise RuntimeError(f"loss {self.loss.name!r} needs the reference model, but none was built")
-        ref_logits = _ref_logits(ref_engine, mb) if need_ref else None
-
+            raise RuntimeError(f"packed logits have {nnz} rows but the micro-batch has {labels.shape[0]} tokens")
+        mode = self._mode(mb)
+        token = self._plan_fields(mb, logits.device) if mode == "train" and self.selection_scope != "micro_batch" else {}
+        need_ref = self._ref_needed(mode)
+        if need_ref and mode == "train" and self.linear and self.selection_scope != "micro_batch":
+            need_ref = bool((token["w_kl"] != 0).any())  # reference rows only where the KL term has weight
+        ref_logits = self._ref_logits(mb, valid) if need_ref else None
         if mode == "stats":
             stats = self.loss.stats(logits, ref_logits, labels)
-            return {STAT_PREFIX + k: v.float().unsqueeze(0) for k, v in _stats_fields(stats).items()}
+            return {STAT_PREFIX + k: v.float() for k, v in _stats_fields(stats).items()}
+        if self.selection_scope == "micro_batch":
+            plan, share = self._micro_plan(self.loss.stats(logits, ref_logits, labels), mb, valid)
+            part, terms = self.loss.compute(
+                logits, labels, ref_logits if self.loss.ref_in_compute else None, plan.token, plan.scalars
+            )
+            self._add_terms(terms, share)
+            return self._carrier(part * share, nnz, mb)
+        if self.linear:
+            w_ce, w_h, w_kl = (token[k] for k in COEFFS)
+            y = torch.where(valid, labels, torch.zeros_like(labels))
+            part, terms = linear_compute(logits, y, ref_logits, w_ce, w_h, w_kl)
+            self._add_terms(terms, 1.0)
+            return self._carrier(part, nnz, mb)
+        return self._carrier(self._units_compute(logits, labels, ref_logits, token, mb), nnz, mb)
 
-        if per_micro:
-            # the authors' code: top-k within this micro-batch, loss normalised within it; weight the
-            # micro-batch by its share of the global valid tokens so the sum over micro-batches and ranks
-            # is a token-weighted mean (one micro-batch == the global case)
-            stats = self.loss.stats(logits, ref_logits, labels)
-            plan = self.loss.plan(stats, seq_ids=_seq_ids(mb).to(logits.device), generator=self._generator(extra=nnz))
-            token, scalars = plan.token, dict(plan.scalars)
-            self.micro_metrics.append(dict(plan.metrics))
-            share = float(valid.sum().item()) / max(float(mb["batch_num_tokens"]), 1.0)
+    def _ref_logits(self, mb, valid: torch.Tensor) -> torch.Tensor:
+        if self.ref is None:
+            raise RuntimeError(f"loss {self.loss.name!r} needs the reference model, but none was built")
+        return self.ref.logits(mb, valid)
+
+    def _units_compute(self, logits, labels, ref_logits, token, mb) -> torch.Tensor:
+        """Non-linear losses: `loss.compute` once per planning unit (the whole micro-batch, or each sequence)."""
+        scalar_keys = [k for k in token if k.startswith(SCALAR_PREFIX)]
+        fields = {k: v for k, v in token.items() if not k.startswith(SCALAR_PREFIX) and k != UNIT_WEIGHT}
+        if self.selection_scope == "sequence":
+            offsets = mb["input_ids"].offsets().tolist()
+            units = [slice(a, b) for a, b in zip(offsets[:-1], offsets[1:])]
         else:
-            dtypes = tu.get_non_tensor_data(mb, DTYPES_KEY, {}) or {}
-            token = {}
-            for key in mb.keys():
-                if isinstance(key, str) and key.startswith(PLAN_PREFIX):
-                    t = mb[key]
-                    name = key[len(PLAN_PREFIX) :]
-                    v = (t.values() if t.is_nested else t.reshape(-1)).to(logits.device)
-                    token[name] = v.to(_DTYPES[dtypes.get(name, "float32")])
-            scalars = tu.get_non_tensor_data(mb, SCALARS_KEY, None)
-            if scalars is None:
-                raise RuntimeError("the selective loss needs its plan, but the batch carries none")
-            scalars = dict(scalars)
+            units = [slice(0, logits.shape[0])]
+        total = logits[:0].float().sum()  # 0 with a grad_fn, so a micro-batch without response tokens still backprops
+        valid = labels != IGNORE_INDEX
+        for rows in units:
+            v = valid[rows]
+            if not bool(v.any()):
+                continue
+            first = int(v.nonzero()[0, 0]) + rows.start
+            scalars = {k[len(SCALAR_PREFIX) :]: float(token[k][first]) for k in scalar_keys}
+            weight = float(token[UNIT_WEIGHT][first])
+            part, terms = self.loss.compute(
+                logits[rows],
+                labels[rows],
+                ref_logits[rows] if (ref_logits is not None and self.loss.ref_in_compute) else None,
+                {k: f[rows] for k, f in fields.items()},
+                scalars,
+            )
+            self._add_terms(terms, weight)
+            total = total + part * weight
+        return total
+
+    # -- fused head: hidden states and the lm_head weight ---------------------------------------
+    def _fused(self, hidden: torch.Tensor, weight: torch.Tensor, mb) -> dict[str, torch.Tensor]:
+        nnz = hidden.shape[0]
+        self.vocab_size = int(weight.shape[0])
+        labels, valid = self._rows(mb, hidden.device)
+        mode = self._mode(mb)
+        ref_h = self.ref.hidden(mb, valid) if (self.ref is not None and self._ref_needed(mode)) else None
+        ref_w = self.ref.weight if ref_h is not None else None
+        if mode == "stats":
+            stats = fused_stats(self.loss, hidden.detach(), weight.detach(), ref_h, ref_w, labels, chunk_size=self.chunk_size)
+            return {STAT_PREFIX + k: v.float() for k, v in _stats_fields(stats).items()}
+        if self.selection_scope == "micro_batch":
+            stats = fused_stats(self.loss, hidden.detach(), weight.detach(), ref_h, ref_w, labels, chunk_size=self.chunk_size)
+            plan, share = self._micro_plan(stats, mb, valid)
+            w_ce, w_h, w_kl = self.loss.coefficients(plan.token, plan.scalars, valid)
+            w_ce = w_ce * share
+            w_h = w_h * share if w_h is not None else None
+            w_kl = w_kl * share if w_kl is not None else None
+        else:
+            token = self._plan_fields(mb, hidden.device)
+            w_ce, w_h, w_kl = (token[k] for k in COEFFS)
             share = 1.0
-        loss_part, _ = self.loss.compute(
-            logits, labels, ref_logits if self.loss.ref_in_compute else None, token, scalars
+        has_kl = w_kl is not None and bool((w_kl != 0).any())
+        part, terms = fused_linear_loss(
+            hidden,
+            weight,
+            labels,
+            ref_h if has_kl else None,
+            ref_w if has_kl else None,
+            w_ce,
+            w_h,
+            w_kl,
+            chunk_size=self.chunk_size,
         )
-        dp_size = float(mb["dp_size"])
-        loss_part = loss_part * (share * dp_size)
-        # verl expects per-token tensors here; the micro-batch's loss share rides on row 0
-        # (the sum over rows is what the second call below returns as the loss).
-        carrier = torch.zeros(nnz, dtype=loss_part.dtype, device=logits.device)
-        carrier = carrier.index_put((torch.zeros(1, dtype=torch.long, device=logits.device),), loss_part.reshape(1))
-        return {LOSS_KEY: carrier.unsqueeze(0)}
+        self._add_terms(terms, 1.0)
+        return self._carrier(part, nnz, mb)
 
     # -- pass 2 of forward_step: model_output -> (loss, metrics) -----------------------------
     def _loss(self, model_output, mb):
-        mode = tu.get_non_tensor_data(mb, MODE_KEY, "train")
-        if mode == "stats":
+        if self._mode(mb) == "stats":
             return torch.zeros((), device=_device_of(model_output)), {}
         part = model_output[LOSS_KEY]
         part = part.values() if part.is_nested else part
@@ -213,27 +311,14 @@ def _device_of(model_output) -> torch.device:
     return torch.device("cpu")
 
 
-_STAT_FIELDS = ("entropy", "logp", "kl", "ref_logp", "prob_sq")
-
-
-def _stats_fields(stats: TokenStats) -> dict[str, torch.Tensor]:
-    """The per-row statistics present in `stats` (row-aligned, 0 on ignored rows)."""
-    return {f: getattr(stats, f) for f in _STAT_FIELDS if getattr(stats, f) is not None}
-
-
-def _seq_ids(batch) -> torch.Tensor:
-    """Sequence index of every packed row [nnz] (local to the batch)."""
-    lengths = batch["input_ids"].offsets().diff()
-    return torch.repeat_interleave(torch.arange(lengths.numel()), lengths.cpu())
-
-
 # --------------------------------------------------------------------------------------------
 # worker
 # --------------------------------------------------------------------------------------------
 
 
 class SelectiveTrainingWorker(TrainingWorker):
-    """verl's `TrainingWorker` with the global selection pass in front of `train_batch`."""
+    """verl's `TrainingWorker` with the reference pass, the global selection and the update schedule in
+    front of `train_batch` (module docstring)."""
 
     def __init__(
         self,
@@ -242,6 +327,10 @@ class SelectiveTrainingWorker(TrainingWorker):
         loss,
         ref_config=None,
         selection_scope="global_batch",
+        head="fused",
+        updates_per_batch=1,
+        ref_hidden_store="device",
+        chunk_size=None,
         seed=0,
         metrics_prefix="eksft/",
         dump_dir: str | None = None,
@@ -250,21 +339,32 @@ class SelectiveTrainingWorker(TrainingWorker):
         self.dump_dir = dump_dir
         self.loss_obj = loss
         self.selection_scope = selection_scope
+        self.updates_per_batch = int(updates_per_batch)
         self.metrics_prefix = metrics_prefix
+        self.fused = head == "fused"
         self.ref_worker = TrainingWorker(config=ref_config) if ref_config is not None else None
+        self.ref_hidden_store = ref_hidden_store
         self.hook = SelectiveLossHook(
-            loss,
-            lambda: self.ref_worker.engine if self.ref_worker is not None else None,
-            selection_scope=selection_scope,
-            seed=seed,
+            loss, fused=self.fused, selection_scope=selection_scope, seed=seed, chunk_size=chunk_size
         )
         self.set_loss_fn(self.hook)
         self.last_plan_metrics: dict[str, float] = {}
+        self._update = 0
 
     def reset(self):
         super().reset()
         if self.ref_worker is not None:
             self.ref_worker.reset()
+            self.hook.ref = RefSide(self.ref_worker.engine, where=self.ref_hidden_store)
+        if self.fused:
+            if str(self.engine_config.strategy) != "fsdp2":
+                raise ValueError(
+                    f"eksft.head=fused runs inside FSDP2's lm_head unit; engine.strategy={self.engine_config.strategy} "
+                    "is not supported: set engine.strategy=fsdp2 or eksft.head=naive"
+                )
+            install_policy_head(self.engine, self.hook.head_for)
+        if self.dump_dir:
+            self._install_grad_dump()
 
     def _engine_defaults(self, data):
         defaults = dict(
@@ -283,42 +383,40 @@ class SelectiveTrainingWorker(TrainingWorker):
             return self.hook.vocab_size
         return int(self.model_config.hf_config.vocab_size)
 
-    def _attach_plan(self, data, plan, gathered, valid: torch.Tensor) -> None:
-        """This rank's rows of the global plan -> jagged per-token fields + global scalars in `data`."""
-        nnz = valid.numel()
-        offsets = data["input_ids"].offsets().cpu()
-        dtypes = {}
-        for name, value in plan.token.items():
-            dtypes[name] = str(value.dtype).replace("torch.", "")
-            if dtypes[name] not in _DTYPES:
-                raise TypeError(f"plan field {name!r} has unsupported dtype {value.dtype}")
-            mine = gathered.local_slice(value.cpu()).to(torch.float32)
-            full = scatter_to_positions(mine, valid, nnz)
-            data[PLAN_PREFIX + name] = torch.nested.nested_tensor_from_jagged(full, offsets)
-        tu.assign_non_tensor(
-            data,
-            **{SCALARS_KEY: {k: float(v) for k, v in plan.scalars.items()}, DTYPES_KEY: dtypes},
-        )
+    def _set_mode(self, data, mode: str) -> None:
+        tu.assign_non_tensor(data, **{MODE_KEY: mode})
+        if not self.fused:  # the naive head receives verl's full logits through its distillation hook
+            tu.assign_non_tensor(data, distillation_use_topk=True, distillation_only=True)
 
+    def _comm_device(self):
+        group = self.engine.get_data_parallel_group()
+        if dist.is_initialized() and dist.get_backend(group) == "gloo":
+            return "cpu"
+        return self.device_name
+
+    # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
-    def selection_pass(self, data) -> dict[str, float]:
-        """No-grad pre-pass -> global plan -> plan fields written into `data`. Returns plan metrics."""
-        self._engine_defaults(data)
-        tu.assign_non_tensor(data, distillation_use_topk=True, distillation_only=True, **{MODE_KEY: "stats"})
+    def _statistics(self, data, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pre-pass: per-token statistics of this rank's valid rows (batch order) from a no-grad policy forward."""
+        self._set_mode(data, "stats")
         with self.engine.eval_mode():
             out = self.engine.infer_batch(data, loss_function=self.hook)
-        model_output = out["model_output"]
-
-        _, valid = _labels_and_valid(data)
-        valid = valid.cpu()
-        bsz = data["input_ids"].shape[0]
-        dp_rank = self.engine.get_data_parallel_rank()
         local = {}
-        for key, nested in model_output.items():
+        for key, nested in out["model_output"].items():
             if key.startswith(STAT_PREFIX):
                 local[key[len(STAT_PREFIX) :]] = nested.values().float().cpu()[valid]
-        # sequence ids unique over the global batch: every rank holds `bsz` sequences
-        local["seq_id"] = (_seq_ids(data) + dp_rank * bsz)[valid]
+        return local
+
+    def _plan(self, data, valid: torch.Tensor, groups_seq: torch.Tensor):
+        """Statistics (if the loss needs them) -> all-gather -> the global plan -> this rank's rows into `data`."""
+        t0 = time.perf_counter()
+        local = self._statistics(data, valid) if self.loss_obj.needs_prepass else {}
+        t_stats = time.perf_counter() - t0
+        bsz = data["input_ids"].shape[0]
+        dp_rank = self.engine.get_data_parallel_rank()
+        seq = _seq_ids(data)
+        local["seq_id"] = (seq + dp_rank * bsz)[valid]  # unique over the global batch: every rank holds bsz
+        local["group"] = groups_seq[seq][valid]
         gathered = gather_token_stats(local, group=self.engine.get_data_parallel_group(), device=self._comm_device())
         f = gathered.fields
         n_global = int(f["seq_id"].numel())
@@ -327,12 +425,143 @@ class SelectiveTrainingWorker(TrainingWorker):
             vocab_size=self._vocab_size(),
             **{k: f[k] for k in _STAT_FIELDS if k in f},
         )
-        plan = self.loss_obj.plan(stats, seq_ids=f["seq_id"], generator=self.hook._generator())
-        self._attach_plan(data, plan, gathered, valid)
+        plan = plan_step(
+            self.loss_obj,
+            stats,
+            seq_ids=f["seq_id"],
+            groups=f["group"],
+            scope=self.selection_scope,
+            generator=self.hook._generator(),
+        )
+        self._attach_plan(data, plan.token, gathered, valid)
+        if self.hook.ref is not None and self.hook.ref.store is not None and plan.linear:
+            # the training pass reads reference rows only where the KL weight is non-zero (EKSFT: the mask)
+            self.hook.ref.store.keep(gathered.local_slice(plan.token["w_kl"]) != 0)
         if self.dump_dir:
             self._dump(data, valid, local, plan, gathered)
-        return {k: float(v) for k, v in plan.metrics.items()}
+        return plan, t_stats
 
+    def _attach_plan(self, data, token: dict[str, torch.Tensor], gathered, valid: torch.Tensor) -> None:
+        """This rank's rows of the global plan -> jagged per-token fields of `data` (0 on invalid rows)."""
+        nnz = valid.numel()
+        offsets = data["input_ids"].offsets().cpu()
+        dtypes = {}
+        for name, value in token.items():
+            dtypes[name] = str(value.dtype).replace("torch.", "")
+            if dtypes[name] not in _DTYPES:
+                raise TypeError(f"plan field {name!r} has unsupported dtype {value.dtype}")
+            carry = torch.float64 if value.dtype == torch.float64 else torch.float32
+            mine = gathered.local_slice(value.cpu()).to(carry)
+            data[PLAN_PREFIX + name] = torch.nested.nested_tensor_from_jagged(
+                scatter_to_positions(mine, valid, nnz), offsets
+            )
+        tu.assign_non_tensor(data, **{DTYPES_KEY: dtypes})
+
+    def train_batch(self, data):
+        t0 = time.perf_counter()
+        self.hook.step += 1
+        self.hook.micro_metrics = []
+        self._engine_defaults(data)
+        bsz = int(data["input_ids"].shape[0])
+        u = self.updates_per_batch
+        if bsz % u:
+            raise ValueError(
+                f"eksft.updates_per_batch={u} must divide the per-rank batch of {bsz} sequences "
+                "(data.train_batch_size / data-parallel size)"
+            )
+        data[SEQ_INDEX] = torch.arange(bsz)
+        valid = valid_rows(data).cpu()
+        groups_seq = torch.arange(bsz) // (bsz // u)  # update (mini-batch) of every local sequence
+        ref = self.hook.ref
+        t_ref = t_stats = 0.0
+        ref_tokens0 = ref.tokens_forwarded if ref is not None else 0
+        if ref is not None:
+            t1 = time.perf_counter()
+            ref.forward_batch(data)
+            t_ref = time.perf_counter() - t1
+        plan_metrics: dict[str, float] = {}
+        if self.selection_scope != "micro_batch":
+            plan, t_stats = self._plan(data, valid, groups_seq)
+            plan_metrics = plan.metrics
+        self._set_mode(data, "train")
+
+        t2 = time.perf_counter()
+        outputs, term_sums = [], []
+        lr_flag = bool(tu.get(data, key="update_lr_scheduler", default=False))
+        for j in range(u):
+            mini = data if u == 1 else self._mini_batch(data, groups_seq == j, last=(j == u - 1), lr_flag=lr_flag)
+            self._update = j
+            self.hook.term_sums = {}
+            outputs.append(super().train_batch(mini))
+            term_sums.append(self._reduce_terms(self.hook.term_sums))
+        t_train = time.perf_counter() - t2
+        if ref is not None:
+            ref.clear()
+        elapsed = time.perf_counter() - t0
+
+        if self.selection_scope == "micro_batch" and self.hook.micro_metrics:
+            plan_metrics = _weighted_mean(self.hook.micro_metrics)
+        self.last_plan_metrics = plan_metrics
+        output = _merge_outputs(outputs)
+        if output is not None:
+            metrics = tu.get(output, "metrics")
+            p = self.metrics_prefix
+            for k, v in plan_metrics.items():
+                metrics[p + k] = v
+            for k in sorted({k for t in term_sums for k in t}):
+                vals = [t.get(k, 0.0) for t in term_sums]
+                metrics[p + k] = sum(vals) / len(vals)
+                if u > 1:
+                    metrics[p + k + "_last"] = vals[-1]
+            if u > 1:
+                metrics[p + "updates"] = float(u)
+            n_tokens = int(_flat(data["loss_mask"]).sum().item())
+            n_rows = int(data["input_ids"].offsets()[-1])
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if ref is not None:
+                metrics[p + "ref_forwards_per_step"] = (ref.tokens_forwarded - ref_tokens0) / max(n_rows, 1)
+                metrics["perf/eksft_ref_lm_head_gb"] = ref.weight_nbytes / 1024**3
+            prepass = self.loss_obj.needs_prepass and self.selection_scope != "micro_batch"
+            metrics[p + "policy_forwards_per_step"] = 2.0 if prepass else 1.0
+            metrics["perf/response_tokens_per_s"] = n_tokens * world / max(elapsed, 1e-9)
+            metrics["perf/step_time_s"] = elapsed
+            metrics["perf/eksft_ref_s"] = t_ref
+            metrics["perf/eksft_prepass_s"] = t_stats
+            metrics["perf/eksft_train_s"] = t_train
+        return output
+
+    def _mini_batch(self, data, rows: torch.Tensor, *, last: bool, lr_flag: bool):
+        """One update's sequences (verl's `train_mini_batch` pattern: lr scheduler only after the last)."""
+        from tensordict.tensorclass import NonTensorData
+
+        mini = tu.index_select_tensor_dict(data, rows.nonzero().squeeze(1))
+        lengths = mini["input_ids"].offsets().diff().tolist()
+        group = self.engine.get_data_parallel_group()
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, lengths, group)
+            lengths = [x for p in parts for x in p]
+        tu.assign_non_tensor(mini, global_token_num=NonTensorData(lengths), update_lr_scheduler=last and lr_flag)
+        return mini
+
+    def _reduce_terms(self, sums: dict[str, float]) -> dict[str, float]:
+        """Sum the loss terms of one update over ranks (each rank holds its micro-batches' shares of the global mean).
+
+        Gathered as objects: a rank whose micro-batches held no response token may have computed no term at all.
+        """
+        group = self.engine.get_data_parallel_group()
+        if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+            return dict(sums)
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, dict(sums), group)
+        out: dict[str, float] = {}
+        for part in parts:
+            for k, v in part.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    # -- debugging / tests --------------------------------------------------------------------
     def _dump(self, data, valid: torch.Tensor, local: dict, plan, gathered) -> None:
         """`eksft.dump_dir`: this rank's tokens of this step's selection, for offline checks.
 
@@ -341,7 +570,7 @@ class SelectiveTrainingWorker(TrainingWorker):
         selection saw and this rank's slice of the plan's token fields; plus the plan's metrics.
         """
         ids = data["input_ids"]
-        flat = ids.values() if ids.is_nested else ids.reshape(-1)
+        flat = _flat(ids)
         seq = _seq_ids(data)
         seq_key = torch.tensor([hash(tuple(x.tolist())) for x in ids.unbind()], dtype=torch.int64)
         tok_seq = seq[valid]
@@ -353,56 +582,38 @@ class SelectiveTrainingWorker(TrainingWorker):
             "seq_key": seq_key[tok_seq],
             "pos": pos,
             "label": torch.roll(flat.cpu(), -1)[valid],
-            "stats": {k: v for k, v in local.items() if k != "seq_id"},
+            "stats": {k: v for k, v in local.items() if k not in ("seq_id", "group")},
+            "group": local["group"],
             "plan": {k: gathered.local_slice(v.cpu()) for k, v in plan.token.items()},
             "metrics": {k: float(v) for k, v in plan.metrics.items()},
+            # the rank's sequences, so a check can recompute everything from the dump alone
+            "seq_of_token": tok_seq,
+            "sequences": [x.cpu() for x in ids.unbind()],
+            "loss_masks": [x.cpu() for x in data["loss_mask"].unbind()],
         }
         rank = dist.get_rank() if dist.is_initialized() else 0
         path = Path(self.dump_dir) / f"step{self.hook.step:05d}_rank{rank}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, path)
 
-    def count_plan(self, data) -> dict[str, float]:
-        """Losses without a pre-pass: the plan only needs the global number of valid tokens."""
-        _, valid = _labels_and_valid(data)
-        valid = valid.cpu()
-        local = {"one": torch.ones(int(valid.sum()), dtype=torch.float32)}
-        gathered = gather_token_stats(local, group=self.engine.get_data_parallel_group(), device=self._comm_device())
-        n_global = int(gathered.fields["one"].numel())
-        plan = self.loss_obj.plan(TokenStats(valid=torch.ones(n_global, dtype=torch.bool), vocab_size=self._vocab_size()))
-        self._attach_plan(data, plan, gathered, valid)
-        return {k: float(v) for k, v in plan.metrics.items()}
+    def _install_grad_dump(self) -> None:
+        """`eksft.dump_dir`: every update's full gradients (before clipping) to grads_step<s>_update<u>.pt (rank 0)."""
+        engine = self.engine
+        orig = engine.optimizer_step
 
-    def _comm_device(self):
-        group = self.engine.get_data_parallel_group()
-        if dist.is_initialized() and dist.get_backend(group) == "gloo":
-            return "cpu"
-        return self.device_name
+        def optimizer_step():
+            grads = {}
+            for name, p in engine.module.named_parameters():
+                if p.grad is not None:
+                    g = p.grad
+                    grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().float().cpu()
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                path = Path(self.dump_dir) / f"grads_step{self.hook.step:05d}_update{self._update}.pt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(grads, path)
+            return orig()
 
-    def train_batch(self, data):
-        t0 = time.perf_counter()
-        self.hook.step += 1
-        self.hook.micro_metrics = []
-        plan_metrics: dict[str, float] = {}
-        if self.selection_scope == "global_batch":
-            plan_metrics = self.selection_pass(data) if self.loss_obj.needs_prepass else self.count_plan(data)
-        self._engine_defaults(data)
-        tu.assign_non_tensor(data, distillation_use_topk=True, distillation_only=True, **{MODE_KEY: "train"})
-        output = super().train_batch(data)
-        elapsed = time.perf_counter() - t0
-        if self.selection_scope == "micro_batch" and self.hook.micro_metrics:
-            plan_metrics = _weighted_mean(self.hook.micro_metrics)
-        self.last_plan_metrics = plan_metrics
-        if output is not None:
-            metrics = tu.get(output, "metrics")
-            for k, v in plan_metrics.items():
-                metrics[self.metrics_prefix + k] = v
-            lm = data["loss_mask"]
-            n_tokens = int((lm.values() if lm.is_nested else lm).sum().item())
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            metrics["perf/response_tokens_per_s"] = n_tokens * world / max(elapsed, 1e-9)
-            metrics["perf/step_time_s"] = elapsed
-        return output
+        engine.optimizer_step = optimizer_step
 
 
 def _weighted_mean(parts: list[dict[str, float]]) -> dict[str, float]:
@@ -417,25 +628,41 @@ def _weighted_mean(parts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _merge_outputs(outputs: list):
+    """One trainer step's output from its updates: numeric metrics averaged, grad_norm first/last kept, lr = last."""
+    if len(outputs) == 1 or outputs[-1] is None:
+        return outputs[-1]
+    ms = [tu.get(o, "metrics") for o in outputs]
+    merged = dict(ms[-1])
+    for key in {k for m in ms for k in m}:
+        vals = [m[key] for m in ms if key in m]
+        if key != "lr" and all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
+            merged[key] = float(sum(vals) / len(vals))
+    for key in ("grad_norm", "loss"):
+        vals = [m[key] for m in ms if isinstance(m.get(key), int | float)]
+        if vals:
+            merged[f"eksft/{key}_first"], merged[f"eksft/{key}_last"] = float(vals[0]), float(vals[-1])
+            merged["eksft/" + key + "_max"] = float(max(vals))
+    out = outputs[-1]
+    tu.assign_non_tensor(out, metrics=merged)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # trainer
 # --------------------------------------------------------------------------------------------
 
 
 def selective_config(config) -> dict[str, Any]:
-    """The project's `eksft:` block of the verl SFT config, with defaults."""
-    block = OmegaConf.to_container(config.get("eksft", {}) or {}, resolve=True)
-    block.setdefault("loss", "eksft")
-    block.setdefault("loss_params", {})
-    block.setdefault("selection_scope", "global_batch")
-    block.setdefault("ref_model_path", None)
-    block.setdefault("ref_model_dtype", None)
-    block.setdefault("dump_dir", None)
-    if block["selection_scope"] not in ("global_batch", "micro_batch"):
-        raise ValueError(
-            f"eksft.selection_scope must be 'global_batch' or 'micro_batch', got {block['selection_scope']!r}"
-        )
-    return block
+    """The project's `eksft:` block of the verl SFT config, with defaults (see recipes/verl/sft.yaml)."""
+    return complete_eksft_block(OmegaConf.to_container(config.get("eksft", {}) or {}, resolve=True))
+
+
+def resolve_head(block: dict, loss) -> str:
+    """`auto` -> fused for losses of the linear form, naive for the others."""
+    if block["head"] == "auto":
+        return "fused" if isinstance(loss, LinearTokenLoss) else "naive"
+    return block["head"]
 
 
 class EKSFTTrainer(SFTTrainer):
@@ -472,6 +699,15 @@ class EKSFTTrainer(SFTTrainer):
 
         handler._load_dataloader_state = _load_dataloader_state
 
+    def _init_engine(self):
+        u = int(self.eksft_block["updates_per_batch"])
+        if self.train_batch_size_per_dp % u:
+            raise ValueError(
+                f"eksft.updates_per_batch={u} must divide the per-rank batch of {self.train_batch_size_per_dp} "
+                f"sequences (data.train_batch_size={self.global_batch_size} over the data-parallel ranks)"
+            )
+        super()._init_engine()
+
     def _build_engine(self):
         from verl.workers.engine_workers import TrainingWorkerConfig
 
@@ -479,9 +715,20 @@ class EKSFTTrainer(SFTTrainer):
         self.eksft_block = block
         loss = get_loss(block["loss"], **(block["loss_params"] or {}))
         self.loss_obj = loss
+        check_eksft_block(
+            block,
+            loss=loss,
+            micro_batch_size_per_gpu=int(self.config.data.micro_batch_size_per_gpu),
+            use_dynamic_bsz=bool(self.config.data.use_dynamic_bsz),
+        )
+        head = resolve_head(block, loss)
+        self.eksft_head = head
 
         if self.model_config.get("use_fused_kernels", False):
-            raise ValueError("model.use_fused_kernels=True never materialises logits; the selective loss needs them")
+            raise ValueError(
+                "model.use_fused_kernels=True replaces the model's forward with verl's PPO head (log-probs only); "
+                "the selective loss brings its own fused head (eksft.head=fused): set model.use_fused_kernels=false"
+            )
         if int(self.engine_config.ulysses_sequence_parallel_size) > 1:
             raise ValueError("engine.ulysses_sequence_parallel_size > 1 is not supported by the selective loss")
 
@@ -526,8 +773,15 @@ class EKSFTTrainer(SFTTrainer):
             loss=loss,
             ref_config=ref_config,
             selection_scope=block["selection_scope"],
+            head=head,
+            updates_per_batch=int(block["updates_per_batch"]),
+            ref_hidden_store=block["ref_hidden_store"],
+            chunk_size=block["chunk_size"],
             seed=seed,
             dump_dir=block.get("dump_dir"),
         )
         self.loss_fn = self.training_client.hook
         self.engine = self.training_client.engine
+
+
+__all__ = ["EKSFTTrainer", "SelectiveLossHook", "SelectiveTrainingWorker", "resolve_head", "selective_config"]

@@ -167,3 +167,13 @@ def test_fused_errors():
         fused_eksft_head(h, w[:, :5], rh.detach(), rw, y)
     with pytest.raises(ValueError, match=r"labels\[0\] = 40"):
         fused_eksft_head(h, w, rh.detach(), rw, torch.full_like(y, 40))
+
+
+def test_default_chunk_is_sized_by_elements_off_cuda():
+    """CPU: ~16M elements per [chunk, V] buffer (64 MiB fp32), so Qwen3's V = 151,936 gets 110 rows, not 512."""
+    from eksft_pipeline.losses.fused import CUDA_DEFAULT_CHUNK, DEFAULT_CHUNK, default_chunk
+
+    assert default_chunk(32768, "cpu") == DEFAULT_CHUNK == 512
+    assert default_chunk(151936, "cpu") == 110
+    assert default_chunk(1000, "cpu") == 512 and default_chunk(10**9, "cpu") == 1
+    assert default_chunk(151936, "cuda") == CUDA_DEFAULT_CHUNK

@@ -75,23 +75,70 @@ def test_ceil_k_and_floor_k():
     assert floor_k_official(0.2, 6) == 1 and floor_k_official(0.2, 4) == 0 and floor_k_official(0.2, 10) == 2
 
 
-def test_topk_ties_stable_by_index_and_only_valid_rows():
+def test_topk_only_valid_rows_and_rows_above_the_tie_always():
     scores = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, 5.0])
     valid = torch.tensor([True, True, True, True, True, False])  # the 5.0 row is ignored
-    assert topk_mask(scores, valid, 2).nonzero().flatten().tolist() == [1, 2]
-    assert topk_mask(scores, valid, 3).nonzero().flatten().tolist() == [1, 2, 4]
+    assert topk_mask(scores, valid, 4).nonzero().flatten().tolist() == [1, 2, 3, 4]  # no tie at the 4th score
+    two = topk_mask(scores, valid, 2)
+    assert int(two.sum()) == 2 and set(two.nonzero().flatten().tolist()) <= {1, 2, 4}
     assert topk_mask(scores, valid, 0).sum() == 0
     with pytest.raises(ValueError, match="exceeds"):
         topk_mask(scores, valid, 6)
 
 
-def test_all_equal_rows_select_the_first_k_tokens():
-    n, v = 10, 7
-    logits = torch.zeros(n, v)
+def test_ties_never_select_by_position():
+    """Tied scores at the k-th place: every tied row is equally likely, whatever its position; same seed, same mask."""
+    n, k, trials = 10, 3, 600
+    scores, valid = torch.ones(n), torch.ones(n, dtype=torch.bool)
+    counts = torch.zeros(n)
+    for seed in range(trials):
+        m = topk_mask(scores, valid, k, generator=torch.Generator().manual_seed(seed))
+        assert int(m.sum()) == k
+        counts += m.float()
+    freq = counts / trials
+    # each row is selected with probability k/n = 0.3 (binomial sd 0.019 at 600 trials): 5 sd bounds
+    assert float(freq.min()) > 0.2 and float(freq.max()) < 0.4, freq.tolist()
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(topk_mask(scores, valid, k, generator=g1), topk_mask(scores, valid, k, generator=g2))
+
+
+def test_zero_scores_are_never_selected_and_step_one_selects_no_kl_tokens():
+    """pi_theta == pi_ref (the first step): every KL is exactly 0, so M_KL is empty and M = M_H -- not the first
+    k rows of the batch (what a stable sort of the all-zero KLs would give)."""
+    torch.manual_seed(0)
+    n, v = 40, 7
+    logits = torch.randn(n, v) * 2
+    labels = torch.randint(0, v, (n,))
     lf = get_loss("eksft", rho=0.2)
-    plan = lf.plan(lf.stats(logits, logits.clone(), torch.zeros(n, dtype=torch.long)))
-    assert plan.token["mask"].nonzero().flatten().tolist() == [0, 1]  # M_H = M_KL = {0, 1}
-    assert plan.metrics["iou"] == 1.0
+    stats = lf.stats(logits, logits.clone(), labels)
+    assert float(stats.kl.abs().max()) == 0.0
+    plan = lf.plan(stats, generator=torch.Generator().manual_seed(3))
+    k = ceil_k(0.2, n)
+    assert int(plan.token["mask_kl"].sum()) == 0 and plan.metrics["n_mask_kl"] == 0
+    expected_h = torch.zeros(n, dtype=torch.bool)
+    expected_h[torch.topk(stats.entropy, k).indices] = True
+    assert torch.equal(plan.token["mask"], expected_h) and plan.metrics["n_mask"] == k
+    assert plan.metrics["iou"] == 0.0
+    # a score <= 0 never enters a top-k, even when fewer than k scores are positive
+    scores = torch.tensor([0.0, -1e-9, 0.5, 0.0, 2.0])
+    assert topk_mask(scores, torch.ones(5, dtype=torch.bool), 3).nonzero().flatten().tolist() == [2, 4]
+
+
+def test_official_variant_keeps_k_tokens_at_step_one_chosen_at_random():
+    """The authors' torch.topk always returns k rows: at step 1 (all KL = 0) k tied tokens, not the first k."""
+    torch.manual_seed(1)
+    n, v = 30, 5
+    logits = torch.randn(n, v)
+    labels = torch.randint(0, v, (n,))
+    lf = get_loss("eksft_official", rho=0.2)
+    stats = lf.stats(logits, logits.clone(), labels)
+    firsts = 0
+    for seed in range(30):
+        plan = lf.plan(stats, generator=torch.Generator().manual_seed(seed))
+        m_kl = plan.token["mask_kl"]
+        assert int(m_kl.sum()) == 6  # floor(0.2 * 30)
+        firsts += int(m_kl.nonzero().flatten().tolist() == list(range(6)))
+    assert firsts == 0
 
 
 def test_input_errors():

@@ -74,17 +74,22 @@ def test_loss_head_estimate_matches_the_measured_peak_on_cpu(head, ns, chunk):
 
 
 def test_dry_run_refuses_an_sft_token_budget_that_cannot_fit(tmp_path, capsys):
-    """The old qwen3-8b budget (20,480 tokens per GPU, naive head) is ~80 GiB per H100: refused, naming the knob."""
+    """The old qwen3-8b budget (20,480 tokens per GPU) with the naive head is ~80 GiB per H100: refused, naming
+    the knob; the fused head (EKSFT's default, `eksft.head: auto`) fits the same budget."""
     from eksft_pipeline.sft.stage import SFTStage
 
-    cfg = compose_pipeline("model=qwen3-8b", "cluster=8gpu", "model.sft.verl.data.max_token_len_per_gpu=20480",
-                           "model.data.cutoff_tokens=20000")  # fmt: skip
+    budget = ("model=qwen3-8b", "cluster=8gpu", "model.sft.verl.data.max_token_len_per_gpu=20480",
+              "model.data.cutoff_tokens=20000")  # fmt: skip
+    cfg = compose_pipeline(*budget, "+model.sft.verl.eksft.head=naive")
     stage = SFTStage()
     with pytest.raises(memory.MemoryBudgetError, match=r"max_token_len_per_gpu") as e:
         stage.describe(ctx_for(cfg, tmp_path, stage.key(cfg)))
     assert "exceeds" in str(e.value) and "loss head" in str(e.value)
     printed = capsys.readouterr().out
     assert "sft: estimated peak" in printed and "assumptions:" in printed
+    fused = compose_pipeline(*budget)
+    desc = stage.describe(ctx_for(fused, tmp_path, stage.key(fused)))
+    assert "loss head (fused)" in capsys.readouterr().out and desc["memory_estimate"]["fits"]
 
 
 def test_dry_run_refuses_an_rl_rollout_share_that_cannot_fit(tmp_path):

@@ -2,8 +2,10 @@
 
 Each run goes through the orchestrator's `sft` stage exactly as `python -m eksft_pipeline stage=sft`
 does (compose -> validate -> torchrun -> export hf_model -> drift.json), on a small Qwen3 built
-here. `eksft.dump_dir` makes the trainer write every step's selection per rank, so the tests can
-recompute it independently.
+here with an UNTIED lm_head (as Qwen3-4B/8B: FSDP2 wraps it as its own unit, so the fused head runs
+inside that unit; the tied case is the tiny default of the end-to-end test). `eksft.dump_dir` makes
+the trainer write every step's selection per rank and every update's gradients, so the tests can
+recompute them independently.
 """
 
 from __future__ import annotations
@@ -44,11 +46,17 @@ def _overrides(assets: Path, run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
     from eksft_pipeline.models.tiny import make_tiny_assets
 
     out = tmp_path_factory.mktemp("assets")
-    make_tiny_assets(out, n_problems=200, n_eval_per_source=4, n_pretrain=400, pretrain_steps=30,
-                     model_kwargs=MODEL, progress=False)
+    paths = make_tiny_assets(out, n_problems=200, n_eval_per_source=4, n_pretrain=400, pretrain_steps=30,
+                             model_kwargs=MODEL, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(paths["model"])
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.save_pretrained(str(paths["model"]))
     return out
 
 
@@ -168,34 +176,134 @@ def loss_vocab(run_dir: Path) -> int:
     return AutoConfig.from_pretrained(run_dir / "sft" / "eksft" / "hf_model").vocab_size
 
 
-def test_one_and_two_ranks_see_the_same_tokens_and_statistics(two_rank_run, assets, tmp_path):
+@pytest.fixture(scope="module")
+def one_rank_run(assets, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one_rank")
+    _run(assets, run_dir, f"+sft.verl.eksft.dump_dir={run_dir / 'dump'}", "model.sft.verl.trainer.total_epochs=1")
+    return run_dir
+
+
+def test_one_and_two_ranks_see_the_same_tokens_and_statistics(two_rank_run, one_rank_run):
     """Step 1 (same weights on both): identical global batch, identical per-token entropy."""
     _, dump2, _ = two_rank_run
-    run_dir = tmp_path / "one"
-    dump1 = run_dir / "dump"
-    _run(assets, run_dir, f"+sft.verl.eksft.dump_dir={dump1}", "model.sft.verl.trainer.total_epochs=1")
-    one, two = _concat(_dumps(dump1, 1)), _concat(_dumps(dump2, 1))
+    one, two = _concat(_dumps(one_rank_run / "dump", 1)), _concat(_dumps(dump2, 1))
     i1, i2 = _by_token(one), _by_token(two)
     assert set(i1) == set(i2) and len(i1) == one["seq_key"].numel()
     order1 = torch.tensor([i1[t] for t in sorted(i1)])
     order2 = torch.tensor([i2[t] for t in sorted(i1)])
     torch.testing.assert_close(one["stats"]["entropy"][order1], two["stats"]["entropy"][order2], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(one["stats"]["logp"][order1], two["stats"]["logp"][order2], rtol=1e-4, atol=1e-5)
-    # KL is 0 on both (policy == reference before the first update), so the entropy top-k decides the mask
-    assert float(one["stats"]["kl"].abs().max()) < 1e-5 and float(two["stats"]["kl"].abs().max()) < 1e-5
+    # KL is 0 on both (policy == reference before the first update). The tie rule (losses/selection.py) selects no
+    # token by KL then -- not the first k rows of the batch -- so the entropy top-k alone is the mask.
+    for c in (one, two):
+        assert float(c["stats"]["kl"].abs().max()) < 1e-5
+        assert not c["plan"]["mask_kl"].bool().any() and c["metrics"]["n_mask_kl"] == 0
+        assert torch.equal(c["plan"]["mask"].bool(), c["plan"]["mask_h"].bool())
 
 
-def test_rho_zero_is_plain_sft_step_for_step(assets, tmp_path):
-    run_dir = tmp_path / "rho0"
-    common = ("model.sft.verl.trainer.total_epochs=1",)
-    _run(assets, run_dir, "method=eksft", "method.params.rho=0", *common)
-    _run(assets, run_dir, "method=sft", *common)
+def _grads(run_dir: Path, step: int, update: int = 0) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "dump" / f"grads_step{step:05d}_update{update}.pt")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def test_fused_head_equals_the_naive_head_in_fp32(one_rank_run, assets, tmp_path):
+    """eksft.head=fused (hidden states + lm_head weight, no [N, V]) vs the naive head (verl's full logits), fp32:
+    every step's loss and every parameter's gradient within 1e-5 relative; the reference runs once per step."""
+    naive = tmp_path / "naive"
+    _run(assets, naive, f"+sft.verl.eksft.dump_dir={naive / 'dump'}", "+sft.verl.eksft.head=naive",
+         "model.sft.verl.trainer.total_epochs=1")
+    fused_m, naive_m = _metrics(one_rank_run, "eksft"), _metrics(naive, "eksft")
+    assert sorted(fused_m) == sorted(naive_m) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert fused_m[step]["train/loss"] == pytest.approx(naive_m[step]["train/loss"], rel=1e-5), step
+        gf, gn = _grads(one_rank_run, step), _grads(naive, step)
+        assert sorted(gf) == sorted(gn) and any("lm_head" in k for k in gf)
+        worst = max(_rel(gf[k], gn[k]) for k in gn)
+        assert worst < 1e-5, (step, worst)
+        for m in (fused_m[step], naive_m[step]):
+            assert m["eksft/ref_forwards_per_step"] == 1.0 and m["eksft/policy_forwards_per_step"] == 2.0
+
+
+UPDATES = ("+method.updates_per_batch=2", "model.sft.verl.optim.lr=1e-2")
+
+
+@pytest.fixture(scope="module")
+def sft_two_updates(assets, tmp_path_factory):
+    """Plain SFT, two optimizer updates per batch (8 sequences each), gradients dumped."""
+    run_dir = tmp_path_factory.mktemp("sft2")
+    _run(assets, run_dir, "method=sft", *UPDATES, f"+sft.verl.eksft.dump_dir={run_dir / 'dump'}",
+         "model.sft.verl.trainer.total_epochs=1")
+    return run_dir
+
+
+def test_rho_zero_is_plain_sft_step_for_step(assets, sft_two_updates):
+    run_dir = sft_two_updates
+    _run(assets, run_dir, "method=eksft", "method.params.rho=0", *UPDATES, "model.sft.verl.trainer.total_epochs=1")
     a, b = _metrics(run_dir, "eksft"), _metrics(run_dir, "sft")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
-        assert a[s]["eksft/n_mask"] == 0
+        assert a[s]["eksft/n_mask"] == 0 and a[s]["eksft/updates"] == b[s]["eksft/updates"] == 2
         assert a[s]["train/loss"] == pytest.approx(b[s]["train/loss"], rel=1e-4), s
-        assert a[s]["train/grad_norm"] == pytest.approx(b[s]["train/grad_norm"], rel=1e-3), s
+        for key in ("train/grad_norm", "eksft/grad_norm_first", "eksft/grad_norm_last"):
+            assert a[s][key] == pytest.approx(b[s][key], rel=1e-3), (s, key)
+
+
+def test_psft_keeps_pi_old_over_the_updates_of_a_batch(assets, sft_two_updates, tmp_path):
+    """PSFT's schedule (eksft.updates_per_batch): pi_old is the policy at the start of the batch. The first update
+    (ratio 1) has exactly SFT's gradient; the second one, from the same weights as SFT's second update, does not,
+    and its clip acts."""
+    run_dir = tmp_path / "psft"
+    _run(assets, run_dir, "method=psft", "method.updates_per_batch=2", "model.sft.verl.optim.lr=1e-2",
+         f"+sft.verl.eksft.dump_dir={run_dir / 'dump'}", "+model.sft.verl.trainer.total_training_steps=1")
+    m = _metrics(run_dir, "psft")[1]
+    assert m["eksft/updates"] == 2 and "eksft/ref_forwards_per_step" not in m  # PSFT needs no reference model
+    g_psft0, g_sft0 = _grads(run_dir, 1, 0), _grads(sft_two_updates, 1, 0)
+    assert max(_rel(g_psft0[k], g_sft0[k]) for k in g_sft0) < 1e-5
+    assert m["eksft/clip_frac_last"] > 0.0 and m["eksft/grad_norm_first"] == pytest.approx(
+        _metrics(sft_two_updates, "sft")[1]["eksft/grad_norm_first"], rel=1e-5)
+    g_psft1, g_sft1 = _grads(run_dir, 1, 1), _grads(sft_two_updates, 1, 1)
+    assert max(_rel(g_psft1[k], g_sft1[k]) for k in g_sft1) > 1e-2
+
+
+def test_official_recipe_selects_per_sequence_with_equal_weights(assets, tmp_path):
+    """method=eksft_official (selection_scope=sequence): k = floor(0.2 n_s) per sequence, and the logged loss of
+    step 1 equals the authors' loss recomputed per sequence with an HF forward and averaged with equal weights."""
+    from transformers import AutoModelForCausalLM
+
+    from eksft_pipeline.losses import IGNORE_INDEX, get_loss
+
+    run_dir = tmp_path / "official"
+    _run(assets, run_dir, "method=eksft_official", f"+sft.verl.eksft.dump_dir={run_dir / 'dump'}",
+         "+model.sft.verl.trainer.total_training_steps=1")
+    (d,) = _dumps(run_dir / "dump", 1)
+    logged = _metrics(run_dir, "eksft_official")[1]
+    model = AutoModelForCausalLM.from_pretrained(Path(assets) / "model").eval()
+    loss = get_loss("eksft_official", rho=0.2, lambda_entropy=0.05, lambda_kl=0.05)
+    total, n_seq = 0.0, len(d["sequences"])
+    for i, (ids, lm) in enumerate(zip(d["sequences"], d["loss_masks"])):
+        rows = (d["seq_of_token"] == i).nonzero().squeeze(1)
+        valid = torch.roll(lm, -1).bool()
+        valid[-1] = False
+        assert int(valid.sum()) == rows.numel()
+        plan = {k: v[rows] for k, v in d["plan"].items()}
+        n = rows.numel()
+        assert int(plan["mask_h"].sum()) == int(plan["mask_kl"].sum()) == int(0.2 * n)
+        top = torch.topk(d["stats"]["entropy"][rows], int(0.2 * n)).indices
+        assert bool(plan["mask_h"][top].bool().all())
+        with torch.no_grad():
+            logits = model(input_ids=ids[None]).logits[0].float()[valid]
+        labels = torch.roll(ids, -1)[valid]
+        scalars = {k[len("scalar:"):]: float(v[0]) for k, v in plan.items() if k.startswith("scalar:")}
+        fields = {k: plan[k].bool() for k in ("mask", "mask_h", "mask_kl")}
+        part, _ = loss.compute(logits, labels, logits, fields, scalars)  # step 1: the reference is the model
+        assert float(plan["unit_weight"][0]) == pytest.approx(1 / n_seq)
+        total += float(part) / n_seq
+        assert IGNORE_INDEX not in labels.tolist()
+    assert logged["train/loss"] == pytest.approx(total, rel=1e-4)
+    assert logged["eksft/n_units"] == n_seq and logged["eksft/iou_seq_count"] > 0
 
 
 @pytest.mark.parametrize("save_freq", [2, 3], ids=["mid_epoch", "epoch_boundary"])
