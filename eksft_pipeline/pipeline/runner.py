@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from eksft_pipeline.pipeline.manifest import Manifest, config_hash, hash_path
-from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult
+from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult, apply_method_tag
 
 REGISTRY = {
     "assets": "eksft_pipeline.data.stage:AssetsStage",
@@ -153,6 +153,7 @@ def stage_list(cfg: DictConfig) -> list[str]:
 
 
 def run_pipeline(cfg: DictConfig) -> list[dict]:
+    cfg = apply_method_tag(cfg)  # variants of one recipe (method.params.rho=...) get their own stage keys
     run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
     manifest = Manifest(run_dir)
     results = []

@@ -38,7 +38,7 @@ from typing import Any
 
 import pandas as pd
 
-from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult, init_tag, known_methods
+from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult, init_tag, is_method_tag
 
 
 class HandoffError(ValueError):
@@ -281,7 +281,7 @@ class HandoffStage(Stage):
         spec = ctx.init_spec()
         if spec == "base":
             return str(ctx.cfg.model.path)
-        if spec in known_methods() or ctx.manifest.entry(f"sft/{spec}") is not None:
+        if is_method_tag(spec) or ctx.manifest.entry(f"sft/{spec}") is not None:
             if ctx.dry_run:
                 return str(ctx.run_dir / "sft" / spec / "hf_model")
             return ctx.upstream(f"sft/{spec}")["hf_model"]
