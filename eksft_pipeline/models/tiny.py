@@ -386,6 +386,7 @@ def make_tiny_assets(
     n_eval_per_source: int = 32,
     n_pretrain: int = 4000,
     pretrain_chat_frac: float = 0.5,
+    pretrain_chat_trace_frac: float = 0.2,
     seed: int = 0,
     vocab_size: int = 1024,
     pretrain: bool = True,
@@ -419,6 +420,7 @@ def make_tiny_assets(
         "n_eval_per_source": n_eval_per_source,
         "n_pretrain": n_pretrain,
         "pretrain_chat_frac": pretrain_chat_frac,
+        "pretrain_chat_trace_frac": pretrain_chat_trace_frac,
         "seed": seed,
         "vocab_size": vocab_size,
         "pretrain": pretrain,
@@ -451,7 +453,7 @@ def make_tiny_assets(
         print(f"[tiny] building assets in {out} ...")
     made = make_tiny_data(
         data_dir, n_problems=n_problems, n_eval_per_source=n_eval_per_source, n_pretrain=n_pretrain, seed=seed,
-        pretrain_chat_frac=pretrain_chat_frac,
+        pretrain_chat_frac=pretrain_chat_frac, pretrain_chat_trace_frac=pretrain_chat_trace_frac,
     )
     import pyarrow.parquet as pq
 

@@ -112,7 +112,7 @@ def test_random_mask_drops_ten_percent_by_default():
     lf = get_loss("random_mask", seed=3)
     assert (lf.needs_ref, lf.needs_prepass, lf.ref_in_compute) == (False, False, False)
     labels = list(LABELS) * 4  # N = 20 -> |M| = 2
-    logits, ref = LOGITS * 4, REF * 4
+    logits = LOGITS * 4
     stats = lf.stats(t(logits), None, torch.tensor(labels))
     plan = lf.plan(stats)
     mask = set(plan.token["mask"].nonzero().flatten().tolist())
