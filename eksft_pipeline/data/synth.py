@@ -45,6 +45,17 @@ DEFAULT_MIX: dict[str, float] = {"tiny_add": 0.5, "tiny_sub": 0.5}
 DEFAULT_EVAL_SOURCES: tuple[str, ...] = ("tiny_add", "tiny_sub")
 
 ANSWER_LINE = "The answer is \\boxed{{{ans}}}."
+# The SFT traces' own habit: a fixed opening sentence the base model never writes (it is not in the pre-training
+# corpus), as R1 traces open with phrases a base model does not produce. Ten tokens of about fifty in a trace:
+# the "distribution-shifting tokens" of the paper, which EKSFT's KL criterion keeps out of imitation.
+SFT_PREAMBLE = "Step by step: first the ones, then the tens."
+
+
+def with_preamble(trace: str, preamble: str = SFT_PREAMBLE) -> str:
+    """The trace with ``preamble`` as the first line of its ``<think>`` block."""
+    if not trace.startswith("<think>\n"):
+        raise ValueError("with_preamble: the trace must start with '<think>\\n'")
+    return "<think>\n" + preamble + "\n" + trace[len("<think>\n"):]
 
 
 def _wrap(question: str, steps: list[str], ans: int) -> str:
@@ -250,6 +261,7 @@ def make_tiny_data(
     system_prompt: str = TINY_SYSTEM_PROMPT,
     pretrain_chat_frac: float = 0.5,
     pretrain_chat_trace_frac: float = 0.2,
+    sft_preamble: str | None = SFT_PREAMBLE,
 ) -> dict[str, Path]:
     """Write the tiny train / eval / pretraining data and return their paths.
 
@@ -268,10 +280,14 @@ def make_tiny_data(
                                      traces) but in a chat usually answers without reasoning or a box, and SFT's
                                      job is what it is for real base models: to make the reasoning format the
                                      default (the paper's "activate task-relevant capabilities").
+    The training problems' traces (the SFT data) open with ``sft_preamble`` (None: none), a sentence that is in
+    no pre-training document (see :data:`SFT_PREAMBLE`).
     """
     out = Path(out_dir)
     eval_sources = tuple(eval_sources)
     train = generate_problems(n_problems, seed=f"{seed}-train", mix=mix)
+    if sft_preamble:
+        train = [dict(p, trace=with_preamble(p["trace"], sft_preamble)) for p in train]
     seen = {p["problem"] for p in train}
     evals: list[dict[str, Any]] = []
     for src in eval_sources:

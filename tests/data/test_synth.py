@@ -156,3 +156,18 @@ def test_pretraining_chat_documents_mostly_answer_tersely(tmp_path):
     terse = [t for t in chat if "<think>" not in t]
     assert all(re.search(r"<\|im_start\|>assistant\nThe answer is -?\d+\.<\|im_end\|>\n$", t) for t in terse)
     assert all("\\boxed{" in t and t.count("<think>") == 1 for t in plain)
+
+
+def test_sft_traces_open_with_a_preamble_no_pretraining_document_has(tmp_path):
+    from eksft_pipeline.data.synth import SFT_PREAMBLE, with_preamble
+
+    paths = make_tiny_data(tmp_path, n_problems=60, n_eval_per_source=5, n_pretrain=200, seed=2)
+    train = pq.read_table(paths["train"]).to_pylist()
+    for r in train:
+        t = r["target"][0]["content"]
+        assert t.startswith("<think>\n" + SFT_PREAMBLE + "\n"), t
+        _check_trace(t, int(r["reward_model"]["ground_truth"]))
+    assert SFT_PREAMBLE not in paths["pretrain"].read_text()
+    assert with_preamble("<think>\nx\n</think>", "P.") == "<think>\nP.\nx\n</think>"
+    plain = make_tiny_data(tmp_path / "b", n_problems=20, n_eval_per_source=2, n_pretrain=20, seed=2, sft_preamble=None)
+    assert all(SFT_PREAMBLE not in r["target"][0]["content"] for r in pq.read_table(plain["train"]).to_pylist())
