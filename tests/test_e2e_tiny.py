@@ -1,21 +1,54 @@
 """The embedded CPU default end to end: `python -m eksft_pipeline` (what `make reproduce MODEL=tiny` runs).
 
-assets -> split -> EKSFT through verl -> handoff -> DAPO through verl's main_ppo -> eval -> report, in a
-fresh run directory, on this machine's CPU. Asserts that every stage completed, wrote its files, and
-that the report carries every stage's numbers.
+assets -> split -> EKSFT through verl -> handoff -> DAPO through verl's main_ppo -> eval (base, SFT, SFT→RL) ->
+report, in a fresh run directory, on this machine's CPU. Asserts that every stage completed and wrote its files,
+that the report carries every stage's numbers, and -- so that a stage that silently stops learning fails CI --
+that each training stage MOVED pass@1: base -> SFT and SFT -> SFT→RL each by a margin whose paired bootstrap
+95% CI (over the same eval problems, report.json "movements") lies above zero.
+
+The slow `long` test runs `make reproduce MODEL=tiny METHODS=sft,eksft` (two methods side by side in one
+report, with the paper's qualitative-claims table); `make test-long` runs it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["assets", "split", "sft/eksft", "handoff/eksft", "rl/eksft", "eval/eksft", "report"]
+
+
+def _run(cmd: list[str], log: Path, timeout: int) -> tuple[subprocess.CompletedProcess, str, float]:
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc, log.read_text(errors="replace"), time.time() - t0
+
+
+def _movements(run_dir: Path, init: str) -> dict[str, dict]:
+    rep = json.loads((run_dir / "report" / "report.json").read_text())
+    return {r["movement"]: r for r in rep.get("movements", []) if r["init"] == init}
+
+
+def _assert_learned(mv: dict[str, dict]) -> None:
+    """Both stages raised pass@1, each with a paired 95% CI above zero."""
+    for what in ("base → SFT", "SFT → SFT→RL"):
+        assert what in mv, f"no {what} comparison in the report: {sorted(mv)}"
+        r = mv[what]
+        msg = (f"{what}: pass@1 {100 * r['before']:.1f} -> {100 * r['after']:.1f}, "
+               f"Δ {100 * r['diff']:+.1f} points, 95% CI [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}]")
+        print(f"\n[e2e] {msg}")
+        assert r["ci95"][0] > 0, f"the stage did not measurably learn: {msg}"
 
 
 def test_tiny_pipeline_end_to_end(tiny_run):
@@ -31,36 +64,58 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     assert s["split"]["n_sft"] == 300 and s["split"]["n_rl"] > 1000
     assert s["sft/eksft"]["steps"] > 0 and s["sft/eksft"]["drift_rel_norm"] > 0
     assert all(s["handoff/eksft"][c] for c in ("weights", "template", "eos", "context"))
-    assert s["rl/eksft"]["steps"] == 4 and "score_mean_last" in s["rl/eksft"]
-    assert set(s["eval/eksft"]) >= {"sft", "rl"}
+    assert s["rl/eksft"]["steps"] == 8 and "score_mean_last" in s["rl/eksft"]
+    assert set(s["eval/eksft"]) >= {"base", "sft", "rl"}
 
     out = {k: v["path"] for k, v in manifest["rl/eksft"]["outputs"].items()}
     assert out["hf_model"] == "rl/eksft/hf_model"  # recorded relative to the run dir
     assert (run_dir / out["hf_model"] / "model.safetensors").is_file()
     # the console shows the pipeline's lines and training progress, not verl's config dump
-    assert "step 4/4" in text and len(text.splitlines()) < 200, len(text.splitlines())
-    for target in ("sft", "rl"):
+    assert "step 8/8" in text and len(text.splitlines()) < 200, len(text.splitlines())
+    for target in ("base", "sft", "rl"):
         d = run_dir / "eval" / "eksft" / target
         assert (d / "samples.parquet").is_file() and (d / "scores.parquet").is_file()
         m = json.loads((d / "metrics.json").read_text())
-        assert set(m["benchmarks"]) == {"tiny_add", "tiny_linear"}
-        assert set(m["verifier_audit"]) == {"tiny_add", "tiny_linear"}  # the verifier audit (issue 15)
+        assert set(m["benchmarks"]) == {"tiny_add", "tiny_sub"}
+        assert set(m["verifier_audit"]) == {"tiny_add", "tiny_sub"}  # the verifier audit (issue 15)
 
     report = run_dir / "report" / "report.md"
     md = report.read_text()
     assert f"report: {report}" in text.splitlines()[-1]
-    for needle in ("Table 1: avg@n = pass@1", "eksft (SFT)", "eksft (SFT→RL)", "![pass@k](pass_at_k.png)",
-                   "![drift](drift.png)", "IoU(M_H, M_KL)", "![rl curves](rl_curves.png)",
-                   "token_probs.png", "## Verifier audit"):
+    for needle in ("Table 1: avg@n = pass@1", "eksft (SFT)", "eksft (SFT→RL)", "| base |", "![pass@k](pass_at_k.png)",
+                   "![drift](drift.png)", "IoU(M_H, M_KL) over training", "### What each stage moved",
+                   "![rl curves](rl_curves.png)", "token_probs.png", "| method (bf16) |", "## Verifier audit"):
         assert needle in md, needle
     for key in STAGES[:-1]:
         assert f"| {key} | complete |" in md, key
-    for f in ("table_pass1.csv", "table_passk.csv", "pass_at_k.png", "drift.png", "sft_curves.png",
-              "rl_curves.png", "case_study/token_probs.html", "report.json"):
+    for f in ("table_pass1.csv", "table_passk.csv", "table_movement.md", "pass_at_k.png", "drift.png",
+              "sft_curves.png", "rl_curves.png", "case_study/token_probs.html", "report.json"):
         assert (run_dir / "report" / f).stat().st_size > 0, f
+
+    # every training stage moved the numbers
+    _assert_learned(_movements(run_dir, "eksft"))
 
     # a second invocation skips every complete stage (tiny_run is shared: this changes nothing in it)
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     for key in STAGES:
         assert f"{key}: complete, skipped" in again.stdout, key
+
+
+@pytest.mark.long
+def test_make_reproduce_two_methods_side_by_side(tmp_path):
+    """`make reproduce MODEL=tiny METHODS=sft,eksft`: one report, both methods, each stage learning, the claims."""
+    run_dir = tmp_path / "run"
+    venv = Path(sys.executable).parents[1]
+    # -o: never (re)install into the venv running the tests
+    cmd = ["make", "-s", "-o", f"{venv}/.installed-cpu", "reproduce", "MODEL=tiny", "METHODS=sft,eksft",
+           f"RUN_DIR={run_dir}", f"VENV={venv}"]
+    proc, text, wall = _run(cmd, tmp_path / "reproduce.log", timeout=3000)
+    assert proc.returncode == 0, text[-5000:]
+    print(f"\n[e2e] make reproduce METHODS=sft,eksft: {wall:.0f}s")
+    md = (run_dir / "report" / "report.md").read_text()
+    for needle in ("sft (SFT)", "sft (SFT→RL)", "eksft (SFT)", "eksft (SFT→RL)",
+                   "## The paper's qualitative claims on this run (EKSFT vs SFT)"):
+        assert needle in md, needle
+    for init in ("sft", "eksft"):
+        _assert_learned(_movements(run_dir, init))

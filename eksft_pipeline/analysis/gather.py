@@ -50,6 +50,9 @@ class RunData:
     drift: dict[str, dict] = field(default_factory=dict)  # method -> drift.json
     rl_metrics: dict[str, dict[int, dict]] = field(default_factory=dict)  # init -> step -> metrics
     models: dict[str, str] = field(default_factory=dict)  # label -> HF dir (for the case study)
+    # method tag -> the method node its SFT stage ran with (name = tag, loss, params, ...): how the report
+    # groups the variants of one recipe (a multirun over method.params.rho) into one table
+    method_cfg: dict[str, dict] = field(default_factory=dict)
     split: dict[str, Any] | None = None
 
 
@@ -83,6 +86,9 @@ def gather(run_dirs: list[str | Path]) -> RunData:
             elif kind == "assets" and "model" in outs:
                 data.models.setdefault("base", outs["model"])
             elif kind == "sft":
+                method = (entry.get("config") or {}).get("method")
+                if isinstance(method, dict):
+                    data.method_cfg[tag] = method
                 if "metrics" in outs and Path(outs["metrics"]).exists():
                     data.sft_metrics[tag] = _steps(_load_json(outs["metrics"]))
                 if "drift" in outs and Path(outs["drift"]).exists():
@@ -99,4 +105,18 @@ def gather(run_dirs: list[str | Path]) -> RunData:
                     if name.endswith("_metrics") and Path(path).exists():
                         m = _load_json(path)
                         data.evals.append(EvalResult(rd, tag, m.get("target", name[: -len("_metrics")]), m))
+    data.evals = _one_base(data.evals)
     return data
+
+
+def _one_base(evals: list[EvalResult]) -> list[EvalResult]:
+    """The base model is the same for every method: keep one `base` row per sampling setting and model."""
+    seen, out = set(), []
+    for e in evals:
+        if e.target == "base":
+            key = (e.metrics.get("model"), json.dumps(e.sampling, sort_keys=True, default=str))
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(e)
+    return out

@@ -85,6 +85,8 @@ def plot_drift(drift: dict[str, dict], path: Path) -> Path | None:
 
 
 SFT_PANELS = (
+    ("eksft/iou_seq_mean", "IoU(M_H, M_KL) per sequence"),
+    ("eksft/iou_batch", "IoU(M_H, M_KL) over the batch"),
     ("eksft/iou", "IoU(M_H, M_KL)"),
     ("eksft/mask_frac", "|M| / |T|"),
     ("eksft/entropy_mask", "mean H over M"),

@@ -46,29 +46,56 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+# IoU(M_H, M_KL) as the trainer logs it. Per sequence: each sequence's own IoU, averaged over the sequences of
+# the step (how the authors compute it); batch: the IoU of the step's batch selection (the paper's equations;
+# `eksft/iou` is the older name of it -- under selection_scope=micro_batch it is the token-weighted mean of the
+# micro-batches' IoUs).
+IOU_KEYS = (("per sequence", ("eksft/iou_seq_mean",)), ("batch", ("eksft/iou_batch", "eksft/iou")))
+PHASES = ("early", "middle", "late")
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def iou_table(sft_metrics: dict[str, dict[int, dict]]) -> tuple[str, dict]:
-    """Mean IoU(M_H, M_KL) and |M|/|T| over thirds of training, per method that logged them."""
+    """IoU(M_H, M_KL) per method (paper App. F, Table 7): mean over training steps and over the early / middle /
+    late third of them, per sequence and / or over the batch (whichever the trainer logged).
+
+    Step 1 is left out: there pi_theta = pi_ref, every KL is exactly 0 and M_KL is decided by tie-breaking, so
+    its IoU says nothing about the criteria. Also reported: the mean |M|/|T|.
+    """
     data: dict[str, dict] = {}
     for method, steps in sorted(sft_metrics.items()):
-        xs = [s for s, m in steps.items() if "eksft/iou" in m]
-        if not xs:
-            continue
-        thirds = [xs[: max(1, len(xs) // 3)], xs[len(xs) // 3 : max(len(xs) // 3 + 1, 2 * len(xs) // 3)],
-                  xs[2 * len(xs) // 3 :]]
-        row = {}
-        for name, part in zip(("early", "middle", "late"), thirds):
-            part = part or xs[-1:]
-            row[f"iou_{name}"] = sum(steps[s]["eksft/iou"] for s in part) / len(part)
-            if all("eksft/mask_frac" in steps[s] for s in part):
-                row[f"mask_frac_{name}"] = sum(steps[s]["eksft/mask_frac"] for s in part) / len(part)
-        data[method] = row
+        for unit, keys in IOU_KEYS:
+            key = next((k for k in keys if any(k in m for m in steps.values())), None)
+            if key is None:
+                continue
+            xs = [s for s, m in steps.items() if key in m and s > 1]
+            if not xs:
+                continue
+            n = len(xs)
+            cuts = [0, round(n / 3), round(2 * n / 3), n]
+            row: dict = {"metric": key, "steps": n, "first_step_left_out": 1 in steps,
+                         "iou_mean": _mean([steps[s][key] for s in xs])}
+            for i, name in enumerate(PHASES):
+                row[f"iou_{name}"] = _mean([steps[s][key] for s in xs[cuts[i]:cuts[i + 1]]])
+            row["mask_frac_mean"] = _mean([steps[s]["eksft/mask_frac"] for s in xs if "eksft/mask_frac" in steps[s]])
+            data.setdefault(method, {})[unit] = row
     if not data:
         return "", {}
-    cols = ["iou_early", "iou_middle", "iou_late", "mask_frac_early", "mask_frac_middle", "mask_frac_late"]
-    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    for m, row in data.items():
-        lines.append(f"| {m} | " + " | ".join(f"{row[c]:.3f}" if c in row else "–" for c in cols) + " |")
-    return "\n".join(lines) + "\n", data
+    cols = ["iou_mean", *(f"iou_{p}" for p in PHASES), "mask_frac_mean"]
+    head = ["mean IoU", *(f"IoU {p}" for p in PHASES), "mean \\|M\\|/\\|T\\|"]
+    lines = ["| method | IoU over | steps | " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(cols)]
+    for m, units in data.items():
+        for unit, row in units.items():
+            lines.append(f"| {m} | {unit} (`{row['metric']}`) | {row['steps']} | "
+                         + " | ".join("–" if row[c] is None else f"{row[c]:.3f}" for c in cols) + " |")
+    note = ("\nMean over SFT steps 2..T (step 1 left out: pi_theta = pi_ref there, every KL is 0 and M_KL is set by "
+            "tie-breaking); early / middle / late = the three thirds of those steps. *Per sequence*: IoU of each "
+            "sequence's M_H and M_KL, averaged over the step's sequences (how the authors compute it, paper App. F: "
+            "about 0.50 at rho = 0.2); *batch*: IoU of the step's batch-level selection.\n")
+    return "\n".join(lines) + "\n" + note, data
 
 
 def stage_lines(data: RunData) -> list[str]:
@@ -87,6 +114,26 @@ def stage_lines(data: RunData) -> list[str]:
         nums = nums.replace("|", "\\|")
         wall = (e.get("summary") or {}).get("wall_time_s", "")
         lines.append(f"| {name} | {e.get('status')} | {wall} | {nums[:900]} |")
+    return lines
+
+
+def drift_precision_lines(drift: dict[str, dict]) -> list[str]:
+    """The precision the drift numbers above use, and the same table with both sides rounded to bf16."""
+    dtypes = sorted({f"{m}: {', '.join(d.get('stored_dtype', {}).get('model', ['?']))} vs reference "
+                     f"{', '.join(d.get('stored_dtype', {}).get('reference', ['?']))}" for m, d in drift.items()})
+    lines = ["Precision: the table above compares the weights as stored, in fp32 arithmetic (" + "; ".join(dtypes)
+             + "). The paper's App. C compares the authors' bf16 checkpoints; below, both sides rounded to bf16 "
+             "first (changes under half a bf16 ulp, about 0.2% relative, disappear).", ""]
+    bf = {m: (d.get("by_precision") or {}).get("bf16") for m, d in drift.items()}
+    bf = {m: o for m, o in bf.items() if o}
+    if bf:
+        taus = sorted(next(iter(bf.values()))["frac_over"], key=float)
+        lines += ["| method (bf16) | relative L2 change | " + " | ".join(f"> {t}" for t in taus) + " |",
+                  "|---|---:|" + "---:|" * len(taus)]
+        for m, o in sorted(bf.items()):
+            lines.append(f"| {m} | {o['rel_norm']:.4f} | " + " | ".join(f"{100 * o['frac_over'][t]:.1f}%" for t in taus)
+                         + " |")
+        lines.append("")
     return lines
 
 
@@ -130,7 +177,15 @@ class ReportStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from eksft_pipeline.analysis import plots
-        from eksft_pipeline.analysis.tables import headline_k, result_rows, to_csv, to_markdown
+        from eksft_pipeline.analysis.compare import movement_table, movements
+        from eksft_pipeline.analysis.tables import (
+            headline_k,
+            result_rows,
+            sensitivity_markdown,
+            sensitivity_rows,
+            to_csv,
+            to_markdown,
+        )
 
         cfg = ctx.cfg
         out = ctx.out_dir
@@ -171,6 +226,26 @@ class ReportStage(Stage):
                     ci_lines.append(f"| {e.label} | {b} | {100 * m['avg@n']:.1f} | {ci} | "
                                     f"{'–' if maj is None else f'{100 * maj:.1f}'} | {m['n_problems']} |")
             md += ["### Confidence intervals and majority vote", "", *ci_lines, ""]
+            mv = movements(data.evals, n_boot=int(cfg.eval.get("bootstrap", 1000)), seed=int(cfg.seed))
+            if mv:
+                table = movement_table(mv)
+                (out / "table_movement.md").write_text(table)
+                outputs["table_movement"] = str(out / "table_movement.md")
+                md += ["### What each stage moved", "",
+                       "pass@1 = mean over benchmarks of avg@n; Δ and its 95% CI from a paired bootstrap over problems "
+                       "(the same problems for both models, resampled per benchmark).", "", table]
+                everything["movements"] = mv
+            cols, rows = sensitivity_rows(data.evals, data.method_cfg)
+            if rows:
+                table = sensitivity_markdown(cols, rows)
+                (out / "table_rho.md").write_text(table)
+                (out / "table_rho.csv").write_text(to_csv(cols, rows))
+                outputs["table_rho"] = str(out / "table_rho.csv")
+                md += ["### Table 8: ρ sensitivity (and global regularisation, Table 6): avg@n = pass@1 (%)", "",
+                       "Every evaluated variant of a method with a ρ parameter (a multirun over `method.params.rho`; "
+                       "ρ = 0 is plain SFT), and `global_reg` (the regularisers on every token) as ρ = all.", "",
+                       table]
+                everything["table_rho"] = rows
             p = plots.plot_pass_at_k(data.evals, out / "pass_at_k.png")
             if p:
                 outputs["pass_at_k_png"] = str(p)
@@ -196,7 +271,9 @@ class ReportStage(Stage):
                 md.append(f"| {mth} | {d['overall']['rel_norm']:.4f} | "
                           + " | ".join(f"{100 * fo[t]:.1f}%" for t in sorted(fo, key=float)) + " |")
             md.append("")
+            md += drift_precision_lines(data.drift)
             everything["drift"] = {m: d["overall"] for m, d in data.drift.items()}
+            everything["drift_by_precision"] = {m: d.get("by_precision") for m, d in data.drift.items()}
         p = plots.plot_sft_curves(data.sft_metrics, out / "sft_curves.png")
         if p:
             outputs["sft_curves_png"] = str(p)
@@ -204,7 +281,7 @@ class ReportStage(Stage):
         table, iou = iou_table(data.sft_metrics)
         if table:
             (out / "iou_table.md").write_text(table)
-            md += ["### IoU(M_H, M_KL) and |M|/|T| by training phase", "", table]
+            md += ["### IoU(M_H, M_KL) over training (Table 7)", "", table]
             everything["iou"] = iou
 
         # -- RL -----------------------------------------------------------------------------------
@@ -217,6 +294,17 @@ class ReportStage(Stage):
         cs = cfg.report.get("case_study") or {}
         if cs.get("enabled", True):
             md += self._case_study(ctx, data, cs, out, outputs, everything)
+
+        # -- the paper's qualitative claims, measured ----------------------------------------------
+        from eksft_pipeline.analysis.claims import qualitative_claims
+
+        lines, claims = qualitative_claims(data, everything.get("entropy"), n_boot=int(cfg.eval.get("bootstrap", 1000)),
+                                           seed=int(cfg.seed))
+        if lines:
+            md += ["## The paper's qualitative claims on this run (EKSFT vs SFT)", "",
+                   "Measured here, not assumed; see `eksft_pipeline/analysis/claims.py` for each measure.", "",
+                   *lines, ""]
+            everything["claims"] = claims
 
         # -- every stage ----------------------------------------------------------------------------
         md += ["## Every stage", "", *stage_lines(data), ""]
@@ -265,9 +353,27 @@ class ReportStage(Stage):
         outputs["case_study_html"] = str(out / "case_study" / "token_probs.html")
         everything["case_study"] = {"example_index": idx, "mean_prob": res["mean_prob"]}
         lines = ["## Token-probability case study", "",
-                 f"SFT example #{idx}: probability of each gold token of the reference solution under each model "
+                 f"SFT example #{idx}: probability of each gold token of the reference solution under each model, "
+                 "drawn as in the paper's Fig. 6: darker red = higher probability "
                  "([interactive HTML](case_study/token_probs.html)).", "",
-                 "![token probabilities](case_study/token_probs.png)", "",
-                 "| model | mean p(gold token) |", "|---|---:|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in res["mean_prob"].items()]
+                 "![token probabilities](case_study/token_probs.png)", ""]
+        # entropy kept: the same teacher-forced pass over the first n SFT examples, identical tokens for every model
+        n_ent = int(cs.get("n_entropy_examples", 0) or 0)
+        entropy: dict[str, float] = {}
+        if n_ent > 0:
+            from transformers import AutoTokenizer
+
+            from eksft_pipeline.analysis.case_study import mean_response_entropy, render_case
+
+            tok = AutoTokenizer.from_pretrained(next(iter(models.values())))
+            prefix = str((data.split or {}).get("generation_prefix", "") or "")
+            frame = pd.read_parquet(src)
+            cases = [render_case(tok, [dict(m) for m in r], prefix) for r in frame["messages"].head(n_ent)]
+            entropy = {k: mean_response_entropy(v, cases, device=device) for k, v in models.items()}
+            everything["entropy"] = entropy
+            everything["case_study"]["n_entropy_examples"] = len(cases)
+        lines += ["| model | mean p(gold token), this example | "
+                  + (f"mean token entropy (nats), first {n_ent} SFT examples |" if entropy else ""),
+                  "|---|---:|" + ("---:|" if entropy else "")]
+        lines += [f"| {k} | {v:.3f} |" + (f" {entropy[k]:.4f} |" if entropy else "") for k, v in res["mean_prob"].items()]
         return [*lines, ""]

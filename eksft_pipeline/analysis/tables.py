@@ -88,3 +88,80 @@ def headline_k(evals: Sequence[EvalResult], want: int = 32) -> int:
     if not ns:
         return want
     return want if min(ns) >= want else min(ns)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# rho sensitivity (paper App. G, Table 8) and the global-regularisation comparison (Table 6)
+# ------------------------------------------------------------------------------------------------------------
+GLOBAL_REG = "global_reg"
+
+
+def _recipe(tag: str) -> str:
+    return tag.partition("-")[0]
+
+
+def sensitivity_rows(evals: Sequence[EvalResult], method_cfg: dict[str, dict], metric: str = "avg@n",
+                     *, param: str = "rho") -> tuple[list[str], list[dict]]:
+    """(columns, rows) of the rho table: every evaluated model whose method has a `rho` parameter (any variant
+    of eksft and its ablations), plus `global_reg` (regularisers on every token) as rho = "all". Rows are grouped
+    by recipe and target, sorted by rho; `variant` is the method tag (it names any other changed setting).
+    Empty when fewer than two distinct (recipe, rho) settings were evaluated: nothing to compare.
+    """
+    benches = benchmark_order(evals)
+    rows = []
+    for e in evals:
+        if e.target == "base":
+            continue
+        method = method_cfg.get(e.init) or {}
+        params = method.get("params") or {}
+        recipe = _recipe(e.init)
+        if param in params:
+            value: float | str = float(params[param])
+        elif recipe == GLOBAL_REG or method.get("loss") == GLOBAL_REG:
+            value = "all"
+        else:
+            continue
+        row: dict = {"recipe": recipe, param: value, "variant": e.init, "target": e.target,
+                     "model": TARGET_NAME.get(e.target, e.target)}
+        vals = []
+        for b in benches:
+            v = metric_value(e.benchmarks[b], metric) if b in e.benchmarks else None
+            row[b] = v
+            if v is not None:
+                vals.append(v)
+        row["Avg"] = sum(vals) / len(vals) if vals and len(vals) == len(benches) else None
+        rows.append(row)
+    if len({(r["recipe"], r[param]) for r in rows}) < 2:
+        return [], []
+    rank = {"sft": 0, "rl": 1}
+    rows.sort(key=lambda r: (rank.get(r["target"], 2), r["recipe"] == GLOBAL_REG, r["recipe"],
+                             (1, 0.0) if r[param] == "all" else (0, r[param]), r["variant"]))
+    return ["recipe", param, "variant", "model", *benches, "Avg"], rows
+
+
+TARGET_NAME = {"sft": "SFT", "rl": "SFT→RL", "base": "base"}
+
+
+def sensitivity_markdown(columns: list[str], rows: list[dict], *, param: str = "rho") -> str:
+    """Markdown of `sensitivity_rows`: percentages, best value per column and model kind in bold."""
+    if not rows:
+        return ""
+    numeric = columns[4:]
+    best = {}
+    for r in rows:
+        for c in numeric:
+            v = r.get(c)
+            if v is not None:
+                best[(r["target"], c)] = max(best.get((r["target"], c), v), v)
+    head = ["method", "ρ" if param == "rho" else param, "variant", "model", *numeric]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---:", "---", "---"] + ["---:"] * len(numeric)) + "|"]
+    for r in rows:
+        cells = []
+        for c in numeric:
+            v = r.get(c)
+            s = "–" if v is None else f"{100 * v:.1f}"
+            cells.append(f"**{s}**" if v is not None and v == best[(r["target"], c)] else s)
+        p = r[param]
+        p = p if isinstance(p, str) else f"{p:g}"
+        lines.append(f"| {r['recipe']} | {p} | {r['variant']} | {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

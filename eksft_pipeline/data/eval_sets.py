@@ -297,10 +297,12 @@ SPEC_KEYS = {
     "parquet": ("path", "format", "benchmarks", "system_prompt"),
     "jsonl": ("path", "format", "benchmark", "question_field", "answer_field", "system_prompt", "data_source"),
 }
-# Keys a benchmark entry of recipes/benchmarks/*.yaml may hold, per format ("policy" is the reward's).
+# Keys a benchmark entry of recipes/benchmarks/*.yaml may hold, per format ("policy" is the reward's,
+# "n_samples" the eval stage's: that benchmark's samples per problem).
 BENCHMARK_KEYS = {
-    "parquet": ("path", "format", "data_source", "system_prompt", "policy"),
-    "jsonl": ("path", "format", "question_field", "answer_field", "system_prompt", "data_source", "policy"),
+    "parquet": ("path", "format", "data_source", "system_prompt", "policy", "n_samples"),
+    "jsonl": ("path", "format", "question_field", "answer_field", "system_prompt", "data_source", "policy",
+              "n_samples"),
 }
 
 
@@ -325,7 +327,8 @@ def specs_from_benchmarks(benchmarks: dict[str, dict]) -> list[dict[str, Any]]:
 
     Entry keys (:data:`BENCHMARK_KEYS`): ``path``, ``format`` (default: the file suffix), ``system_prompt``
     (replaces the stored system message of a parquet; the system message of a jsonl, default the training
-    system prompt), ``policy`` (the reward's answer policy, not read here); parquet: ``data_source`` (default:
+    system prompt), ``policy`` (the reward's answer policy, not read here), ``n_samples`` (the eval stage's
+samples per problem for this benchmark, not read here); parquet: ``data_source`` (default:
     the benchmark name); jsonl: ``question_field``, ``answer_field``, ``data_source``. A misspelt key
     (``answer_feild``) raises listing the allowed ones instead of silently falling back to a default.
     """

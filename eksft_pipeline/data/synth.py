@@ -6,11 +6,18 @@ This is the CPU default's training data (the real 46k set needs GPUs). Four fami
 * ``tiny_sub``    (medium) ``a - b`` with ``10 <= a <= 99``, ``0 <= b <= a``; column subtraction with borrows.
 * ``tiny_mul``    (medium) ``a * b`` with ``2 <= a <= 9``, ``2 <= b <= 99``; digit-by-digit with carries.
 * ``tiny_linear`` (hard)   ``a x + b = c`` / ``a x - b = c`` with ``2 <= a <= 9``, ``1 <= b <= 30``,
-  ``-9 <= x <= 20``; undo the constant, divide, check.
+  ``-9 <= x <= 20``; undo the constant, divide.
 
-Every trace is deterministic given the problem and looks like an R1 trace:
-``<think>\\n...steps...\\n</think>\\n\\n...solution... The answer is \\boxed{ans}.`` The ground truth is
-``str(ans)``. Problems are unique by text within one call, and the eval sets / pretraining corpus are
+The default mix (SFT / RL data) and the eval benchmarks are ``tiny_add`` and ``tiny_sub``: a ~1M-parameter
+model learns them within the CPU budget, so every stage visibly moves the numbers; ``tiny_mul`` and
+``tiny_linear`` stay available through ``mix=``.
+
+Every trace is deterministic given the problem and is a compact R1-style trace (short, so that a tiny model
+sampling at temperature 1 can finish it correctly, and rollouts / evaluation stay cheap on CPU)::
+
+    <think>\\n47 + 38: ones 7 + 8 = 15, tens 4 + 3 + 1 = 8.\\n</think>\\n\\nThe answer is \\boxed{85}.
+
+The ground truth is ``str(ans)``. Problems are unique by text within one call, and the eval sets / pretraining corpus are
 drawn from separate random streams with every train (and eval) text excluded, so they are disjoint.
 
 Randomness is ``random.Random`` seeded with strings (``f"{seed}-train"`` ...), which Python hashes with
@@ -34,104 +41,83 @@ TINY_SYSTEM_PROMPT = "Think step by step, then give the final answer in \\boxed{
 
 FAMILIES: tuple[str, ...] = ("tiny_add", "tiny_sub", "tiny_mul", "tiny_linear")
 DIFFICULTY = {"tiny_add": "easy", "tiny_sub": "medium", "tiny_mul": "medium", "tiny_linear": "hard"}
-DEFAULT_MIX: dict[str, float] = {"tiny_add": 0.5, "tiny_sub": 0.2, "tiny_mul": 0.1, "tiny_linear": 0.2}
-DEFAULT_EVAL_SOURCES: tuple[str, ...] = ("tiny_add", "tiny_linear")
+DEFAULT_MIX: dict[str, float] = {"tiny_add": 0.5, "tiny_sub": 0.5}
+DEFAULT_EVAL_SOURCES: tuple[str, ...] = ("tiny_add", "tiny_sub")
 
-_PLACES = ("Ones", "Tens", "Hundreds", "Thousands")
+ANSWER_LINE = "The answer is \\boxed{{{ans}}}."
+# The SFT traces' own habit: a fixed opening sentence the base model never writes (it is not in the pre-training
+# corpus), as R1 traces open with phrases a base model does not produce. Ten tokens of about fifty in a trace:
+# the "distribution-shifting tokens" of the paper, which EKSFT's KL criterion keeps out of imitation.
+SFT_PREAMBLE = "Step by step: first the ones, then the tens."
 
 
-def _digits(n: int) -> list[int]:
-    """Little-endian decimal digits of a non-negative int (``0 -> [0]``)."""
-    return [int(c) for c in reversed(str(n))]
+def with_preamble(trace: str, preamble: str = SFT_PREAMBLE) -> str:
+    """The trace with ``preamble`` as the first line of its ``<think>`` block."""
+    if not trace.startswith("<think>\n"):
+        raise ValueError("with_preamble: the trace must start with '<think>\\n'")
+    return "<think>\n" + preamble + "\n" + trace[len("<think>\n"):]
 
 
-def _wrap(think: list[str], solution: str) -> str:
-    return "<think>\n" + "\n".join(think) + "\n</think>\n\n" + solution
+def _wrap(question: str, steps: list[str], ans: int) -> str:
+    """``<think>\\n<question>: <step>, <step>.\\n</think>\\n\\nThe answer is \\boxed{ans}.``"""
+    return "<think>\n" + f"{question}: " + ", ".join(steps) + ".\n</think>\n\n" + ANSWER_LINE.format(ans=ans)
 
 
 def add_trace(a: int, b: int) -> tuple[str, int]:
-    """Column addition trace for non-negative ``a + b``."""
+    """Column addition of non-negative ``a + b`` (operands < 100): ``ones x + y = s[, tens x + y [+ c] = t]``.
+
+    The answer's digits are read off the steps: the tens result followed by the last digit of the ones result.
+    """
+    if not (0 <= a < 100 and 0 <= b < 100):
+        raise ValueError(f"add_trace needs operands in [0, 100), got {a} + {b}")
     ans = a + b
-    lines = [f"I need to add {a} and {b}."]
-    if a < 10 and b < 10:
-        lines.append(f"{a} + {b} = {ans}.")
-    else:
-        da, db = _digits(a), _digits(b)
-        carry = 0
-        n = max(len(da), len(db))
-        for k in range(n):
-            x, y = (da[k] if k < len(da) else 0), (db[k] if k < len(db) else 0)
-            s = x + y + carry
-            expr = f"{x} + {y}" + (f" + {carry}" if carry else "")
-            if k == n - 1:
-                lines.append(f"{_PLACES[k]}: {expr} = {s}.")
-                carry = 0
-            else:
-                carry_txt = f", carry {s // 10}" if s >= 10 else ""
-                lines.append(f"{_PLACES[k]}: {expr} = {s}. Write {s % 10}{carry_txt}.")
-                carry = s // 10
-        lines.append(f"So {a} + {b} = {ans}.")
-    return _wrap(lines, f"So ${a} + {b} = {ans}$. The answer is \\boxed{{{ans}}}."), ans
+    ones = a % 10 + b % 10
+    steps = [f"ones {a % 10} + {b % 10} = {ones}"]
+    carry = ones // 10
+    if a >= 10 or b >= 10 or carry:
+        steps.append(f"tens {a // 10} + {b // 10}" + (f" + {carry}" if carry else "") + f" = {a // 10 + b // 10 + carry}")
+    return _wrap(f"{a} + {b}", steps, ans), ans
 
 
 def sub_trace(a: int, b: int) -> tuple[str, int]:
-    """Column subtraction trace for ``a - b`` with ``a >= b >= 0``."""
+    """Column subtraction ``a - b`` with ``99 >= a >= b >= 0`` and ``a >= 10``, borrowing from the tens."""
     if b > a:
         raise ValueError(f"sub_trace needs a >= b, got {a} - {b}")
+    if not 10 <= a < 100:
+        raise ValueError(f"sub_trace needs a two-digit a, got {a}")
     ans = a - b
-    lines = [f"I need to subtract {b} from {a}."]
-    da, db = _digits(a), _digits(b)
-    borrow = 0
-    for k in range(len(da)):
-        x, y = da[k] - borrow, (db[k] if k < len(db) else 0)
-        x_txt = f"{da[k]} - {borrow}" if borrow else f"{da[k]}"
-        if x < y:
-            lines.append(f"{_PLACES[k]}: {x_txt} is less than {y}, so borrow: {x + 10} - {y} = {x + 10 - y}.")
-            borrow = 1
-        else:
-            lines.append(f"{_PLACES[k]}: {x_txt} - {y} = {x - y}.")
-            borrow = 0
-    lines.append(f"So {a} - {b} = {ans}.")
-    lines.append(f"Check: {ans} + {b} = {a}.")
-    return _wrap(lines, f"So ${a} - {b} = {ans}$. The answer is \\boxed{{{ans}}}."), ans
+    if a % 10 < b % 10:
+        steps = [f"ones {a % 10 + 10} - {b % 10} = {a % 10 + 10 - b % 10}",
+                 f"tens {a // 10} - 1 - {b // 10} = {a // 10 - 1 - b // 10}"]
+    else:
+        steps = [f"ones {a % 10} - {b % 10} = {a % 10 - b % 10}", f"tens {a // 10} - {b // 10} = {a // 10 - b // 10}"]
+    return _wrap(f"{a} - {b}", steps, ans), ans
 
 
 def mul_trace(a: int, b: int) -> tuple[str, int]:
-    """Digit-by-digit trace for ``a * b`` with a single-digit ``a`` and non-negative ``b``."""
+    """Digit-by-digit ``a * b`` with a single-digit ``a`` and ``0 <= b < 100``."""
     if not 0 <= a <= 9:
         raise ValueError(f"mul_trace needs a single-digit a, got {a}")
+    if not 0 <= b < 100:
+        raise ValueError(f"mul_trace needs b in [0, 100), got {b}")
     ans = a * b
-    lines = [f"I need to multiply {b} by {a}."]
-    db = _digits(b)
-    carry = 0
-    for k, d in enumerate(db):
-        p = a * d + carry
-        expr = f"{a} * {d}" + (f" + {carry}" if carry else "")
-        if k == len(db) - 1:
-            lines.append(f"{_PLACES[k]}: {expr} = {p}.")
-        else:
-            carry_txt = f", carry {p // 10}" if p >= 10 else ""
-            lines.append(f"{_PLACES[k]}: {expr} = {p}. Write {p % 10}{carry_txt}.")
-            carry = p // 10
-    lines.append(f"So {a} * {b} = {ans}.")
-    return _wrap(lines, f"So ${a} \\times {b} = {ans}$. The answer is \\boxed{{{ans}}}."), ans
+    ones = a * (b % 10)
+    steps = [f"ones {a} * {b % 10} = {ones}"]
+    if b >= 10:
+        carry = ones // 10
+        steps.append(f"tens {a} * {b // 10}" + (f" + {carry}" if carry else "") + f" = {a * (b // 10) + carry}")
+    return _wrap(f"{a} * {b}", steps, ans), ans
 
 
 def linear_trace(a: int, b: int, c: int) -> tuple[str, int]:
-    """Trace solving ``a x + b = c`` (``b`` may be negative, ``b != 0``) with an integer solution."""
+    """Solve ``a x + b = c`` (``b`` may be negative, ``b != 0``) with an integer solution."""
     if b == 0 or a == 0 or (c - b) % a:
         raise ValueError(f"linear_trace needs a != 0, b != 0 and an integer solution, got {a}x + {b} = {c}")
     x = (c - b) // a
     lhs = f"{a}x + {b}" if b > 0 else f"{a}x - {-b}"
     rhs = c - b
-    if b > 0:
-        step = f"Subtract {b} from both sides: {a}x = {c} - {b} = {rhs}."
-    else:
-        step = f"Add {-b} to both sides: {a}x = {c} + {-b} = {rhs}."
-    check_term = a * x
-    check = f"Check: {a} * {x} {'+' if b > 0 else '-'} {abs(b)} = {check_term} {'+' if b > 0 else '-'} {abs(b)} = {c}."
-    lines = [f"I need to solve {lhs} = {c}.", step, f"Divide both sides by {a}: x = {rhs} / {a} = {x}.", check]
-    return _wrap(lines, f"So $x = {x}$. The answer is \\boxed{{{x}}}."), x
+    undo = f"{a}x = {c} - {b} = {rhs}" if b > 0 else f"{a}x = {c} + {-b} = {rhs}"
+    return _wrap(f"{lhs} = {c}", [undo, f"x = {rhs} / {a} = {x}"], x), x
 
 
 def _sample(family: str, rng: random.Random) -> tuple[str, str, int]:
@@ -274,6 +260,8 @@ def make_tiny_data(
     mix: dict[str, float] | None = None,
     system_prompt: str = TINY_SYSTEM_PROMPT,
     pretrain_chat_frac: float = 0.5,
+    pretrain_chat_trace_frac: float = 0.2,
+    sft_preamble: str | None = SFT_PREAMBLE,
 ) -> dict[str, Path]:
     """Write the tiny train / eval / pretraining data and return their paths.
 
@@ -285,11 +273,21 @@ def make_tiny_data(
                                      a ``pretrain_chat_frac`` share rendered as ChatML conversations ending in
                                      ``<|im_end|>`` (real base models such as Qwen3-Base have seen ChatML, so they
                                      know the turn format and its end token), the rest plain
-                                     ``"Problem: <q>\\n\\n<trace>"`` text.
+                                     ``"Problem: <q>\\n\\n<trace>"`` text. Of the conversations, only a
+                                     ``pretrain_chat_trace_frac`` share answers with the worked trace and
+                                     ``\\boxed{}``; the others answer tersely (``The answer is 85.``, see
+                                     :func:`pretrain_text`). So the base model knows the arithmetic (from the
+                                     traces) but in a chat usually answers without reasoning or a box, and SFT's
+                                     job is what it is for real base models: to make the reasoning format the
+                                     default (the paper's "activate task-relevant capabilities").
+    The training problems' traces (the SFT data) open with ``sft_preamble`` (None: none), a sentence that is in
+    no pre-training document (see :data:`SFT_PREAMBLE`).
     """
     out = Path(out_dir)
     eval_sources = tuple(eval_sources)
     train = generate_problems(n_problems, seed=f"{seed}-train", mix=mix)
+    if sft_preamble:
+        train = [dict(p, trace=with_preamble(p["trace"], sft_preamble)) for p in train]
     seen = {p["problem"] for p in train}
     evals: list[dict[str, Any]] = []
     for src in eval_sources:
@@ -305,8 +303,9 @@ def make_tiny_data(
             to_rl_eval_rows(evals, system_prompt=system_prompt), out / "tiny_math_eval.parquet", RL_SCHEMA
         ),
         "pretrain": write_jsonl(
-            [{"text": pretrain_text(p, chat=_is_chat(i, pretrain_chat_frac), system_prompt=system_prompt)}
-             for i, p in enumerate(pre)],
+            [{"text": pretrain_text(p, chat=chat, trace=not chat or _is_chat(j, pretrain_chat_trace_frac),
+                                    system_prompt=system_prompt)}
+             for p, chat, j in _chat_plan(pre, pretrain_chat_frac)],
             out / "tiny_pretrain.jsonl",
         ),
     }
@@ -318,16 +317,28 @@ def _is_chat(i: int, frac: float) -> bool:
     return int((i + 1) * frac) > int(i * frac)
 
 
-def pretrain_text(problem: dict[str, Any], *, chat: bool = False, system_prompt: str = TINY_SYSTEM_PROMPT) -> str:
-    """Rendering used for the base-model pretraining corpus: plain text, or a ChatML conversation."""
+def _chat_plan(problems: list[dict[str, Any]], frac: float):
+    """(problem, is_chat, index among the chat documents) for every pretraining document."""
+    j = 0
+    for i, p in enumerate(problems):
+        chat = _is_chat(i, frac)
+        yield p, chat, j
+        j += chat
+
+
+def pretrain_text(problem: dict[str, Any], *, chat: bool = False, trace: bool = True,
+                  system_prompt: str = TINY_SYSTEM_PROMPT) -> str:
+    """Rendering used for the base-model pretraining corpus: plain ``Problem: <q>\\n\\n<trace>`` text, or a
+    ChatML conversation whose assistant turn is the trace (``trace=True``) or the terse ``The answer is <ans>.``"""
     if not chat:
         return f"Problem: {problem['problem']}\n\n{problem['trace']}"
     from eksft_pipeline.models.tiny import render_chatml  # lazy: models.tiny imports this module
 
+    answer = problem["trace"] if trace else f"The answer is {problem['answer']}."
     return render_chatml(
         [
             {"role": "system", "content": system_prompt},
             {"role": "user", "content": problem["problem"]},
-            {"role": "assistant", "content": problem["trace"]},
+            {"role": "assistant", "content": answer},
         ]
     )

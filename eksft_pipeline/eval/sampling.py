@@ -400,6 +400,7 @@ def sample_with_vllm(
     env: dict[str, str] | None = None,
     threads_per_engine: int | None = None,
     progress_every_s: float = 30.0,
+    n_by_benchmark: dict[str, int] | None = None,
 ) -> int:
     """Data-parallel vLLM sampling of the missing samples; each finished problem's rows go to ``on_rows``.
 
@@ -408,9 +409,11 @@ def sample_with_vllm(
     arrive over a pipe and are handed to ``on_rows`` in this thread as each problem completes. A
     failed engine does not stop the others (their rows are saved); after all have exited, the first
     failure is raised with the engine's log tail. Engine logs: ``work_dir/engine<i>.log``.
-    Returns the number of rows received.
+    Returns the number of rows received. ``n_by_benchmark`` gives a benchmark its own samples per problem
+    (one engine start for all of them: a request's ``n`` is its problem's missing samples).
     """
-    pending = pending_samples(problems, params.n, existing)
+    pending = {p.problem_id: pending_samples([p], (n_by_benchmark or {}).get(p.benchmark, params.n), existing)[p.problem_id]
+               for p in problems}  # fmt: skip
     todo = [p for p in problems if pending[p.problem_id]]
     if not todo:
         return 0

@@ -2,7 +2,12 @@
 
     python -m eksft_pipeline stage=eval init=eksft               # SFT and RL outputs of EKSFT
     python -m eksft_pipeline stage=eval init=base eval.targets=[base]
-    python -m eksft_pipeline stage=eval model=qwen3-8b cluster=8gpu eval.n_samples=320   # pass@k curves
+    python -m eksft_pipeline stage=eval model=qwen3-8b cluster=8gpu     # AIME25 x 320 (pass@k curves), others x 32
+    python -m eksft_pipeline stage=eval ... eval.benchmarks.aime24.n_samples=320       # one more 320-sample curve
+
+Samples per problem: `eval.n_samples`, unless the benchmark's recipe entry sets its own `n_samples`
+(recipes/benchmarks/paper.yaml: AIME25 = 320, the paper's pass@k curves to k = 320 in Figs. 2-3, which are
+AIME25 only), so a 320-sample curve does not mean 320 samples of every benchmark.
 
 For each target model (`eval.targets`: `sft` = the SFT output of `init`, `rl` = the RL output of
 `init`, `base` = the model before SFT) and each benchmark (`eval.benchmarks`):
@@ -33,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +54,7 @@ from eksft_pipeline.pipeline.stage_api import (
     StageResult,
     check_init_spec,
     init_tag,
-    known_methods,
+    is_method_tag,
     positive,
 )
 
@@ -142,12 +148,30 @@ def _policy_names(scores: pd.DataFrame) -> dict[str, str]:
     return {str(b): str(p.iloc[0]) for b, p in scores.groupby("benchmark")["policy"]} if len(scores) else {}
 
 
-def metrics_for(scores: pd.DataFrame, n: int, pass_k: list[int], *, n_boot: int, seed: int) -> dict[str, Any]:
-    """Per-benchmark metrics from one target's scored samples (exactly n samples per problem)."""
+def benchmark_n(benchmarks: dict[str, dict], default: int) -> dict[str, int]:
+    """Samples per problem of every benchmark: its own `n_samples` (e.g. AIME25's 320 for the paper's pass@k
+    curves, Figs. 2-3) or `eval.n_samples`."""
+    out = {}
+    for name, b in benchmarks.items():
+        n = (b or {}).get("n_samples")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"benchmark {name}: n_samples must be a positive integer, got {n!r}")
+        out[name] = int(n) if n is not None else int(default)
+    return out
+
+
+def metrics_for(scores: pd.DataFrame, n: int | dict[str, int], pass_k: list[int], *, n_boot: int,
+                seed: int) -> dict[str, Any]:
+    """Per-benchmark metrics from one target's scored samples (exactly n samples per problem; `n` may be a
+    benchmark -> n mapping, see `benchmark_n`). `per_problem_acc` (problem id -> mean accuracy) lets the report
+    compare two models on the same problems (paired bootstrap)."""
     from eksft_pipeline.eval.metrics import bootstrap_ci, maj_at_k_curve, pass_at_k_curve, pass_at_k_per_problem
 
     out = {}
+    n_of = n if isinstance(n, dict) else None
     for bench, df in scores.groupby("benchmark", sort=True):
+        if n_of is not None:
+            n = n_of[str(bench)]
         df = df.sort_values(["problem_id", "sample_idx"])
         counts = df.groupby("problem_id").size()
         if (counts != n).any():
@@ -176,6 +200,7 @@ def metrics_for(scores: pd.DataFrame, n: int, pass_k: list[int], *, n_boot: int,
             "finish_length_frac": float((df["finish_reason"] == "length").mean()),
             "mean_completion_tokens": float(df["n_tokens"].mean()),
             "reward_reasons": {str(k): int(v) for k, v in df["reason"].value_counts().items()},
+            "per_problem_acc": {str(p): float(c.mean()) for p, c in zip(pids, correct)},
         }
     return out
 
@@ -210,7 +235,7 @@ class EvalStage(Stage):
             elif t == "sft":
                 if spec == "base":
                     continue  # no SFT stage in front of an RL run from the base model
-                if spec in known_methods() or ctx.manifest.entry(f"sft/{spec}"):
+                if is_method_tag(spec) or ctx.manifest.entry(f"sft/{spec}"):
                     out["sft"] = f"<run_dir>/sft/{spec}/hf_model" if ctx.dry_run else ctx.upstream(f"sft/{spec}")["hf_model"]
                 else:
                     out["sft"] = spec  # a path / hub name given as init: that model is the "SFT" model
@@ -274,8 +299,10 @@ class EvalStage(Stage):
                               chat_template=str(ctx.cfg.model.get("chat_template") or ""))
 
     def describe(self, ctx):
+        params = self.sampling_params(ctx)
         return {"stage": "eval", "key": ctx.key, "targets": self.targets(ctx),
-                "backend": str(ctx.cfg.eval.backend), "sampling": self.sampling_params(ctx).as_dict(),
+                "backend": str(ctx.cfg.eval.backend), "sampling": params.as_dict(),
+                "n_by_benchmark": benchmark_n(_plain(ctx.cfg.eval.benchmarks) or {}, params.n),
                 "benchmarks": _plain(ctx.cfg.eval.benchmarks)}
 
     # -- run --------------------------------------------------------------------------------------
@@ -301,7 +328,7 @@ class EvalStage(Stage):
             metrics = self._eval_target(ctx, target, model_dir, problems, params, tdir)
             outputs[f"{target}_metrics"] = str(tdir / "metrics.json")
             outputs[f"{target}_samples"] = str(tdir / "samples.parquet")
-            summary[target] = {b: {"avg@n": m["avg@n"], f"pass@{params.n}": m["pass@k"][str(params.n)]}
+            summary[target] = {b: {"avg@n": m["avg@n"], f"pass@{m['n_samples']}": m["pass@k"][str(m["n_samples"])]}
                                for b, m in metrics["benchmarks"].items()}
         return StageResult(outputs=outputs, summary=summary)
 
@@ -312,6 +339,9 @@ class EvalStage(Stage):
         cfg = ctx.cfg
         settings = params.as_dict() | {"model_hash": model_fingerprint(str(model_dir), ctx.manifest.hashes),
                                        "backend": str(cfg.eval.backend)}
+        n_of = benchmark_n(_plain(cfg.eval.benchmarks) or {}, params.n)
+        if any(v != params.n for v in n_of.values()):  # recorded only when a benchmark sets its own n
+            settings["n_by_benchmark"] = n_of
         parts, sfile = tdir / "samples", tdir / "sampling.json"
         try:
             saved = json.loads(sfile.read_text())
@@ -358,16 +388,20 @@ class EvalStage(Stage):
                 n_parts += 1
 
         backend = str(cfg.eval.backend)
-        todo = [p for p in problems if any((p.problem_id, i) not in existing for i in range(params.n))]
+        todo = [p for p in problems if any((p.problem_id, i) not in existing for i in range(n_of[p.benchmark]))]
+        # one sampling pass per distinct n (benchmarks may set their own n_samples)
+        groups = {n: [p for p in todo if n_of[p.benchmark] == n] for n in sorted({n_of[p.benchmark] for p in todo})}
         if todo:
-            print(f"[eval] {target}: sampling {len(todo)} problems x {params.n} with {backend} from {model_dir}", flush=True)
+            print(f"[eval] {target}: sampling {len(todo)} problems x {'/'.join(map(str, groups))} with {backend} "
+                  f"from {model_dir}", flush=True)
             if backend == "hf":
                 from eksft_pipeline.eval.sampling import HFSampler, sample_problems, torch_dtype
 
                 device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
                 sampler = HFSampler(str(model_dir), dtype=torch_dtype(str(cfg.eval.dtype)), device=device,
                                     chunk=int(cfg.eval.get("hf_chunk", 16)))  # fmt: skip
-                sample_problems(sampler, todo, params, existing, save)
+                for n, group in groups.items():
+                    sample_problems(sampler, group, replace(params, n=n), existing, save)
                 del sampler  # free the model before the next target's
             elif backend == "vllm":
                 # data-parallel engines, one process each (exits before the next target's engines start)
@@ -381,7 +415,7 @@ class EvalStage(Stage):
                 sample_with_vllm(str(model_dir), todo, params, existing, save,
                                  engine=vllm_engine_config(vcfg, str(cfg.eval.dtype)), work_dir=tdir / "engines",
                                  device=device, num_engines=vcfg.get("num_engines"), visible_devices=visible,
-                                 python=vcfg.get("python"), env=ctx.env())  # fmt: skip
+                                 python=vcfg.get("python"), env=ctx.env(), n_by_benchmark=n_of)  # fmt: skip
             else:
                 raise ValueError(f"eval.backend must be 'hf' or 'vllm', got {backend!r}")
         else:
@@ -393,7 +427,7 @@ class EvalStage(Stage):
         samples = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
         samples = samples.drop_duplicates(["problem_id", "sample_idx"], keep="first")
         wanted = {p.problem_id for p in problems}
-        samples = samples[samples.problem_id.isin(wanted) & (samples.sample_idx < params.n)]
+        samples = samples[samples.problem_id.isin(wanted) & (samples.sample_idx < samples.benchmark.map(n_of))]
         samples = samples.sort_values(["benchmark", "problem_id", "sample_idx"]).reset_index(drop=True)
         with atomic_path(tdir / "samples.parquet") as tmp:
             samples.to_parquet(tmp, index=False)
@@ -405,7 +439,7 @@ class EvalStage(Stage):
         with atomic_path(tdir / "scores.parquet") as tmp:
             scores.to_parquet(tmp, index=False)
 
-        per_bench = metrics_for(scores, params.n, [int(k) for k in cfg.eval.pass_k],
+        per_bench = metrics_for(scores, n_of, [int(k) for k in cfg.eval.pass_k],
                                 n_boot=int(cfg.eval.bootstrap), seed=int(cfg.seed))
         result = {"target": target, "model": str(model_dir), "sampling": settings,
                   "reward_stats": _jsonable(rstats), "benchmarks": per_bench,

@@ -136,6 +136,16 @@ class EKSFTNoKLReg(EKSFT):
     FIXED = {"lambda_kl": 0.0}
 
 
+class EKSFTNoReg(EKSFT):
+    """Ablation (paper Table 3, "w/o both regularisers"): masking only, lambda_H = lambda_KL = 0 —
+    loss = mean_{t∉M} CE(t), M = M_H ∪ M_KL as in ``eksft`` (H and KL still drive the selection, so the
+    reference model is still needed). Source: EKSFT paper, Table 3."""
+
+    name = "eksft_no_reg"
+    PARAMS = {"rho": RHO}
+    FIXED = {"lambda_entropy": 0.0, "lambda_kl": 0.0}
+
+
 class EntropyMaskOnly(_SelectiveLoss):
     """Ablation: select by entropy only, M = M_H (top ceil(rho·N) by H); regularisers as EKSFT:
     loss = mean_{t∉M_H} CE − lambda_H · mean_{t∈M_H} H + lambda_KL · mean_{t∈M_H} KL.
@@ -159,19 +169,36 @@ class KLMaskOnly(_SelectiveLoss):
 
 
 class RandomMask(_SelectiveLoss):
-    """Ablation: a random mask of the size EKSFT would select on this batch. Source: EKSFT paper, ablations.
+    """Ablation (paper App. H): drop a uniformly random ``mask_ratio`` share of the tokens from the CE.
 
-    |M| = |M_H ∪ M_KL| computed exactly as ``eksft`` does, then M = |M| valid tokens drawn uniformly
-    without replacement; loss as EKSFT with that M. Randomness: ``plan(..., generator=g)`` if given, else
-    the loss's own ``torch.Generator`` seeded with ``seed`` at construction (advancing with every plan, so
-    successive batches get different masks and two instances with the same seed give the same sequence —
-    which is how data-parallel ranks agree when each builds the global plan). The metrics n_mask_h, n_mask_kl
-    and iou describe the EKSFT selection whose size is copied, n_mask / mask_frac the random mask.
+    Over the N valid tokens of the batch: M = ceil(mask_ratio·N) valid tokens drawn uniformly without
+    replacement (default mask_ratio = 0.1, the paper's 10%);
+
+        loss = mean_{t∉M} CE(t) − lambda_H · mean_{t∈M} H(t) + lambda_KL · mean_{t∈M} KL(t).
+
+    Defaults lambda_H = lambda_KL = 0: the tokens are simply dropped, which is how we read the paper's
+    "randomly drop 10% of tokens" (the appendix does not say that the regularisers act on them). The direct
+    control of this ablation is therefore ``eksft_no_reg`` (masking only, selected by H and KL); pass
+    lambda_entropy / lambda_kl to regularise the random set as EKSFT does. With both lambdas 0 no reference
+    model and no pre-pass are needed (``needs_ref`` / ``needs_prepass`` are False).
+
+    ``match_eksft_size=True`` (ours, the project's earlier variant): |M| = |M_H ∪ M_KL| of ``eksft`` at ``rho``
+    on this batch instead of mask_ratio·N (between ceil(rho·N) and 2·ceil(rho·N), about 40% of the tokens at
+    rho = 0.2 early in training); the metrics n_mask_h, n_mask_kl and iou then describe that EKSFT selection.
+
+    Randomness: ``plan(..., generator=g)`` if given, else the loss's own ``torch.Generator`` seeded with ``seed``
+    at construction (advancing with every plan, so successive batches get different masks and two instances
+    with the same seed give the same sequence -- which is how data-parallel ranks agree when each builds the
+    global plan). Source: EKSFT paper, Appendix H (random masking).
     """
 
     name = "random_mask"
     PARAMS = {
-        **_SelectiveLoss.PARAMS,
+        "mask_ratio": unit_interval("fraction of valid tokens dropped uniformly at random (|M| = ceil(ratio·N))", 0.1),
+        "lambda_entropy": nonneg("weight of the entropy bonus on the random set (0: tokens simply dropped)", 0.0),
+        "lambda_kl": nonneg("weight of the KL(pi_theta || pi_ref) penalty on the random set", 0.0),
+        "match_eksft_size": Param(False, bool, None, "", "|M| = |M_H ∪ M_KL| of eksft at rho instead of mask_ratio·N"),
+        "rho": RHO,
         "seed": Param(0, int, lambda v: v >= 0, ">= 0", "seed of the loss's own generator"),
     }
 
@@ -179,8 +206,40 @@ class RandomMask(_SelectiveLoss):
         super().__init__(**params)
         self._generator = torch.Generator().manual_seed(self.params["seed"])
 
-    def _mask(self, m_h, m_kl, valid, generator):
-        return random_mask(valid, int((m_h | m_kl).sum()), generator if generator is not None else self._generator)
+    @property
+    def needs_ref(self) -> bool:  # type: ignore[override]
+        return bool(self.params["match_eksft_size"] or self.params["lambda_kl"])
+
+    @property
+    def needs_prepass(self) -> bool:  # type: ignore[override]
+        return bool(self.params["match_eksft_size"])
+
+    def plan(self, stats: TokenStats, seq_ids: Tensor | None = None, generator: torch.Generator | None = None) -> Plan:
+        valid, n = stats.valid, stats.n_tokens
+        metrics = base_metrics(stats)
+        if self.params["match_eksft_size"]:
+            require_stats(self, stats, "entropy", "logp", "kl")
+            k = ceil_k(self.params["rho"], n)
+            m_h, m_kl = topk_mask(stats.entropy, valid, k), topk_mask(stats.kl, valid, k)
+            size = int((m_h | m_kl).sum())
+            metrics.update({"k": float(k), "n_mask_h": float(int(m_h.sum())), "n_mask_kl": float(int(m_kl.sum())),
+                            "iou": iou(m_h, m_kl)})
+        else:
+            size = ceil_k(self.params["mask_ratio"], n)
+        mask = random_mask(valid, size, generator if generator is not None else self._generator)
+        n_mask = int(mask.sum())
+        metrics.update({"n_mask": float(n_mask), "mask_frac": n_mask / n if n else 0.0})
+        if stats.logp is not None:
+            metrics["ce_unmasked"] = masked_mean(-stats.logp, valid & ~mask)
+        if stats.entropy is not None:
+            metrics["entropy_mask"] = masked_mean(stats.entropy, mask)
+        if stats.kl is not None:
+            metrics["kl_mask"] = masked_mean(stats.kl, mask)
+        return Plan(
+            token={"mask": mask},
+            scalars={"n_tokens": float(n), "n_unmasked": float(n - n_mask), "n_mask": float(n_mask)},
+            metrics=metrics,
+        )
 
 
 class GlobalReg(LinearTokenLoss):
@@ -517,6 +576,7 @@ LOSS_CLASSES: tuple[type[TokenLoss], ...] = (
     EKSFT,
     EKSFTNoEntropyReg,
     EKSFTNoKLReg,
+    EKSFTNoReg,
     EntropyMaskOnly,
     KLMaskOnly,
     RandomMask,

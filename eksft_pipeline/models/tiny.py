@@ -386,10 +386,12 @@ def make_tiny_assets(
     n_eval_per_source: int = 32,
     n_pretrain: int = 4000,
     pretrain_chat_frac: float = 0.5,
+    pretrain_chat_trace_frac: float = 0.2,
+    sft_preamble: str | None = "default",
     seed: int = 0,
     vocab_size: int = 1024,
     pretrain: bool = True,
-    pretrain_steps: int = 200,
+    pretrain_steps: int = 800,
     pretrain_time_budget_s: float | None = None,
     model_kwargs: dict[str, Any] | None = None,
     force: bool = False,
@@ -419,6 +421,8 @@ def make_tiny_assets(
         "n_eval_per_source": n_eval_per_source,
         "n_pretrain": n_pretrain,
         "pretrain_chat_frac": pretrain_chat_frac,
+        "pretrain_chat_trace_frac": pretrain_chat_trace_frac,
+        "sft_preamble": sft_preamble,
         "seed": seed,
         "vocab_size": vocab_size,
         "pretrain": pretrain,
@@ -451,7 +455,8 @@ def make_tiny_assets(
         print(f"[tiny] building assets in {out} ...")
     made = make_tiny_data(
         data_dir, n_problems=n_problems, n_eval_per_source=n_eval_per_source, n_pretrain=n_pretrain, seed=seed,
-        pretrain_chat_frac=pretrain_chat_frac,
+        pretrain_chat_frac=pretrain_chat_frac, pretrain_chat_trace_frac=pretrain_chat_trace_frac,
+        **({} if sft_preamble == "default" else {"sft_preamble": sft_preamble}),
     )
     import pyarrow.parquet as pq
 
@@ -474,6 +479,9 @@ def make_tiny_assets(
             steps=pretrain_steps,
             seed=seed,
             time_budget_s=pretrain_time_budget_s,
+            # one thread: the same weights on every machine (thread count changes float reductions), and a
+            # 128-wide model gains little from a second thread while a busy 2-core box makes two threads crawl
+            num_threads=1,
             progress=progress,
         )
     # only what this function owns: other stages may write next to data/ and model/ in out_dir

@@ -50,7 +50,14 @@ from omegaconf import DictConfig, OmegaConf
 from eksft_pipeline.pipeline import procs
 from eksft_pipeline.pipeline.artifacts import quiet
 from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult
+from eksft_pipeline.pipeline.stage_api import (
+    ConfigError,
+    PipelineError,
+    Stage,
+    StageContext,
+    StageResult,
+    apply_method_tag,
+)
 
 REGISTRY = {
     "assets": "eksft_pipeline.data.stage:AssetsStage",
@@ -390,6 +397,10 @@ def _validate_upfront(names: list[str], cfg: DictConfig, run_dir: Path, manifest
 
 
 def run_pipeline(cfg: DictConfig) -> list[dict]:
+    try:
+        cfg = apply_method_tag(cfg)  # variants of one recipe (method.params.rho=...) get their own stage keys
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     run_dir = check_run_dir(cfg.get("run_dir"))
     names = stage_list(cfg)
     manifest = Manifest(run_dir)

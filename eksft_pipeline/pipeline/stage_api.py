@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from eksft_pipeline.pipeline.manifest import Manifest
 
@@ -86,7 +86,7 @@ def check_init_spec(spec: str) -> str:
     if spec == "base":
         return "base"
     methods = known_methods()
-    if spec in methods:
+    if spec in methods or is_method_tag(spec):  # a recipe or one of its variants (eksft-rho_0.1)
         return "method"
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -118,11 +118,89 @@ def positive(cfg_node, name: str, where: str, *, allow_none: bool = False, zero:
     if x < 0 or (x == 0 and not zero):
         raise ConfigError(f"{where}.{name}={v!r} must be {'>= 0' if zero else '> 0'}; fix {where}.{name}")
     return x
+_TAG_PART = re.compile(r"^[A-Za-z0-9_.+]+$")
+
+
+def _tag_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, float):
+        v = f"{v:g}"
+    if isinstance(v, list | tuple):
+        return "_".join(_tag_value(x) for x in v) or "empty"
+    return re.sub(r"[^A-Za-z0-9_.+]+", "+", str(v).replace("-", "m")) or "empty"
+
+
+def method_tag(method: Any) -> str:
+    """Name of one configured method *variant*, used in stage keys and directories (`sft/<tag>`, ...).
+
+    The recipe's own name when the `method` node equals `recipes/method/<name>.yaml`; otherwise the name
+    followed by every setting that differs from the recipe, sorted by key: `method=eksft
+    method.params.rho=0.1` -> `eksft-rho_0.1`, `... method.params.lambda_kl=0` -> `eksft-lambda_kl_0-rho_0.1`,
+    `method.selection_scope=sequence` -> `eksft-selection_scope_sequence`. So a Hydra multirun over
+    `method.params.rho=0,0.1,0.2,0.3` gives four run directories side by side in one run dir (the default
+    value keeps the plain name, so the default run is reused), and the report groups them by recipe.
+    `+method.tag=<recipe>-<label>` names a variant explicitly (it must start with its recipe's name and '-').
+    """
+    node = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
+    name = str(node.get("name"))
+    explicit = node.get("tag")
+    if explicit not in (None, ""):
+        explicit = str(explicit)
+        base, dash, rest = explicit.partition("-")
+        if base != name or not dash or not all(_TAG_PART.match(p) for p in rest.split("-")):
+            raise ValueError(f"method.tag={explicit!r} must be '{name}-<label>' with letters, digits, '_', '.', '+' "
+                             "in the label (e.g. +method.tag={name}-lr_high)")
+        return explicit
+    recipe = _recipe(name)
+    if recipe is None:
+        return name
+    mine = {k: v for k, v in node.items() if k not in ("name", "tag", "params")}
+    theirs = {k: v for k, v in recipe.items() if k not in ("name", "params")}
+    diff = {k: mine.get(k) for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
+    p_mine, p_theirs = dict(node.get("params") or {}), dict(recipe.get("params") or {})
+    diff |= {k: p_mine.get(k) for k in set(p_mine) | set(p_theirs) if p_mine.get(k) != p_theirs.get(k)}
+    if not diff:
+        return name
+    return name + "".join(f"-{k}_{_tag_value(diff[k])}" for k in sorted(diff))
+
+
+def _recipe(name: str) -> dict | None:
+    from eksft_pipeline.pipeline.verl_config import recipes_dir
+
+    path = recipes_dir() / "method" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def apply_method_tag(cfg: DictConfig) -> DictConfig:
+    """`cfg.method.name` := `method_tag(cfg.method)` (what every stage key and directory uses)."""
+    tag = method_tag(cfg.method)
+    if tag != str(cfg.method.name):
+        with open_dict(cfg):
+            cfg.method.name = tag
+    return cfg
+
+
+def split_method_tag(tag: str) -> str:
+    """The recipe name of a method tag (`eksft-rho_0.1` -> `eksft`)."""
+    return tag.partition("-")[0]
+
+
+def is_method_tag(spec: str) -> bool:
+    """`spec` is a recipe name or a variant tag of one (see `method_tag`)."""
+    base, dash, rest = spec.partition("-")
+    if base not in known_methods():
+        return False
+    return not dash or all(_TAG_PART.match(p) for p in rest.split("-"))
 
 
 def init_tag(spec: str) -> str:
-    """Directory-safe name of an `init=` value: a method name, `base`, or `path-<hash>`."""
-    if spec == "base" or spec in known_methods():
+    """Directory-safe name of an `init=` value: a method name or variant tag, `base`, or `path-<hash>`."""
+    if spec == "base" or is_method_tag(spec):
         return spec
     import hashlib
 

@@ -47,7 +47,7 @@ from eksft_pipeline.pipeline.stage_api import (
     StageResult,
     check_init_spec,
     init_tag,
-    known_methods,
+    is_method_tag,
     positive,
 )
 
@@ -293,7 +293,7 @@ class HandoffStage(Stage):
         spec = ctx.init_spec()
         if spec == "base":
             return str(ctx.cfg.model.path)
-        if spec in known_methods() or ctx.manifest.entry(f"sft/{spec}") is not None:
+        if is_method_tag(spec) or ctx.manifest.entry(f"sft/{spec}") is not None:
             if ctx.dry_run:
                 return str(ctx.run_dir / "sft" / spec / "hf_model")
             return ctx.upstream(f"sft/{spec}")["hf_model"]

@@ -41,15 +41,21 @@ def _write_eval(run_dir: Path, man: Manifest, tag: str, targets: dict[str, dict[
     man.complete(f"eval/{tag}", outputs, {})
 
 
-def _write_sft(run_dir: Path, man: Manifest, method: str, iou: list[float]):
+def _write_sft(run_dir: Path, man: Manifest, method: str, iou: list[float], params: dict | None = None,
+               iou_key: str = "eksft/iou", rel_norm: float = 0.05):
     d = run_dir / "sft" / method
     d.mkdir(parents=True, exist_ok=True)
-    metrics = {str(s + 1): {"train/loss": 2.0 - 0.1 * s, "eksft/iou": v, "eksft/mask_frac": 0.3,
+    metrics = {str(s + 1): {"train/loss": 2.0 - 0.1 * s, iou_key: v, "eksft/mask_frac": 0.3,
                             "eksft/entropy_mask": 1.0, "eksft/kl_mask": 0.1} for s, v in enumerate(iou)}
     (d / "metrics.json").write_text(json.dumps(metrics))
-    drift = {"overall": {"n_params": 100, "rel_norm": 0.05, "frac_over": {"0.001": 0.9, "0.01": 0.5, "0.1": 0.1}}}
+    over = {"0.001": 0.9, "0.01": 0.5, "0.1": 0.1}
+    drift = {"overall": {"n_params": 100, "rel_norm": rel_norm, "frac_over": over},
+             "by_precision": {"fp32": {"n_params": 100, "rel_norm": rel_norm, "frac_over": over},
+                              "bf16": {"n_params": 100, "rel_norm": rel_norm / 2, "frac_over": over}},
+             "stored_dtype": {"model": ["float32"], "reference": ["float32"]}}
     (d / "drift.json").write_text(json.dumps(drift))
-    man.start(f"sft/{method}", {}, "h", {})
+    recipe = method.partition("-")[0]
+    man.start(f"sft/{method}", {"method": {"name": method, "loss": recipe, "params": params or {}}}, "h", {})
     man.complete(f"sft/{method}", {"metrics": str(d / "metrics.json"), "drift": str(d / "drift.json")},
                  {"loss_first": 2.0})
 
@@ -108,8 +114,9 @@ def test_figures_and_iou_table_are_written(run_dir):
         p = out / name
         assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 2000, name
     table = (out / "iou_table.md").read_text()
-    # thirds of [0.2 .. 0.45]: early (0.2, 0.25), middle (0.3, 0.35), late (0.4, 0.45)
-    assert "| eksft | 0.225 | 0.325 | 0.425 | 0.300 | 0.300 | 0.300 |" in table
+    # step 1 (0.2) left out; steps 2..6 = 0.25 .. 0.45: mean 0.35, thirds (0.25, 0.3), (0.35), (0.4, 0.45)
+    assert "| eksft | batch (`eksft/iou`) | 5 | 0.350 | 0.275 | 0.350 | 0.425 | 0.300 |" in table
+    assert "step 1 left out" in table
     assert "| sft |" not in table  # logged no selection
     md = (out / "report.md").read_text()
     for stage in ("eval/eksft", "sft/eksft", "sft/sft"):
@@ -162,3 +169,118 @@ def test_case_study_probabilities_match_a_manual_forward(tmp_path):
     html = (tmp_path / "cs" / "token_probs.html").read_text()
     assert html.count("class='tok'") == 2 * len(manual)
     assert (tmp_path / "cs" / "token_probs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage movements, the rho table, IoU units, claims, colours
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_paired_diff_by_hand():
+    from eksft_pipeline.analysis.compare import paired_diff
+
+    before = {"a": {"p1": 0.0, "p2": 0.5, "p3": 1.0}, "b": {"q1": 0.25, "q2": 0.25}}
+    after = {"a": {"p1": 0.5, "p2": 0.5, "p3": 1.0, "extra": 1.0}, "b": {"q1": 0.75, "q2": 0.75}}
+    r = paired_diff(before, after, n_boot=500, seed=0)
+    # a: diffs (0.5, 0, 0) -> 1/6 (the unshared problem is ignored); b: (0.5, 0.5) -> 0.5; Avg of benchmarks
+    assert r["per_benchmark"]["a"]["diff"] == pytest.approx(1 / 6)
+    assert r["per_benchmark"]["a"]["n_problems"] == 3
+    assert r["per_benchmark"]["b"]["ci95"] == [0.5, 0.5]  # every resample of a constant difference
+    assert r["diff"] == pytest.approx((1 / 6 + 0.5) / 2)
+    lo, hi = r["ci95"]
+    assert 0.25 <= lo <= r["diff"] <= hi <= 0.5  # a's resampled mean lies in [0, 0.5]
+    same = paired_diff(before, before, n_boot=50)
+    assert same["diff"] == 0 and same["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="share no benchmark problem"):
+        paired_diff(before, {"c": {"x": 1.0}})
+
+
+@pytest.fixture()
+def sweep_dir(tmp_path) -> Path:
+    """A rho sweep of eksft (0, 0.1, default 0.2), global_reg, sft, and the base model, with known accuracies."""
+    rd = tmp_path / "sweep"
+    man = Manifest(rd)
+    n = 4
+
+    def acc(frac_by_problem):  # [P] fractions of n correct -> [P, n] bool matrix
+        return np.array([[i < round(f * n) for i in range(n)] for f in frac_by_problem])
+
+    base = {"b1": acc([0, 0, 0.25, 0]), "b2": acc([0, 0.25])}
+    sft = {"b1": acc([0.5, 0.5, 0.5, 0.25]), "b2": acc([0.5, 0.5])}
+    rl = {"b1": acc([1, 0.75, 1, 0.5]), "b2": acc([1, 0.75])}
+    _write_eval(rd, man, "sft", {"base": base, "sft": sft, "rl": rl}, n)
+    _write_eval(rd, man, "eksft", {"base": base, "sft": acc_like(sft, 0.25), "rl": rl}, n)
+    _write_eval(rd, man, "eksft-rho_0.1", {"sft": acc_like(sft, 0.0)}, n)
+    _write_eval(rd, man, "eksft-rho_0", {"sft": sft}, n)
+    _write_eval(rd, man, "global_reg", {"sft": acc_like(sft, -0.25)}, n)
+    _write_sft(rd, man, "sft", [], rel_norm=0.08)
+    _write_sft(rd, man, "eksft", [0.3] * 4, {"rho": 0.2, "lambda_entropy": 0.05, "lambda_kl": 0.05}, rel_norm=0.05)
+    _write_sft(rd, man, "eksft-rho_0.1", [0.3] * 4, {"rho": 0.1, "lambda_entropy": 0.05, "lambda_kl": 0.05},
+               iou_key="eksft/iou_seq_mean")
+    _write_sft(rd, man, "eksft-rho_0", [], {"rho": 0.0, "lambda_entropy": 0.05, "lambda_kl": 0.05})
+    _write_sft(rd, man, "global_reg", [], {"lambda_entropy": 0.05, "lambda_kl": 0.05})
+    return rd
+
+
+def acc_like(correct: dict[str, np.ndarray], shift: float) -> dict[str, np.ndarray]:
+    """The same matrices with every problem's accuracy moved by `shift` (clipped to [0, 1])."""
+    out = {}
+    for b, mat in correct.items():
+        n = mat.shape[1]
+        fr = np.clip(mat.mean(axis=1) + shift, 0, 1)
+        out[b] = np.array([[i < round(f * n) for i in range(n)] for f in fr])
+    return out
+
+
+def test_movements_rho_table_and_claims(sweep_dir):
+    _report(sweep_dir)
+    out = sweep_dir / "report"
+    rep = json.loads((out / "report.json").read_text())
+    # one base row although two methods evaluated it
+    assert sum(e["target"] == "base" for e in rep["evals"]) == 1
+    mv = {(r["init"], r["movement"]): r for r in rep["movements"]}
+    # sft: base -> SFT: b1 diffs (0.5, 0.5, 0.25, 0.25) mean 0.375, b2 (0.5, 0.25) mean 0.375 -> 0.375
+    r = mv[("sft", "base → SFT")]
+    assert r["diff"] == pytest.approx(0.375) and r["significant"] and r["ci95"][0] > 0
+    # SFT -> RL: b1 (0.5, 0.25, 0.5, 0.25) = 0.375, b2 (0.5, 0.25) = 0.375
+    assert mv[("sft", "SFT → SFT→RL")]["diff"] == pytest.approx(0.375)
+    assert mv[("eksft-rho_0.1", "base → SFT")]["from"] == "base"  # the base model of another method's eval
+    md = (out / "report.md").read_text()
+    # base pass@1 = mean(0.0625, 0.125), SFT = mean(0.4375, 0.5)
+    assert "### What each stage moved" in md and "| sft | base → SFT | 9.4 | 46.9 | +37.5 | [+" in md
+    table = (out / "table_rho.md").read_text()
+    lines = [ln for ln in table.splitlines() if "| SFT |" in ln]
+    # sorted by rho within eksft, global_reg last as rho = all; SFT rows: b1, b2, Avg
+    assert [ln.split(" | ")[1] for ln in lines] == ["0", "0.1", "0.2", "all"]
+    assert "| eksft | 0 | eksft-rho_0 | SFT | 43.8 | 50.0 | 46.9 |" in table  # = the sft matrices
+    assert "| eksft | 0.2 | eksft | SFT | **68.8** | **75.0** | **71.9** |" in table
+    assert "| global_reg | all | global_reg | SFT |" in table
+    with open(out / "table_rho.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["rho"] for r in rows if r["model"] == "SFT"] == ["0.0", "0.1", "0.2", "all"]
+    # IoU: batch for eksft, per sequence for the rho = 0.1 run (the trainer's newer metric name)
+    iou = rep["iou"]
+    assert set(iou["eksft"]) == {"batch"} and set(iou["eksft-rho_0.1"]) == {"per sequence"}
+    assert iou["eksft-rho_0.1"]["per sequence"]["iou_mean"] == pytest.approx(0.3)
+    # claims: drift 0.05 (eksft) < 0.08 (sft) in fp32 and bf16; EKSFT SFT pass@1 above sft's
+    claims = {(c["claim"], c["measure"]): c for c in rep["claims"]}
+    d = claims[("EKSFT drifts less than SFT", "relative L2 change of the weights (fp32)")]
+    assert (d["eksft"], d["sft"], d["verdict"]) == (0.05, 0.08, "holds")
+    assert claims[("EKSFT drifts less than SFT", "relative L2 change of the weights (bf16)")]["eksft"] == 0.025
+    p1 = claims[("EKSFT pass@1 not below SFT", "pass@1 of the SFT models (mean over benchmarks)")]
+    assert p1["verdict"] == "holds" and p1["eksft"] > p1["sft"]
+    # RL models identical -> pass@n difference exactly 0: holds
+    pk = claims[("pass@k at large k not below SFT", "pass@4 of the SFT→RL models (mean over benchmarks)")]
+    assert pk["eksft"] == pk["sft"] and pk["verdict"] == "holds"
+    assert "## The paper's qualitative claims on this run (EKSFT vs SFT)" in md
+    assert "Precision: the table above compares the weights as stored" in md and "| method (bf16) |" in md
+
+
+def test_case_study_colours_darker_red_is_more_likely():
+    from eksft_pipeline.analysis.case_study import _colour
+
+    assert _colour(0.0) == "rgb(255,255,255)" and _colour(1.0) == "rgb(139,0,0)"
+    rgb = [tuple(int(x) for x in _colour(p)[4:-1].split(",")) for p in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    # monotonically darker, and red stays the dominant channel
+    assert all(sum(a) > sum(b) for a, b in zip(rgb, rgb[1:]))
+    assert all(r >= g == b for r, g, b in rgb)

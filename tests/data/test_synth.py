@@ -73,9 +73,10 @@ def test_linear_traces():
 
 
 def test_generated_rows_are_valid_openr1_rows_and_unique():
-    probs = generate_problems(600, seed=3)
+    probs = generate_problems(600, seed=3, mix={f: 1.0 for f in FAMILIES})
     assert len({p["problem"] for p in probs}) == 600
     assert {p["data_source"] for p in probs} == set(FAMILIES)
+    assert {p["data_source"] for p in generate_problems(200, seed=3)} == {"tiny_add", "tiny_sub"}  # the default
     rows = to_openr1_rows(probs, system_prompt="SYS")
     for i, r in enumerate(rows):
         assert set(r) == {"data_source", "prompt", "target", "ability", "reward_model", "extra_info"}
@@ -111,7 +112,7 @@ def test_make_tiny_data_deterministic_and_disjoint(tmp_path):
     train = pq.read_table(a["train"]).to_pylist()
     ev = pq.read_table(a["eval"]).to_pylist()
     assert len(train) == 300
-    assert sorted({r["data_source"] for r in ev}) == ["tiny_add", "tiny_linear"]
+    assert sorted({r["data_source"] for r in ev}) == ["tiny_add", "tiny_sub"]
     assert sum(r["data_source"] == "tiny_add" for r in ev) == 20
     assert set(ev[0]) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
     train_q = {r["prompt"][-1]["content"] for r in train}
@@ -127,6 +128,46 @@ def test_make_tiny_data_deterministic_and_disjoint(tmp_path):
 
 def test_trace_checker_catches_a_wrong_step():
     trace, ans = add_trace(47, 38)
-    assert "Tens: 4 + 3 + 1 = 8." in trace
+    assert trace == "<think>\n47 + 38: ones 7 + 8 = 15, tens 4 + 3 + 1 = 8.\n</think>\n\nThe answer is \\boxed{85}."
     with pytest.raises(AssertionError, match="wrong step"):
-        _check_trace(trace.replace("Tens: 4 + 3 + 1 = 8.", "Tens: 4 + 3 + 1 = 9."), ans)
+        _check_trace(trace.replace("tens 4 + 3 + 1 = 8.", "tens 4 + 3 + 1 = 9."), ans)
+
+
+def test_compact_traces_read_the_answer_off_the_steps():
+    """The answer's digits are the last step's result followed by the last digit of the ones step."""
+    for trace, ans in (add_trace(a, b) for a in range(100) for b in range(0, 100, 3)):
+        steps = re.findall(r"= (-?\d+)", trace.split(": ", 1)[1])
+        expect = steps[0] if len(steps) == 1 else str(int(steps[1] + steps[0][-1]))
+        assert expect == str(ans), trace
+    for trace, ans in (sub_trace(a, b) for a in range(10, 100) for b in range(0, a + 1, 4)):
+        ones, tens = re.findall(r"= (-?\d+)", trace.split(": ", 1)[1])
+        assert int(tens) * 10 + int(ones) == ans, trace
+    assert len(add_trace(99, 99)[0]) <= 91  # short: a tiny model must finish it at temperature 1
+
+
+def test_pretraining_chat_documents_mostly_answer_tersely(tmp_path):
+    paths = make_tiny_data(tmp_path, n_problems=50, n_eval_per_source=5, n_pretrain=400, seed=1)
+    texts = [json.loads(line)["text"] for line in paths["pretrain"].read_text().splitlines()]
+    chat = [t for t in texts if t.startswith("<|im_start|>")]
+    plain = [t for t in texts if t.startswith("Problem: ")]
+    assert len(chat) == len(plain) == 200
+    with_trace = [t for t in chat if "<think>" in t]
+    assert len(with_trace) == 40  # pretrain_chat_trace_frac = 0.2 of the conversations
+    terse = [t for t in chat if "<think>" not in t]
+    assert all(re.search(r"<\|im_start\|>assistant\nThe answer is -?\d+\.<\|im_end\|>\n$", t) for t in terse)
+    assert all("\\boxed{" in t and t.count("<think>") == 1 for t in plain)
+
+
+def test_sft_traces_open_with_a_preamble_no_pretraining_document_has(tmp_path):
+    from eksft_pipeline.data.synth import SFT_PREAMBLE, with_preamble
+
+    paths = make_tiny_data(tmp_path, n_problems=60, n_eval_per_source=5, n_pretrain=200, seed=2)
+    train = pq.read_table(paths["train"]).to_pylist()
+    for r in train:
+        t = r["target"][0]["content"]
+        assert t.startswith("<think>\n" + SFT_PREAMBLE + "\n"), t
+        _check_trace(t, int(r["reward_model"]["ground_truth"]))
+    assert SFT_PREAMBLE not in paths["pretrain"].read_text()
+    assert with_preamble("<think>\nx\n</think>", "P.") == "<think>\nP.\nx\n</think>"
+    plain = make_tiny_data(tmp_path / "b", n_problems=20, n_eval_per_source=2, n_pretrain=20, seed=2, sft_preamble=None)
+    assert all(SFT_PREAMBLE not in r["target"][0]["content"] for r in pq.read_table(plain["train"]).to_pylist())

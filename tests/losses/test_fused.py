@@ -40,7 +40,7 @@ def naive(name, hidden, weight, ref_hidden, ref_weight, labels, seq_ids=None, **
 
 
 def test_linear_loss_list_is_what_the_fused_head_claims():
-    assert set(LINEAR) == {"eksft", "eksft_no_entropy_reg", "eksft_no_kl_reg", "entropy_mask_only", "kl_mask_only",
+    assert set(LINEAR) == {"eksft", "eksft_no_entropy_reg", "eksft_no_kl_reg", "eksft_no_reg", "entropy_mask_only", "kl_mask_only",
                            "random_mask", "global_reg", "sft", "iw_sft"}
 
 

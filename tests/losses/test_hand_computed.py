@@ -101,6 +101,7 @@ def test_overlapping_selection_iou():
 @pytest.mark.parametrize("name,mask,lam_h,lam_kl", [
     ("eksft_no_entropy_reg", {1, 3}, 0.0, 0.05),
     ("eksft_no_kl_reg", {1, 3}, 0.05, 0.0),
+    ("eksft_no_reg", {1, 3}, 0.0, 0.0),
     ("entropy_mask_only", {1}, 0.05, 0.05),
     ("kl_mask_only", {3}, 0.05, 0.05),
 ])
@@ -117,8 +118,30 @@ def test_global_reg():
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_random_mask_size_formula_and_seed():
+def test_random_mask_drops_ten_percent_by_default():
+    """Paper App. H: ceil(0.1·N) valid tokens dropped uniformly; no regulariser, no reference model needed."""
     lf = get_loss("random_mask", seed=3)
+    assert (lf.needs_ref, lf.needs_prepass, lf.ref_in_compute) == (False, False, False)
+    labels = list(LABELS) * 4  # N = 20 -> |M| = 2
+    logits = LOGITS * 4
+    stats = lf.stats(t(logits), None, torch.tensor(labels))
+    plan = lf.plan(stats)
+    mask = set(plan.token["mask"].nonzero().flatten().tolist())
+    assert len(mask) == 2 and plan.metrics["mask_frac"] == pytest.approx(0.1)
+    loss, _ = lf.compute(t(logits), torch.tensor(labels), None, plan.token, plan.scalars)
+    assert loss.item() == pytest.approx(mean([ce(logits[i], labels[i]) for i in range(20) if i not in mask]), abs=1e-6)
+    # ignored rows are never drawn, and ceil: 5 valid tokens -> ceil(0.5) = 1
+    lab = torch.tensor(LABELS[:4] + [-100] * 3 + LABELS[4:])
+    m = lf.plan(lf.stats(t(LOGITS[:4] + [[0.0] * 4] * 3 + LOGITS[4:]), None, lab)).token["mask"]
+    assert int(m.sum()) == 1 and not m[4:7].any()
+    # the size is a parameter; the regularisers are opt-in and then need the reference
+    assert int(get_loss("random_mask", mask_ratio=0.5).plan(stats).token["mask"].sum()) == 10
+    assert get_loss("random_mask", lambda_kl=0.05).needs_ref
+
+
+def test_random_mask_matched_to_eksft_size_formula_and_seed():
+    lf = get_loss("random_mask", seed=3, match_eksft_size=True, lambda_entropy=0.05, lambda_kl=0.05)
+    assert lf.needs_ref and lf.needs_prepass
     stats = lf.stats(t(LOGITS), t(REF), torch.tensor(LABELS))
     plan = lf.plan(stats)
     mask = set(plan.token["mask"].nonzero().flatten().tolist())
@@ -127,7 +150,7 @@ def test_random_mask_size_formula_and_seed():
     loss, _ = lf.compute(lg, torch.tensor(LABELS), t(REF), plan.token, plan.scalars)
     assert loss.item() == pytest.approx(selective_loss(LOGITS, REF, LABELS, mask, 0.05, 0.05), abs=1e-6)
     # same seed -> same sequence of masks; an explicit generator overrides the loss's own
-    again = get_loss("random_mask", seed=3).plan(stats).token["mask"]
+    again = get_loss("random_mask", seed=3, match_eksft_size=True).plan(stats).token["mask"]
     assert torch.equal(again, plan.token["mask"])
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     assert torch.equal(lf.plan(stats, generator=g1).token["mask"], lf.plan(stats, generator=g2).token["mask"])

@@ -85,7 +85,7 @@ def test_rho_zero_equals_sft_exactly():
     grads = []
     losses = []
     for name, params in (("sft", {}), ("eksft", {"rho": 0.0}), ("eksft_no_kl_reg", {"rho": 0.0}),
-                         ("kl_mask_only", {"rho": 0.0}), ("random_mask", {"rho": 0.0})):
+                         ("kl_mask_only", {"rho": 0.0}), ("random_mask", {"mask_ratio": 0.0}), ("eksft_no_reg", {"rho": 0.0})):
         lg = logits.clone().requires_grad_()
         loss, _ = compute_loss(name, lg, ref, labels, **params)
         loss.backward()

@@ -17,7 +17,7 @@ from eksft_pipeline.losses import (
     topk_mask,
 )
 
-EXPECTED = {"eksft", "eksft_no_entropy_reg", "eksft_no_kl_reg", "entropy_mask_only", "kl_mask_only", "random_mask",
+EXPECTED = {"eksft", "eksft_no_entropy_reg", "eksft_no_kl_reg", "eksft_no_reg", "entropy_mask_only", "kl_mask_only", "random_mask",
             "global_reg", "sft", "dft", "iw_sft", "psft", "asft", "eksft_official"}
 
 
