@@ -180,7 +180,41 @@ class SFTStage(Stage):
             validate_sft_block(vc)  # selection scope / head / updates: fail here, not inside torchrun
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        self._fit_token_budget(ctx, vc)
         return vc
+
+    def _fit_token_budget(self, ctx: StageContext, vc) -> None:
+        """`sft.fit_token_budget`: the model recipe sizes `max_token_len_per_gpu` for EKSFT's fused head; a method
+        whose loss needs the naive head (full [N, V] logits: asft, dft, psft, eksft_official) would be refused by
+        the memory check at that budget, so a baseline sweep stops at its first such method. Lower the budget in
+        steps of 1024 to the largest the estimate fits, never below `data.max_length` (a packed micro-batch
+        must hold one whole sequence), and say so. The optimisation is identical (global batch and lr are per
+        sequence); only the packing into micro-batches changes. Never on CPU, never for a typed value."""
+        cfg = ctx.cfg
+        d = vc.data
+        if (not bool(cfg.sft.get("fit_token_budget", True)) or str(cfg.cluster.device) == "cpu"
+                or not bool(d.use_dynamic_bsz)
+                or any(str(o).lstrip("+").split("=")[0].endswith("data.max_token_len_per_gpu")
+                       for o in cfg.get("cli_overrides") or [])):  # fmt: skip
+            return
+        est = self.memory_estimate(ctx, vc)
+        if est is None or est.fits:
+            return
+        start, floor = int(d.max_token_len_per_gpu), int(d.max_length)
+        budget = start - 1024
+        while budget >= floor:
+            with open_dict(vc):
+                d.max_token_len_per_gpu = budget
+            smaller = self.memory_estimate(ctx, vc)
+            if smaller.fits:
+                print(f"[sft] method={cfg.method.name}: sft.verl.data.max_token_len_per_gpu {start} -> {budget} "
+                      f"(estimated {smaller.total / 2**30:.1f} GiB per GPU; {start} would need "
+                      f"{est.total / 2**30:.1f} GiB; sft.fit_token_budget=false keeps the recipe's value)",
+                      flush=True)
+                return
+            budget -= 1024
+        with open_dict(vc):  # nothing fits: keep the recipe's value, the memory check refuses it naming the knob
+            d.max_token_len_per_gpu = start
 
     def memory_estimate(self, ctx: StageContext, vc):
         """Per-GPU peak-memory estimate of one SFT step (eksft_pipeline/pipeline/memory.py); None without a shape."""

@@ -136,3 +136,30 @@ def test_rl_stall_timeout_leaves_room_for_the_first_dapo_step():
         tokens = samples * cfg.rl.max_response_length / 2
         first_step_s = 2 * tokens / 40_000 + tokens / 150_000 + 600
         assert cfg.rl.stall_timeout_s >= 1.5 * first_step_s, (model, cfg.rl.stall_timeout_s, first_step_s)
+
+
+def test_naive_head_baseline_gets_the_largest_budget_that_fits(tmp_path, capsys):
+    """qwen3-8b's recipe budget is sized for EKSFT's fused head; asft needs the naive head. Its budget is lowered
+    to the largest multiple-of-1024 step that the estimate fits (not below max_length), with a note; the next
+    step up would not fit. A typed value is left alone (see the refusal test above)."""
+    from eksft_pipeline.sft.stage import SFTStage
+
+    stage = SFTStage()
+    cfg = compose_pipeline("model=qwen3-8b", "cluster=8gpu", "method=asft")
+    ctx = ctx_for(cfg, tmp_path, stage.key(cfg))
+    recipe = int(cfg.model.sft.verl.data.max_token_len_per_gpu)
+    vc = stage.verl_config(ctx)
+    got = int(vc.data.max_token_len_per_gpu)
+    assert int(vc.data.max_length) <= got < recipe
+    assert stage.memory_estimate(ctx, vc).fits
+    from omegaconf import open_dict
+
+    with open_dict(vc):
+        vc.data.max_token_len_per_gpu = got + 1024
+    assert not stage.memory_estimate(ctx, vc).fits
+    assert f"max_token_len_per_gpu {recipe} -> {got}" in capsys.readouterr().out
+    # EKSFT (fused head) keeps the recipe's budget; fit_token_budget=false keeps it for asft too (then refused)
+    eksft = compose_pipeline("model=qwen3-8b", "cluster=8gpu")
+    assert int(stage.verl_config(ctx_for(eksft, tmp_path, stage.key(eksft))).data.max_token_len_per_gpu) == recipe
+    off = compose_pipeline("model=qwen3-8b", "cluster=8gpu", "method=asft", "sft.fit_token_budget=false")
+    assert int(stage.verl_config(ctx_for(off, tmp_path, stage.key(off))).data.max_token_len_per_gpu) == recipe
