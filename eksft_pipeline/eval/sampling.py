@@ -121,8 +121,33 @@ def _row(problem: Problem, sample_idx: int, completion: str, finish: str, n_toke
 # ------------------------------------------------------------------------------------------------ HF
 
 
+class RowSampler:
+    """A `generate` logits processor that samples each row from its own `torch.Generator`.
+
+    HF's sampling draws every row of a batch from the one global generator, so a sample would depend on the
+    other rows of its batch. Here row i draws from `softmax(scores_i / temperature)` restricted to the top-p
+    nucleus with generator i (seeded per (problem, sample id)), and returns scores that are -inf except at the
+    drawn token, which greedy decoding then takes. scores: [R, V] -> [R, V]."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: str = "cpu"):
+        self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [R, V]
+        if self.top_p < 1.0:
+            sp, idx = probs.sort(dim=-1, descending=True)
+            sp = sp.masked_fill(sp.cumsum(-1) - sp > self.top_p, 0.0)  # keep the smallest prefix reaching top_p
+            probs = torch.zeros_like(probs).scatter_(-1, idx, sp)
+        pick = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.gens)])  # [R]
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, pick[:, None], 0.0)
+
+
 class HFSampler:
-    """Batched `model.generate` on CPU (or one GPU). One prompt x `chunk` samples per call."""
+    """Batched `model.generate` on CPU (or one GPU): at most `chunk` rows (problems x samples of equal prompt
+    length) per call."""
 
     def __init__(self, model_dir: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", chunk: int = 16):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,30 +161,49 @@ class HFSampler:
 
     @torch.no_grad()
     def sample(self, problem: Problem, sample_ids: list[int], params: SamplingParams) -> list[dict]:
+        """The missing samples of one problem (`sample_ids`), `chunk` rows per `generate` call."""
+        return self.sample_many([problem], {problem.problem_id: list(sample_ids)}, params)[problem.problem_id]
+
+    @torch.no_grad()
+    def sample_many(self, problems: list[Problem], pending: dict[str, list[int]],
+                    params: SamplingParams) -> dict[str, list[dict]]:
+        """The missing samples of several problems whose prompts have the SAME token length, batched: every
+        (problem, sample id) is one row of a `generate` call of at most `chunk` rows, so no row is padded and
+        each row computes what it would alone. On CPU a decoding step costs about the same for 8 rows as for
+        64 (the tiny model is all overhead), so batching across problems is what makes eval fast there.
+        Every row draws its tokens from its own generator seeded by (eval seed, problem id, sample id)
+        (:class:`RowSampler`), so a sample does not depend on which rows share its batch: a problem redone after
+        a kill gets the samples it had. Returns problem id -> rows."""
+        from transformers import LogitsProcessorList
+
         tok = self.tokenizer
-        ids = prompt_token_ids(tok, problem.messages, params.generation_prefix, params.chat_template)
-        input_ids = torch.tensor([ids], device=self.device)  # [1, P]
-        plen = input_ids.shape[1]
+        prompts = {p.problem_id: prompt_token_ids(tok, p.messages, params.generation_prefix, params.chat_template)
+                   for p in problems}  # fmt: skip
+        if len({len(v) for v in prompts.values()}) > 1:
+            raise ValueError("sample_many: prompts of different token lengths (group them, see sample_problems)")
         eos = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        rows = []
-        for start in range(0, len(sample_ids), self.chunk):
-            chunk_ids = sample_ids[start : start + self.chunk]
-            # one generator seed per chunk, derived from its first sample id: deterministic on re-run
-            torch.manual_seed(_sample_seed(params.seed, problem.problem_id, chunk_ids[0]))
+        work = [(p, sid) for p in problems for sid in pending.get(p.problem_id) or []]
+        out_rows: dict[str, list[dict]] = {p.problem_id: [] for p in problems}
+        for start in range(0, len(work), self.chunk):
+            part = work[start : start + self.chunk]
+            input_ids = torch.tensor([prompts[p.problem_id] for p, _ in part], device=self.device)  # [R, P]
+            plen = input_ids.shape[1]
+            processors = []
+            if params.temperature > 0:  # sampling: done by RowSampler; generate then takes its (only) token
+                processors.append(RowSampler([_sample_seed(params.seed, p.problem_id, sid) for p, sid in part],
+                                             params.temperature, params.top_p, self.device))  # fmt: skip
             out = self.model.generate(
-                input_ids=input_ids.expand(len(chunk_ids), -1),
-                attention_mask=torch.ones_like(input_ids).expand(len(chunk_ids), -1),
-                do_sample=params.temperature > 0,
-                temperature=max(params.temperature, 1e-5),
-                top_p=params.top_p,
-                top_k=0,
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                logits_processor=LogitsProcessorList(processors),
                 max_new_tokens=params.max_new_tokens,
                 eos_token_id=eos,
                 pad_token_id=pad,
             )
-            gen = out[:, plen:]  # [chunk, <= max_new_tokens]
-            for j, sid in enumerate(chunk_ids):
+            gen = out[:, plen:]  # [R, <= max_new_tokens]
+            for j, (problem, sid) in enumerate(part):
                 seq = gen[j].tolist()
                 if eos in seq:
                     cut = seq.index(eos) + 1
@@ -170,9 +214,9 @@ class HFSampler:
                         cut -= 1
                     finish = "length"
                 toks = seq[:cut]
-                rows.append(_row(problem, sid, tok.decode(toks, skip_special_tokens=True), finish, len(toks),
-                                 params.seed))  # fmt: skip
-        return rows
+                out_rows[problem.problem_id].append(
+                    _row(problem, sid, tok.decode(toks, skip_special_tokens=True), finish, len(toks), params.seed))
+        return out_rows
 
 
 def pending_samples(problems: Iterable[Problem], n: int, existing: set[tuple[str, int]]) -> dict[str, list[int]]:
@@ -193,11 +237,28 @@ def sample_problems(
 
     pending = pending_samples(problems, params.n, existing)
     todo = [p for p in problems if pending[p.problem_id]]
+    # batches of problems with equal prompt length (no padding), at most `chunk` rows each, in problem order
+    by_len: dict[int, list[Problem]] = {}
+    for p in todo:
+        n_tok = len(prompt_token_ids(sampler.tokenizer, p.messages, params.generation_prefix, params.chat_template))
+        by_len.setdefault(n_tok, []).append(p)
+    batches: list[list[Problem]] = []
+    for group in by_len.values():
+        cur: list[Problem] = []
+        for p in group:
+            if cur and sum(len(pending[q.problem_id]) for q in cur) + len(pending[p.problem_id]) > sampler.chunk:
+                batches.append(cur)
+                cur = []
+            cur.append(p)
+        batches.append(cur)
     total = 0
-    for p in tqdm(todo, desc="sampling", unit="problem", disable=not progress):
-        rows = sampler.sample(p, pending[p.problem_id], params)
-        on_rows(rows)
-        total += len(rows)
+    with tqdm(total=len(todo), desc="sampling", unit="problem", disable=not progress) as bar:
+        for batch in batches:
+            rows = sampler.sample_many(batch, pending, params)
+            for p in batch:  # each problem's rows persisted on their own (a kill loses at most one batch)
+                on_rows(rows[p.problem_id])
+                total += len(rows[p.problem_id])
+            bar.update(len(batch))
     return total
 
 
