@@ -211,7 +211,7 @@ def run_child(args) -> None:
 
             _keep_lm_head_in_root_unit()
         else:
-            from eksft_pipeline.sft.trainer import EKSFTTrainer as Trainer
+            from eksft_pipeline.verl_ext.sft_trainer import EKSFTTrainer as Trainer
         trainer = Trainer(config=config)
         client = trainer.training_client
         orig = client.train_batch
@@ -253,7 +253,7 @@ def run_child(args) -> None:
 
 
 def run_variant(args, variant: str, work: Path) -> dict:
-    from eksft_pipeline.pipeline.cpu_platform import cpu_env
+    from eksft_pipeline.verl_ext.cpu_platform import cpu_env
 
     result = work / f"result-{variant}.json"
     result.unlink(missing_ok=True)

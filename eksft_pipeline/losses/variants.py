@@ -427,7 +427,7 @@ class PSFT(TokenLoss):
 # ------------------------------------------------------------------------------------------------
 class EKSFTOfficial(TokenLoss):
     """EKSFT as the authors' public code computes it. Source: github.com/MINE-USTC/EKSFT,
-    src/llamafactory/train/eksft/trainer.py, ``EKSFTSeq2SeqTrainer.compute_loss`` (read for this project).
+    src/llamafactory/train/ekverl_ext/sft_trainer.py, ``EKSFTSeq2SeqTrainer.compute_loss`` (read for this project).
 
     Intended use: ``selection_scope = "sequence"`` — call ``plan`` on the rows of ONE sequence and ``compute`` on
     the same rows, then average the sequences' losses with equal weight: their ``compute_loss`` runs per device

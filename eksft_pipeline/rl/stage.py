@@ -6,13 +6,13 @@
 Steps: compose `recipes/verl/dapo.yaml` on verl's `ppo_trainer` config (with `dapo_platform=cpu` on
 `cluster=cpu`), merge the recipes' `rl.verl` blocks (project <- model <- cluster) in struct mode, set
 the run's files (actor = the handoff's model, train = the split's RL parquet, a small validation
-parquet), validate with `eksft_pipeline.rl.ppo_main.validate_ppo_config` (verl's own validation and
+parquet), validate with `eksft_pipeline.verl_ext.ppo_main.validate_ppo_config` (verl's own validation and
 dataclasses), write `<run_dir>/rl/<init>/verl_dapo.yaml`, launch
-`python -m eksft_pipeline.rl.ppo_main` on it, then export the last checkpoint's
+`python -m eksft_pipeline.verl_ext.ppo_main` on it, then export the last checkpoint's
 `actor/huggingface/` to `hf_model/` and summarise the logged metrics into `metrics.json`.
 
 Why main_ppo and not a local loop: with the `hf_cpu` rollout registered next to the CPU platform
-shim (eksft_pipeline/rl/cpu_rollout.py), verl's own trainer runs on CPU unchanged -- GRPO
+shim (eksft_pipeline/verl_ext/cpu_rollout.py), verl's own trainer runs on CPU unchanged -- GRPO
 advantages, clip-higher, token-mean, dynamic sampling, the DAPO reward manager, checkpointing and
 resume are verl's code on both CPU and GPU.
 
@@ -168,7 +168,7 @@ class RLStage(Stage):
     @staticmethod
     def ray_env_vars(ctx: StageContext, env: dict[str, str]) -> dict[str, str]:
         """The part of the stage environment every Ray worker of the job must see (see the module docstring)."""
-        from eksft_pipeline.rl.ppo_main import add_external_module
+        from eksft_pipeline.verl_ext.ppo_main import add_external_module
 
         keys = set(_plain(ctx.cfg.cluster.get("env")) or {}) | set(_plain(ctx.cfg.rl.get("env")) or {})
         keys |= {k for k in env if k.startswith(RAY_ENV_PREFIXES)}
@@ -268,7 +268,7 @@ class RLStage(Stage):
         )  # fmt: skip
 
     def validate_verl(self, vc, python: str | None = None) -> None:
-        from eksft_pipeline.rl.ppo_main import validate_ppo_config
+        from eksft_pipeline.verl_ext.ppo_main import validate_ppo_config
 
         try:
             validate_ppo_config(vc, instantiate_model=False)
@@ -282,14 +282,14 @@ class RLStage(Stage):
                               "itself (same config: resume, changed config: retrain); leave it at auto")
         if str(vc.actor_rollout_ref.rollout.name) == "vllm" and str(vc.trainer.device) == "cpu":
             # vLLM's CPU build under verl: only the tested combination, in the interpreter that will run it
-            from eksft_pipeline.pipeline.vllm_cpu import check_versions, installed_versions
+            from eksft_pipeline.verl_ext.vllm_cpu import check_versions, installed_versions
 
             check_versions(installed_versions(python))
 
     def command(self, ctx: StageContext) -> list[str]:
         out = ctx.out_dir
         return [
-            self._python(ctx), "-m", "eksft_pipeline.rl.ppo_main",
+            self._python(ctx), "-m", "eksft_pipeline.verl_ext.ppo_main",
             f"--config-path={out}", f"--config-name={CONFIG_NAME}",
             f"hydra.run.dir={out / 'logs' / 'hydra'}", "hydra.output_subdir=null",
         ]  # fmt: skip

@@ -1,6 +1,6 @@
 """recipes/verl/dapo.yaml (+ dapo_platform/cpu.yaml) composed with Hydra and checked against verl 0.9.1 itself.
 
-Every config is validated with `eksft_pipeline.rl.ppo_main.validate_ppo_config`, which runs verl's own
+Every config is validated with `eksft_pipeline.verl_ext.ppo_main.validate_ppo_config`, which runs verl's own
 `validate_config` and instantiates the dataclass-backed blocks the V1 trainer, workers and reward loop build,
 so a key or value verl would reject fails here, not after a Ray start-up on the cluster.
 """
@@ -42,7 +42,7 @@ def cpu_cfg(tiny_model_dir):
 
 
 def _validate(cfg, **kw):
-    from eksft_pipeline.rl.ppo_main import validate_ppo_config
+    from eksft_pipeline.verl_ext.ppo_main import validate_ppo_config
 
     return validate_ppo_config(cfg, **kw)
 
@@ -150,7 +150,7 @@ def test_unknown_key_without_plus_fails_at_composition():
 def test_entry_point_cli_composes_the_cpu_recipe():
     """The exact CLI the RL stage runs, stopped by Hydra's --cfg job after composition (no Ray)."""
     cmd = [
-        sys.executable, "-m", "eksft_pipeline.rl.ppo_main", "--config-path", str(RECIPES), "--config-name", "dapo",
+        sys.executable, "-m", "eksft_pipeline.verl_ext.ppo_main", "--config-path", str(RECIPES), "--config-name", "dapo",
         "dapo_platform=cpu", "actor_rollout_ref.model.path=/nonexistent", "--cfg", "job",
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
@@ -160,4 +160,4 @@ def test_entry_point_cli_composes_the_cpu_recipe():
     printed = yaml.safe_load(res.stdout)
     assert printed["actor_rollout_ref"]["rollout"]["name"] == "hf_cpu"
     assert printed["algorithm"]["filter_groups"] == {**printed["algorithm"]["filter_groups"], "enable": True}
-    assert printed["eksft"]["external_modules"] == ["eksft_pipeline.rl.cpu_rollout"]
+    assert printed["eksft"]["external_modules"] == ["eksft_pipeline.verl_ext.cpu_rollout"]

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from eksft_pipeline.losses import IGNORE_INDEX, TokenStats, compute_loss, get_loss, token_stats
-from eksft_pipeline.sft.head import RefHiddenStore, valid_rows
 from eksft_pipeline.sft.selection import (
     SCALAR_PREFIX,
     UNIT_WEIGHT,
@@ -18,6 +17,7 @@ from eksft_pipeline.sft.selection import (
     complete_eksft_block,
     plan_step,
 )
+from eksft_pipeline.verl_ext.sft_head import RefHiddenStore, valid_rows
 
 
 def _batch(lengths=(9, 14, 6, 11), v=11, seed=0):

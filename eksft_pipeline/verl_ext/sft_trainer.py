@@ -1,6 +1,6 @@
 """EKSFT (and every loss of `eksft_pipeline.losses`) inside verl 0.9.1's own SFT trainer.
 
-    torchrun --standalone --nproc_per_node=8 -m eksft_pipeline.sft.verl_main \
+    torchrun --standalone --nproc_per_node=8 -m eksft_pipeline.verl_ext.sft_main \
         --config-path=<run_dir>/sft/eksft --config-name=verl_sft      # written by `stage=sft`
 
 verl's `SFTTrainer` hard-codes `sft_loss`, which only ever sees label log-probs, and has no reference
@@ -61,7 +61,6 @@ from verl.workers.engine_workers import TrainingWorker
 from eksft_pipeline.losses import IGNORE_INDEX, LinearTokenLoss, TokenStats, get_loss
 from eksft_pipeline.losses.base import linear_compute
 from eksft_pipeline.losses.fused import fused_linear_loss, fused_stats
-from eksft_pipeline.sft.head import SEQ_INDEX, RefSide, install_policy_head, labels_of, valid_rows
 from eksft_pipeline.sft.selection import (
     COEFFS,
     SCALAR_PREFIX,
@@ -72,6 +71,7 @@ from eksft_pipeline.sft.selection import (
     plan_step,
     scatter_to_positions,
 )
+from eksft_pipeline.verl_ext.sft_head import SEQ_INDEX, RefSide, install_policy_head, labels_of, valid_rows
 
 logger = logging.getLogger(__name__)
 
@@ -763,7 +763,7 @@ class EKSFTTrainer(SFTTrainer):
                 checkpoint_config=deepcopy(self.checkpoint_config),
                 profiler_config=self.profiler_config,
             )
-        from eksft_pipeline.pipeline import cpu_platform
+        from eksft_pipeline.verl_ext import cpu_platform
 
         if ref_config is not None and cpu_platform.is_active():
             cpu_platform.patch_fsdp2_offload_pinning()
