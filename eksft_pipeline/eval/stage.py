@@ -47,14 +47,12 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from eksft_pipeline.pipeline.artifacts import atomic_path, atomic_write_json, is_temporary
+from eksft_pipeline.pipeline.keys import check_init_spec, eval_key, init_kind, init_model, rl_model
 from eksft_pipeline.pipeline.stage_api import (
     ConfigError,
     Stage,
     StageContext,
     StageResult,
-    check_init_spec,
-    init_tag,
-    is_method_tag,
     positive,
 )
 
@@ -212,8 +210,7 @@ class EvalStage(Stage):
     resume_keyed_by_content = True
 
     def key(self, cfg):
-        spec = str(cfg.init) if cfg.get("init") not in (None, "") else str(cfg.method.name)
-        return f"eval/{init_tag(spec)}"
+        return eval_key(cfg)
 
     @property
     def keep_on_retry(self):  # target dirs hold resumable samples
@@ -227,20 +224,16 @@ class EvalStage(Stage):
     def targets(self, ctx: StageContext) -> dict[str, str]:
         cfg = ctx.cfg
         spec = ctx.init_spec()
-        tag = init_tag(spec)
         out = {}
         for t in list(cfg.eval.targets):
             if t == "base":
                 out["base"] = str(cfg.model.path)
             elif t == "sft":
-                if spec == "base":
+                if init_kind(ctx) == "base":
                     continue  # no SFT stage in front of an RL run from the base model
-                if is_method_tag(spec) or ctx.manifest.entry(f"sft/{spec}"):
-                    out["sft"] = f"<run_dir>/sft/{spec}/hf_model" if ctx.dry_run else ctx.upstream(f"sft/{spec}")["hf_model"]
-                else:
-                    out["sft"] = spec  # a path / hub name given as init: that model is the "SFT" model
+                out["sft"] = init_model(ctx, placeholder=True)  # a path / hub name given as init is the "SFT" model
             elif t == "rl":
-                out["rl"] = f"<run_dir>/rl/{tag}/hf_model" if ctx.dry_run else ctx.upstream(f"rl/{tag}")["hf_model"]
+                out["rl"] = rl_model(ctx, placeholder=True)
             else:
                 raise ValueError(f"eval.targets: unknown target {t!r} (sft, rl, base)")
         if not out:

@@ -49,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eksft_pipeline.pipeline import procs
 from eksft_pipeline.pipeline.artifacts import quiet
+from eksft_pipeline.pipeline.keys import apply_method_tag
 from eksft_pipeline.pipeline.manifest import Manifest
 from eksft_pipeline.pipeline.stage_api import (
     ConfigError,
@@ -56,7 +57,6 @@ from eksft_pipeline.pipeline.stage_api import (
     Stage,
     StageContext,
     StageResult,
-    apply_method_tag,
 )
 
 REGISTRY = {

@@ -65,14 +65,13 @@ from eksft_pipeline.pipeline.artifacts import (
     tee,
     training_done,
 )
+from eksft_pipeline.pipeline.keys import check_init_spec, handoff_key, init_tag, rl_key
 from eksft_pipeline.pipeline.stage_api import (
     ConfigError,
     PipelineError,
     Stage,
     StageContext,
     StageResult,
-    check_init_spec,
-    init_tag,
     positive,
 )
 from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
@@ -112,11 +111,10 @@ class RLStage(Stage):
     resources = {"num_cpus": 1, "num_gpus": 0}
 
     def key(self, cfg):
-        spec = str(cfg.init) if cfg.get("init") not in (None, "") else str(cfg.method.name)
-        return f"rl/{init_tag(spec)}"
+        return rl_key(cfg)
 
     def handoff_key(self, ctx: StageContext) -> str:
-        return f"handoff/{init_tag(ctx.init_spec())}"
+        return handoff_key(ctx.cfg)
 
     def config(self, cfg):
         return {

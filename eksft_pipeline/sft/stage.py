@@ -41,6 +41,7 @@ from eksft_pipeline.pipeline.artifacts import (
     tee,
     training_done,
 )
+from eksft_pipeline.pipeline.keys import sft_key
 from eksft_pipeline.pipeline.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult, positive
 from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
 from eksft_pipeline.sft.selection import validate_sft_block
@@ -83,7 +84,7 @@ class SFTStage(Stage):
     resources = {"num_cpus": 1, "num_gpus": "all"}
 
     def key(self, cfg):
-        return f"sft/{cfg.method.name}"
+        return sft_key(cfg)
 
     def config(self, cfg):
         return {
