@@ -7,6 +7,10 @@
   (`pkg://verl.trainer.config`), which are strings, not imports.
 - The loss library (`losses/`) imports no trainer, no stage and no verl: losses are small pure modules.
 - `data/` imports no trainer and no verl.
+- The stage packages (sft, rl, eval, analysis) do not import each other: stages hand off through the run
+  directory's manifest. What two stages share is a library package below them: `data/` (chat template, eval
+  sets), `scoring/` (the reward RL and eval both use), `pipeline/` (keys, artifacts), `losses/`, `models/`.
+- `scoring/` imports no stage package and no verl (verl calls it by name: `pkg://eksft_pipeline.scoring.reward`).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parents[1] / "eksft_pipeline"
-STAGE_PACKAGES = ("data", "sft", "rl", "eval", "analysis")
+STAGE_PACKAGES = ("sft", "rl", "eval", "analysis")
 
 
 def _imports(path: Path, source: str | None = None) -> list[tuple[int, str]]:
@@ -59,7 +65,7 @@ def test_verl_is_imported_only_in_verl_ext():
 
 
 def test_loss_library_imports_no_trainer_and_no_verl():
-    forbidden = ("verl", "eksft_pipeline.verl_ext", "eksft_pipeline.pipeline", "ray") + tuple(
+    forbidden = ("verl", "eksft_pipeline.verl_ext", "eksft_pipeline.pipeline", "ray", "eksft_pipeline.data") + tuple(
         f"eksft_pipeline.{s}" for s in STAGE_PACKAGES)
     bad = _violations(_modules("losses"), lambda m: any(_is(m, f) for f in forbidden))
     assert not bad, "\n".join(bad)
@@ -70,6 +76,19 @@ def test_data_imports_no_trainer():
                  "eksft_pipeline.losses")
     bad = _violations(_modules("data"), lambda m: any(_is(m, f) for f in forbidden))
     assert not bad, "\n".join(bad)
+
+
+def test_scoring_imports_no_stage_and_no_verl():
+    forbidden = ("verl", "eksft_pipeline.verl_ext") + tuple(f"eksft_pipeline.{s}" for s in STAGE_PACKAGES)
+    bad = _violations(_modules("scoring"), lambda m: any(_is(m, f) for f in forbidden))
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("pkg", STAGE_PACKAGES)
+def test_stage_packages_do_not_import_each_other(pkg):
+    others = [f"eksft_pipeline.{s}" for s in STAGE_PACKAGES if s != pkg]
+    bad = _violations(_modules(pkg), lambda m: any(_is(m, o) for o in others))
+    assert not bad, f"stage package {pkg!r} imports another stage's package (hand off through files):\n" + "\n".join(bad)
 
 
 def test_checker_sees_function_level_and_relative_imports():

@@ -100,10 +100,10 @@ def benchmark_specs(benchmarks: dict[str, dict]) -> list[dict[str, Any]]:
 
 
 def benchmark_policies(benchmarks: dict[str, dict]) -> dict[str, Any]:
-    """Benchmark name -> its answer policy (:class:`eksft_pipeline.rl.policy.AnswerPolicy`): the entry's
+    """Benchmark name -> its answer policy (:class:`eksft_pipeline.scoring.policy.AnswerPolicy`): the entry's
     `policy` (a name such as `aime`, or a dict of fields), else chosen from its `data_source` / name as the
     reward's `policy="auto"` does (aime* -> aime, amc* -> amc, anything else -> math)."""
-    from eksft_pipeline.rl.policy import get_policy, policy_for
+    from eksft_pipeline.scoring.policy import get_policy, policy_for
 
     out = {}
     for name, b in (benchmarks or {}).items():
@@ -120,8 +120,8 @@ def score_samples(samples: pd.DataFrame, policies: dict[str, Any]) -> tuple[pd.D
     """Score every sample with the project's reward under its benchmark's policy (`acc`, `score`, `pred`,
     `reason`, `policy`) and with plain math-verify for the verifier audit (`mv_acc`, `mv_pred`, `mv_reason`).
     Returns the scores and the reward counters of the project's pass."""
-    from eksft_pipeline.rl.policy import MATH
-    from eksft_pipeline.rl.reward import reset_reward_stats, reward_stats, score_batch
+    from eksft_pipeline.scoring.policy import MATH
+    from eksft_pipeline.scoring.reward import reset_reward_stats, reward_stats, score_batch
 
     pol = [policies.get(b, MATH) for b in samples.benchmark]
     items = [{"data_source": b, "solution_str": c, "ground_truth": g, "policy": p}
@@ -327,7 +327,7 @@ class EvalStage(Stage):
 
     def _eval_target(self, ctx, target, model_dir, problems, params, tdir: Path) -> dict:
         from eksft_pipeline.eval.audit import verifier_audit
-        from eksft_pipeline.rl.reward import shutdown_pool
+        from eksft_pipeline.scoring.reward import shutdown_pool
 
         cfg = ctx.cfg
         settings = params.as_dict() | {"model_hash": model_fingerprint(str(model_dir), ctx.manifest.hashes),

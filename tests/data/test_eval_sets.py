@@ -13,7 +13,7 @@ from eksft_pipeline.data.eval_sets import (
 )
 from eksft_pipeline.data.schema import RL_SCHEMA, SYSTEM_PROMPT, DataError, prompt_id
 from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
-from eksft_pipeline.rl.verifier_corpus import shared_eval_parquet
+from eksft_pipeline.scoring.verifier_corpus import shared_eval_parquet
 
 SHARED = shared_eval_parquet()
 needs_shared = pytest.mark.skipif(not SHARED.is_file(), reason=f"shared eval file absent: {SHARED}")

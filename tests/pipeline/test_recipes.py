@@ -83,7 +83,7 @@ def test_rl_config_composes_and_verl_accepts_it(tmp_path, model, cluster):
     assert a.actor.loss_agg_mode == "token-mean" and a.actor.use_kl_loss is False and a.actor.entropy_coeff == 0
     assert vc.algorithm.filter_groups.metric == "acc"
     assert vc.reward.reward_manager.name == "dapo"
-    assert vc.reward.custom_reward_function.path == "pkg://eksft_pipeline.rl.reward"
+    assert vc.reward.custom_reward_function.path == "pkg://eksft_pipeline.scoring.reward"
     assert vc.reward.reward_kwargs.max_resp_len == vc.data.max_response_length
     assert a.rollout.temperature == 1.0 and a.rollout.top_p == 1.0
     assert vc.data.max_response_length == cfg.rl.max_response_length

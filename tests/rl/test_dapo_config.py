@@ -63,7 +63,7 @@ def _assert_dapo(cfg, out):
     assert not need_reference_policy(cfg) and not need_critic(cfg)  # no ref model, no critic is built
     assert cfg.trainer.use_v1 and cfg.trainer.v1.trainer_mode == "sync"
     # reward: verl's DAPO manager around the project's compute_score, with the overlong buffer on
-    from eksft_pipeline.rl.reward import compute_score
+    from eksft_pipeline.scoring.reward import compute_score
 
     assert out["reward.reward_manager.cls"].__name__ == "DAPORewardManager"
     fn = out["reward.custom_reward_function"]
@@ -111,7 +111,7 @@ def test_cpu_recipe_is_dapo_and_verl_accepts_it(cpu_cfg):
 
 def test_filter_metric_is_a_key_of_the_reward():
     """Dynamic sampling groups on `acc`, which compute_score must return (1.0 right, 0.0 wrong)."""
-    from eksft_pipeline.rl.reward import compute_score
+    from eksft_pipeline.scoring.reward import compute_score
 
     metric = _compose(f"actor_rollout_ref.model.path={HUB_MODEL}").algorithm.filter_groups.metric
     right = compute_score("tiny_add", "<think>\n1 + 2 = 3\n</think>\n\n\\boxed{3}", "3")

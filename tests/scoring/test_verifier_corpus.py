@@ -10,8 +10,8 @@ from fractions import Fraction
 
 import pytest
 
-from eksft_pipeline.rl import reward
-from eksft_pipeline.rl import verifier_corpus as vc
+from eksft_pipeline.scoring import reward
+from eksft_pipeline.scoring import verifier_corpus as vc
 
 
 def test_corpus_is_deterministic_and_split_by_gold():

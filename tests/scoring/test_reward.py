@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eksft_pipeline.rl import reward
-from eksft_pipeline.rl.verifier_corpus import shared_eval_parquet
-from eksft_pipeline.rl.verify import check_answer
+from eksft_pipeline.scoring import reward
+from eksft_pipeline.scoring.verifier_corpus import shared_eval_parquet
+from eksft_pipeline.scoring.verify import check_answer
 
 EVAL_PARQUET = shared_eval_parquet()
 KEYS = {"score", "acc", "pred", "reason", "verify_failed"}
@@ -310,7 +310,7 @@ def test_compute_score_from_threads():
 
 
 SNIPPET = """
-from eksft_pipeline.rl.reward import compute_score, reward_stats
+from eksft_pipeline.scoring.reward import compute_score, reward_stats
 r = compute_score("m", "<think>x</think> so \\\\boxed{\\\\dfrac{1}{2}}", "0.5")
 assert r["acc"] == 1.0 and r["reason"] == "ok", r
 print("OK", reward_stats()["verify_calls"])
