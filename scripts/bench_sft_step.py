@@ -56,7 +56,9 @@ def build_assets(work: Path, args) -> tuple[Path, Path, list[int]]:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from eksft_pipeline.models.tiny import make_tiny_assets, save_generation_config, save_tokenizer
+    from eksft_pipeline.data.tiny_assets import make_tiny_assets
+    from eksft_pipeline.models.tiny import save_generation_config
+    from eksft_pipeline.models.tokenizer import save_tokenizer
 
     model_dir, data_file = work / "model", work / "data.parquet"
     stamp = work / "assets.json"

@@ -26,7 +26,7 @@ Procedure (``split_dataset``), deterministic for a given input and seed:
   eval must append it to the rendered generation prompt, and SFT must render it between
   ``<|im_start|>assistant\\n`` and the content *outside* the loss (the tiny tokenizer's chat template does
   both when given ``apply_chat_template_kwargs={"generation_prefix": "<think>\\n"}``, see
-  :mod:`eksft_pipeline.models.tiny`). Rows whose trace lacks the prefix are dropped (``missing_think_prefix``).
+  :mod:`eksft_pipeline.models.tokenizer`). Rows whose trace lacks the prefix are dropped (``missing_think_prefix``).
 * ``strip``  - a leading ``<think>\\n`` (or ``<think>``) is removed and not re-added anywhere
   (``generation_prefix=""``); ``</think>`` stays in the content.
 
@@ -40,7 +40,6 @@ Launch (through the orchestrator): ``python -m eksft_pipeline stage=split``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
@@ -52,6 +51,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
+
+from eksft_pipeline.pipeline.manifest import sha256_file
 
 from .schema import (
     DROP_REASONS,
@@ -420,14 +421,6 @@ def check_disjoint(sft_ids: list[int], rl_ids: list[int], sft_prompts: list[str]
         )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------- the stage
 
 
@@ -616,7 +609,7 @@ def split_dataset(
         extra_columns_ignored=loaded.extra_columns,
         field_map=dict(field_map or {}),
         files=files,
-        sha256={name: _sha256(out / fn) for name, fn in files.items()},
+        sha256={name: sha256_file(out / fn) for name, fn in files.items()},
         sft_ids=sft_ids,
         rl_ids=rl_ids,
         out_dir=str(out),

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def assets_dir(tmp_path_factory) -> Path:
     """Small CPU assets (no pretraining): enough for the split stage's tokenizer and data."""
-    from eksft_pipeline.models.tiny import make_tiny_assets
+    from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
     out = tmp_path_factory.mktemp("assets")
     make_tiny_assets(out, n_problems=200, n_eval_per_source=4, n_pretrain=20, pretrain=False, progress=False)

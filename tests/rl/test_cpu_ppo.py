@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _chat(a: int, b: int, c: int) -> str:
     """One ChatML training text: "What is a + b?" answered with the (not necessarily true) sum c."""
     from eksft_pipeline.data.synth import TINY_SYSTEM_PROMPT
-    from eksft_pipeline.models.tiny import render_chatml
+    from eksft_pipeline.models.tokenizer import render_chatml
 
     return render_chatml(
         [
@@ -51,7 +51,8 @@ def _tiny_texts(max_operand: int) -> list[str]:
 
 
 def _build_model(out: Path, *, vocab_size: int = 300, hidden: int = 64, layers: int = 2, max_operand: int = 5):
-    from eksft_pipeline.models.tiny import build_tiny_model, build_tiny_tokenizer
+    from eksft_pipeline.models.tiny import build_tiny_model
+    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(None, _tiny_texts(max_operand), vocab_size=vocab_size)
     build_tiny_model(
@@ -384,7 +385,7 @@ def _rl_assets(root: Path, texts: list[str], steps: int, train: list[tuple], val
     """Tiny Qwen3 pre-trained for `steps` steps on `texts`, + train/val RL parquet of (a, b, answer) prompts."""
     from eksft_pipeline.data.schema import RL_SCHEMA
     from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
-    from eksft_pipeline.models.tiny import pretrain_tiny
+    from eksft_pipeline.models.pretrain import pretrain_tiny
 
     model = root / "model"
     _build_model(model, max_operand=5)

@@ -28,7 +28,8 @@ def _compose(*overrides: str):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from eksft_pipeline.models.tiny import build_tiny_model, build_tiny_tokenizer
+    from eksft_pipeline.models.tiny import build_tiny_model
+    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
 
     d = tmp_path_factory.mktemp("dapo_cfg") / "model"
     tok = build_tiny_tokenizer(None, ["What is 1 + 2? The answer is \\boxed{3}."] * 4, vocab_size=280)

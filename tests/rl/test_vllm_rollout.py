@@ -175,7 +175,9 @@ def _vllm_assets(root: Path, texts: list[str], steps: int, train: list[tuple], v
     """Like test_cpu_ppo's assets, with head_dim 32 (vLLM's CPU attention has no kernel for 16)."""
     from eksft_pipeline.data.schema import RL_SCHEMA
     from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
-    from eksft_pipeline.models.tiny import build_tiny_model, build_tiny_tokenizer, pretrain_tiny
+    from eksft_pipeline.models.pretrain import pretrain_tiny
+    from eksft_pipeline.models.tiny import build_tiny_model
+    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
 
     model = root / "model"
     tok = build_tiny_tokenizer(None, _tiny_texts(5), vocab_size=300)
