@@ -163,7 +163,13 @@ def metrics_for(scores: pd.DataFrame, n: int | dict[str, int], pass_k: list[int]
     """Per-benchmark metrics from one target's scored samples (exactly n samples per problem; `n` may be a
     benchmark -> n mapping, see `benchmark_n`). `per_problem_acc` (problem id -> mean accuracy) lets the report
     compare two models on the same problems (paired bootstrap)."""
-    from eksft_pipeline.eval.metrics import bootstrap_ci, maj_at_k_curve, pass_at_k_curve, pass_at_k_per_problem
+    from eksft_pipeline.eval.metrics import (
+        avg_at_n,
+        bootstrap_ci,
+        maj_at_k_curve,
+        pass_at_k_curve,
+        pass_at_k_per_problem,
+    )
 
     out = {}
     n_of = n if isinstance(n, dict) else None
@@ -191,7 +197,7 @@ def metrics_for(scores: pd.DataFrame, n: int | dict[str, int], pass_k: list[int]
         out[str(bench)] = {
             "n_problems": len(pids),
             "n_samples": n,
-            "avg@n": float(correct.mean()),
+            "avg@n": avg_at_n(correct),
             "pass@k": {str(k): float(v) for k, v in curve.items()},
             "pass@k_ci95": pass_ci,
             "maj@k": {str(k): float(v) for k, v in maj.items()},

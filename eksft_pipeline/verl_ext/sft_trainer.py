@@ -12,7 +12,7 @@ changes what one `train_batch` does (subclasses only, no verl file is patched). 
    by default, `eksft.ref_hidden_store=host` for pinned host memory) with a copy of its lm_head weight.
 2. Selection pre-pass (losses that need statistics: EKSFT, its ablations, iw_sft, psft): a no-grad
    forward of the policy (`engine.infer_batch`), per-token H, KL(pi_theta||pi_ref), log p, all-gathered
-   over the data-parallel ranks (`selection.gather_token_stats`), and the plan of the GLOBAL batch
+   over the data-parallel ranks (`losses.stats.gather_token_stats`), and the plan of the GLOBAL batch
    (`selection.plan_step`: top-k, masks, denominators -> per-token weights) computed identically on every
    rank; each rank carries its rows of the plan in the batch as jagged per-token fields.
 3. Training pass: verl's `train_batch` (micro-batches, gradient accumulation, clipping, optimizer, lr
@@ -61,13 +61,13 @@ from verl.workers.engine_workers import TrainingWorker
 from eksft_pipeline.losses import IGNORE_INDEX, LinearTokenLoss, TokenStats, get_loss
 from eksft_pipeline.losses.base import linear_compute
 from eksft_pipeline.losses.fused import fused_linear_loss, fused_stats
+from eksft_pipeline.losses.stats import gather_token_stats
 from eksft_pipeline.sft.selection import (
     COEFFS,
     SCALAR_PREFIX,
     UNIT_WEIGHT,
     check_eksft_block,
     complete_eksft_block,
-    gather_token_stats,
     plan_step,
     scatter_to_positions,
 )
