@@ -10,6 +10,7 @@
 - The stage packages (sft, rl, eval, analysis) do not import each other: stages hand off through the run
   directory's manifest. What two stages share is a library package below them: `data/` (chat template, eval
   sets), `scoring/` (the reward RL and eval both use), `pipeline/` (keys, artifacts), `losses/`, `models/`.
+- `verl_ext/` sits below the stages: it imports no stage package (the stages launch it or call its validators).
 - `scoring/` imports no stage package and no verl (verl calls it by name: `pkg://eksft_pipeline.scoring.reward`).
 """
 
@@ -81,6 +82,12 @@ def test_data_imports_no_trainer():
 def test_scoring_imports_no_stage_and_no_verl():
     forbidden = ("verl", "eksft_pipeline.verl_ext") + tuple(f"eksft_pipeline.{s}" for s in STAGE_PACKAGES)
     bad = _violations(_modules("scoring"), lambda m: any(_is(m, f) for f in forbidden))
+    assert not bad, "\n".join(bad)
+
+
+def test_verl_ext_imports_no_stage_package():
+    forbidden = tuple(f"eksft_pipeline.{s}" for s in STAGE_PACKAGES)
+    bad = _violations(_modules("verl_ext"), lambda m: any(_is(m, f) for f in forbidden))
     assert not bad, "\n".join(bad)
 
 

@@ -44,7 +44,7 @@ from eksft_pipeline.pipeline.artifacts import (
 from eksft_pipeline.pipeline.keys import sft_key
 from eksft_pipeline.pipeline.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult, positive
 from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
-from eksft_pipeline.sft.selection import validate_sft_block
+from eksft_pipeline.verl_ext.sft_plan import validate_sft_block
 from eksft_pipeline.verl_ext.validate import validate_sft_config
 
 CONFIG_NAME = "verl_sft"

@@ -10,12 +10,13 @@ verl.model_merger`, the Hydra config tree `pkg://verl.trainer.config`). Launched
     [project.entry-points."verl.plugins"] eksft_vllm_cpu = eksft_pipeline.verl_ext.vllm_cpu   (pyproject.toml)
 
 Modules:
-    config        compose recipes/verl/*.yaml on verl's own YAML, validate against verl's dataclasses
+    validate      a composed SFT config instantiated as verl's dataclasses (composition: pipeline/verl_config.py)
     cpu_platform  a `cpu` platform for verl (gloo, FSDP2, sdpa) for the CPU default
     cpu_rollout   `hf_cpu`: an HF-`generate` rollout server/replica/adapter for verl's async rollout path
     ppo_main      `verl.trainer.main_ppo` with the hf_cpu rollout registered; `validate_ppo_config`
     sft_main      torchrun entry point of the SFT stage (verl's SFTTrainer subclass below)
     sft_trainer   `EKSFTTrainer` / `SelectiveTrainingWorker`: the selective losses inside verl's FSDP SFT trainer
+    sft_plan      the trainer's step plan (selection scope x update groups) and the `eksft:` block checks; no verl
     sft_head      the fused loss head (hidden states + lm_head weight) inside verl's FSDP engine
     vllm_cpu      verl's vLLM rollout on vLLM's CPU build (packaging alias, vLLM plugin, sync check)
 
@@ -42,8 +43,9 @@ Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); r
                   `use_fused_kernels` does, models/transformers/dense_common.py); `engine.prepare_model_inputs`,
                   `engine.eval_mode`, `workers.engine.utils.prepare_micro_batches`, `utils.device.get_device_*`
     sft_main      `verl.utils.device.auto_set_device`, `verl.utils.distributed.{initialize,destroy}_global_process_group`
-    config        `verl.utils.config.omega_conf_to_dataclass`, `verl.workers.config.HFModelConfig`,
-                  `verl.utils.dataset.dataset_utils.DatasetPadMode`; verl's YAML tree `verl/trainer/config`
+    validate      `verl.utils.config.omega_conf_to_dataclass`, `verl.workers.config.HFModelConfig`,
+                  `verl.utils.dataset.dataset_utils.DatasetPadMode`; verl's YAML tree `verl/trainer/config` (composed by
+                  pipeline/verl_config.py through Hydra's `pkg://` searchpath, no import)
     vllm_cpu      `verl.third_party.vllm` (the `importlib.metadata.version("vllm")` lookup it does);
                   `verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension` subclassed
                   (`update_weights_from_ipc`); vLLM internals listed in that module's docstring

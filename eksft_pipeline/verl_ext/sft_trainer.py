@@ -13,7 +13,7 @@ changes what one `train_batch` does (subclasses only, no verl file is patched). 
 2. Selection pre-pass (losses that need statistics: EKSFT, its ablations, iw_sft, psft): a no-grad
    forward of the policy (`engine.infer_batch`), per-token H, KL(pi_theta||pi_ref), log p, all-gathered
    over the data-parallel ranks (`losses.stats.gather_token_stats`), and the plan of the GLOBAL batch
-   (`selection.plan_step`: top-k, masks, denominators -> per-token weights) computed identically on every
+   (`sft_plan.plan_step`: top-k, masks, denominators -> per-token weights) computed identically on every
    rank; each rank carries its rows of the plan in the batch as jagged per-token fields.
 3. Training pass: verl's `train_batch` (micro-batches, gradient accumulation, clipping, optimizer, lr
    scheduler); our loss gets each micro-batch's share of the global loss (global denominators, times
@@ -62,7 +62,8 @@ from eksft_pipeline.losses import IGNORE_INDEX, LinearTokenLoss, TokenStats, get
 from eksft_pipeline.losses.base import linear_compute
 from eksft_pipeline.losses.fused import fused_linear_loss, fused_stats
 from eksft_pipeline.losses.stats import gather_token_stats
-from eksft_pipeline.sft.selection import (
+from eksft_pipeline.verl_ext.sft_head import SEQ_INDEX, RefSide, install_policy_head, labels_of, valid_rows
+from eksft_pipeline.verl_ext.sft_plan import (
     COEFFS,
     SCALAR_PREFIX,
     UNIT_WEIGHT,
@@ -71,7 +72,6 @@ from eksft_pipeline.sft.selection import (
     plan_step,
     scatter_to_positions,
 )
-from eksft_pipeline.verl_ext.sft_head import SEQ_INDEX, RefSide, install_policy_head, labels_of, valid_rows
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Global-batch token selection across data-parallel ranks (no verl import).
+"""The SFT trainer's step plan: global-batch token selection across data-parallel ranks (no verl import).
 
 EKSFT selects the top-k tokens by entropy and by KL over *all* valid response tokens of the
 global batch (k = ceil(rho * |T|)). verl's trainer only ever sees a rank's share of the batch,
