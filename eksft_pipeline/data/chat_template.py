@@ -25,7 +25,7 @@ Templates (``TEMPLATES``; ``model.chat_template`` may also be a ``.jinja`` path 
   ``<|im_start|>assistant\\n`` in the generation prompt and before every assistant message, so it is part of
   the prompt in SFT (outside the loss), RL and eval alike. This is LLaMA-Factory's ``qwen3_nothink`` rendering
   of a conversation (its ``format_assistant`` is ``{content}<|im_end|>\\n``), and the same text as the tiny
-  model's own template (``eksft_pipeline.models.tiny.CHAT_TEMPLATE``, checked by a test).
+  model's own template (``eksft_pipeline.models.tokenizer.CHAT_TEMPLATE``, checked by a test).
 
 EOS. Whatever token follows the assistant content in the SFT rendering is what SFT teaches the model to emit
 last; RL (vLLM / the hf_cpu rollout) and eval stop on the tokenizer's ``eos_token_id`` and the model's

@@ -26,7 +26,7 @@ Procedure (``split_dataset``), deterministic for a given input and seed:
   eval must append it to the rendered generation prompt, and SFT must render it between
   ``<|im_start|>assistant\\n`` and the content *outside* the loss (the tiny tokenizer's chat template does
   both when given ``apply_chat_template_kwargs={"generation_prefix": "<think>\\n"}``, see
-  :mod:`eksft_pipeline.models.tiny`). Rows whose trace lacks the prefix are dropped (``missing_think_prefix``).
+  :mod:`eksft_pipeline.models.tokenizer`). Rows whose trace lacks the prefix are dropped (``missing_think_prefix``).
 * ``strip``  - a leading ``<think>\\n`` (or ``<think>``) is removed and not re-added anywhere
   (``generation_prefix=""``); ``</think>`` stays in the content.
 
@@ -40,7 +40,6 @@ Launch (through the orchestrator): ``python -m eksft_pipeline stage=split``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
@@ -52,6 +51,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
+
+from eksft_pipeline.pipeline.manifest import sha256_file
 
 from .schema import (
     DROP_REASONS,
@@ -420,14 +421,6 @@ def check_disjoint(sft_ids: list[int], rl_ids: list[int], sft_prompts: list[str]
         )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------- the stage
 
 
@@ -474,6 +467,61 @@ def split_dataset(
         DataError: bad source/columns/mode, or too few valid rows for ``n_sft`` (+ ``n_rl``).
         SplitOverlapError: a row in both splits.
     """
+    _check_split_args(n_sft, n_rl, think_prefix, chat_template_kwargs)
+    tok = _load_tokenizer(tokenizer)
+    loaded = load_source(source, hub_split=hub_split, field_map=field_map, allow_extra_columns=allow_extra_columns)
+    gen_prefix = generation_prefix_for(think_prefix)
+
+    dropped: list[tuple[int, str, str]] = []  # (original index, reason, detail); every step appends its drops
+    valid = _valid_rows(loaded.rows, think_prefix, dropped, progress=progress)
+    # Length filter before de-duplication, so an over-long first copy does not also knock out a fitting later one.
+    valid, length_check = _length_filter(valid, tok, cutoff_tokens, gen_prefix, chat_template_kwargs, dropped,
+                                         progress=progress)
+    if dedupe_prompts:
+        valid = _dedupe(valid, dropped)
+    sft, rl = _draw(valid, n_sft, n_rl, seed, what=f"{source} ({len(dropped)} of {len(loaded.rows)} dropped)")
+
+    out = Path(out_dir)
+    files = _write_split(out, sft, rl, dropped)
+    counts = Counter(reason for _, reason, _ in dropped)
+    report = SplitReport(
+        source=str(source),
+        input_files=loaded.files,
+        n_input=len(loaded.rows),
+        n_valid=len(valid),
+        n_sft=len(sft),
+        n_rl=len(rl),
+        n_unused=len(valid) - len(sft) - len(rl),
+        dropped={r: counts.get(r, 0) for r in DROP_REASONS},
+        n_dropped=len(dropped),
+        seed=seed,
+        think_prefix=think_prefix,
+        generation_prefix=gen_prefix,
+        length_check=length_check,
+        cutoff_tokens=cutoff_tokens,
+        token_stats=_token_stats({"sft": sft, "rl": rl}, tok),
+        extra_columns_ignored=loaded.extra_columns,
+        field_map=dict(field_map or {}),
+        files=files,
+        sha256={name: sha256_file(out / fn) for name, fn in files.items()},
+        sft_ids=[i for i, _ in sft],
+        rl_ids=[i for i, _ in rl],
+        out_dir=str(out),
+    )
+    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n")
+    if progress:
+        print(
+            f"[split] {report.n_input} rows -> sft {report.n_sft}, rl {report.n_rl}, unused {report.n_unused}, "
+            f"dropped {report.n_dropped} {dict((k, v) for k, v in report.dropped.items() if v)} -> {out}"
+        )
+    return report
+
+
+# -- the steps of split_dataset -------------------------------------------------------------------
+Rows = list[tuple[int, dict[str, Any]]]  # (original index, cleaned row)
+
+
+def _check_split_args(n_sft: int, n_rl: int | None, think_prefix: str, chat_template_kwargs: dict | None) -> None:
     if think_prefix not in THINK_PREFIX_MODES:
         raise DataError(f"unknown think_prefix mode {think_prefix!r} (expected one of {list(THINK_PREFIX_MODES)})")
     if n_sft < 1:
@@ -482,13 +530,12 @@ def split_dataset(
         raise DataError(f"n_rl must be >= 1 or None, got {n_rl}")
     if chat_template_kwargs and "generation_prefix" in chat_template_kwargs:
         raise DataError("chat_template_kwargs must not set 'generation_prefix': the split derives it from think_prefix")
-    tok = _load_tokenizer(tokenizer)
-    loaded = load_source(source, hub_split=hub_split, field_map=field_map, allow_extra_columns=allow_extra_columns)
-    gen_prefix = generation_prefix_for(think_prefix)
 
-    dropped: list[tuple[int, str, str]] = []  # (original index, reason, detail)
-    valid: list[tuple[int, dict[str, Any]]] = []
-    for i, row in enumerate(tqdm(loaded.rows, desc="validate", disable=not progress)):
+
+def _valid_rows(rows: list[Any], think_prefix: str, dropped: list, *, progress: bool) -> Rows:
+    """Schema-valid rows with `content` = the trace under the think-prefix mode; the others dropped with a reason."""
+    valid: Rows = []
+    for i, row in enumerate(tqdm(rows, desc="validate", disable=not progress)):
         if row is _INVALID_JSON:
             dropped.append((i, "invalid_json", drop_detail(None, "invalid_json")))
             continue
@@ -498,59 +545,73 @@ def split_dataset(
             continue
         clean["content"], _ = apply_think_prefix(clean["trace"], think_prefix)
         valid.append((i, clean))
+    return valid
 
-    # Length filter before de-duplication, so an over-long first copy does not also knock out a fitting later one.
-    if tok is not None:
-        p_len, t_len = token_lengths(
-            tok,
-            [r["prompt"] for _, r in valid],
-            [r["content"] for _, r in valid],
-            generation_prefix=gen_prefix,
-            chat_template_kwargs=chat_template_kwargs,
-            progress=progress,
-        )
-        kept = []
-        for (i, r), pl, tl in zip(valid, p_len, t_len):
-            if pl + tl > cutoff_tokens:
-                dropped.append((i, "over_length", f"{pl + tl} tokens > {cutoff_tokens}"))
-            else:
-                r["prompt_tokens"], r["target_tokens"] = pl, tl
-                kept.append((i, r))
-        valid = kept
-        length_check = f"applied: cutoff_tokens={cutoff_tokens} with tokenizer {getattr(tok, 'name_or_path', '?')}"
-    else:
+
+def _length_filter(valid: Rows, tok: Any, cutoff_tokens: int, gen_prefix: str, chat_template_kwargs: dict | None,
+                   dropped: list, *, progress: bool) -> tuple[Rows, str]:
+    """Rows whose chat-templated length fits `cutoff_tokens` (token counts stored on each row), and the report's
+    `length_check` line; without a tokenizer every row is kept and the report says the check was skipped."""
+    if tok is None:
         length_check = "skipped: no tokenizer given (no over_length filter, no token stats)"
         print(f"[split] WARNING: length check {length_check}")
+        return valid, length_check
+    p_len, t_len = token_lengths(
+        tok,
+        [r["prompt"] for _, r in valid],
+        [r["content"] for _, r in valid],
+        generation_prefix=gen_prefix,
+        chat_template_kwargs=chat_template_kwargs,
+        progress=progress,
+    )
+    kept = []
+    for (i, r), pl, tl in zip(valid, p_len, t_len):
+        if pl + tl > cutoff_tokens:
+            dropped.append((i, "over_length", f"{pl + tl} tokens > {cutoff_tokens}"))
+        else:
+            r["prompt_tokens"], r["target_tokens"] = pl, tl
+            kept.append((i, r))
+    return kept, f"applied: cutoff_tokens={cutoff_tokens} with tokenizer {getattr(tok, 'name_or_path', '?')}"
 
-    if dedupe_prompts:
-        first_seen: dict[str, int] = {}
-        kept = []
-        for i, r in valid:
-            key = normalize_prompt_text(user_text(r["prompt"]))
-            if key in first_seen:
-                dropped.append((i, "duplicate_prompt", f"same prompt as row {first_seen[key]}"))
-            else:
-                first_seen[key] = i
-                kept.append((i, r))
-        valid = kept
 
+def _dedupe(valid: Rows, dropped: list) -> Rows:
+    """The first row of each normalised user prompt; later copies dropped as `duplicate_prompt`."""
+    first_seen: dict[str, int] = {}
+    kept = []
+    for i, r in valid:
+        key = normalize_prompt_text(user_text(r["prompt"]))
+        if key in first_seen:
+            dropped.append((i, "duplicate_prompt", f"same prompt as row {first_seen[key]}"))
+        else:
+            first_seen[key] = i
+            kept.append((i, r))
+    return kept
+
+
+def _draw(valid: Rows, n_sft: int, n_rl: int | None, seed: int, *, what: str) -> tuple[Rows, Rows]:
+    """One seeded permutation: its first `n_sft` rows are SFT, the next `n_rl` (default: all the rest) RL, each in
+    source order; checked disjoint by index and by prompt."""
     n_valid = len(valid)
     need = n_sft + (n_rl or 1)
     if need > n_valid:
         raise DataError(
             f"n_sft={n_sft}"
             + (f" + n_rl={n_rl}" if n_rl else " + at least 1 RL row")
-            + f" exceeds the {n_valid} valid rows of {source} ({len(dropped)} of {len(loaded.rows)} dropped)"
+            + f" exceeds the {n_valid} valid rows of {what}"
         )
     perm = np.random.default_rng(seed).permutation(n_valid)
     sft_pos = sorted(perm[:n_sft].tolist())
     rl_pos = sorted(perm[n_sft : n_sft + n_rl].tolist() if n_rl is not None else perm[n_sft:].tolist())
     sft = [valid[p] for p in sft_pos]
     rl = [valid[p] for p in rl_pos]
-    sft_ids, rl_ids = [i for i, _ in sft], [i for i, _ in rl]
-    check_disjoint(sft_ids, rl_ids, [user_text(r["prompt"]) for _, r in sft], [user_text(r["prompt"]) for _, r in rl])
+    check_disjoint([i for i, _ in sft], [i for i, _ in rl], [user_text(r["prompt"]) for _, r in sft],
+                   [user_text(r["prompt"]) for _, r in rl])
+    return sft, rl
 
-    out = Path(out_dir)
+
+def _write_split(out: Path, sft: Rows, rl: Rows, dropped: list) -> dict[str, str]:
+    """The SFT parquet (verl multi-turn layout), the RL parquet (verl RL layout), both id lists and the dropped rows
+    (sorted by index); returns name -> file name."""
     out.mkdir(parents=True, exist_ok=True)
     sft_table = pa.Table.from_pylist(
         [
@@ -579,55 +640,20 @@ def split_dataset(
     )
     pq.write_table(sft_table, out / SFT_FILE)
     pq.write_table(rl_table, out / RL_FILE)
-    (out / SFT_IDS_FILE).write_text(json.dumps(sft_ids) + "\n")
-    (out / RL_IDS_FILE).write_text(json.dumps(rl_ids) + "\n")
+    (out / SFT_IDS_FILE).write_text(json.dumps([i for i, _ in sft]) + "\n")
+    (out / RL_IDS_FILE).write_text(json.dumps([i for i, _ in rl]) + "\n")
     dropped.sort()
     with (out / DROPPED_FILE).open("w", encoding="utf-8") as f:
         for i, reason, detail in dropped:
             f.write(json.dumps({"index": i, "reason": reason, "detail": detail}) + "\n")
+    return {"sft": SFT_FILE, "rl": RL_FILE, "sft_ids": SFT_IDS_FILE, "rl_ids": RL_IDS_FILE, "dropped": DROPPED_FILE}
 
-    counts = Counter(reason for _, reason, _ in dropped)
-    token_stats: dict[str, Any] = {}
-    for name, rows in (("sft", sft), ("rl", rl)):
-        if tok is None:
-            token_stats[name] = None
-        else:
-            token_stats[name] = {
-                "prompt_tokens": _stats([r["prompt_tokens"] for _, r in rows]),
-                "target_tokens": _stats([r["target_tokens"] for _, r in rows]),
-            }
-    files = {"sft": SFT_FILE, "rl": RL_FILE, "sft_ids": SFT_IDS_FILE, "rl_ids": RL_IDS_FILE, "dropped": DROPPED_FILE}
-    report = SplitReport(
-        source=str(source),
-        input_files=loaded.files,
-        n_input=len(loaded.rows),
-        n_valid=n_valid,
-        n_sft=len(sft),
-        n_rl=len(rl),
-        n_unused=n_valid - len(sft) - len(rl),
-        dropped={r: counts.get(r, 0) for r in DROP_REASONS},
-        n_dropped=len(dropped),
-        seed=seed,
-        think_prefix=think_prefix,
-        generation_prefix=gen_prefix,
-        length_check=length_check,
-        cutoff_tokens=cutoff_tokens,
-        token_stats=token_stats,
-        extra_columns_ignored=loaded.extra_columns,
-        field_map=dict(field_map or {}),
-        files=files,
-        sha256={name: _sha256(out / fn) for name, fn in files.items()},
-        sft_ids=sft_ids,
-        rl_ids=rl_ids,
-        out_dir=str(out),
-    )
-    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n")
-    if progress:
-        print(
-            f"[split] {report.n_input} rows -> sft {report.n_sft}, rl {report.n_rl}, unused {report.n_unused}, "
-            f"dropped {report.n_dropped} {dict((k, v) for k, v in report.dropped.items() if v)} -> {out}"
-        )
-    return report
+
+def _token_stats(splits: dict[str, Rows], tok: Any) -> dict[str, Any]:
+    """Prompt / target token-length statistics per split (None per split without a tokenizer)."""
+    return {name: None if tok is None else {"prompt_tokens": _stats([r["prompt_tokens"] for _, r in rows]),
+                                            "target_tokens": _stats([r["target_tokens"] for _, r in rows])}
+            for name, rows in splits.items()}
 
 
 def read_split_report(out_dir: str | Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@
     python -m eksft_pipeline stage=split             # OpenR1-Math -> disjoint SFT / RL parquet files
     python -m eksft_pipeline stage=split model=qwen3-8b split.source=/data/openr1.parquet
 
-`assets` builds the embedded CPU default (model.kind=tiny) with `eksft_pipeline.models.tiny.
+`assets` builds the embedded CPU default (model.kind=tiny) with `eksft_pipeline.data.tiny_assets.
 make_tiny_assets` (idempotent, no download); for a hub/local model (model.kind=hf) it only records
 which model the run uses. `split` loads the model's tokenizer, sets the run's chat template and EOS on it
 (`model.chat_template`, `model.eos_token`; eksft_pipeline/data/chat_template.py), checks that the token ending
@@ -45,7 +45,7 @@ class AssetsStage(Stage):
         if str(ctx.cfg.model.kind) == "tiny":
             import inspect
 
-            from eksft_pipeline.models.tiny import make_tiny_assets
+            from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
             known = set(inspect.signature(make_tiny_assets).parameters) - {"out_dir"}
             bad = sorted(set(_plain(ctx.cfg.model.get("assets")) or {}) - known)
@@ -64,7 +64,7 @@ class AssetsStage(Stage):
         out = ctx.out_dir
         out.mkdir(parents=True, exist_ok=True)
         if cfg.model.kind == "tiny":
-            from eksft_pipeline.models.tiny import make_tiny_assets
+            from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
             params = dict(_plain(cfg.model.assets) or {})
             paths = make_tiny_assets(cfg.model.assets_dir, **params)

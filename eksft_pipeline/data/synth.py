@@ -35,6 +35,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eksft_pipeline.models.tokenizer import render_chatml
+
 from .schema import OPENR1_SCHEMA, RL_SCHEMA, DataError
 
 TINY_SYSTEM_PROMPT = "Think step by step, then give the final answer in \\boxed{}."
@@ -332,8 +334,6 @@ def pretrain_text(problem: dict[str, Any], *, chat: bool = False, trace: bool = 
     ChatML conversation whose assistant turn is the trace (``trace=True``) or the terse ``The answer is <ans>.``"""
     if not chat:
         return f"Problem: {problem['problem']}\n\n{problem['trace']}"
-    from eksft_pipeline.models.tiny import render_chatml  # lazy: models.tiny imports this module
-
     answer = problem["trace"] if trace else f"The answer is {problem['answer']}."
     return render_chatml(
         [

@@ -2,7 +2,7 @@
 
 Computed by the eval stage from its ``scores.parquet`` (columns ``benchmark``, ``problem_id``, ``sample_idx``,
 ``completion``, ``finish_reason``, ``ground_truth``, ``acc``, ``pred``, ``reason`` from the project's reward,
-and ``mv_acc``, ``mv_pred``, ``mv_reason`` from plain math-verify, see :mod:`eksft_pipeline.rl.verify`) and
+and ``mv_acc``, ``mv_pred``, ``mv_reason`` from plain math-verify, see :mod:`eksft_pipeline.scoring.verify`) and
 stored in ``metrics.json`` under ``verifier_audit``; the report renders it next to the accuracy
 (:mod:`eksft_pipeline.analysis.verifier_audit`). Per benchmark:
 

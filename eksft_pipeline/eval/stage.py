@@ -47,14 +47,12 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from eksft_pipeline.pipeline.artifacts import atomic_path, atomic_write_json, is_temporary
+from eksft_pipeline.pipeline.keys import check_init_spec, eval_key, init_kind, init_model, rl_model
 from eksft_pipeline.pipeline.stage_api import (
     ConfigError,
     Stage,
     StageContext,
     StageResult,
-    check_init_spec,
-    init_tag,
-    is_method_tag,
     positive,
 )
 
@@ -102,10 +100,10 @@ def benchmark_specs(benchmarks: dict[str, dict]) -> list[dict[str, Any]]:
 
 
 def benchmark_policies(benchmarks: dict[str, dict]) -> dict[str, Any]:
-    """Benchmark name -> its answer policy (:class:`eksft_pipeline.rl.policy.AnswerPolicy`): the entry's
+    """Benchmark name -> its answer policy (:class:`eksft_pipeline.scoring.policy.AnswerPolicy`): the entry's
     `policy` (a name such as `aime`, or a dict of fields), else chosen from its `data_source` / name as the
     reward's `policy="auto"` does (aime* -> aime, amc* -> amc, anything else -> math)."""
-    from eksft_pipeline.rl.policy import get_policy, policy_for
+    from eksft_pipeline.scoring.policy import get_policy, policy_for
 
     out = {}
     for name, b in (benchmarks or {}).items():
@@ -122,8 +120,8 @@ def score_samples(samples: pd.DataFrame, policies: dict[str, Any]) -> tuple[pd.D
     """Score every sample with the project's reward under its benchmark's policy (`acc`, `score`, `pred`,
     `reason`, `policy`) and with plain math-verify for the verifier audit (`mv_acc`, `mv_pred`, `mv_reason`).
     Returns the scores and the reward counters of the project's pass."""
-    from eksft_pipeline.rl.policy import MATH
-    from eksft_pipeline.rl.reward import reset_reward_stats, reward_stats, score_batch
+    from eksft_pipeline.scoring.policy import MATH
+    from eksft_pipeline.scoring.reward import reset_reward_stats, reward_stats, score_batch
 
     pol = [policies.get(b, MATH) for b in samples.benchmark]
     items = [{"data_source": b, "solution_str": c, "ground_truth": g, "policy": p}
@@ -165,7 +163,13 @@ def metrics_for(scores: pd.DataFrame, n: int | dict[str, int], pass_k: list[int]
     """Per-benchmark metrics from one target's scored samples (exactly n samples per problem; `n` may be a
     benchmark -> n mapping, see `benchmark_n`). `per_problem_acc` (problem id -> mean accuracy) lets the report
     compare two models on the same problems (paired bootstrap)."""
-    from eksft_pipeline.eval.metrics import bootstrap_ci, maj_at_k_curve, pass_at_k_curve, pass_at_k_per_problem
+    from eksft_pipeline.eval.metrics import (
+        avg_at_n,
+        bootstrap_ci,
+        maj_at_k_curve,
+        pass_at_k_curve,
+        pass_at_k_per_problem,
+    )
 
     out = {}
     n_of = n if isinstance(n, dict) else None
@@ -193,7 +197,7 @@ def metrics_for(scores: pd.DataFrame, n: int | dict[str, int], pass_k: list[int]
         out[str(bench)] = {
             "n_problems": len(pids),
             "n_samples": n,
-            "avg@n": float(correct.mean()),
+            "avg@n": avg_at_n(correct),
             "pass@k": {str(k): float(v) for k, v in curve.items()},
             "pass@k_ci95": pass_ci,
             "maj@k": {str(k): float(v) for k, v in maj.items()},
@@ -212,8 +216,7 @@ class EvalStage(Stage):
     resume_keyed_by_content = True
 
     def key(self, cfg):
-        spec = str(cfg.init) if cfg.get("init") not in (None, "") else str(cfg.method.name)
-        return f"eval/{init_tag(spec)}"
+        return eval_key(cfg)
 
     @property
     def keep_on_retry(self):  # target dirs hold resumable samples
@@ -227,20 +230,16 @@ class EvalStage(Stage):
     def targets(self, ctx: StageContext) -> dict[str, str]:
         cfg = ctx.cfg
         spec = ctx.init_spec()
-        tag = init_tag(spec)
         out = {}
         for t in list(cfg.eval.targets):
             if t == "base":
                 out["base"] = str(cfg.model.path)
             elif t == "sft":
-                if spec == "base":
+                if init_kind(ctx) == "base":
                     continue  # no SFT stage in front of an RL run from the base model
-                if is_method_tag(spec) or ctx.manifest.entry(f"sft/{spec}"):
-                    out["sft"] = f"<run_dir>/sft/{spec}/hf_model" if ctx.dry_run else ctx.upstream(f"sft/{spec}")["hf_model"]
-                else:
-                    out["sft"] = spec  # a path / hub name given as init: that model is the "SFT" model
+                out["sft"] = init_model(ctx, placeholder=True)  # a path / hub name given as init is the "SFT" model
             elif t == "rl":
-                out["rl"] = f"<run_dir>/rl/{tag}/hf_model" if ctx.dry_run else ctx.upstream(f"rl/{tag}")["hf_model"]
+                out["rl"] = rl_model(ctx, placeholder=True)
             else:
                 raise ValueError(f"eval.targets: unknown target {t!r} (sft, rl, base)")
         if not out:
@@ -334,7 +333,7 @@ class EvalStage(Stage):
 
     def _eval_target(self, ctx, target, model_dir, problems, params, tdir: Path) -> dict:
         from eksft_pipeline.eval.audit import verifier_audit
-        from eksft_pipeline.rl.reward import shutdown_pool
+        from eksft_pipeline.scoring.reward import shutdown_pool
 
         cfg = ctx.cfg
         settings = params.as_dict() | {"model_hash": model_fingerprint(str(model_dir), ctx.manifest.hashes),

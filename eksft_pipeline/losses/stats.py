@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 IGNORE_INDEX = -100
@@ -272,6 +273,63 @@ def token_stats(
     return stats
 
 
+@dataclass
+class GatheredStats:
+    """Per-token statistics of the global batch, concatenated in data-parallel rank order."""
+
+    fields: dict[str, Tensor]  # name -> [N] (fp32 or int64)
+    counts: list[int]  # tokens per rank, len = dp world size
+    rank: int
+
+    @property
+    def offset(self) -> int:
+        return sum(self.counts[: self.rank])
+
+    @property
+    def local_count(self) -> int:
+        return self.counts[self.rank]
+
+    def local_slice(self, t: Tensor) -> Tensor:
+        """This rank's rows of a global per-token tensor."""
+        return t[self.offset : self.offset + self.local_count]
+
+
+def gather_token_stats(local: dict[str, Tensor], group=None, device: str | torch.device = "cpu") -> GatheredStats:
+    """All-gather variable-length per-token tensors (all the same length n_r on a rank).
+
+    Uses padded `all_gather` of fixed-size buffers (works with gloo and nccl); falls back to the
+    identity when torch.distributed is not initialised or the group has one member.
+    """
+    names = sorted(local)
+    lengths = {int(local[k].shape[0]) for k in names}
+    if len(lengths) > 1:
+        raise ValueError(
+            f"per-token stats must share one length on a rank, got {dict((k, local[k].shape) for k in names)}"
+        )
+    n_local = lengths.pop() if lengths else 0
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return GatheredStats(fields={k: local[k] for k in names}, counts=[n_local], rank=0)
+
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    n = torch.tensor([n_local], dtype=torch.long, device=device)
+    all_n = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(all_n, n, group=group)
+    counts = [int(x.item()) for x in all_n]
+    max_n = max(counts) if counts else 0
+
+    out: dict[str, Tensor] = {}
+    for k in names:
+        src = local[k]
+        buf = torch.zeros(max_n, dtype=src.dtype, device=device)
+        buf[:n_local] = src.to(device)
+        parts = [torch.zeros_like(buf) for _ in range(world)]
+        dist.all_gather(parts, buf, group=group)
+        out[k] = torch.cat([p[:c] for p, c in zip(parts, counts)]).to(src.device)
+    return GatheredStats(fields=out, counts=counts, rank=rank)
+
+
 def all_gather_stats(
     stats: TokenStats, seq_ids: Tensor | None = None, group=None
 ) -> tuple[TokenStats, Tensor | None, slice]:
@@ -280,60 +338,48 @@ def all_gather_stats(
     Returns (global stats, global seq_ids or None, the slice of this rank's rows in the global stats).
     Sequence ids are made globally unique by pairing them with the rank (ids need only be unique per rank).
     Every rank then calls ``loss.plan(global_stats, global_seq_ids)`` (deterministic, so all ranks agree)
-    and keeps ``plan.select(own_rows)``. Uses torch.distributed collectives on ``group``.
+    and keeps ``plan.select(own_rows)``. The TokenStats face of :func:`gather_token_stats` (the one gather).
     """
-    import torch.distributed as dist
-
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank(group) if distributed else 0
     dev = stats.device
-    n_local = torch.tensor([stats.n_rows], dtype=torch.int64, device=dev)
-    sizes = [torch.zeros_like(n_local) for _ in range(world)]
-    dist.all_gather(sizes, n_local, group=group)
-    sizes_i = [int(s) for s in sizes]
-    max_n = max(sizes_i)
-
-    def gather(t: Tensor) -> Tensor:
-        padded = torch.zeros((max_n,) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
-        padded[: t.shape[0]] = t
-        bufs = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(bufs, padded, group=group)
-        return torch.cat([b[:m] for b, m in zip(bufs, sizes_i)])
-
-    out = {}
-    for f in TokenStats._TENSOR_FIELDS:
-        t = getattr(stats, f)
+    present = [f for f in TokenStats._TENSOR_FIELDS if getattr(stats, f) is not None]
+    if distributed and dist.get_world_size(group) > 1:
         # every rank must agree on which fields exist; a mismatch would deadlock, so check it collectively
-        flag = torch.tensor([int(t is not None)], device=dev)
-        flags = [torch.zeros_like(flag) for _ in range(world)]
-        dist.all_gather(flags, flag, group=group)
-        if len({int(x) for x in flags}) != 1:
-            raise ValueError(f"all_gather_stats: field {f!r} is present on some ranks only")
-        if t is None:
-            out[f] = None
-        elif f == "valid":  # bool all_gather is not supported by every backend
-            out[f] = gather(t.to(torch.uint8)).bool()
-        else:
-            out[f] = gather(t)
-    g_seq = None
+        flags = torch.tensor([getattr(stats, f) is not None for f in TokenStats._TENSOR_FIELDS], device=dev).long()
+        parts = [torch.zeros_like(flags) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, flags, group=group)
+        for i, f in enumerate(TokenStats._TENSOR_FIELDS):
+            if len({int(x[i]) for x in parts}) != 1:
+                raise ValueError(f"all_gather_stats: field {f!r} is present on some ranks only")
+    # bool all_gather is not supported by every backend: `valid` travels as uint8
+    local = {f: (getattr(stats, f).to(torch.uint8) if f == "valid" else getattr(stats, f)) for f in present}
     if seq_ids is not None:
         if seq_ids.shape != (stats.n_rows,):
             raise ValueError(f"seq_ids must have shape ({stats.n_rows},), got {tuple(seq_ids.shape)}")
-        pairs = torch.stack([torch.full_like(seq_ids, rank), seq_ids.long()], dim=1)
-        g_pairs = gather(pairs)
-        g_seq = torch.unique(g_pairs, dim=0, return_inverse=True)[1]
-    offset = sum(sizes_i[:rank])
-    return TokenStats(vocab_size=stats.vocab_size, **out), g_seq, slice(offset, offset + stats.n_rows)
+        local["_seq_rank"] = torch.full_like(seq_ids.long(), rank)
+        local["_seq_id"] = seq_ids.long()
+    g = gather_token_stats(local, group=group, device=dev)
+    fields = {f: (g.fields[f].bool() if f == "valid" else g.fields[f]) if f in g.fields else None
+              for f in TokenStats._TENSOR_FIELDS}
+    g_seq = None
+    if seq_ids is not None:
+        pairs = torch.stack([g.fields["_seq_rank"], g.fields["_seq_id"]], dim=1)
+        g_seq = torch.unique(pairs, dim=0, return_inverse=True)[1]
+    return TokenStats(vocab_size=stats.vocab_size, **fields), g_seq, slice(g.offset, g.offset + stats.n_rows)
 
 
 __all__ = [
     "DEFAULT_STATS_CHUNK",
     "IGNORE_INDEX",
     "TokenStats",
+    "GatheredStats",
     "Workspace",
     "all_gather_stats",
     "check_labels",
     "check_rows",
     "chunk_stats",
+    "gather_token_stats",
     "rowdot",
     "rows_fp32",
     "token_stats",

@@ -36,6 +36,28 @@ LAMBDA_H = nonneg("weight of the entropy bonus on the selected tokens", 0.05)
 LAMBDA_KL = nonneg("weight of the KL(pi_theta || pi_ref) penalty on the selected tokens", 0.05)
 
 
+def selection_metrics(stats: TokenStats, mask: Tensor, *, k: int | None = None, m_h: Tensor | None = None,
+                      m_kl: Tensor | None = None) -> dict[str, float]:
+    """What every selective loss logs about its mask M (the same keys for EKSFT, its ablations, random_mask and
+    official): k and the two top-k masks' sizes and IoU (when given), |M| and |M|/|T|, then the mean CE over the
+    unmasked tokens and the mean H and KL over M (each where the stats hold it)."""
+    valid, n = stats.valid, stats.n_tokens
+    n_mask = int(mask.sum())
+    out: dict[str, float] = {}
+    if k is not None:
+        out["k"] = float(k)
+    if m_h is not None and m_kl is not None:
+        out.update({"n_mask_h": float(int(m_h.sum())), "n_mask_kl": float(int(m_kl.sum())), "iou": iou(m_h, m_kl)})
+    out.update({"n_mask": float(n_mask), "mask_frac": n_mask / n if n else 0.0})
+    if stats.logp is not None:
+        out["ce_unmasked"] = masked_mean(-stats.logp, valid & ~mask)
+    if stats.entropy is not None:
+        out["entropy_mask"] = masked_mean(stats.entropy, mask)
+    if stats.kl is not None:
+        out["kl_mask"] = masked_mean(stats.kl, mask)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # EKSFT and its ablations: one selective family, differing in which mask M is used.
 # ------------------------------------------------------------------------------------------------
@@ -64,20 +86,7 @@ class _SelectiveLoss(LinearTokenLoss):
         mask = self._mask(m_h, m_kl, valid, generator)
         n_mask = int(mask.sum())
         n_unmasked = n - n_mask
-        metrics = base_metrics(stats)
-        metrics.update(
-            {
-                "k": float(k),
-                "n_mask_h": float(int(m_h.sum())),
-                "n_mask_kl": float(int(m_kl.sum())),
-                "n_mask": float(n_mask),
-                "iou": iou(m_h, m_kl),
-                "mask_frac": n_mask / n if n else 0.0,
-                "ce_unmasked": masked_mean(-stats.logp, valid & ~mask),
-                "entropy_mask": masked_mean(stats.entropy, mask),
-                "kl_mask": masked_mean(stats.kl, mask),
-            }
-        )
+        metrics = base_metrics(stats) | selection_metrics(stats, mask, k=k, m_h=m_h, m_kl=m_kl)
         return Plan(
             # mask_h / mask_kl are diagnostics (IoU per sequence, dumps); compute() reads only `mask`
             token={"mask": mask, "mask_h": m_h, "mask_kl": m_kl},
@@ -216,25 +225,17 @@ class RandomMask(_SelectiveLoss):
 
     def plan(self, stats: TokenStats, seq_ids: Tensor | None = None, generator: torch.Generator | None = None) -> Plan:
         valid, n = stats.valid, stats.n_tokens
-        metrics = base_metrics(stats)
+        k = m_h = m_kl = None
         if self.params["match_eksft_size"]:
             require_stats(self, stats, "entropy", "logp", "kl")
             k = ceil_k(self.params["rho"], n)
             m_h, m_kl = topk_mask(stats.entropy, valid, k), topk_mask(stats.kl, valid, k)
             size = int((m_h | m_kl).sum())
-            metrics.update({"k": float(k), "n_mask_h": float(int(m_h.sum())), "n_mask_kl": float(int(m_kl.sum())),
-                            "iou": iou(m_h, m_kl)})
         else:
             size = ceil_k(self.params["mask_ratio"], n)
         mask = random_mask(valid, size, generator if generator is not None else self._generator)
         n_mask = int(mask.sum())
-        metrics.update({"n_mask": float(n_mask), "mask_frac": n_mask / n if n else 0.0})
-        if stats.logp is not None:
-            metrics["ce_unmasked"] = masked_mean(-stats.logp, valid & ~mask)
-        if stats.entropy is not None:
-            metrics["entropy_mask"] = masked_mean(stats.entropy, mask)
-        if stats.kl is not None:
-            metrics["kl_mask"] = masked_mean(stats.kl, mask)
+        metrics = base_metrics(stats) | selection_metrics(stats, mask, k=k, m_h=m_h, m_kl=m_kl)
         return Plan(
             token={"mask": mask},
             scalars={"n_tokens": float(n), "n_unmasked": float(n - n_mask), "n_mask": float(n_mask)},
@@ -507,18 +508,9 @@ class EKSFTOfficial(TokenLoss):
             lam_h *= 1.05 if ent_term < self.params["target_entropy"] else 0.95
             lam_kl *= 1.05 if kl_term > self.params["target_kl"] else 0.95
         n_mask = int(mask.sum())
-        metrics = base_metrics(stats)
+        metrics = base_metrics(stats) | selection_metrics(stats, mask, k=k, m_h=m_h, m_kl=m_kl)
         metrics.update(
             {
-                "k": float(k),
-                "n_mask_h": float(int(m_h.sum())),
-                "n_mask_kl": float(int(m_kl.sum())),
-                "n_mask": float(n_mask),
-                "iou": iou(m_h, m_kl),
-                "mask_frac": n_mask / n if n else 0.0,
-                "ce_unmasked": masked_mean(-stats.logp, valid & ~mask),
-                "entropy_mask": masked_mean(stats.entropy, mask),
-                "kl_mask": masked_mean(stats.kl, mask),
                 "entropy_term_official": ent_term,
                 "kl_term_official": kl_term,
                 "lambda_entropy_eff": lam_h,

@@ -9,7 +9,7 @@ usable memory is refused with a message naming the knob to turn. `scripts/gpu_ch
 truncated Qwen3-8B-shaped model on one GPU and prints measured / estimated; `tests/pipeline/test_memory.py`
 measures the loss head at V = 151,936 on CPU against :func:`loss_head_peak`.
 
-SFT model (verl 0.9.1 FSDP2 engine, `eksft_pipeline/sft/trainer.py`), per GPU, micro-batch of N packed tokens
+SFT model (verl 0.9.1 FSDP2 engine, `eksft_pipeline/verl_ext/sft_trainer.py`), per GPU, micro-batch of N packed tokens
 (`data.max_token_len_per_gpu` with dynamic batching), W data-parallel ranks, P parameters, L layers, d hidden,
 V vocabulary:
 

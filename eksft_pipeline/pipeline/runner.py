@@ -47,8 +47,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from eksft_pipeline.pipeline import procs
+from eksft_pipeline.pipeline import procs, watchdog
 from eksft_pipeline.pipeline.artifacts import quiet
+from eksft_pipeline.pipeline.keys import apply_method_tag
 from eksft_pipeline.pipeline.manifest import Manifest
 from eksft_pipeline.pipeline.stage_api import (
     ConfigError,
@@ -56,7 +57,6 @@ from eksft_pipeline.pipeline.stage_api import (
     Stage,
     StageContext,
     StageResult,
-    apply_method_tag,
 )
 
 REGISTRY = {
@@ -224,13 +224,13 @@ class Session:
         self.run_dir = run_dir
         # the command line put one into this process's own environment (__main__._reexec_with_run_token)
         self.token = os.environ.get(procs.ENV_TOKEN) or uuid.uuid4().hex[:16]
-        self.watchdog: procs.Watchdog | None = None
+        self.watchdog: watchdog.Watchdog | None = None
         self._env = _env({procs.ENV_TOKEN: self.token, procs.ENV_RUN_DIR: str(run_dir), procs.ENV_STAGE: None})
         self._env.__enter__()
 
     def ensure_watchdog(self) -> None:
         if self.watchdog is None and sys.platform.startswith("linux"):
-            self.watchdog = procs.Watchdog(self.token, self.run_dir)
+            self.watchdog = watchdog.Watchdog(self.token, self.run_dir)
 
     def close(self) -> None:
         if self.watchdog is not None:

@@ -8,32 +8,23 @@ earlier one's files through the run directory's manifest (`ctx.upstream(key)`).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from eksft_pipeline.pipeline.errors import ConfigError, PipelineError
+from eksft_pipeline.pipeline.keys import init_spec
 from eksft_pipeline.pipeline.manifest import Manifest
+
+__all__ = ["ConfigError", "NotImplementedInThisBuild", "PipelineError", "Stage", "StageContext", "StageResult",
+           "positive"]
 
 
 class NotImplementedInThisBuild(RuntimeError):
     """A stage this build cannot run (never reported as success)."""
-
-
-class PipelineError(RuntimeError):
-    """An error the user can fix: `str(e)` is ONE line naming the problem and the fix; `details` (optional,
-    several lines, e.g. the last lines of verl's log) is printed above it."""
-
-    def __init__(self, message: str, *, details: str = ""):
-        super().__init__(message)
-        self.details = details
-
-
-class ConfigError(PipelineError, ValueError):
-    """A config value a stage rejects before it touches anything on disk."""
 
 
 @dataclass
@@ -71,39 +62,7 @@ class StageContext:
         return str(self.cfg.method.name)
 
     def init_spec(self) -> str:
-        return str(self.cfg.init) if self.cfg.get("init") not in (None, "") else self.method_name()
-
-
-def known_methods() -> set[str]:
-    from eksft_pipeline.pipeline.verl_config import recipes_dir
-
-    return {p.stem for p in (recipes_dir() / "method").glob("*.yaml")}
-
-
-def check_init_spec(spec: str) -> str:
-    """`init=` must be a method name, `base`, a local model directory or a model in the local HF cache;
-    returns which of these it is, or raises ConfigError (one line) instead of a later "no complete output"."""
-    if spec == "base":
-        return "base"
-    methods = known_methods()
-    if spec in methods or is_method_tag(spec):  # a recipe or one of its variants (eksft-rho_0.1)
-        return "method"
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        return "path"
-    if not p.exists() and not spec.startswith(("/", ".", "~")) and "/" in spec:
-        from eksft_pipeline.models.hub import resolve_model_dir
-
-        try:
-            resolve_model_dir(spec)
-            return "hub"
-        except FileNotFoundError:
-            pass
-    what = "is a file, not a model directory" if p.is_file() else "does not exist"
-    raise ConfigError(
-        f"init={spec!r} is neither a method ({', '.join(sorted(methods))}), 'base', nor a model directory or "
-        f"cached hub model (as a path it {what}); fix: init=<method>, init=base or init=/path/to/hf_model"
-    )
+        return init_spec(self.cfg)
 
 
 def positive(cfg_node, name: str, where: str, *, allow_none: bool = False, zero: bool = False, kind=int):
@@ -118,96 +77,6 @@ def positive(cfg_node, name: str, where: str, *, allow_none: bool = False, zero:
     if x < 0 or (x == 0 and not zero):
         raise ConfigError(f"{where}.{name}={v!r} must be {'>= 0' if zero else '> 0'}; fix {where}.{name}")
     return x
-_TAG_PART = re.compile(r"^[A-Za-z0-9_.+]+$")
-
-
-def _tag_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    if isinstance(v, float):
-        v = f"{v:g}"
-    if isinstance(v, list | tuple):
-        return "_".join(_tag_value(x) for x in v) or "empty"
-    return re.sub(r"[^A-Za-z0-9_.+]+", "+", str(v).replace("-", "m")) or "empty"
-
-
-def method_tag(method: Any) -> str:
-    """Name of one configured method *variant*, used in stage keys and directories (`sft/<tag>`, ...).
-
-    The recipe's own name when the `method` node equals `recipes/method/<name>.yaml`; otherwise the name
-    followed by every setting that differs from the recipe, sorted by key: `method=eksft
-    method.params.rho=0.1` -> `eksft-rho_0.1`, `... method.params.lambda_kl=0` -> `eksft-lambda_kl_0-rho_0.1`,
-    `method.selection_scope=sequence` -> `eksft-selection_scope_sequence`. So a Hydra multirun over
-    `method.params.rho=0,0.1,0.2,0.3` gives four run directories side by side in one run dir (the default
-    value keeps the plain name, so the default run is reused), and the report groups them by recipe.
-    `+method.tag=<recipe>-<label>` names a variant explicitly (it must start with its recipe's name and '-').
-    """
-    node = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
-    name = str(node.get("name"))
-    explicit = node.get("tag")
-    if explicit not in (None, ""):
-        explicit = str(explicit)
-        base, dash, rest = explicit.partition("-")
-        if base != name or not dash or not all(_TAG_PART.match(p) for p in rest.split("-")):
-            raise ValueError(f"method.tag={explicit!r} must be '{name}-<label>' with letters, digits, '_', '.', '+' "
-                             "in the label (e.g. +method.tag={name}-lr_high)")
-        return explicit
-    recipe = _recipe(name)
-    if recipe is None:
-        return name
-    mine = {k: v for k, v in node.items() if k not in ("name", "tag", "params")}
-    theirs = {k: v for k, v in recipe.items() if k not in ("name", "params")}
-    diff = {k: mine.get(k) for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
-    p_mine, p_theirs = dict(node.get("params") or {}), dict(recipe.get("params") or {})
-    diff |= {k: p_mine.get(k) for k in set(p_mine) | set(p_theirs) if p_mine.get(k) != p_theirs.get(k)}
-    if not diff:
-        return name
-    return name + "".join(f"-{k}_{_tag_value(diff[k])}" for k in sorted(diff))
-
-
-def _recipe(name: str) -> dict | None:
-    from eksft_pipeline.pipeline.verl_config import recipes_dir
-
-    path = recipes_dir() / "method" / f"{name}.yaml"
-    if not path.is_file():
-        return None
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-
-
-def apply_method_tag(cfg: DictConfig) -> DictConfig:
-    """`cfg.method.name` := `method_tag(cfg.method)` (what every stage key and directory uses)."""
-    tag = method_tag(cfg.method)
-    if tag != str(cfg.method.name):
-        with open_dict(cfg):
-            cfg.method.name = tag
-    return cfg
-
-
-def split_method_tag(tag: str) -> str:
-    """The recipe name of a method tag (`eksft-rho_0.1` -> `eksft`)."""
-    return tag.partition("-")[0]
-
-
-def is_method_tag(spec: str) -> bool:
-    """`spec` is a recipe name or a variant tag of one (see `method_tag`)."""
-    base, dash, rest = spec.partition("-")
-    if base not in known_methods():
-        return False
-    return not dash or all(_TAG_PART.match(p) for p in rest.split("-"))
-
-
-def init_tag(spec: str) -> str:
-    """Directory-safe name of an `init=` value: a method name or variant tag, `base`, or `path-<hash>`."""
-    if spec == "base" or is_method_tag(spec):
-        return spec
-    import hashlib
-
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(spec.rstrip("/")).name)[:40] or "model"
-    return f"path-{stem}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
-
-
 class Stage:
     """Base class: subclasses set `name` and implement `key`, `config`, `inputs`, `validate`, `run`, `describe`.
 

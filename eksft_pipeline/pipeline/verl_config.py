@@ -1,10 +1,11 @@
-"""Compose verl configs from `recipes/verl/*.yaml` and validate them against verl's dataclasses.
+"""Compose verl configs from `recipes/verl/*.yaml` (validated against verl's dataclasses in verl_ext/validate.py).
 
 The stages never hand-write a verl config: they compose verl's own YAML (searchpath
 `pkg://verl.trainer.config`) with the project's recipe on top, merge the orchestrator's override
 blocks in struct mode -- so a key verl does not define fails here, naming the key, instead of on
-the cluster -- and then instantiate every block that verl turns into a dataclass, so a value verl
-would reject (wrong type, unknown enum, unknown field) fails here too.
+the cluster. Instantiating every block that verl turns into a dataclass, so a value verl would
+reject fails before launch too, needs verl's code: `eksft_pipeline.verl_ext.validate` (SFT) and
+`eksft_pipeline.verl_ext.ppo_main.validate_ppo_config` (DAPO). Nothing here imports verl.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def command_line_blocks(cfg: DictConfig, *prefixes: str, owned: dict[str, str] |
     `owned` maps verl keys the stage sets itself (e.g. `data.max_response_length`) to the pipeline key that
     controls them: overriding those on the command line would be silently undone, so it is rejected.
     """
-    from eksft_pipeline.pipeline.stage_api import ConfigError
+    from eksft_pipeline.pipeline.errors import ConfigError
 
     blocks = []
     for ov in list(cfg.get("cli_overrides") or []):
@@ -193,62 +194,3 @@ def strict_merge(base: DictConfig, override: Any, *, where: str, _prefix: str = 
         else:
             with open_dict(base):
                 base[key] = value
-
-
-# dataclass-backed blocks of each verl entry point, validated by instantiation
-SFT_DATACLASS_BLOCKS = ("model", "engine", "optim", "checkpoint", "profiler")
-
-
-def validate_sft_config(cfg: DictConfig) -> None:
-    """Instantiate every dataclass-backed block the way verl's SFTTrainer does; raise on rejection."""
-    from verl.utils.config import omega_conf_to_dataclass
-
-    for block in SFT_DATACLASS_BLOCKS:
-        node = cfg[block]
-        if block == "model":
-            _validate_model_block(node)
-            continue
-        try:
-            omega_conf_to_dataclass(node)
-        except Exception as e:  # noqa: BLE001 - re-raised with the block named
-            raise ValueError(f"verl rejected the SFT config block '{block}': {type(e).__name__}: {e}") from e
-    _check_sft_values(cfg)
-
-
-def _validate_model_block(node: DictConfig, block: str = "model") -> None:
-    """Field check always; full instantiation when the model is a local directory.
-
-    `HFModelConfig.__post_init__` loads the tokenizer and HF config from `path`, so for a hub name
-    (the GPU recipes, composed in CI without network) only the field names can be checked here.
-    """
-    import dataclasses
-
-    from verl.utils.config import omega_conf_to_dataclass
-    from verl.workers.config import HFModelConfig
-
-    names = {f.name for f in dataclasses.fields(HFModelConfig)}
-    unknown = sorted(set(node.keys()) - names - {"_target_"})
-    if unknown:
-        raise ValueError(f"verl rejected the config block '{block}': unknown field(s) {unknown}")
-    if Path(str(node.path)).expanduser().is_dir():
-        try:
-            omega_conf_to_dataclass(node)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"verl rejected the config block '{block}': {type(e).__name__}: {e}") from e
-
-
-def _check_sft_values(cfg: DictConfig) -> None:
-    from verl.utils.dataset.dataset_utils import DatasetPadMode
-
-    pad_modes = {m.value if hasattr(m, "value") else str(m) for m in DatasetPadMode}
-    if str(cfg.data.pad_mode) not in pad_modes:
-        raise ValueError(f"data.pad_mode={cfg.data.pad_mode!r} is not one of {sorted(pad_modes)}")
-    if int(cfg.data.train_batch_size) <= 0:
-        raise ValueError("data.train_batch_size must be positive")
-    n_gpus = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
-    if int(cfg.data.train_batch_size) % max(n_gpus, 1):
-        raise ValueError(
-            f"data.train_batch_size={cfg.data.train_batch_size} is not divisible by the {n_gpus} data-parallel ranks"
-        )
-    if str(cfg.trainer.device) == "cpu" and str(cfg.engine.strategy) != "fsdp2":
-        raise ValueError("engine.strategy must be fsdp2 on CPU (FSDP1 cannot run without an accelerator)")

@@ -41,13 +41,11 @@ from typing import Any
 
 import pandas as pd
 
+from eksft_pipeline.pipeline.keys import check_init_spec, handoff_key, init_model
 from eksft_pipeline.pipeline.stage_api import (
     Stage,
     StageContext,
     StageResult,
-    check_init_spec,
-    init_tag,
-    is_method_tag,
     positive,
 )
 
@@ -280,8 +278,7 @@ class HandoffStage(Stage):
     name = "handoff"
 
     def key(self, cfg):
-        spec = str(cfg.init) if cfg.get("init") not in (None, "") else str(cfg.method.name)
-        return f"handoff/{init_tag(spec)}"
+        return handoff_key(cfg)
 
     def config(self, cfg):
         return {"init": cfg.get("init"), "method": str(cfg.method.name), "model": str(cfg.model.path),
@@ -290,14 +287,8 @@ class HandoffStage(Stage):
                 "handoff": dict(cfg.handoff)}
 
     def source(self, ctx: StageContext) -> str:
-        spec = ctx.init_spec()
-        if spec == "base":
-            return str(ctx.cfg.model.path)
-        if is_method_tag(spec) or ctx.manifest.entry(f"sft/{spec}") is not None:
-            if ctx.dry_run:
-                return str(ctx.run_dir / "sft" / spec / "hf_model")
-            return ctx.upstream(f"sft/{spec}")["hf_model"]
-        return spec
+        """The model RL will start from: what `init=` names (pipeline/keys.py `init_model`)."""
+        return init_model(ctx)
 
     def inputs(self, ctx):
         inp = {}

@@ -6,13 +6,13 @@
 Steps: compose `recipes/verl/dapo.yaml` on verl's `ppo_trainer` config (with `dapo_platform=cpu` on
 `cluster=cpu`), merge the recipes' `rl.verl` blocks (project <- model <- cluster) in struct mode, set
 the run's files (actor = the handoff's model, train = the split's RL parquet, a small validation
-parquet), validate with `eksft_pipeline.rl.ppo_main.validate_ppo_config` (verl's own validation and
+parquet), validate with `eksft_pipeline.verl_ext.ppo_main.validate_ppo_config` (verl's own validation and
 dataclasses), write `<run_dir>/rl/<init>/verl_dapo.yaml`, launch
-`python -m eksft_pipeline.rl.ppo_main` on it, then export the last checkpoint's
+`python -m eksft_pipeline.verl_ext.ppo_main` on it, then export the last checkpoint's
 `actor/huggingface/` to `hf_model/` and summarise the logged metrics into `metrics.json`.
 
 Why main_ppo and not a local loop: with the `hf_cpu` rollout registered next to the CPU platform
-shim (eksft_pipeline/rl/cpu_rollout.py), verl's own trainer runs on CPU unchanged -- GRPO
+shim (eksft_pipeline/verl_ext/cpu_rollout.py), verl's own trainer runs on CPU unchanged -- GRPO
 advantages, clip-higher, token-mean, dynamic sampling, the DAPO reward manager, checkpointing and
 resume are verl's code on both CPU and GPU.
 
@@ -65,14 +65,13 @@ from eksft_pipeline.pipeline.artifacts import (
     tee,
     training_done,
 )
+from eksft_pipeline.pipeline.keys import check_init_spec, handoff_key, init_tag, rl_key
 from eksft_pipeline.pipeline.stage_api import (
     ConfigError,
     PipelineError,
     Stage,
     StageContext,
     StageResult,
-    check_init_spec,
-    init_tag,
     positive,
 )
 from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
@@ -112,11 +111,10 @@ class RLStage(Stage):
     resources = {"num_cpus": 1, "num_gpus": 0}
 
     def key(self, cfg):
-        spec = str(cfg.init) if cfg.get("init") not in (None, "") else str(cfg.method.name)
-        return f"rl/{init_tag(spec)}"
+        return rl_key(cfg)
 
     def handoff_key(self, ctx: StageContext) -> str:
-        return f"handoff/{init_tag(ctx.init_spec())}"
+        return handoff_key(ctx.cfg)
 
     def config(self, cfg):
         return {
@@ -168,7 +166,7 @@ class RLStage(Stage):
     @staticmethod
     def ray_env_vars(ctx: StageContext, env: dict[str, str]) -> dict[str, str]:
         """The part of the stage environment every Ray worker of the job must see (see the module docstring)."""
-        from eksft_pipeline.rl.ppo_main import add_external_module
+        from eksft_pipeline.verl_ext.ppo_main import add_external_module
 
         keys = set(_plain(ctx.cfg.cluster.get("env")) or {}) | set(_plain(ctx.cfg.rl.get("env")) or {})
         keys |= {k for k in env if k.startswith(RAY_ENV_PREFIXES)}
@@ -268,7 +266,7 @@ class RLStage(Stage):
         )  # fmt: skip
 
     def validate_verl(self, vc, python: str | None = None) -> None:
-        from eksft_pipeline.rl.ppo_main import validate_ppo_config
+        from eksft_pipeline.verl_ext.ppo_main import validate_ppo_config
 
         try:
             validate_ppo_config(vc, instantiate_model=False)
@@ -282,14 +280,14 @@ class RLStage(Stage):
                               "itself (same config: resume, changed config: retrain); leave it at auto")
         if str(vc.actor_rollout_ref.rollout.name) == "vllm" and str(vc.trainer.device) == "cpu":
             # vLLM's CPU build under verl: only the tested combination, in the interpreter that will run it
-            from eksft_pipeline.pipeline.vllm_cpu import check_versions, installed_versions
+            from eksft_pipeline.verl_ext.vllm_cpu import check_versions, installed_versions
 
             check_versions(installed_versions(python))
 
     def command(self, ctx: StageContext) -> list[str]:
         out = ctx.out_dir
         return [
-            self._python(ctx), "-m", "eksft_pipeline.rl.ppo_main",
+            self._python(ctx), "-m", "eksft_pipeline.verl_ext.ppo_main",
             f"--config-path={out}", f"--config-name={CONFIG_NAME}",
             f"hydra.run.dir={out / 'logs' / 'hydra'}", "hydra.output_subdir=null",
         ]  # fmt: skip

@@ -6,7 +6,7 @@
 Steps: compose recipes/verl/sft.yaml on verl's sft_trainer_engine config, merge the recipes'
 `sft.verl` blocks (paper defaults <- model <- cluster) and the method, validate against verl's
 dataclasses, write `<run_dir>/sft/<method>/verl_sft.yaml`, launch
-`torchrun -m eksft_pipeline.sft.verl_main` on it, then export the last checkpoint's `huggingface/`
+`torchrun -m eksft_pipeline.verl_ext.sft_main` on it, then export the last checkpoint's `huggingface/`
 directory to `hf_model/` (weights, tokenizer, chat template, generation config) and write
 `drift.json` against the reference model.
 
@@ -41,9 +41,11 @@ from eksft_pipeline.pipeline.artifacts import (
     tee,
     training_done,
 )
+from eksft_pipeline.pipeline.keys import sft_key
 from eksft_pipeline.pipeline.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult, positive
-from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge, validate_sft_config
-from eksft_pipeline.sft.selection import validate_sft_block
+from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
+from eksft_pipeline.verl_ext.sft_plan import validate_sft_block
+from eksft_pipeline.verl_ext.validate import validate_sft_config
 
 CONFIG_NAME = "verl_sft"
 # verl keys the stage sets itself -> the pipeline key that controls each (a command-line override is rejected)
@@ -82,7 +84,7 @@ class SFTStage(Stage):
     resources = {"num_cpus": 1, "num_gpus": "all"}
 
     def key(self, cfg):
-        return f"sft/{cfg.method.name}"
+        return sft_key(cfg)
 
     def config(self, cfg):
         return {
@@ -259,7 +261,7 @@ class SFTStage(Stage):
             *launch,
             f"--nproc_per_node={int(ctx.cfg.sft.nproc_per_node)}",
             "-m",
-            "eksft_pipeline.sft.verl_main",
+            "eksft_pipeline.verl_ext.sft_main",
             f"--config-path={out}",
             f"--config-name={CONFIG_NAME}",
             f"hydra.run.dir={out / 'logs' / 'hydra'}",

@@ -147,7 +147,7 @@ def test_case_study_probabilities_match_a_manual_forward(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eksft_pipeline.analysis.case_study import render_case, token_prob_case_study
-    from eksft_pipeline.models.tiny import make_tiny_assets
+    from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
     paths = make_tiny_assets(tmp_path / "a", n_problems=60, n_eval_per_source=2, n_pretrain=10, pretrain=False,
                              progress=False, model_kwargs=dict(hidden_size=32, num_layers=1, num_heads=2,

@@ -22,13 +22,8 @@ import torch
 from eksft_pipeline.data import chat_template as ct
 from eksft_pipeline.data.split import split_dataset
 from eksft_pipeline.data.synth import generate_problems, to_openr1_rows
-from eksft_pipeline.models.tiny import (
-    CHAT_TEMPLATE,
-    build_tiny_tokenizer,
-    render_chatml,
-    save_generation_config,
-    tiny_config,
-)
+from eksft_pipeline.models.tiny import save_generation_config, tiny_config
+from eksft_pipeline.models.tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer, render_chatml
 from eksft_pipeline.pipeline.manifest import Manifest
 from eksft_pipeline.pipeline.stage_api import StageContext
 from eksft_pipeline.pipeline.verl_config import compose_pipeline
@@ -47,7 +42,7 @@ def corpus():
 
 def _qwen_like_dir(root: Path, corpus, *, template: str, eos: str) -> Path:
     """A model directory whose tokenizer/config mimic a Qwen3 release: chat template, EOS, generation_config."""
-    from eksft_pipeline.models.tiny import save_tokenizer
+    from eksft_pipeline.models.tokenizer import save_tokenizer
 
     tok = build_tiny_tokenizer(None, corpus, vocab_size=512)
     tok.chat_template = template

@@ -13,14 +13,10 @@ from eksft_pipeline.data.eval_sets import (
 )
 from eksft_pipeline.data.schema import RL_SCHEMA, SYSTEM_PROMPT, DataError, prompt_id
 from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
-from eksft_pipeline.rl.verifier_corpus import shared_eval_parquet
-
-SHARED = shared_eval_parquet()
-needs_shared = pytest.mark.skipif(not SHARED.is_file(), reason=f"shared eval file absent: {SHARED}")
 
 
-@needs_shared
-def test_shared_parquet_counts_after_dedup():
+def test_shared_parquet_counts_after_dedup(shared_eval_parquet):
+    SHARED = shared_eval_parquet
     sets = load_eval_parquet(SHARED, benchmarks={"aime24": "aime", "aime25": "aime25", "amc": "amc"})
     assert list(sets) == ["aime24", "aime25", "amc"]
     # the shared README: 30 x 32 copies, 30 x 32, 83 x 32
@@ -39,8 +35,8 @@ def test_shared_parquet_counts_after_dedup():
     assert len({q.problem_id for q in sets["amc"].problems}) == 83
 
 
-@needs_shared
-def test_shared_parquet_defaults_and_unknown_source():
+def test_shared_parquet_defaults_and_unknown_source(shared_eval_parquet):
+    SHARED = shared_eval_parquet
     sets = load_eval_parquet(SHARED)
     assert {b: len(s) for b, s in sets.items()} == {
         "aime24": 30,

@@ -12,7 +12,7 @@ import pytest
 from eksft_pipeline.data.schema import SYSTEM_PROMPT, DataError, SplitOverlapError
 from eksft_pipeline.data.split import check_disjoint, load_source, read_split_report, split_dataset
 from eksft_pipeline.data.synth import generate_problems, make_tiny_data, to_openr1_rows, write_jsonl
-from eksft_pipeline.models.tiny import build_tiny_tokenizer, render_chatml
+from eksft_pipeline.models.tokenizer import build_tiny_tokenizer, render_chatml
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "data" / "samples"

@@ -9,7 +9,7 @@ import torch
 
 from eksft_pipeline.data.split import split_dataset
 from eksft_pipeline.data.synth import generate_problems, to_openr1_rows
-from eksft_pipeline.models.tiny import build_tiny_tokenizer, render_chatml
+from eksft_pipeline.models.tokenizer import build_tiny_tokenizer, render_chatml
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "samples" / "openr1_math_sample.jsonl"
 

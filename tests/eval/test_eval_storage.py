@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # HF sampling with a real (untrained) tiny model,
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    from eksft_pipeline.models.tiny import make_tiny_assets
+    from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
     out = tmp_path_factory.mktemp("assets")
     make_tiny_assets(out, n_problems=200, n_eval_per_source=4, n_pretrain=20, pretrain=False, progress=False)

@@ -108,7 +108,7 @@ def test_engine_without_vllm_reports_the_fix(tmp_path):
 
 def _chat(a: int, b: int) -> str:
     from eksft_pipeline.data.synth import TINY_SYSTEM_PROMPT
-    from eksft_pipeline.models.tiny import render_chatml
+    from eksft_pipeline.models.tokenizer import render_chatml
 
     return render_chatml([
         {"role": "system", "content": TINY_SYSTEM_PROMPT},
@@ -124,7 +124,9 @@ def tiny_assets(tmp_path_factory) -> Path:
     6 tiny_linear prompts where the `tiny` benchmarks recipe looks for it."""
     from eksft_pipeline.data.schema import RL_SCHEMA
     from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
-    from eksft_pipeline.models.tiny import build_tiny_model, build_tiny_tokenizer, pretrain_tiny
+    from eksft_pipeline.models.pretrain import pretrain_tiny
+    from eksft_pipeline.models.tiny import build_tiny_model
+    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
 
     out = tmp_path_factory.mktemp("assets")
     texts = [_chat(a, b) for a in range(6) for b in range(6)]

@@ -8,15 +8,10 @@ import sys
 import pytest
 
 from eksft_pipeline.data.synth import generate_problems, pretrain_text, to_openr1_rows
-from eksft_pipeline.models.tiny import (
-    SPECIAL_TOKENS,
-    build_tiny_model,
-    build_tiny_tokenizer,
-    count_parameters,
-    make_tiny_assets,
-    pretrain_tiny,
-    render_chatml,
-)
+from eksft_pipeline.data.tiny_assets import make_tiny_assets
+from eksft_pipeline.models.pretrain import pretrain_tiny
+from eksft_pipeline.models.tiny import build_tiny_model, count_parameters
+from eksft_pipeline.models.tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer, render_chatml
 
 
 def _corpus(n=300, seed="tok"):

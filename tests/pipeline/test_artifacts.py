@@ -151,6 +151,8 @@ def test_stage_subprocess_with_a_token_stays_in_the_orchestrators_process_group(
 
 
 def test_subprocess_helper_is_importable_as_the_watchdog():
-    res = subprocess.run([sys.executable, "-m", "eksft_pipeline.pipeline.procs"], capture_output=True, text=True)
+    from eksft_pipeline.pipeline import watchdog
+
+    res = subprocess.run([sys.executable, "-m", "eksft_pipeline.pipeline.watchdog"], capture_output=True, text=True)
     assert res.returncode != 0 and "started by the orchestrator" in res.stderr
-    assert Path(procs.__file__).name == "procs.py"
+    assert Path(watchdog.__file__).name == "watchdog.py"

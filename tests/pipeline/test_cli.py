@@ -148,7 +148,7 @@ def _tree(d: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def split_run(tmp_path_factory):
-    from eksft_pipeline.models.tiny import make_tiny_assets
+    from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
     assets = tmp_path_factory.mktemp("assets")
     make_tiny_assets(assets, n_problems=200, n_eval_per_source=4, n_pretrain=20, pretrain=False, progress=False)

@@ -345,7 +345,7 @@ def small_fs(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_assets(tmp_path_factory) -> Path:
-    from eksft_pipeline.models.tiny import make_tiny_assets
+    from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
     out = tmp_path_factory.mktemp("assets")
     make_tiny_assets(out, n_problems=300, n_eval_per_source=4, n_pretrain=20, pretrain=False, progress=False)

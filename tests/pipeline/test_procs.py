@@ -68,10 +68,10 @@ def test_watchdog_ends_everything_after_kill9_of_the_orchestrator_group(tmp_path
     script = tmp_path / "orchestrator.py"
     script.write_text(textwrap.dedent(f"""
         import os, subprocess, sys, time, uuid
-        from eksft_pipeline.pipeline import procs
+        from eksft_pipeline.pipeline import procs, watchdog
         token = uuid.uuid4().hex
         os.environ[procs.ENV_TOKEN] = token
-        w = procs.Watchdog(token)
+        w = watchdog.Watchdog(token)
         a = subprocess.Popen([sys.executable, "-c", {SLEEPER!r}])                          # same group
         b = subprocess.Popen([sys.executable, "-c", {SLEEPER!r}], start_new_session=True)  # like a Ray worker
         print(w.proc.pid, flush=True)
@@ -117,8 +117,8 @@ def test_watchdog_also_notices_a_dead_orchestrator_whose_forked_child_holds_the_
     script = tmp_path / "orchestrator.py"
     script.write_text(textwrap.dedent("""
         import os, time
-        from eksft_pipeline.pipeline import procs
-        w = procs.Watchdog(os.environ[procs.ENV_TOKEN])
+        from eksft_pipeline.pipeline import procs, watchdog
+        w = watchdog.Watchdog(os.environ[procs.ENV_TOKEN])
         if os.fork() == 0:  # a forked (not exec'd) child in a session of its own: holds the pipe's write end
             os.setsid()
             while True:

@@ -83,7 +83,7 @@ def test_rl_config_composes_and_verl_accepts_it(tmp_path, model, cluster):
     assert a.actor.loss_agg_mode == "token-mean" and a.actor.use_kl_loss is False and a.actor.entropy_coeff == 0
     assert vc.algorithm.filter_groups.metric == "acc"
     assert vc.reward.reward_manager.name == "dapo"
-    assert vc.reward.custom_reward_function.path == "pkg://eksft_pipeline.rl.reward"
+    assert vc.reward.custom_reward_function.path == "pkg://eksft_pipeline.scoring.reward"
     assert vc.reward.reward_kwargs.max_resp_len == vc.data.max_response_length
     assert a.rollout.temperature == 1.0 and a.rollout.top_p == 1.0
     assert vc.data.max_response_length == cfg.rl.max_response_length
@@ -196,7 +196,7 @@ def test_rl_stage_environment_reaches_the_ray_job(tmp_path):
     ev = ray_init.runtime_env.env_vars
     assert ev["VERL_FILE_LOGGER_PATH"] == str(tmp_path / "m.jsonl") and ev["EKSFT_MARK"] == "seen"
     assert ev["VERL_PLATFORM"] == "cpu" and ev["PYTHONPATH"].split(":")[0] == str(RECIPES.parent)
-    assert "eksft_pipeline.rl.cpu_rollout" in ev["VERL_USE_EXTERNAL_MODULES"].split(",")
+    assert "eksft_pipeline.verl_ext.cpu_rollout" in ev["VERL_USE_EXTERNAL_MODULES"].split(",")
     assert "CUDA_VISIBLE_DEVICES" not in ev and "HF_TOKEN" not in ev and "WANDB_API_KEY" not in ev
     stage.validate_verl(vc)  # no logical-resource check when joining a cluster (Ray refuses num_cpus there)
 

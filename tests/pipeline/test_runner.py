@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def assets_dir(tmp_path_factory) -> Path:
     """Small CPU assets (no pretraining): enough for the split stage's tokenizer and data."""
-    from eksft_pipeline.models.tiny import make_tiny_assets
+    from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
     out = tmp_path_factory.mktemp("assets")
     make_tiny_assets(out, n_problems=200, n_eval_per_source=4, n_pretrain=20, pretrain=False, progress=False)
@@ -115,12 +115,12 @@ def test_dry_run_qwen3_8b_prints_every_stage_without_a_gpu(tmp_path):
     stages = {b["stage"]: b for b in _json_blocks(out)}
     assert list(stages) == ["assets", "split", "sft", "handoff", "rl", "eval", "report"]
     sft = stages["sft"]
-    assert "--nproc_per_node=8" in sft["command"] and "eksft_pipeline.sft.verl_main" in sft["command"]
+    assert "--nproc_per_node=8" in sft["command"] and "eksft_pipeline.verl_ext.sft_main" in sft["command"]
     assert sft["verl_config"]["model"]["path"] == "Qwen/Qwen3-8B"  # the paper's released model (issue 11)
     assert "sft: estimated peak" in out and "rl: estimated peak" in out and sft["memory_estimate"]["fits"]
     assert sft["verl_config"]["optim"]["lr"] == 1e-5 and sft["verl_config"]["eksft"]["loss"] == "eksft"
     rl = stages["rl"]
-    assert "eksft_pipeline.rl.ppo_main" in rl["command"]
+    assert "eksft_pipeline.verl_ext.ppo_main" in rl["command"]
     assert rl["verl_config"]["actor_rollout_ref"]["rollout"]["name"] == "vllm"
     assert rl["verl_config"]["trainer"]["n_gpus_per_node"] == 8
     assert stages["eval"]["backend"] == "vllm" and stages["eval"]["sampling"]["n"] == 32

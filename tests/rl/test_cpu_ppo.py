@@ -1,9 +1,9 @@
-"""The `hf_cpu` rollout (eksft_pipeline/rl/cpu_rollout.py) and DAPO through verl's own main_ppo on CPU.
+"""The `hf_cpu` rollout (eksft_pipeline/verl_ext/cpu_rollout.py) and DAPO through verl's own main_ppo on CPU.
 
 Fast tests exercise the generation engine against an independent reference (a plain forward pass: greedy
 argmax loop, log-softmax of the logits), the server's batching / abort / weight-update protocol (the plain
 class, driven by asyncio, no Ray), and the entry point's environment handling. The slow test runs
-`python -m eksft_pipeline.rl.ppo_main ... dapo_platform=cpu` for two DAPO steps on a throwaway tiny Qwen3 and
+`python -m eksft_pipeline.verl_ext.ppo_main ... dapo_platform=cpu` for two DAPO steps on a throwaway tiny Qwen3 and
 checks that it finishes, trains on whole mixed-outcome groups only (dynamic sampling evicts uniform ones;
 checked group by group in verl's rollout dump), and that after every weight sync the rollout server's weights
 are bit-identical to the actor's checkpoint of that step. A second
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _chat(a: int, b: int, c: int) -> str:
     """One ChatML training text: "What is a + b?" answered with the (not necessarily true) sum c."""
     from eksft_pipeline.data.synth import TINY_SYSTEM_PROMPT
-    from eksft_pipeline.models.tiny import render_chatml
+    from eksft_pipeline.models.tokenizer import render_chatml
 
     return render_chatml(
         [
@@ -51,7 +51,8 @@ def _tiny_texts(max_operand: int) -> list[str]:
 
 
 def _build_model(out: Path, *, vocab_size: int = 300, hidden: int = 64, layers: int = 2, max_operand: int = 5):
-    from eksft_pipeline.models.tiny import build_tiny_model, build_tiny_tokenizer
+    from eksft_pipeline.models.tiny import build_tiny_model
+    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(None, _tiny_texts(max_operand), vocab_size=vocab_size)
     build_tiny_model(
@@ -72,7 +73,7 @@ def tiny_model(tmp_path_factory):
 def engine(tiny_model):
     from transformers import AutoConfig
 
-    from eksft_pipeline.rl.cpu_rollout import HFCausalLMEngine
+    from eksft_pipeline.verl_ext.cpu_rollout import HFCausalLMEngine
 
     path, tok = tiny_model
     return HFCausalLMEngine(
@@ -93,7 +94,7 @@ def _prompt(tok, text: str) -> list[int]:
 
 
 def test_parse_sampling_params_semantics():
-    from eksft_pipeline.rl.cpu_rollout import parse_sampling_params
+    from eksft_pipeline.verl_ext.cpu_rollout import parse_sampling_params
 
     spec, logprobs, max_tokens = parse_sampling_params(
         {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
@@ -115,7 +116,7 @@ def test_parse_sampling_params_semantics():
 
 
 def test_resolve_max_tokens_matches_vllm_server_rule():
-    from eksft_pipeline.rl.cpu_rollout import resolve_max_tokens
+    from eksft_pipeline.verl_ext.cpu_rollout import resolve_max_tokens
 
     kw = dict(prompt_length=100, response_length=50, max_model_len=160)
     # default: min(response_length, prompt_length + response_length - len(prompt)) = min(50, 150 - 30)
@@ -130,7 +131,7 @@ def test_resolve_max_tokens_matches_vllm_server_rule():
 
 
 def test_cut_response():
-    from eksft_pipeline.rl.cpu_rollout import cut_response
+    from eksft_pipeline.verl_ext.cpu_rollout import cut_response
 
     stop = frozenset({2})
     assert cut_response([5, 6, 2, 0, 0], 10, stop) == ([5, 6, 2], True)  # EOS kept, HF padding dropped
@@ -141,7 +142,7 @@ def test_cut_response():
 
 
 def test_server_options_defaults_and_unknown_key():
-    from eksft_pipeline.rl.cpu_rollout import SERVER_OPTION_DEFAULTS, server_options
+    from eksft_pipeline.verl_ext.cpu_rollout import SERVER_OPTION_DEFAULTS, server_options
 
     assert server_options({"engine_kwargs": {}}) == SERVER_OPTION_DEFAULTS
     assert server_options({"engine_kwargs": {"hf_cpu": {"max_batch_size": 3}}})["max_batch_size"] == 3
@@ -155,18 +156,18 @@ def test_registered_in_verl_registries():
     from verl.workers.rollout.base import get_rollout_class
     from verl.workers.rollout.replica import get_rollout_replica_class
 
-    from eksft_pipeline.rl import cpu_rollout
+    from eksft_pipeline.verl_ext import cpu_rollout
 
     assert get_rollout_class("hf_cpu", "async") is cpu_rollout.ServerAdapter
     assert get_rollout_replica_class("hf_cpu") is cpu_rollout.HFCPUReplica
 
 
 def test_entry_point_environment():
-    from eksft_pipeline.rl.ppo_main import ROLLOUT_MODULE, add_external_module, allow_logical_gpus
+    from eksft_pipeline.verl_ext.ppo_main import ROLLOUT_MODULE, add_external_module, allow_logical_gpus
 
-    env = {"VERL_USE_EXTERNAL_MODULES": "eksft_pipeline.pipeline.cpu_platform,"}
-    assert add_external_module(env=env) == f"eksft_pipeline.pipeline.cpu_platform,{ROLLOUT_MODULE}"
-    assert add_external_module(env=env) == f"eksft_pipeline.pipeline.cpu_platform,{ROLLOUT_MODULE}"  # idempotent
+    env = {"VERL_USE_EXTERNAL_MODULES": "eksft_pipeline.verl_ext.cpu_platform,"}
+    assert add_external_module(env=env) == f"eksft_pipeline.verl_ext.cpu_platform,{ROLLOUT_MODULE}"
+    assert add_external_module(env=env) == f"eksft_pipeline.verl_ext.cpu_platform,{ROLLOUT_MODULE}"  # idempotent
     assert add_external_module(env={}) == ROLLOUT_MODULE
     env = {"VERL_PLATFORM": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     assert allow_logical_gpus(env) and "CUDA_VISIBLE_DEVICES" not in env
@@ -193,7 +194,7 @@ def _greedy_reference(model, prompt: list[int], max_new: int, eos: int) -> list[
 
 
 def test_engine_greedy_batch_equals_unbatched_reference(engine, tiny_model):
-    from eksft_pipeline.rl.cpu_rollout import parse_sampling_params
+    from eksft_pipeline.verl_ext.cpu_rollout import parse_sampling_params
 
     _, tok = tiny_model
     prompts = [_prompt(tok, "What is 1 + 2?"), _prompt(tok, "Hi")[:-2], _prompt(tok, "What is 33 + 4 and 5?")]
@@ -212,7 +213,7 @@ def test_engine_greedy_batch_equals_unbatched_reference(engine, tiny_model):
 def test_engine_logprobs_match_forward_pass(tiny_model, mode, temperature):
     from transformers import AutoConfig
 
-    from eksft_pipeline.rl.cpu_rollout import HFCausalLMEngine, parse_sampling_params
+    from eksft_pipeline.verl_ext.cpu_rollout import HFCausalLMEngine, parse_sampling_params
 
     path, tok = tiny_model
     eng = HFCausalLMEngine(
@@ -230,7 +231,7 @@ def test_engine_logprobs_match_forward_pass(tiny_model, mode, temperature):
 
 
 def test_engine_top_k_1_is_greedy_and_seed_is_reproducible(engine, tiny_model):
-    from eksft_pipeline.rl.cpu_rollout import parse_sampling_params
+    from eksft_pipeline.verl_ext.cpu_rollout import parse_sampling_params
 
     _, tok = tiny_model
     p = [_prompt(tok, "What is 2 + 2?")]
@@ -243,7 +244,7 @@ def test_engine_top_k_1_is_greedy_and_seed_is_reproducible(engine, tiny_model):
 
 
 def test_engine_abort_stops_the_batch(engine, tiny_model):
-    from eksft_pipeline.rl.cpu_rollout import parse_sampling_params
+    from eksft_pipeline.verl_ext.cpu_rollout import parse_sampling_params
 
     _, tok = tiny_model
     engine.abort_event.set()
@@ -260,7 +261,7 @@ def test_engine_abort_stops_the_batch(engine, tiny_model):
 def test_engine_weight_update_protocol(tiny_model):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from eksft_pipeline.rl.cpu_rollout import HFCausalLMEngine
+    from eksft_pipeline.verl_ext.cpu_rollout import HFCausalLMEngine
 
     path, tok = tiny_model
     cfg = AutoConfig.from_pretrained(path)
@@ -296,7 +297,7 @@ def _server(tiny_model, **hf_cpu):
     from omegaconf import OmegaConf
     from verl.workers.rollout.replica import RolloutMode
 
-    from eksft_pipeline.rl.cpu_rollout import HFCPUServer
+    from eksft_pipeline.verl_ext.cpu_rollout import HFCPUServer
 
     path, _ = tiny_model
     rollout = OmegaConf.create(
@@ -384,7 +385,7 @@ def _rl_assets(root: Path, texts: list[str], steps: int, train: list[tuple], val
     """Tiny Qwen3 pre-trained for `steps` steps on `texts`, + train/val RL parquet of (a, b, answer) prompts."""
     from eksft_pipeline.data.schema import RL_SCHEMA
     from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
-    from eksft_pipeline.models.tiny import pretrain_tiny
+    from eksft_pipeline.models.pretrain import pretrain_tiny
 
     model = root / "model"
     _build_model(model, max_operand=5)
@@ -414,9 +415,9 @@ def _make_rl_assets(root: Path) -> dict[str, Path]:
 
 
 def _dapo_cmd(assets: dict[str, Path], *extra: str) -> list[str]:
-    """`python -m eksft_pipeline.rl.ppo_main` on the CPU DAPO recipe with the test's model and data."""
+    """`python -m eksft_pipeline.verl_ext.ppo_main` on the CPU DAPO recipe with the test's model and data."""
     return [
-        sys.executable, "-m", "eksft_pipeline.rl.ppo_main",
+        sys.executable, "-m", "eksft_pipeline.verl_ext.ppo_main",
         "--config-path", str(REPO / "recipes" / "verl"), "--config-name", "dapo", "dapo_platform=cpu",
         f"actor_rollout_ref.model.path={assets['model']}",
         f"data.train_files={assets['train']}", f"data.val_files={assets['val']}",
@@ -426,7 +427,7 @@ def _dapo_cmd(assets: dict[str, Path], *extra: str) -> list[str]:
 
 def _run_dapo(cmd: list[str], cwd: Path, metrics_file: Path, *, steps: int, timeout_s: float = 480):
     """Run main_ppo with the CPU shim's environment; returns (rc, output tail, {event: seconds}, total seconds)."""
-    from eksft_pipeline.pipeline.cpu_platform import cpu_env
+    from eksft_pipeline.verl_ext.cpu_platform import cpu_env
 
     env = {**os.environ, **cpu_env(), "OMP_NUM_THREADS": "1", "VERL_FILE_LOGGER_PATH": str(metrics_file)}
     needles = [("ready", "all initialize finished")] + [(f"step{k}", f" step:{k} ") for k in range(1, steps + 1)]

@@ -1,6 +1,6 @@
 """recipes/verl/dapo.yaml (+ dapo_platform/cpu.yaml) composed with Hydra and checked against verl 0.9.1 itself.
 
-Every config is validated with `eksft_pipeline.rl.ppo_main.validate_ppo_config`, which runs verl's own
+Every config is validated with `eksft_pipeline.verl_ext.ppo_main.validate_ppo_config`, which runs verl's own
 `validate_config` and instantiates the dataclass-backed blocks the V1 trainer, workers and reward loop build,
 so a key or value verl would reject fails here, not after a Ray start-up on the cluster.
 """
@@ -28,7 +28,8 @@ def _compose(*overrides: str):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from eksft_pipeline.models.tiny import build_tiny_model, build_tiny_tokenizer
+    from eksft_pipeline.models.tiny import build_tiny_model
+    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
 
     d = tmp_path_factory.mktemp("dapo_cfg") / "model"
     tok = build_tiny_tokenizer(None, ["What is 1 + 2? The answer is \\boxed{3}."] * 4, vocab_size=280)
@@ -42,7 +43,7 @@ def cpu_cfg(tiny_model_dir):
 
 
 def _validate(cfg, **kw):
-    from eksft_pipeline.rl.ppo_main import validate_ppo_config
+    from eksft_pipeline.verl_ext.ppo_main import validate_ppo_config
 
     return validate_ppo_config(cfg, **kw)
 
@@ -63,7 +64,7 @@ def _assert_dapo(cfg, out):
     assert not need_reference_policy(cfg) and not need_critic(cfg)  # no ref model, no critic is built
     assert cfg.trainer.use_v1 and cfg.trainer.v1.trainer_mode == "sync"
     # reward: verl's DAPO manager around the project's compute_score, with the overlong buffer on
-    from eksft_pipeline.rl.reward import compute_score
+    from eksft_pipeline.scoring.reward import compute_score
 
     assert out["reward.reward_manager.cls"].__name__ == "DAPORewardManager"
     fn = out["reward.custom_reward_function"]
@@ -111,7 +112,7 @@ def test_cpu_recipe_is_dapo_and_verl_accepts_it(cpu_cfg):
 
 def test_filter_metric_is_a_key_of_the_reward():
     """Dynamic sampling groups on `acc`, which compute_score must return (1.0 right, 0.0 wrong)."""
-    from eksft_pipeline.rl.reward import compute_score
+    from eksft_pipeline.scoring.reward import compute_score
 
     metric = _compose(f"actor_rollout_ref.model.path={HUB_MODEL}").algorithm.filter_groups.metric
     right = compute_score("tiny_add", "<think>\n1 + 2 = 3\n</think>\n\n\\boxed{3}", "3")
@@ -150,7 +151,7 @@ def test_unknown_key_without_plus_fails_at_composition():
 def test_entry_point_cli_composes_the_cpu_recipe():
     """The exact CLI the RL stage runs, stopped by Hydra's --cfg job after composition (no Ray)."""
     cmd = [
-        sys.executable, "-m", "eksft_pipeline.rl.ppo_main", "--config-path", str(RECIPES), "--config-name", "dapo",
+        sys.executable, "-m", "eksft_pipeline.verl_ext.ppo_main", "--config-path", str(RECIPES), "--config-name", "dapo",
         "dapo_platform=cpu", "actor_rollout_ref.model.path=/nonexistent", "--cfg", "job",
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
@@ -160,4 +161,4 @@ def test_entry_point_cli_composes_the_cpu_recipe():
     printed = yaml.safe_load(res.stdout)
     assert printed["actor_rollout_ref"]["rollout"]["name"] == "hf_cpu"
     assert printed["algorithm"]["filter_groups"] == {**printed["algorithm"]["filter_groups"], "enable": True}
-    assert printed["eksft"]["external_modules"] == ["eksft_pipeline.rl.cpu_rollout"]
+    assert printed["eksft"]["external_modules"] == ["eksft_pipeline.verl_ext.cpu_rollout"]

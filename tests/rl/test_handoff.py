@@ -17,7 +17,7 @@ from eksft_pipeline.rl.handoff import HandoffError
 @pytest.fixture(scope="module")
 def split_run(tmp_path_factory):
     """Tiny assets (no pretraining) + a completed split stage in a run directory."""
-    from eksft_pipeline.models.tiny import make_tiny_assets
+    from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
     root = tmp_path_factory.mktemp("handoff")
     assets = root / "assets"

@@ -114,7 +114,8 @@ def _rl_inputs(root: Path) -> dict[str, str]:
     """A random tiny Qwen3 (the handoff's output) and an RL split of easy prompts, as the upstream stages write them."""
     from eksft_pipeline.data.schema import RL_SCHEMA
     from eksft_pipeline.data.synth import TINY_SYSTEM_PROMPT, to_rl_eval_rows, write_parquet
-    from eksft_pipeline.models.tiny import build_tiny_model, build_tiny_tokenizer, render_chatml
+    from eksft_pipeline.models.tiny import build_tiny_model
+    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer, render_chatml
 
     texts = [render_chatml([{"role": "system", "content": TINY_SYSTEM_PROMPT},
                             {"role": "user", "content": f"What is {a} + {b}?"},

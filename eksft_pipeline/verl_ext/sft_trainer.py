@@ -1,6 +1,6 @@
 """EKSFT (and every loss of `eksft_pipeline.losses`) inside verl 0.9.1's own SFT trainer.
 
-    torchrun --standalone --nproc_per_node=8 -m eksft_pipeline.sft.verl_main \
+    torchrun --standalone --nproc_per_node=8 -m eksft_pipeline.verl_ext.sft_main \
         --config-path=<run_dir>/sft/eksft --config-name=verl_sft      # written by `stage=sft`
 
 verl's `SFTTrainer` hard-codes `sft_loss`, which only ever sees label log-probs, and has no reference
@@ -12,8 +12,8 @@ changes what one `train_batch` does (subclasses only, no verl file is patched). 
    by default, `eksft.ref_hidden_store=host` for pinned host memory) with a copy of its lm_head weight.
 2. Selection pre-pass (losses that need statistics: EKSFT, its ablations, iw_sft, psft): a no-grad
    forward of the policy (`engine.infer_batch`), per-token H, KL(pi_theta||pi_ref), log p, all-gathered
-   over the data-parallel ranks (`selection.gather_token_stats`), and the plan of the GLOBAL batch
-   (`selection.plan_step`: top-k, masks, denominators -> per-token weights) computed identically on every
+   over the data-parallel ranks (`losses.stats.gather_token_stats`), and the plan of the GLOBAL batch
+   (`sft_plan.plan_step`: top-k, masks, denominators -> per-token weights) computed identically on every
    rank; each rank carries its rows of the plan in the batch as jagged per-token fields.
 3. Training pass: verl's `train_batch` (micro-batches, gradient accumulation, clipping, optimizer, lr
    scheduler); our loss gets each micro-batch's share of the global loss (global denominators, times
@@ -61,14 +61,14 @@ from verl.workers.engine_workers import TrainingWorker
 from eksft_pipeline.losses import IGNORE_INDEX, LinearTokenLoss, TokenStats, get_loss
 from eksft_pipeline.losses.base import linear_compute
 from eksft_pipeline.losses.fused import fused_linear_loss, fused_stats
-from eksft_pipeline.sft.head import SEQ_INDEX, RefSide, install_policy_head, labels_of, valid_rows
-from eksft_pipeline.sft.selection import (
+from eksft_pipeline.losses.stats import gather_token_stats
+from eksft_pipeline.verl_ext.sft_head import SEQ_INDEX, RefSide, install_policy_head, labels_of, valid_rows
+from eksft_pipeline.verl_ext.sft_plan import (
     COEFFS,
     SCALAR_PREFIX,
     UNIT_WEIGHT,
     check_eksft_block,
     complete_eksft_block,
-    gather_token_stats,
     plan_step,
     scatter_to_positions,
 )
@@ -763,7 +763,7 @@ class EKSFTTrainer(SFTTrainer):
                 checkpoint_config=deepcopy(self.checkpoint_config),
                 profiler_config=self.profiler_config,
             )
-        from eksft_pipeline.pipeline import cpu_platform
+        from eksft_pipeline.verl_ext import cpu_platform
 
         if ref_config is not None and cpu_platform.is_active():
             cpu_platform.patch_fsdp2_offload_pinning()

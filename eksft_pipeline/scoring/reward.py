@@ -1,11 +1,13 @@
 """Rule-based math reward for DAPO RL and eval: the final boxed answer, normalised, checked with math-verify
 under a per-benchmark answer policy, in a killable worker pool.
 
-The scoring package, by concern: :mod:`~eksft_pipeline.rl.answer` (extraction from the completion),
-:mod:`~eksft_pipeline.rl.normalize` (answer-string rewrites), :mod:`~eksft_pipeline.rl.policy` (the
-debatable cases, per benchmark), :mod:`~eksft_pipeline.rl.verify` (math-verify in the worker processes, and
-the "plain math-verify" reference), this module (pool, cache, counters, the public API), and
-:mod:`~eksft_pipeline.rl.verifier_corpus` (the labelled corpus the verifier is measured on).
+The scoring package, by concern: :mod:`~eksft_pipeline.scoring.answer` (extraction from the completion),
+:mod:`~eksft_pipeline.scoring.normalize` (answer-string rewrites), :mod:`~eksft_pipeline.scoring.policy` (the
+debatable cases, per benchmark), :mod:`~eksft_pipeline.scoring.verify` (math-verify in the worker processes, and
+the "plain math-verify" reference), :mod:`~eksft_pipeline.scoring.pool` (the killable worker processes),
+:mod:`~eksft_pipeline.scoring.cache` (the verdict LRU), :mod:`~eksft_pipeline.scoring.stats` (the counters), this
+module (options, gold preparation, the scoring loop, the public API), and
+:mod:`~eksft_pipeline.scoring.verifier_corpus` (the labelled corpus the verifier is measured on).
 
 Public API
 ----------
@@ -43,12 +45,12 @@ Keyword options (per call; in verl: ``+reward.custom_reward_function.reward_kwar
     as verl's ``math_verify`` reward runs it, on the whole completion, no policy -- the reference of the
     eval audit and the benchmark), ``policy="auto"`` (the answer policy of every item: ``"auto"`` picks it
     from the item's ``data_source`` -- aime* -> ``aime``, amc* -> ``amc``, else ``math`` -- or a name, see
-    :mod:`eksft_pipeline.rl.policy`), ``after_think=True``, ``require_think_close=False``,
+    :mod:`eksft_pipeline.scoring.policy`), ``after_think=True``, ``require_think_close=False``,
     ``max_pred_chars=1000``, ``max_brace_depth=10``, ``max_tail_chars=4000`` (math_verify mode),
     ``max_plain_chars=100000`` (plain mode: the completion's tail), ``timeout_s=5.0`` (wall clock per
     verified pair), ``use_cache=True``. An unknown option raises ``TypeError`` naming it (a config typo must not be
     silently ignored); verl's own extras (``reward_router_address``, ``reward_model_tokenizer``) are
-    accepted and ignored. Extraction semantics: :mod:`eksft_pipeline.rl.answer`.
+    accepted and ignored. Extraction semantics: :mod:`eksft_pipeline.scoring.answer`.
 
 Why worker processes
     math-verify's default timeouts use ``signal.alarm``; called from a thread (verl's reward loop runs
@@ -67,11 +69,11 @@ Why worker processes
 
 Departures from calling math-verify directly
     The final answer is the last box plus the boxes joined to it by connectors only (several roots as
-    several boxes), and both answer and gold are normalised (:mod:`eksft_pipeline.rl.normalize`: thousands
+    several boxes), and both answer and gold are normalised (:mod:`eksft_pipeline.scoring.normalize`: thousands
     separators, choice labels, repeating decimals, percent, ``\\pm``, inequality unions); intervals and
     inequalities are compared (``allow_set_relation_comp``); decimals against non-terminating golds need 6
     significant digits instead of math-verify's 6-decimal rounding; the answer policy decides the
-    debatable cases (:mod:`eksft_pipeline.rl.policy`). On the held-out part of the labelled corpus this
+    debatable cases (:mod:`eksft_pipeline.scoring.policy`). On the held-out part of the labelled corpus this
     has a fraction of plain math-verify's false negatives and no more false positives (numbers:
     ``docs/benchmarks.md``). Integer-literal predictions against integer-literal golds (``-?[0-9]{1,15}``
     with an optional ``.0...``, most AIME/AMC pairs) are compared as integers in the caller
@@ -98,7 +100,7 @@ Cache
 verl 0.9.1 wiring (reward loop, ``verl/experimental/reward_loop``)::
 
     reward.reward_manager.name=dapo \\
-    reward.custom_reward_function.path=pkg://eksft_pipeline.rl.reward \\
+    reward.custom_reward_function.path=pkg://eksft_pipeline.scoring.reward \\
     reward.custom_reward_function.name=compute_score \\
     +reward.custom_reward_function.reward_kwargs.timeout_s=5 \\
     +reward.reward_kwargs.max_resp_len=${RESPONSE_LEN} \\
@@ -113,25 +115,17 @@ one cache and one set of counters. Counters are per process: under verl they liv
 actors, so the driver learns about failures through the ``reason``/``verify_failed`` values it receives.
 """
 
-import atexit
 import hashlib
-import logging
-import os
 import re
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from eksft_pipeline.rl import answer as _answer
-from eksft_pipeline.rl import normalize as _normalize
-from eksft_pipeline.rl import verify as _verify
-from eksft_pipeline.rl.answer import (
+from eksft_pipeline.scoring import answer as _answer
+from eksft_pipeline.scoring import normalize as _normalize
+from eksft_pipeline.scoring.answer import (
     ERROR,
     GOLD_UNPARSEABLE,
     NO_ANSWER,
@@ -140,14 +134,24 @@ from eksft_pipeline.rl.answer import (
     PRED_TOO_LONG,
     TIMEOUT,
 )
-from eksft_pipeline.rl.policy import POLICIES, AnswerPolicy, get_policy, policy_for
+from eksft_pipeline.scoring.cache import _cache, clear_cache
+from eksft_pipeline.scoring.policy import POLICIES, AnswerPolicy, get_policy, policy_for
+from eksft_pipeline.scoring.pool import _get_pool, configure_pool, shutdown_pool, worker_pids
+from eksft_pipeline.scoring.stats import (
+    REASONS,
+    _bump,
+    _note_example,
+    logger,
+    record_batch,
+    reset_reward_stats,
+    reward_stats,
+)
 
-logger = logging.getLogger(__name__)
+__all__ = ["REASONS", "RewardConfig", "clear_cache", "compute_score", "configure", "reset_reward_stats",
+           "reward_stats", "score_batch", "shutdown_pool", "worker_pids"]
 
-REASONS = (OK, NO_ANSWER, PRED_TOO_LONG, PRED_TOO_DEEP, _answer.PRED_UNPARSEABLE, GOLD_UNPARSEABLE, TIMEOUT, ERROR)
 EXTRACTION_MODES = ("boxed", "math_verify", "plain")
 _VERL_PASSTHROUGH_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
-_MAX_EXAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -201,422 +205,6 @@ class RewardConfig:
         return cfg
 
 
-# --------------------------------------------------------------------------------------------------
-# Stats
-# --------------------------------------------------------------------------------------------------
-
-_stats_lock = threading.Lock()
-
-
-def _fresh_stats() -> dict[str, Any]:
-    return {
-        "items": 0,
-        "correct": 0,
-        "by_reason": Counter(),
-        "cache_hits": 0,
-        "cache_misses": 0,
-        "dedup_hits": 0,
-        "int_fast_path": 0,
-        "verify_calls": 0,
-        "worker_starts": 0,
-        "worker_kills": 0,
-        "gold_unparseable_examples": [],
-        "error_examples": [],
-    }
-
-
-_stats = _fresh_stats()
-
-
-def reward_stats() -> dict[str, Any]:
-    """Snapshot of the process-wide counters (``by_reason`` has every reason, zeros included)."""
-    with _stats_lock:
-        out = {k: (list(v) if isinstance(v, list) else v) for k, v in _stats.items() if k != "by_reason"}
-        out["by_reason"] = {r: _stats["by_reason"].get(r, 0) for r in REASONS}
-    return out
-
-
-def reset_reward_stats() -> None:
-    global _stats
-    with _stats_lock:
-        _stats = _fresh_stats()
-
-
-def _bump(key: str, n: int = 1) -> None:
-    with _stats_lock:
-        _stats[key] += n
-
-
-def _note_example(key: str, value: str, warn: str) -> None:
-    with _stats_lock:
-        examples = _stats[key]
-        if value in examples or len(examples) >= _MAX_EXAMPLES:
-            return
-        examples.append(value)
-    logger.warning(warn)
-
-
-# --------------------------------------------------------------------------------------------------
-# LRU cache of verdicts
-# --------------------------------------------------------------------------------------------------
-
-
-class _LRU:
-    def __init__(self, maxsize: int):
-        self.maxsize = maxsize
-        self._d: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
-
-    def put(self, key, value) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.maxsize:
-                self._d.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-
-_cache = _LRU(200_000)
-
-
-def clear_cache() -> None:
-    _cache.clear()
-
-
-# --------------------------------------------------------------------------------------------------
-# Worker pool
-# --------------------------------------------------------------------------------------------------
-
-_WORKER_SCRIPT = os.path.abspath(_verify.__file__)
-
-
-class _Worker:
-    """One verifier process and its two pipe ends (parent side)."""
-
-    def __init__(self, memory_limit_mb: int, startup_timeout_s: float):
-        c_read, p_write = os.pipe()  # parent -> child
-        p_read, c_write = os.pipe()  # child -> parent
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-P", _WORKER_SCRIPT, "--serve", str(c_read), str(c_write), str(memory_limit_mb)],
-                pass_fds=(c_read, c_write),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                close_fds=True,
-            )
-        except BaseException:
-            for fd in (c_read, p_write, p_read, c_write):
-                os.close(fd)
-            raise
-        os.close(c_read)
-        os.close(c_write)
-        self.send_conn = Connection(p_write, readable=False)
-        self.recv_conn = Connection(p_read, writable=False)
-        self.ready = False
-        self.startup_deadline = time.monotonic() + startup_timeout_s
-        _bump("worker_starts")
-
-    def kill(self) -> None:
-        try:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        except Exception:  # already gone / unkillable: nothing more to do
-            pass
-        for c in (self.send_conn, self.recv_conn):
-            try:
-                c.close()
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        try:
-            self.send_conn.send(None)
-        except (OSError, ValueError):
-            pass
-        try:
-            self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill()
-
-
-class _GoldQueues:
-    """Pending jobs grouped by gold, handed out with gold affinity.
-
-    A worker keeps taking jobs of the gold it last worked on (its parse of that gold is cached), then
-    starts a gold nobody has touched, and only then helps with the gold that has most jobs left. With
-    16 samples per prompt this parses each gold about once instead of once per worker.
-    """
-
-    def __init__(self, jobs: Sequence[tuple[str, tuple[str, ...], str, tuple]]):
-        self._groups: dict[tuple, list[int]] = {}
-        for j in range(len(jobs) - 1, -1, -1):  # reversed: list.pop() yields jobs in input order
-            self._groups.setdefault(jobs[j][1], []).append(j)
-        self._fresh = list(self._groups)  # golds not started yet (stack: pop() gives the earliest)
-        self._current: dict[int, tuple] = {}  # id(worker) -> gold it works on
-        self._n = len(jobs)
-
-    def __bool__(self) -> bool:
-        return self._n > 0
-
-    def take(self, worker: object) -> int:
-        gold = self._current.get(id(worker))
-        if gold is None or not self._groups.get(gold):
-            while self._fresh and not self._groups.get(self._fresh[-1]):
-                self._fresh.pop()
-            if self._fresh:
-                gold = self._fresh.pop()
-            else:
-                gold = max(self._groups, key=lambda g: len(self._groups[g]))
-            self._current[id(worker)] = gold
-        self._n -= 1
-        j = self._groups[gold].pop()
-        if not self._groups[gold]:
-            del self._groups[gold]
-        return j
-
-    def put_back(self, j: int, gold: tuple) -> None:
-        """Return job ``j`` (not run: its worker was found dead) to the front of its gold's queue."""
-        if gold not in self._groups:
-            self._groups[gold] = []
-            self._fresh.append(gold)
-        self._groups[gold].append(j)
-        self._n += 1
-
-    def drain(self) -> list[int]:
-        out = [j for js in self._groups.values() for j in js]
-        self._groups.clear()
-        self._n = 0
-        return out
-
-
-class _Pool:
-    """``n_workers`` verifier processes; a caller checks out idle workers, uses them, returns them."""
-
-    def __init__(self, n_workers: int, startup_timeout_s: float, memory_limit_mb: int):
-        self.n_workers = n_workers
-        self.startup_timeout_s = startup_timeout_s
-        self.memory_limit_mb = memory_limit_mb
-        self.pid = os.getpid()
-        self._cond = threading.Condition()
-        self._idle: list[_Worker] = [self._new_worker() for _ in range(n_workers)]
-        self._all: set[_Worker] = set(self._idle)
-        self.closed = False
-
-    def _new_worker(self) -> _Worker:
-        return _Worker(self.memory_limit_mb, self.startup_timeout_s)
-
-    def _checkout(self, want: int) -> list[_Worker]:
-        """Take up to ``want`` idle workers, blocking until at least one is idle.
-
-        Workers lost earlier (killed and not restartable at the time) are re-created here, so waiters
-        cannot hang on a pool that shrank; if a process cannot be started this raises (-> "error").
-        """
-        with self._cond:
-            while not self._idle:
-                if len(self._all) < self.n_workers:
-                    w = self._new_worker()
-                    self._all.add(w)
-                    self._idle.append(w)
-                    break
-                self._cond.wait(timeout=1.0)
-            return [self._idle.pop() for _ in range(min(want, len(self._idle)))]
-
-    def _checkin(self, workers: Iterable[_Worker]) -> None:
-        with self._cond:
-            for w in workers:
-                if self.closed:
-                    w.close()
-                else:
-                    self._idle.append(w)
-            self._cond.notify_all()
-
-    def _replace(self, w: _Worker) -> _Worker | None:
-        w.kill()
-        _bump("worker_kills")
-        with self._cond:
-            self._all.discard(w)
-        try:
-            nw = self._new_worker()
-        except Exception as e:  # cannot start processes any more: callers get "error"
-            logger.error("reward: cannot start a verifier worker: %s", e)
-            return None
-        with self._cond:
-            self._all.add(nw)
-        return nw
-
-    def run(self, jobs: Sequence[tuple[str, tuple[str, ...], str, tuple]], timeout_s: float) -> list[tuple[str, bool, str]]:
-        """Verify ``jobs`` (``(pred, golds, mode, opts)``) on as many idle workers as there are (at least one)."""
-        results: list[tuple[str, bool, str] | None] = [None] * len(jobs)
-        if not jobs:
-            return []
-        workers = self._checkout(len(jobs))
-        pending = _GoldQueues(jobs)
-        busy: dict[Connection, tuple[_Worker, int, float]] = {}  # recv_conn -> (worker, job, deadline)
-        starting: dict[Connection, _Worker] = {}
-        free: list[_Worker] = []
-        attempts: dict[int, int] = {}  # job -> times its worker died under it
-        for w in workers:
-            if w.proc.poll() is not None:  # died while idle: replace before use
-                w = self._replace(w)
-                if w is None:
-                    continue
-            if w.ready:
-                free.append(w)
-            else:
-                starting[w.recv_conn] = w
-        try:
-            while pending or busy:
-                # hand out work to free, ready workers
-                while free and pending:
-                    w = free.pop()
-                    j = pending.take(w)
-                    try:
-                        w.send_conn.send((j, *jobs[j]))
-                    except (OSError, ValueError) as e:
-                        # the worker died while idle (killed from outside): the job never ran
-                        self._retry_or_fail(j, jobs, attempts, pending, results, f"send failed: {e}")
-                        nw = self._replace(w)
-                        if nw is not None:
-                            starting[nw.recv_conn] = nw
-                        continue
-                    busy[w.recv_conn] = (w, j, time.monotonic() + timeout_s)
-                if not busy and not starting:
-                    # every worker died and none could be restarted
-                    for j in pending.drain():
-                        results[j] = (ERROR, False, "no verifier worker available")
-                    break
-                if not busy and not pending:
-                    break
-                now = time.monotonic()
-                deadlines = [d for (_, _, d) in busy.values()] + [w.startup_deadline for w in starting.values()]
-                ready_conns = wait(list(busy) + list(starting), timeout=max(0.0, min(deadlines) - now))
-                for c in ready_conns:
-                    if c in starting:
-                        w = starting.pop(c)
-                        try:
-                            msg = c.recv()
-                            if not (isinstance(msg, tuple) and msg[:1] == ("ready",)):
-                                raise RuntimeError(f"unexpected start-up message {msg!r:.100}")
-                            w.ready = True
-                            free.append(w)
-                        except (EOFError, OSError, RuntimeError) as e:
-                            self._note_startup_failure(w, e)
-                        continue
-                    w, j, _ = busy.pop(c)
-                    try:
-                        req_id, res = c.recv()
-                        if req_id != j:
-                            raise RuntimeError(f"worker answered request {req_id}, expected {j}")
-                        results[j] = tuple(res)
-                        free.append(w)
-                    except (EOFError, OSError, RuntimeError, ValueError, TypeError) as e:
-                        # the worker died mid-item: killed from outside (OOM killer, a dying idle worker
-                        # that took the job) or by the item itself (segfault): retry once, then error
-                        self._retry_or_fail(
-                            j, jobs, attempts, pending, results, f"worker died: {type(e).__name__}: {e}"
-                        )
-                        nw = self._replace(w)
-                        if nw is not None:
-                            starting[nw.recv_conn] = nw
-                now = time.monotonic()
-                for c, (w, j, d) in list(busy.items()):
-                    if now >= d:
-                        del busy[c]
-                        results[j] = (TIMEOUT, False, "")
-                        nw = self._replace(w)
-                        if nw is not None:
-                            starting[nw.recv_conn] = nw
-                for c, w in list(starting.items()):
-                    if now >= w.startup_deadline:
-                        del starting[c]
-                        self._note_startup_failure(w, TimeoutError(f"not ready after {self.startup_timeout_s}s"))
-        finally:
-            # return every live worker (a still-starting one keeps starting in the background)
-            back = free + list(starting.values())
-            for w, _, _ in busy.values():  # only on an exception escaping the loop
-                nw = self._replace(w)
-                if nw is not None:
-                    back.append(nw)
-            self._checkin(back)
-        return [r if r is not None else (ERROR, False, "not run") for r in results]
-
-    @staticmethod
-    def _retry_or_fail(j, jobs, attempts, pending, results, msg: str) -> None:
-        attempts[j] = attempts.get(j, 0) + 1
-        if attempts[j] > 1:
-            results[j] = (ERROR, False, msg[:200])
-        else:
-            pending.put_back(j, jobs[j][1])
-
-    def _note_startup_failure(self, w: _Worker, e: BaseException) -> None:
-        rc = w.proc.poll()
-        logger.error("reward: verifier worker pid %s failed to start (rc=%s): %s", w.proc.pid, rc, e)
-        w.kill()
-        _bump("worker_kills")
-        with self._cond:
-            self._all.discard(w)
-
-    def shutdown(self) -> None:
-        with self._cond:
-            self.closed = True
-            idle, self._idle = self._idle, []
-        for w in idle:
-            w.close()
-
-
-_pool: _Pool | None = None
-_pool_lock = threading.Lock()
-_pool_cfg = {
-    "n_workers": int(os.environ.get("EKSFT_REWARD_WORKERS", "2")),
-    "startup_timeout_s": float(os.environ.get("EKSFT_REWARD_STARTUP_TIMEOUT_S", "120")),
-    "memory_limit_mb": int(os.environ.get("EKSFT_REWARD_WORKER_MEM_MB", "4096")),
-}
-
-
-def _get_pool() -> _Pool:
-    global _pool
-    with _pool_lock:
-        # A pool inherited through fork belongs to the parent process: start our own.
-        if _pool is None or _pool.closed or _pool.pid != os.getpid():
-            _pool = _Pool(**_pool_cfg)
-        return _pool
-
-
-def worker_pids() -> list[int]:
-    """PIDs of the current verifier workers (for monitoring, e.g. CPU accounting in the benchmark)."""
-    p = _pool
-    if p is None or p.pid != os.getpid():
-        return []
-    with p._cond:
-        return [w.proc.pid for w in p._all]
-
-
-def shutdown_pool() -> None:
-    """Stop the verifier workers (idle ones now, busy ones when their caller returns them)."""
-    global _pool
-    with _pool_lock:
-        p, _pool = _pool, None
-    if p is not None and p.pid == os.getpid():
-        p.shutdown()
-
-
-atexit.register(shutdown_pool)
-
-
 def configure(
     n_workers: int | None = None,
     startup_timeout_s: float | None = None,
@@ -624,21 +212,7 @@ def configure(
     cache_size: int | None = None,
 ) -> None:
     """Change pool/cache settings; a changed pool setting restarts the pool on next use."""
-    changed = False
-    for name, val in (
-        ("n_workers", n_workers),
-        ("startup_timeout_s", startup_timeout_s),
-        ("memory_limit_mb", memory_limit_mb),
-    ):
-        if val is None:
-            continue
-        if name == "n_workers" and int(val) < 1:
-            raise ValueError(f"n_workers must be >= 1, got {val!r}")
-        if _pool_cfg[name] != val:
-            _pool_cfg[name] = val
-            changed = True
-    if changed:
-        shutdown_pool()
+    configure_pool(n_workers, startup_timeout_s, memory_limit_mb)
     if cache_size is not None:
         if int(cache_size) < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size!r}")
@@ -892,14 +466,8 @@ def score_batch(items: Sequence[Any], **kwargs: Any) -> list[dict[str, Any]]:
         out[i] = _result(cfg, status, correct, pred if status != ERROR else preds[i])
         reasons[status] += 1
         correct_n += out[i]["acc"] == 1.0
-    with _stats_lock:
-        _stats["items"] += n
-        _stats["correct"] += correct_n
-        _stats["by_reason"].update(reasons)
-        _stats["cache_hits"] += hits
-        _stats["cache_misses"] += misses
-        _stats["dedup_hits"] += dedup
-        _stats["int_fast_path"] += n_fast
+    record_batch(reasons, items=n, correct=correct_n, cache_hits=hits, cache_misses=misses, dedup_hits=dedup,
+                 int_fast_path=n_fast)
     return out  # type: ignore[return-value]
 
 
@@ -914,12 +482,12 @@ def compute_score(
     return score_batch([(data_source, solution_str, ground_truth)], **kwargs)[0]
 
 
-# Loaded from its file path (verl: ``reward.custom_reward_function.path=/.../eksft_pipeline/rl/reward.py``)
+# Loaded from its file path (verl: ``reward.custom_reward_function.path=/.../eksft_pipeline/scoring/reward.py``)
 # this file runs as an anonymous module outside sys.modules. Its definitions above are inert (no pool is
 # started until first use); hand out the package module's functions instead, so that a process has one
 # worker pool, one cache and one set of counters however the reward was loaded.
-if __name__ not in ("eksft_pipeline.rl.reward", "__main__"):
-    from eksft_pipeline.rl import reward as _canonical
+if __name__ not in ("eksft_pipeline.scoring.reward", "__main__"):
+    from eksft_pipeline.scoring import reward as _canonical
 
     compute_score = _canonical.compute_score  # noqa: F811
     score_batch = _canonical.score_batch  # noqa: F811

@@ -17,19 +17,19 @@ TEXT = "<think>x</think> The answer is \\boxed{\\dfrac{1}{2}}."
 @ray.remote
 class Scorer:
     async def in_loop(self, text: str, gold: str):
-        from eksft_pipeline.rl.reward import compute_score
+        from eksft_pipeline.scoring.reward import compute_score
 
         return compute_score("m", text, gold), threading.current_thread() is threading.main_thread()
 
     async def in_executor(self, text: str, gold: str):
-        from eksft_pipeline.rl.reward import compute_score
+        from eksft_pipeline.scoring.reward import compute_score
 
         loop = asyncio.get_running_loop()
         r = await loop.run_in_executor(None, lambda: compute_score("m", text, gold))
         return r
 
     async def many(self, n: int):
-        from eksft_pipeline.rl.reward import compute_score, reward_stats
+        from eksft_pipeline.scoring.reward import compute_score, reward_stats
 
         loop = asyncio.get_running_loop()
         golds = ["0.5" if i % 2 else "0.25" for i in range(n)]

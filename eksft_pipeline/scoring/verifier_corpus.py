@@ -6,7 +6,7 @@
 Golds: :data:`BUILTIN_GOLDS` (about 130 MATH-style answers written for this corpus, shipped with the
 package) plus, when available, the distinct golds of AIME 2024/2025, AMC and MATH-500 in a verl eval
 parquet (``../shared/data/eval/luffy_valid_all.parquet``: 405 golds). Each gold is recognised by a small
-recogniser of its own (:func:`classify`, independent of :mod:`eksft_pipeline.rl.normalize`) as an integer,
+recogniser of its own (:func:`classify`, independent of :mod:`eksft_pipeline.scoring.normalize`) as an integer,
 decimal, fraction, ``k\\sqrt{m}/q``, ``k\\pi/q``, complex number, degree, tuple, unordered list, ``\\pm``
 pair, interval, text, choice letter, percent, or "opaque" (anything else), and rewritten into
 
@@ -16,7 +16,7 @@ pair, interval, text, choice letter, percent, or "opaque" (anything else), and r
   a hedge between two boxes, another gold of the same kind, ...
 
 The label comes from how a form was built, never from a verifier. A few categories are decided by the
-answer policy (:mod:`eksft_pipeline.rl.policy`) rather than by mathematics; their tags start with
+answer policy (:mod:`eksft_pipeline.scoring.policy`) rather than by mathematics; their tags start with
 ``policy:`` (``policy:percent_unit`` ``5\\%`` for gold 5 -> True; ``policy:rounded_few_sig`` ``0.001736``
 for ``\\frac{1}{576}`` -> False; ``policy:rounded_8sig`` -> True; ``policy:radians_for_degrees`` -> False;
 ``policy:bare_list_reordered`` -> False), so a reader can count them separately.
@@ -895,8 +895,8 @@ VERIFIERS = ("project", "plain")
 
 def score_corpus(items: list[CorpusItem], verifier: str = "project", **kwargs) -> list[dict]:
     """Score every item with this project's reward (``"project"``) or plain math-verify (``"plain"``:
-    verl's ``math_verify`` reward semantics, see :mod:`eksft_pipeline.rl.verify`); reward result dicts."""
-    from eksft_pipeline.rl import reward
+    verl's ``math_verify`` reward semantics, see :mod:`eksft_pipeline.scoring.verify`); reward result dicts."""
+    from eksft_pipeline.scoring import reward
 
     if verifier not in VERIFIERS:
         raise ValueError(f"verifier={verifier!r}; expected one of {VERIFIERS}")

@@ -1,6 +1,6 @@
 """math-verify checking, run inside the verifier worker processes (this file is their entry point).
 
-``python -P verify.py --serve RFD WFD MEMORY_LIMIT_MB`` is started by :mod:`eksft_pipeline.rl.reward`; sympy
+``python -P verify.py --serve RFD WFD MEMORY_LIMIT_MB`` is started by :mod:`eksft_pipeline.scoring.reward`; sympy
 can hang or eat memory on adversarial input and math-verify's own timeouts use ``signal.alarm`` (which raises
 in any thread but the main one), so here its timeouts are disabled (``parsing_timeout=None``,
 ``timeout_seconds=None``) and the parent enforces a wall-clock limit by killing the worker.
@@ -8,11 +8,11 @@ in any thread but the main one), so here its timeouts are disabled (``parsing_ti
 Three modes (:func:`check_answer`):
 
 ``"boxed"`` (the project's verifier)
-    ``pred`` is the extracted, normalised final answer (:mod:`eksft_pipeline.rl.normalize`); golds are
+    ``pred`` is the extracted, normalised final answer (:mod:`eksft_pipeline.scoring.normalize`); golds are
     normalised the same way. Both are parsed as ``\\boxed{...}`` LaTeX (then as a plain expression), and
     compared with ``math_verify.verify(..., allow_set_relation_comp=True)`` so that ``x \\le 3`` equals
     ``(-\\infty, 3]`` and ``1 \\le x < 5`` equals ``[1, 5)``. Departures from math-verify, from the policy
-    (``opts = (min_significant_digits, angles)``, see :mod:`eksft_pipeline.rl.policy`): a decimal or
+    (``opts = (min_significant_digits, angles)``, see :mod:`eksft_pipeline.scoring.policy`): a decimal or
     scientific literal against a numeric gold is decided by :func:`decimal_verdict` (exact for integer and
     terminating golds, else >= ``min_significant_digits`` significant digits and within one unit of the
     last written digit), not by math-verify's rounding to 6 decimal places; ``angles="convert"`` also tries
@@ -42,7 +42,7 @@ import sys
 if __name__ == "__main__":  # started as a worker script with -P: make this file's package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from eksft_pipeline.rl.answer import ERROR, GOLD_UNPARSEABLE, NO_ANSWER, OK, PRED_UNPARSEABLE  # noqa: E402
+from eksft_pipeline.scoring.answer import ERROR, GOLD_UNPARSEABLE, NO_ANSWER, OK, PRED_UNPARSEABLE  # noqa: E402
 
 DEFAULT_OPTS = (6, "as_written")
 MODES = ("boxed", "math_verify", "plain")
@@ -320,4 +320,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--serve":
         _serve(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     else:
-        sys.exit("usage: python -P verify.py --serve RFD WFD MEMORY_LIMIT_MB (started by eksft_pipeline.rl.reward)")
+        sys.exit("usage: python -P verify.py --serve RFD WFD MEMORY_LIMIT_MB (started by eksft_pipeline.scoring.reward)")

@@ -8,10 +8,8 @@ import random
 from collections import Counter
 from fractions import Fraction
 
-import pytest
-
-from eksft_pipeline.rl import reward
-from eksft_pipeline.rl import verifier_corpus as vc
+from eksft_pipeline.scoring import reward
+from eksft_pipeline.scoring import verifier_corpus as vc
 
 
 def test_corpus_is_deterministic_and_split_by_gold():
@@ -71,11 +69,8 @@ def test_heldout_target_on_the_builtin_golds():
     _check_target(items)
 
 
-def test_heldout_target_on_real_eval_golds():
-    path = vc.shared_eval_parquet()
-    if not path.is_file():
-        pytest.skip(f"SKIPPED LOUDLY: the shared eval parquet is absent at {path} (CI has it at ../shared; set "
-                    "EKSFT_SHARED_DIR for a worktree elsewhere): the real-gold corpus check did not run")
+def test_heldout_target_on_real_eval_golds(shared_eval_parquet):
+    path = shared_eval_parquet
     golds = vc.shared_golds(path)
     assert len(golds) > 300
     items = [it for it in vc.build_corpus(golds) if it.split == "heldout"]

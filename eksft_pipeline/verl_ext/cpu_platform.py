@@ -6,7 +6,7 @@ accelerator, so `get_platform()` falls back to `nvidia` and every CUDA call fail
 registers a `cpu` platform (device "cpu", gloo collectives, a stub device module whose memory
 and stream calls are no-ops) and is switched on ONLY by the `cluster=cpu` config, which sets
 
-    VERL_USE_EXTERNAL_MODULES=eksft_pipeline.pipeline.cpu_platform   # verl imports us in every process
+    VERL_USE_EXTERNAL_MODULES=eksft_pipeline.verl_ext.cpu_platform   # verl imports us in every process
     VERL_PLATFORM=cpu                                                # and selects this platform
     VERL_ENGINE_DEVICE=cuda VERL_ENGINE_VENDOR=nvidia                # verl's FSDP engine is registered
                                                                      # for device "cuda": reuse it as is
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-SHIM_MODULE = "eksft_pipeline.pipeline.cpu_platform"
+SHIM_MODULE = "eksft_pipeline.verl_ext.cpu_platform"
 
 
 def cpu_env() -> dict[str, str]:

@@ -3,7 +3,7 @@
 ``main`` adds exactly two things before calling ``verl.trainer.main_ppo.main`` unchanged (Hydra CLI, verl's
 ``validate_config``, ``TaskRunnerV1``, the V1 sync trainer):
 
-1. :func:`add_external_module` appends :mod:`eksft_pipeline.rl.cpu_rollout` to ``VERL_USE_EXTERNAL_MODULES``
+1. :func:`add_external_module` appends :mod:`eksft_pipeline.verl_ext.cpu_rollout` to ``VERL_USE_EXTERNAL_MODULES``
    *before verl is imported*; verl's own ``__init__`` imports the listed modules in every process, so the rollout
    is registered in this driver and in every Ray worker (TaskRunner, actor workers, rollout servers, agent-loop
    and reward workers inherit the environment). With ``rollout.name=vllm`` on a GPU node it is inert.
@@ -12,9 +12,9 @@
 :func:`validate_ppo_config` checks a composed config the way verl will use it, without Ray (used by the tests;
 call it in the RL stage before launching).
 
-Launch (CPU: the ``cluster=cpu`` environment of :func:`eksft_pipeline.pipeline.cpu_platform.cpu_env`)::
+Launch (CPU: the ``cluster=cpu`` environment of :func:`eksft_pipeline.verl_ext.cpu_platform.cpu_env`)::
 
-    python -m eksft_pipeline.rl.ppo_main --config-path $PWD/recipes/verl --config-name dapo dapo_platform=cpu \\
+    python -m eksft_pipeline.verl_ext.ppo_main --config-path $PWD/recipes/verl --config-name dapo dapo_platform=cpu \\
         actor_rollout_ref.model.path=MODEL data.train_files=TRAIN.parquet data.val_files=VAL.parquet
 
 GPU: the same without ``dapo_platform=cpu`` (vLLM rollout); ``python -m verl.trainer.main_ppo`` works there too.
@@ -27,7 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-ROLLOUT_MODULE = "eksft_pipeline.rl.cpu_rollout"
+ROLLOUT_MODULE = "eksft_pipeline.verl_ext.cpu_rollout"
 
 
 def add_external_module(module: str = ROLLOUT_MODULE, env: dict[str, str] | None = None) -> str:

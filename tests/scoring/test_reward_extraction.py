@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from eksft_pipeline.rl.answer import (
+from eksft_pipeline.scoring.answer import (
     answer_region,
     brace_depth,
     last_boxed,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 
-from eksft_pipeline.rl.policy import AnswerPolicy
+from eksft_pipeline.scoring.policy import AnswerPolicy
 
 # ------------------------------------------------------------------------------------------------- unicode
 

@@ -3,7 +3,7 @@
 These run in the caller's process (the verl reward worker, the eval stage) for every completion, so they are
 linear scans with early exits: :func:`sanitize_text`, :func:`answer_region`, :func:`last_boxed`,
 :func:`final_boxes`, :func:`normalize_answer`, :func:`brace_depth`. The checking half (math-verify, sympy)
-runs in worker processes: :mod:`eksft_pipeline.rl.verify`. The status strings shared by both live here.
+runs in worker processes: :mod:`eksft_pipeline.scoring.verify`. The status strings shared by both live here.
 
 Extraction semantics (``extraction="boxed"``, the default):
 

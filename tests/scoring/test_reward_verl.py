@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 from verl import DataProto
 from verl.trainer.ppo.reward import get_custom_reward_fn, load_reward_manager
 
-from eksft_pipeline.rl import reward
+from eksft_pipeline.scoring import reward
 
-REWARD_FILE = Path(__file__).parents[2] / "eksft_pipeline/rl/reward.py"
+REWARD_FILE = Path(__file__).parents[2] / "eksft_pipeline/scoring/reward.py"
 
 
 class ByteTokenizer:
@@ -70,7 +70,7 @@ def config(path: str, max_resp_len: int, buffer_len: int, reward_kwargs: dict | 
 TEXT = "<think>maybe \\boxed{3}</think> The answer is \\boxed{\\dfrac{1}{2}}."
 
 
-@pytest.mark.parametrize("path", ["pkg://eksft_pipeline.rl.reward", str(REWARD_FILE)], ids=["pkg", "file"])
+@pytest.mark.parametrize("path", ["pkg://eksft_pipeline.scoring.reward", str(REWARD_FILE)], ids=["pkg", "file"])
 def test_dapo_reward_manager_runs_our_compute_score(path):
     n_tokens = len(TEXT.encode())
     # response is 30 tokens over the penalty-free length (max_resp_len - buffer) -> penalty -30/20
@@ -94,9 +94,9 @@ def test_dapo_reward_manager_runs_our_compute_score(path):
 
 
 def test_reward_kwargs_from_the_config_reach_compute_score():
-    cfg = config("pkg://eksft_pipeline.rl.reward", 4096, 512, reward_kwargs={"correct_score": 1.0, "wrong_score": 0.0})
+    cfg = config("pkg://eksft_pipeline.scoring.reward", 4096, 512, reward_kwargs={"correct_score": 1.0, "wrong_score": 0.0})
     fn = get_custom_reward_fn(cfg)
     assert fn(data_source="math", solution_str=TEXT, ground_truth="7", extra_info={})["score"] == 0.0
-    bad = config("pkg://eksft_pipeline.rl.reward", 4096, 512, reward_kwargs={"wrong_scor": 0.0})
+    bad = config("pkg://eksft_pipeline.scoring.reward", 4096, 512, reward_kwargs={"wrong_scor": 0.0})
     with pytest.raises(TypeError, match="wrong_scor"):
         get_custom_reward_fn(bad)(data_source="math", solution_str=TEXT, ground_truth="7", extra_info={})

@@ -11,11 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eksft_pipeline.rl import reward
-from eksft_pipeline.rl.verifier_corpus import shared_eval_parquet
-from eksft_pipeline.rl.verify import check_answer
+from eksft_pipeline.scoring import reward
+from eksft_pipeline.scoring.verify import check_answer
 
-EVAL_PARQUET = shared_eval_parquet()
 KEYS = {"score", "acc", "pred", "reason", "verify_failed"}
 
 
@@ -38,12 +36,10 @@ def _fresh_counters():
 # ------------------------------------------------------------------------------ real gold answers
 
 
-def _aime_amc_golds() -> list[tuple[str, str]]:
-    if not EVAL_PARQUET.exists():
-        pytest.skip(f"eval parquet not found at {EVAL_PARQUET} (CI has it at ../shared relative to the repo root)")
+def _aime_amc_golds(path) -> list[tuple[str, str]]:
     import pandas as pd
 
-    df = pd.read_parquet(EVAL_PARQUET, columns=["data_source", "reward_model"])
+    df = pd.read_parquet(path, columns=["data_source", "reward_model"])
     df = df[df.data_source.isin(["aime", "aime25", "amc"])]
     pairs = {(ds, str(rm["ground_truth"])) for ds, rm in zip(df.data_source, df.reward_model)}
     assert len(pairs) >= 90, f"expected ~104 distinct AIME/AIME25/AMC golds, found {len(pairs)}"
@@ -67,8 +63,8 @@ def _forms(gold: str) -> tuple[list[str], list[str]]:
     return right, wrong
 
 
-def test_real_aime_amc_golds_in_many_forms():
-    golds = _aime_amc_golds()
+def test_real_aime_amc_golds_in_many_forms(shared_eval_parquet):
+    golds = _aime_amc_golds(shared_eval_parquet)
     items, expect = [], []
     for ds, gold in golds:
         right, wrong = _forms(gold)
@@ -310,7 +306,7 @@ def test_compute_score_from_threads():
 
 
 SNIPPET = """
-from eksft_pipeline.rl.reward import compute_score, reward_stats
+from eksft_pipeline.scoring.reward import compute_score, reward_stats
 r = compute_score("m", "<think>x</think> so \\\\boxed{\\\\dfrac{1}{2}}", "0.5")
 assert r["acc"] == 1.0 and r["reason"] == "ok", r
 print("OK", reward_stats()["verify_calls"])

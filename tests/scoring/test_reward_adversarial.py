@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eksft_pipeline.rl import reward
+from eksft_pipeline.scoring import pool, reward
 
 TIMEOUT_S = 1.0
 # per-call bound with a warm pool: the wall-clock limit, plus waiting for a replacement worker's start-up
@@ -154,7 +154,7 @@ def test_workers_that_keep_dying_give_a_counted_error_not_a_crash():
 
 def test_workers_that_cannot_start_give_counted_errors(monkeypatch):
     reward.shutdown_pool()
-    monkeypatch.setattr(reward, "_WORKER_SCRIPT", "/nonexistent/answer.py")
+    monkeypatch.setattr(pool, "_WORKER_SCRIPT", "/nonexistent/answer.py")
     reward.reset_reward_stats()
     try:
         r = reward.compute_score("adv", "\\boxed{\\dfrac{10}{2}}", "5", use_cache=False)
@@ -168,7 +168,7 @@ def test_workers_that_cannot_start_give_counted_errors(monkeypatch):
 
 ORPHAN = """
 import sys, time
-from eksft_pipeline.rl import reward
+from eksft_pipeline.scoring import reward
 reward.compute_score("m", "\\\\boxed{\\\\frac{1}{2}}", "0.5")
 print(" ".join(map(str, reward.worker_pids())), flush=True)
 time.sleep(120)

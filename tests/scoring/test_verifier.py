@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from eksft_pipeline.rl import reward
-from eksft_pipeline.rl.verify import check_answer, decimal_literal, decimal_verdict
+from eksft_pipeline.scoring import reward
+from eksft_pipeline.scoring.verify import check_answer, decimal_literal, decimal_verdict
 
 
 def trace(answer: str) -> str:

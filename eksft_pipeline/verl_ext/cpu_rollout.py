@@ -45,9 +45,9 @@ but unlike vLLM the stream is per batch, not per request).
 Registration: :func:`register` adds ``hf_cpu`` to both registries. It must run in every process that resolves
 the rollout (the Ray TaskRunner builds the replicas, every actor worker builds its adapter), so this module
 registers itself on import and is listed in ``VERL_USE_EXTERNAL_MODULES`` (verl imports those modules from its own
-``__init__`` in every process); :mod:`eksft_pipeline.rl.ppo_main` adds it there before verl is imported::
+``__init__`` in every process); :mod:`eksft_pipeline.verl_ext.ppo_main` adds it there before verl is imported::
 
-    python -m eksft_pipeline.rl.ppo_main --config-path $PWD/recipes/verl --config-name dapo dapo_platform=cpu ...
+    python -m eksft_pipeline.verl_ext.ppo_main --config-path $PWD/recipes/verl --config-name dapo dapo_platform=cpu ...
 
 Server options (``+actor_rollout_ref.rollout.engine_kwargs.hf_cpu.NAME=VALUE``): ``max_batch_size`` (64),
 ``batch_wait_s`` (0.02), ``num_threads`` (torch intra-op threads; default: leave torch's setting),

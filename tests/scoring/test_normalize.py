@@ -6,8 +6,8 @@ from fractions import Fraction
 
 import pytest
 
-from eksft_pipeline.rl.answer import final_boxes
-from eksft_pipeline.rl.normalize import (
+from eksft_pipeline.scoring.answer import final_boxes
+from eksft_pipeline.scoring.normalize import (
     choice_letter,
     expand_pm,
     inequality_interval,
@@ -23,7 +23,7 @@ from eksft_pipeline.rl.normalize import (
     strip_decorations,
     unicode_math,
 )
-from eksft_pipeline.rl.policy import AIME, MATH, AnswerPolicy, get_policy, policy_for
+from eksft_pipeline.scoring.policy import AIME, MATH, AnswerPolicy, get_policy, policy_for
 
 
 @pytest.mark.parametrize(

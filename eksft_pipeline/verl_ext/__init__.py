@@ -1,0 +1,103 @@
+"""Everything that touches verl's code: the one package to re-read when verl changes.
+
+The rest of the project talks to verl only through this package (tests/test_import_boundaries.py fails
+on a `verl` import anywhere else) and through verl's public command lines (`python -m
+verl.model_merger`, the Hydra config tree `pkg://verl.trainer.config`). Launched by module path:
+
+    torchrun ... -m eksft_pipeline.verl_ext.sft_main --config-path=<run_dir>/sft/<tag> --config-name=verl_sft
+    python -m eksft_pipeline.verl_ext.ppo_main --config-path $PWD/recipes/verl --config-name dapo ...
+    VERL_USE_EXTERNAL_MODULES=eksft_pipeline.verl_ext.cpu_platform        (recipes/cluster/cpu.yaml)
+    [project.entry-points."verl.plugins"] eksft_vllm_cpu = eksft_pipeline.verl_ext.vllm_cpu   (pyproject.toml)
+
+Modules:
+    validate      a composed SFT config instantiated as verl's dataclasses (composition: pipeline/verl_config.py)
+    cpu_platform  a `cpu` platform for verl (gloo, FSDP2, sdpa) for the CPU default
+    cpu_rollout   `hf_cpu`: an HF-`generate` rollout server/replica/adapter for verl's async rollout path
+    ppo_main      `verl.trainer.main_ppo` with the hf_cpu rollout registered; `validate_ppo_config`
+    sft_main      torchrun entry point of the SFT stage (verl's SFTTrainer subclass below)
+    sft_trainer   `EKSFTTrainer` / `SelectiveTrainingWorker`: the selective losses inside verl's FSDP SFT trainer
+    sft_plan      the trainer's step plan (selection scope x update groups) and the `eksft:` block checks; no verl
+    sft_head      the fused loss head (hidden states + lm_head weight) inside verl's FSDP engine
+    vllm_cpu      verl's vLLM rollout on vLLM's CPU build (packaging alias, vLLM plugin, sync check)
+
+Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); re-check each one when verl moves:
+    cpu_platform  `verl.plugin.platform.platform_base.PlatformBase` subclassed and registered in
+                  `platform_manager.PlatformRegistry`; `torch.distributed.init_process_group` wrapped globally
+                  (verl's "cpu:gloo,cpu:gloo" backend string -> "gloo");
+                  `verl.workers.engine.fsdp.transformer_impl.CPUOffloadPolicy` replaced by a function
+                  (pin_memory=False for the CPU reference engine)
+    cpu_rollout   `verl.workers.rollout.base._ROLLOUT_REGISTRY[(name, "async")]` written (private registry);
+                  `RolloutReplica` / `RolloutReplicaRegistry` / `TokenOutput` / `RolloutMode` (replica.py) and
+                  `BaseRollout` subclassed; `verl.utils.normalize_token_ids`
+    ppo_main      `PPOTrainer._resolve_filter_groups_metric` (v1/trainer_base.py, private) called with a stand-in
+                  `self` (`SimpleNamespace(config=cfg)`); `ResourcePoolManager.max_colocate_count`;
+                  `verl.trainer.ppo.{core_algos.get_adv_estimator_fn, reward.get_custom_reward_fn,
+                  reward.resolve_reward_manager_cls, utils.need_critic, utils.need_reference_policy}`;
+                  `VERL_USE_EXTERNAL_MODULES` (verl/__init__.py) extended before verl is imported
+    sft_trainer   `verl.trainer.sft_trainer.SFTTrainer` subclassed (`_build_ckpt_handler`, `_init_engine`,
+                  `_build_engine` overridden: private hooks); `handler._load_dataloader_state` (checkpoint_handler,
+                  private) swapped on the handler instance; `verl.workers.engine_workers.TrainingWorker`
+                  subclassed (`train_batch`); `TrainingWorkerConfig`; `tensordict_utils`;
+                  `checkpoint_handler.extract_step`
+    sft_head      the HF model's `forward` and `lm_head` replaced on verl's engine module (as verl's own
+                  `use_fused_kernels` does, models/transformers/dense_common.py); `engine.prepare_model_inputs`,
+                  `engine.eval_mode`, `workers.engine.utils.prepare_micro_batches`, `utils.device.get_device_*`
+    sft_main      `verl.utils.device.auto_set_device`, `verl.utils.distributed.{initialize,destroy}_global_process_group`
+    validate      `verl.utils.config.omega_conf_to_dataclass`, `verl.workers.config.HFModelConfig`,
+                  `verl.utils.dataset.dataset_utils.DatasetPadMode`; verl's YAML tree `verl/trainer/config` (composed by
+                  pipeline/verl_config.py through Hydra's `pkg://` searchpath, no import)
+    vllm_cpu      `verl.third_party.vllm` (the `importlib.metadata.version("vllm")` lookup it does);
+                  `verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension` subclassed
+                  (`update_weights_from_ipc`); vLLM internals listed in that module's docstring
+
+Importing this package with another verl version raises :class:`VerlVersionError` naming the installed and the
+expected version and pointing here; `EKSFT_ALLOW_VERL_VERSION=1` turns it into a warning (to try a new verl on
+purpose). The version is read from the installed distribution's metadata, without importing verl: verl itself
+imports `cpu_platform` (VERL_USE_EXTERNAL_MODULES) and `vllm_cpu` (plugins) from inside its own `__init__`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import warnings
+
+VERL_VERSION = "0.9.1"  # the verl release every patch and private API above was read from
+ALLOW_ENV = "EKSFT_ALLOW_VERL_VERSION"
+
+
+class VerlVersionError(ImportError):
+    """The installed verl is not the version the patches in eksft_pipeline.verl_ext were read from."""
+
+
+class VerlVersionWarning(UserWarning):
+    """Same as VerlVersionError, downgraded by EKSFT_ALLOW_VERL_VERSION=1."""
+
+
+def installed_verl_version() -> str | None:
+    try:
+        return importlib.metadata.version("verl")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_verl_version(installed: str | None = None, *, allow: bool | None = None) -> str | None:
+    """Raise VerlVersionError (or warn, with EKSFT_ALLOW_VERL_VERSION=1) unless verl is `VERL_VERSION`.
+
+    No verl installed: nothing to check here (the first verl import fails with its own message)."""
+    installed = installed_verl_version() if installed is None else installed
+    if installed is None or installed.split("+")[0] == VERL_VERSION:
+        return installed
+    msg = (f"verl {installed} is installed, but eksft_pipeline.verl_ext patches and calls private APIs read from "
+           f"verl {VERL_VERSION}: re-check every API listed in eksft_pipeline/verl_ext/__init__.py against verl "
+           f"{installed} and update VERL_VERSION there, or install verl=={VERL_VERSION} "
+           f"({ALLOW_ENV}=1 tries it anyway)")
+    if allow is None:
+        allow = os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes")
+    if allow:
+        warnings.warn(msg, VerlVersionWarning, stacklevel=2)
+        return installed
+    raise VerlVersionError(msg)
+
+
+check_verl_version()
