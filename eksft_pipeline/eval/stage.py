@@ -283,10 +283,12 @@ class EvalStage(Stage):
         return inp
 
     def _generation_prefix(self, ctx) -> str:
+        from eksft_pipeline.data.schema import DataError
+        from eksft_pipeline.data.split import generation_prefix, read_split_report
+
         try:
-            rep = json.loads(Path(ctx.upstream("split")["report"]).read_text())
-            return str(rep.get("generation_prefix", "") or "")
-        except (FileNotFoundError, KeyError):
+            return generation_prefix(read_split_report(ctx.upstream("split")["report"]))
+        except (FileNotFoundError, KeyError, DataError):
             return ""
 
     def sampling_params(self, ctx):

@@ -21,6 +21,14 @@ A stage that resumes (same config, an earlier attempt killed or failed) continue
 (same id, `resume=allow`); a stage re-run because its config changed gets a new id, so a tracker run
 never mixes two configurations -- the same rule as the checkpoints.
 
+What the tracker does NOT change: a stage's config hash. `cfg.tracking` is no part of any stage's
+`config()`, so switching tracking on (or from offline to online, or another project) for a run directory
+whose stages are complete skips them exactly as before -- nobody expects `tracking=wandb` to retrain a
+model. Only the stages that still have to run get a tracker run. (The verl config a stage writes
+records `trainer.logger`; it is an output, not part of the hash.) The run ids and the group live in the
+manifest: the top-level `tracking_group`, and each stage entry's `tracking` record (backends, project,
+group, name, run_id, job_type, mode, dirs; `url` when online; eval adds `targets`, one run per model).
+
 Mode (W&B): `WANDB_MODE` from the environment wins; else `tracking.mode`; else `online` when credentials
 exist (WANDB_API_KEY, or a netrc entry for the W&B host), `offline` otherwise. Offline runs land in
 `<run_dir>/tracking/wandb/` and can be uploaded later with `wandb sync <dir>` (the report lists them).
@@ -56,6 +64,7 @@ class TrackingSettings:
     entity: str | None = None
     group: str | None = None
     mode: str | None = None
+    tags: tuple[str, ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -89,6 +98,7 @@ def settings_from_config(cfg) -> TrackingSettings:
         entity=(str(t["entity"]) if t.get("entity") else None),
         group=(str(t["group"]) if t.get("group") else None),
         mode=mode,
+        tags=tuple(str(x) for x in (t.get("tags") or ())),
     )
 
 
@@ -148,6 +158,29 @@ class RunIdentity:
     mode: str | None = None
     entity: str | None = None
     dirs: dict[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def from_record(cls, record: dict, run_dir: Path) -> RunIdentity:
+        """The identity a manifest `tracking` record describes (folders made absolute under `run_dir`)."""
+        dirs = {k: str(v if Path(v).is_absolute() else Path(run_dir) / v) for k, v in (record.get("dirs") or {}).items()}
+        return cls(
+            backends=tuple(record.get("backends") or ()), project=str(record["project"]), group=str(record["group"]),
+            name=str(record["name"]), run_id=str(record["run_id"]), job_type=str(record["job_type"]),
+            resumed=bool(record.get("resumed")), mode=record.get("mode"), entity=record.get("entity"), dirs=dirs,
+            tags=tuple(record.get("tags") or ()),
+        )  # fmt: skip
+
+    def child(self, suffix: str) -> RunIdentity:
+        """A derived run of the same stage attempt (eval: one run per target model): name `<name>/<suffix>`,
+        id `<run_id>-<suffix>`, so a resumed attempt continues every child run too."""
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "-", suffix).strip("-") or "x"
+        dirs = dict(self.dirs)
+        if "tensorboard" in dirs:
+            dirs["tensorboard"] = str(Path(dirs["tensorboard"]).parent / f"{self.run_id}-{slug}")
+        return RunIdentity(backends=self.backends, project=self.project, group=self.group,
+                           name=f"{self.name}/{suffix}", run_id=f"{self.run_id}-{slug}", job_type=self.job_type,
+                           resumed=self.resumed, mode=self.mode, entity=self.entity, dirs=dirs, tags=self.tags)
 
     def record(self, run_dir: Path) -> dict[str, Any]:
         """The manifest form; folders relative to the run directory, so a moved run dir stays whole."""
@@ -160,7 +193,7 @@ class RunIdentity:
         return {
             "backends": list(self.backends), "project": self.project, "entity": self.entity,
             "group": self.group, "name": self.name, "run_id": self.run_id, "job_type": self.job_type,
-            "mode": self.mode, "resumed": self.resumed, "dirs": rel,
+            "mode": self.mode, "resumed": self.resumed, "dirs": rel, "tags": list(self.tags), "url": self.url,
         }  # fmt: skip
 
     @property
@@ -206,8 +239,37 @@ def identity_for(
         backends=settings.backends, project=settings.project, group=group, name=run_name(stage_key),
         run_id=run_id, job_type=stage_key.split("/")[0], resumed=resume,
         mode=wandb_mode(settings, environ) if settings.uses("wandb") else None,
-        entity=settings.entity, dirs=dirs,
+        entity=settings.entity, dirs=dirs, tags=settings.tags,
     )  # fmt: skip
+
+
+def run_group(settings: TrackingSettings, manifest, model_name: str | None = None) -> str:
+    """The run directory's tracking group: `tracking.group`, else the manifest's `tracking_group` (created
+    once, on the first tracked stage, so every stage and every method of a sweep shares it)."""
+    if settings.group:
+        return settings.group
+    return manifest.meta("tracking_group", lambda: new_group(manifest.run_dir, model_name))
+
+
+def identity_of(ctx) -> RunIdentity | None:
+    """The identity the orchestrator gave this stage attempt (`ctx.tracking`), else the one its manifest
+    entry records (a stage launched as a Ray task gets a fresh context), else None (tracking off)."""
+    ident = getattr(ctx, "tracking", None)
+    if ident is not None or getattr(ctx, "dry_run", False):
+        return ident
+    if not settings_from_config(ctx.cfg).enabled:
+        return None
+    rec = (ctx.manifest.entry(ctx.key) or {}).get("tracking")
+    return RunIdentity.from_record(rec, ctx.run_dir) if rec else None
+
+
+def verl_trainer_names(identity: RunIdentity | None) -> dict[str, str]:
+    """`trainer.project_name` / `trainer.experiment_name` for verl: verl 0.9.1 passes them to
+    `wandb.init(project=, name=)` explicitly (so WANDB_PROJECT / WANDB_NAME would be ignored). Empty when off:
+    the stage keeps its own names."""
+    if identity is None:
+        return {}
+    return {"project_name": identity.project, "experiment_name": identity.name}
 
 
 def verl_logger(base: list[str], identity: RunIdentity | None) -> list[str]:
@@ -219,23 +281,28 @@ def verl_logger(base: list[str], identity: RunIdentity | None) -> list[str]:
     return out
 
 
-def verl_env(identity: RunIdentity | None) -> dict[str, str]:
-    """Environment for verl's processes so its `wandb.init` / TensorBoard writer join this identity."""
+def verl_env(identity: RunIdentity | None, *, create: bool = True) -> dict[str, str]:
+    """Environment for verl's processes so its `wandb.init` / TensorBoard writer join this identity
+    (`create=False`: do not make the folders, for a dry run)."""
     if identity is None:
         return {}
     env: dict[str, str] = {}
     if "wandb" in identity.backends:
-        Path(identity.dirs["wandb"]).mkdir(parents=True, exist_ok=True)
+        if create:
+            Path(identity.dirs["wandb"]).mkdir(parents=True, exist_ok=True)
         env.update(
             WANDB_PROJECT=identity.project, WANDB_RUN_GROUP=identity.group, WANDB_RUN_ID=identity.run_id,
             WANDB_NAME=identity.name, WANDB_RESUME="allow", WANDB_JOB_TYPE=identity.job_type,
             WANDB_DIR=identity.dirs["wandb"], WANDB_MODE=str(identity.mode),
             WANDB_SILENT="true",
         )  # fmt: skip
+        if identity.tags:
+            env["WANDB_TAGS"] = ",".join(identity.tags)
         if identity.entity:
             env["WANDB_ENTITY"] = identity.entity
     if "tensorboard" in identity.backends:
-        Path(identity.dirs["tensorboard"]).mkdir(parents=True, exist_ok=True)
+        if create:
+            Path(identity.dirs["tensorboard"]).mkdir(parents=True, exist_ok=True)
         env["TENSORBOARD_DIR"] = identity.dirs["tensorboard"]
     return env
 
@@ -274,6 +341,7 @@ class StageRun:
                 project=ident.project, entity=ident.entity, group=ident.group, name=ident.name, id=ident.run_id,
                 job_type=ident.job_type, resume="allow", dir=ident.dirs["wandb"], mode=ident.mode,
                 config=self.config, reinit="create_new", settings=wandb.Settings(silent=True),
+                tags=list(ident.tags) or None,
             )  # fmt: skip
         if "tensorboard" in ident.backends:
             from torch.utils.tensorboard import SummaryWriter
