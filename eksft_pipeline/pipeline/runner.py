@@ -66,7 +66,7 @@ REGISTRY = {
     "handoff": "eksft_pipeline.rl.handoff:HandoffStage",
     "rl": "eksft_pipeline.rl.stage:RLStage",
     "eval": "eksft_pipeline.eval.stage:EvalStage",
-    "report": "eksft_pipeline.analysis.report:ReportStage",
+    "report": "eksft_pipeline.analysis.stage:ReportStage",
 }
 ORDER = list(REGISTRY)
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -299,7 +299,7 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path, manifest: Manifest, ses
     ctx = StageContext(cfg=cfg, run_dir=run_dir, manifest=manifest, key=key, dry_run=bool(cfg.dry_run))
     try:
         if ctx.dry_run:
-            ctx.tracking = _identity(ctx, manifest.entry(key), "<config hash>", preview=True)
+            ctx.tracking = _identity(stage, ctx, manifest.entry(key), "<config hash>", preview=True)
             with quiet():
                 stage.validate(ctx)
             print(json.dumps(stage.describe(ctx), indent=2, default=str), flush=True)
@@ -312,18 +312,19 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path, manifest: Manifest, ses
         raise
 
 
-def _identity(ctx: StageContext, entry: dict | None, cfg_hash: str, *, preview: bool = False):
+def _identity(stage: Stage, ctx: StageContext, entry: dict | None, cfg_hash: str, *, preview: bool = False):
     """The tracker identity of this attempt (pipeline/tracking.py), or None when `tracking=none`.
 
     `entry` is the stage's manifest entry BEFORE this attempt: its run id is continued only by a resume of
-    the same config hash. A dry run previews it without writing the manifest."""
+    the same config hash. A dry run previews it without writing the manifest. Only stages that log something
+    (`tracked = True`: sft, rl, eval, report) get one; assets, split and handoff do not."""
     from eksft_pipeline.pipeline import tracking as T
 
     try:
         settings = T.settings_from_config(ctx.cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if not settings.enabled:
+    if not settings.enabled or not getattr(stage, "tracked", False):
         return None
     if preview:
         group = settings.group or ctx.manifest.read().get("tracking_group") or "<created at the first run>"
@@ -369,7 +370,7 @@ def _run_stage(stage: Stage, key: str, ctx: StageContext, session: Session | Non
             else:
                 _say(f"{key}: re-running ({why}); removing the previous attempt's outputs"
                      + (" and its checkpoints (they belong to another config)" if stage.keep_on_retry else ""))
-        ctx.tracking = _identity(ctx, entry, h)
+        ctx.tracking = _identity(stage, ctx, entry, h)
         session.ensure_watchdog()
         # 'running' is recorded BEFORE the previous outputs are removed: a kill in between never leaves a
         # 'complete' entry whose files are gone

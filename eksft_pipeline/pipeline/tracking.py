@@ -363,7 +363,7 @@ class StageRun:
 
             self._wandb.log({name: wandb.Table(dataframe=df.reset_index(drop=True))})
         if self._tb is not None:
-            self._tb.add_text(name, df.to_markdown(index=False) if hasattr(df, "to_markdown") else str(df))
+            self._tb.add_text(name, _markdown_table(df))
 
     def image(self, name: str, path: str | os.PathLike) -> None:
         p = Path(path)
@@ -386,11 +386,25 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish(exit_code=0 if exc_type is None else 1)
             self._wandb = None
+            # finish() returns before wandb's service has flushed the offline transaction log; tearing the service
+            # down waits for it, so the run's files are complete when the stage ends (and the report can read them)
+            wandb.teardown()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _markdown_table(df) -> str:
+    """A DataFrame as a Markdown table (TensorBoard renders text as Markdown; no `tabulate` dependency)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines)
 
 
 def _is_number(v) -> bool:

@@ -55,6 +55,7 @@ class VerlTrainingStage(Stage):
     """Base of the `sft` and `rl` stages (see the module docstring)."""
 
     keep_on_retry = ("checkpoints", "logs")
+    tracked = True  # gets a tracker run when tracking is on (pipeline/tracking.py)
     recipe: str = ""  # recipes/verl/<recipe>.yaml
     block: str = ""  # the pipeline keys holding verl overrides: <block>.verl, model.<block>.verl, cluster.<block>.verl
     config_name: str = ""  # <out_dir>/<config_name>.yaml
