@@ -12,7 +12,12 @@ How each stage logs:
   calls `wandb.init(project=, name=, entity=, config=)` with no group, id or resume
   (verl/utils/tracking.py): wandb reads WANDB_RUN_GROUP, WANDB_RUN_ID, WANDB_RESUME, WANDB_JOB_TYPE,
   WANDB_DIR and WANDB_MODE itself. TensorBoard's folder comes from TENSORBOARD_DIR the same way.
-- `eval` and `report` log from the orchestrator process through `StageRun` (this module).
+- `eval` and `report` log from the orchestrator process through `StageRun` (this module): eval one run per
+  target model (`eval/<method>/<target>`, id `<eval run id>-<target>`: avg@n, the pass@k curve with k as
+  the step, a pass@k table), report one run (`report`: its figures and tables).
+- `assets`, `split` and `handoff` log nothing and get no run (a stage opts in with `tracked = True`).
+- the runner (pipeline/runner.py `_identity`) makes the identity of each attempt before it starts and
+  records it in the manifest; a stage reads it as `identity_of(ctx)`.
 
 Identity: one group per pipeline run directory (created once, kept in the manifest's `tracking_group`,
 overridable with `tracking.group=`), run names `<stage>/<method or init tag>` (`sft/eksft`, `rl/eksft`,

@@ -28,6 +28,10 @@ start from scratch. `trainer.save_freq` must be > 0 (the recipes save every step
 every 5 on GPU), so a kill loses at most that many steps. verl's full output (its whole config, Ray's
 logs) is in `logs/train-<time>.log`; the console shows step, score, response length and ETA.
 
+Tracking (`tracking=wandb|tensorboard`, pipeline/tracking.py): verl's tracker in the TaskRunner logs every DAPO
+step to the run `rl/<init>`; its identity (WANDB_*, TENSORBOARD_DIR) reaches the TaskRunner through the job's
+runtime env like the rest of the stage environment (see Ray below); the hookup is in pipeline/verl_stage.py.
+
 Config layers, later wins: `recipes/verl/dapo.yaml` <- `rl.verl` <- `model.rl.verl` <- `cluster.rl.verl`
 <- anything typed on the command line under those keys.
 

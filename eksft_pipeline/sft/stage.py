@@ -17,6 +17,9 @@ config or `force=true` removes them: the run retrains instead of "resuming" a fi
 another config. Metrics of every attempt go to their own `logs/metrics-<time>.jsonl` (verl's file logger
 truncates its file). verl's full output is in `logs/train-<time>.log`; the console shows step, loss, ETA.
 
+Tracking (`tracking=wandb|tensorboard`, pipeline/tracking.py): verl's own tracker logs every step (loss,
+`eksft/*` selection statistics) to the run `sft/<method>`; the hookup is in pipeline/verl_stage.py.
+
 Config layers, later wins: `sft.verl` (paper defaults) <- `model.sft.verl` <- `cluster.sft.verl` <- the
 method <- anything typed on the command line under those keys (`sft.verl.optim.lr=5e-4`).
 """
