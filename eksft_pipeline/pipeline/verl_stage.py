@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from eksft_pipeline.pipeline.artifacts import (
     StepProgress,
@@ -136,8 +136,3 @@ class VerlTrainingStage(Stage):
     def stamp() -> str:
         return time.strftime("%Y%m%d-%H%M%S")
 
-
-def set_names(stage: VerlTrainingStage, ctx: StageContext, vc) -> None:
-    """`stage.set_trainer_names` under `open_dict` (for callers outside a stage's own open_dict block)."""
-    with open_dict(vc):
-        stage.set_trainer_names(ctx, vc)
