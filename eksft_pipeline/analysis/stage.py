@@ -313,9 +313,9 @@ def tracking_rows(data: RunData) -> list[dict[str, Any]]:
         rec = e.get("tracking")
         if not rec:
             continue
-        runs = [(rec["name"], rec["run_id"])]
-        for _target, sub in sorted(((e.get("summary") or {}).get("tracking_runs") or {}).items()):
-            runs.append((sub["name"], sub["run_id"]))
+        # eval logs one run per target model (summary `tracking_runs`); its own id only names them
+        subs = (e.get("summary") or {}).get("tracking_runs") or {}
+        runs = [(sub["name"], sub["run_id"]) for _t, sub in sorted(subs.items())] or [(rec["name"], rec["run_id"])]
         for name, run_id in runs:
             where = rec.get("url") if run_id == rec["run_id"] else None
             if not where and rec.get("url"):
