@@ -305,6 +305,18 @@ def section_claims(r: Report) -> list[str]:
             "Measured here, not assumed; see `eksft_pipeline/analysis/claims.py` for each measure.", "", *lines, ""]
 
 
+def _local_run(run_dir: Path, backend: str, folder: str, run_id: str) -> str:
+    """Where a run's local files are: the W&B run folder(s) of `run_id` when present, else the backend's folder."""
+    from eksft_pipeline.pipeline.tracking import wandb_run_dirs
+
+    root = Path(folder) if Path(folder).is_absolute() else run_dir / folder
+    if backend == "wandb":
+        found = wandb_run_dirs(root, run_id)
+        if found:
+            return "wandb: " + ", ".join(f"`{d}`" for d in found)
+    return f"{backend}: `{root}`"
+
+
 def tracking_rows(data: RunData) -> list[dict[str, Any]]:
     """One row per tracker run recorded in the manifests (eval: one per target model)."""
     rows = []
@@ -321,7 +333,7 @@ def tracking_rows(data: RunData) -> list[dict[str, Any]]:
             if not where and rec.get("url"):
                 where = rec["url"].rsplit("/", 1)[0] + f"/{run_id}"
             if not where:
-                where = ", ".join(f"{b}: `{Path(rd) / d}`" for b, d in (rec.get("dirs") or {}).items())
+                where = ", ".join(_local_run(Path(rd), b, d, run_id) for b, d in (rec.get("dirs") or {}).items())
             rows.append({"run_dir": rd, "stage": k, "status": e.get("status"), "name": name, "run_id": run_id,
                          "group": rec.get("group"), "backends": "+".join(rec.get("backends") or []),
                          "mode": rec.get("mode"), "where": where, "resumed": bool(rec.get("resumed"))})
@@ -332,7 +344,9 @@ def section_tracking(r: Report, own: Any = None) -> list[str]:
     """Every stage's tracker run (name, id, group, link or local folder) and how to upload offline W&B runs;
     `own` is the report's own identity (tracking on)."""
     rows = tracking_rows(r.data)
-    if own is not None:
+    if own is not None:  # this stage's own entry is listed from `own` (its manifest entry is still running)
+        here = str(Path(r.ctx.run_dir).resolve())
+        rows = [x for x in rows if not (x["stage"] == r.ctx.key and str(Path(x["run_dir"]).resolve()) == here)]
         rows.append({"run_dir": str(r.ctx.run_dir), "stage": "report", "status": "running", "name": own.name,
                      "run_id": own.run_id, "group": own.group, "backends": "+".join(own.backends), "mode": own.mode,
                      "where": own.url or ", ".join(f"{b}: `{d}`" for b, d in own.dirs.items()),
