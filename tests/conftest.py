@@ -11,7 +11,7 @@ and the session ends with a "SHARED EVAL DATA MISSING" section listing them; `EK
 fail instead (for a CI that must have it).
 
 Developing the slow tests: `EKSFT_TEST_TINY_RUN=/path/to/run` reuses a completed run made by the same command
-(`python -m eksft_pipeline run_dir=/path/to/run > /path/to/pipeline.log`) instead of running it again.
+(`WANDB_MODE=offline python -m eksft_pipeline run_dir=/path/to/run tracking=wandb > /path/to/pipeline.log`) instead of running it again.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# the shared run also proves experiment tracking end to end (tests/pipeline/test_tracking_e2e.py): W&B, offline
+# (WANDB_MODE wins over credentials), its runs under <run_dir>/tracking/wandb
+TRACKING_ARGS = ("tracking=wandb",)
+TRACKING_ENV = {"WANDB_MODE": "offline", "WANDB_CONSOLE": "off"}
 
 
 @dataclass(frozen=True)
@@ -43,15 +47,15 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     if reuse and (Path(reuse) / "manifest.json").is_file():
         run_dir = Path(reuse).resolve()
         log = run_dir.parent / "pipeline.log"
-        return TinyRun(run_dir, (sys.executable, "-m", "eksft_pipeline", f"run_dir={run_dir}"), 0,
+        return TinyRun(run_dir, (sys.executable, "-m", "eksft_pipeline", f"run_dir={run_dir}", *TRACKING_ARGS), 0,
                        log.read_text(errors="replace") if log.exists() else "", 0.0)
     run_dir = tmp_path_factory.mktemp("tiny_e2e") / "run"
-    cmd = (sys.executable, "-m", "eksft_pipeline", f"run_dir={run_dir}")
+    cmd = (sys.executable, "-m", "eksft_pipeline", f"run_dir={run_dir}", *TRACKING_ARGS)
     log = run_dir.parent / "pipeline.log"
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=2400,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={**os.environ, **TRACKING_ENV, "PYTHONUNBUFFERED": "1"})
     return TinyRun(run_dir, cmd, proc.returncode, log.read_text(errors="replace"), time.time() - t0)
 
 

@@ -3,6 +3,11 @@
 A run directory (`runs/<model>`) holds every method of a sweep: `sft/<method>`, `rl/<init>`,
 `eval/<init>/<target>/metrics.json`. Nothing here imports a stage: everything is read from the
 files the manifest lists.
+
+`source="tracker"` (`report.source=tracker`): the SFT and DAPO training curves come from each stage's tracker
+run instead (its manifest `tracking` record; W&B history read from the local `.wandb` files,
+pipeline/tracking.py `history`). A stage without a readable tracker run falls back to its metrics file, and
+`RunData.tracker_notes` says which stages did.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class RunData:
     # groups the variants of one recipe (a multirun over method.params.rho) into one table
     method_cfg: dict[str, dict] = field(default_factory=dict)
     split: dict[str, Any] | None = None
+    tracking_groups: dict[str, str] = field(default_factory=dict)  # run dir -> its tracker group (tracking on)
+    tracker_notes: list[str] = field(default_factory=list)  # source="tracker": where each curve came from
 
 
 def _load_json(path: str | Path) -> Any:
@@ -64,14 +71,41 @@ def _steps(d: dict) -> dict[int, dict]:
     return {int(k): v for k, v in sorted(d.items(), key=lambda kv: int(kv[0]))}
 
 
-def gather(run_dirs: list[str | Path]) -> RunData:
+def _curves(rd: str, key: str, entry: dict, outs: dict, source: str, data: RunData) -> dict[int, dict] | None:
+    """step -> metrics of a training stage, from the tracker (source="tracker") or its metrics file."""
+    if source == "tracker":
+        from eksft_pipeline.pipeline.tracking import history
+
+        rec = entry.get("tracking")
+        why = "no tracker run recorded"
+        if rec:
+            try:
+                steps = history(rec, Path(rd))
+                if steps:
+                    data.tracker_notes.append(f"{key}: tracker run {rec['run_id']} ({len(steps)} steps)")
+                    return steps
+                why = f"tracker run {rec['run_id']} has no history"
+            except (FileNotFoundError, ValueError) as e:
+                why = str(e)
+        data.tracker_notes.append(f"{key}: metrics file ({why})")
+    if "metrics" in outs and Path(outs["metrics"]).exists():
+        return _steps(_load_json(outs["metrics"]))
+    return None
+
+
+def gather(run_dirs: list[str | Path], source: str = "files") -> RunData:
     """Read every complete stage of every run directory. A missing manifest is an error."""
+    if source not in ("files", "tracker"):
+        raise ValueError(f"report.source={source!r} must be 'files' or 'tracker'")
     data = RunData(run_dirs=[str(Path(r).resolve()) for r in run_dirs])
     for rd in data.run_dirs:
         mpath = Path(rd) / "manifest.json"
         if not mpath.exists():
             raise FileNotFoundError(f"no manifest.json in run directory {rd}: nothing to report")
-        stages = _load_json(mpath).get("stages", {})
+        manifest = _load_json(mpath)
+        if manifest.get("tracking_group"):
+            data.tracking_groups[rd] = str(manifest["tracking_group"])
+        stages = manifest.get("stages", {})
         for key, entry in sorted(stages.items()):
             data.stages[f"{rd}::{key}"] = entry
             if entry.get("status") != "complete":
@@ -89,15 +123,17 @@ def gather(run_dirs: list[str | Path]) -> RunData:
                 method = (entry.get("config") or {}).get("method")
                 if isinstance(method, dict):
                     data.method_cfg[tag] = method
-                if "metrics" in outs and Path(outs["metrics"]).exists():
-                    data.sft_metrics[tag] = _steps(_load_json(outs["metrics"]))
+                curves = _curves(rd, key, entry, outs, source, data)
+                if curves is not None:
+                    data.sft_metrics[tag] = curves
                 if "drift" in outs and Path(outs["drift"]).exists():
                     data.drift[tag] = _load_json(outs["drift"])
                 if "hf_model" in outs:
                     data.models[f"{tag} (SFT)"] = outs["hf_model"]
             elif kind == "rl":
-                if "metrics" in outs and Path(outs["metrics"]).exists():
-                    data.rl_metrics[tag] = _steps(_load_json(outs["metrics"]))
+                curves = _curves(rd, key, entry, outs, source, data)
+                if curves is not None:
+                    data.rl_metrics[tag] = curves
                 if "hf_model" in outs:
                     data.models[f"{tag} (SFT→RL)"] = outs["hf_model"]
             elif kind == "eval":

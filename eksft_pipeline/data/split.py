@@ -656,9 +656,19 @@ def _token_stats(splits: dict[str, Rows], tok: Any) -> dict[str, Any]:
             for name, rows in splits.items()}
 
 
-def read_split_report(out_dir: str | Path) -> dict[str, Any]:
-    """Load ``split_report.json`` from a split output directory (later stages read ``generation_prefix``)."""
-    path = Path(out_dir) / REPORT_FILE
+def read_split_report(path: str | Path) -> dict[str, Any]:
+    """Load ``split_report.json``: ``path`` is the file itself (the split stage's ``report`` output, what every
+    later stage passes: ``read_split_report(ctx.upstream("split")["report"])``) or the split's output directory.
+    The one reader of the split report; a missing file is a ``DataError`` naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_FILE
     if not path.exists():
-        raise DataError(f"split report not found: {path}")
+        raise DataError(f"split report not found: {path}; run the split stage first (stage=split)")
     return json.loads(path.read_text())
+
+
+def generation_prefix(report: dict[str, Any]) -> str:
+    """The text the split moved from the SFT targets into the generation prompt (``split.think_prefix=prompt``;
+    "" otherwise): RL prompts, eval prompts and the report's case study append it."""
+    return str(report.get("generation_prefix", "") or "")

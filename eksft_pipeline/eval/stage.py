@@ -211,6 +211,7 @@ def metrics_for(scores: pd.DataFrame, n: int | dict[str, int], pass_k: list[int]
 
 class EvalStage(Stage):
     name = "eval"
+    tracked = True  # one tracker run per target model (log_eval_metrics)
     resources = {"num_cpus": 1, "num_gpus": "all"}
     # saved samples carry their own key (model content + sampling settings): kept across config changes
     resume_keyed_by_content = True
@@ -282,10 +283,12 @@ class EvalStage(Stage):
         return inp
 
     def _generation_prefix(self, ctx) -> str:
+        from eksft_pipeline.data.schema import DataError
+        from eksft_pipeline.data.split import generation_prefix, read_split_report
+
         try:
-            rep = json.loads(Path(ctx.upstream("split")["report"]).read_text())
-            return str(rep.get("generation_prefix", "") or "")
-        except (FileNotFoundError, KeyError):
+            return generation_prefix(read_split_report(ctx.upstream("split")["report"]))
+        except (FileNotFoundError, KeyError, DataError):
             return ""
 
     def sampling_params(self, ctx):
@@ -322,9 +325,15 @@ class EvalStage(Stage):
         outputs: dict[str, str] = {}
         summary: dict[str, Any] = {"benchmarks": set_summary, "sampling": params.as_dict(),
                                    "backend": str(cfg.eval.backend)}
+        from eksft_pipeline.pipeline.tracking import identity_of
+
+        ident = identity_of(ctx)
         for target, model_dir in self.targets(ctx).items():
             tdir = ctx.out_dir / target
             metrics = self._eval_target(ctx, target, model_dir, problems, params, tdir)
+            if ident is not None:
+                run = log_eval_metrics(ident.child(target), metrics)
+                summary.setdefault("tracking_runs", {})[target] = {"run_id": run.run_id, "name": run.name}
             outputs[f"{target}_metrics"] = str(tdir / "metrics.json")
             outputs[f"{target}_samples"] = str(tdir / "samples.parquet")
             summary[target] = {b: {"avg@n": m["avg@n"], f"pass@{m['n_samples']}": m["pass@k"][str(m["n_samples"])]}
@@ -445,6 +454,52 @@ class EvalStage(Stage):
                   "verifier_audit": _jsonable(verifier_audit(scores, policies=_policy_names(scores)))}
         atomic_write_json(tdir / "metrics.json", result, indent=2)
         return result
+
+
+def eval_table(metrics: dict) -> pd.DataFrame:
+    """One target's pass@k / maj@k table: one row per (benchmark, k), k = 1..n (the tracker's `pass_at_k` table)."""
+    rows = []
+    for bench, m in sorted(metrics["benchmarks"].items()):
+        for k, v in sorted(m["pass@k"].items(), key=lambda kv: int(kv[0])):
+            rows.append({"benchmark": bench, "k": int(k), "pass@k": float(v), "maj@k": m["maj@k"].get(k),
+                         "n_samples": int(m["n_samples"]), "n_problems": int(m["n_problems"])})
+    return pd.DataFrame(rows, columns=["benchmark", "k", "pass@k", "maj@k", "n_samples", "n_problems"])
+
+
+def log_eval_metrics(identity, metrics: dict):
+    """Log one eval target to its tracker run (`eval/<init>/<target>`, see pipeline/tracking.py):
+
+    - history step k (k = 1..n): `<benchmark>/pass@k` (the curve, x = k) and `<benchmark>/maj@k` where computed;
+      step 1 also holds `<benchmark>/avg@n` (= pass@1) and the mean over benchmarks `mean/avg@n`;
+    - summary: `<benchmark>/avg@n`, `<benchmark>/pass@<n>`, problems and samples per problem;
+    - table `pass_at_k`: every (benchmark, k) row (wandb.Table; TensorBoard: as text).
+
+    Returns the identity it logged under."""
+    from eksft_pipeline.pipeline.tracking import StageRun
+
+    benches = metrics["benchmarks"]
+    config = {"target": metrics.get("target"), "model": metrics.get("model"), "sampling": metrics.get("sampling")}
+    with StageRun(identity, config=_jsonable(config)) as run:
+        n_max = max(int(m["n_samples"]) for m in benches.values())
+        for k in range(1, n_max + 1):
+            row: dict[str, float] = {}
+            for b, m in benches.items():
+                if str(k) in m["pass@k"]:
+                    row[f"{b}/pass@k"] = m["pass@k"][str(k)]
+                if str(k) in m["maj@k"]:
+                    row[f"{b}/maj@k"] = m["maj@k"][str(k)]
+            if k == 1:
+                row |= {f"{b}/avg@n": m["avg@n"] for b, m in benches.items()}
+                row["mean/avg@n"] = float(np.mean([m["avg@n"] for m in benches.values()]))
+            run.log(row, step=k)
+        run.table("pass_at_k", eval_table(metrics))
+        summ: dict[str, Any] = {}
+        for b, m in benches.items():
+            n = str(m["n_samples"])
+            summ |= {f"{b}/avg@n": m["avg@n"], f"{b}/pass@{n}": m["pass@k"][n], f"{b}/n_problems": m["n_problems"],
+                     f"{b}/n_samples": m["n_samples"]}
+        run.summary(summ)
+    return identity
 
 
 def _jsonable(x):

@@ -1,6 +1,7 @@
 """The run directory's manifest: what each stage consumed, produced, and whether it finished.
 
-`<run_dir>/manifest.json` holds one entry per stage key (e.g. "split", "sft/eksft", "rl/eksft"):
+`<run_dir>/manifest.json` holds run-wide values (`tracking_group`: the tracker group of this run
+directory, pipeline/tracking.py) and one entry per stage key (e.g. "split", "sft/eksft", "rl/eksft"):
 
     {"status": "running" | "complete" | "failed" | "killed" | "stale",
      "config": {...the stage's resolved config...}, "config_hash": "sha256:...",
@@ -8,7 +9,8 @@
      "outputs": {"name": {"path": ..., "hash": ...}},
      "summary": {...numbers the stage reports...},
      "started": iso-time, "finished": iso-time, "pid": int, "pid_start": int, "host": str,
-     "run_token": str, "error": str | null, "stale_reason": str (only when stale), "attempts": int}
+     "run_token": str, "error": str | null, "stale_reason": str (only when stale), "attempts": int,
+     "tracking": {...tracker run of this attempt: backends, group, name, run_id, ...} (tracking on only)}
 
 Paths inside the run directory are recorded RELATIVE to it (`sft/eksft/hf_model`), everything else
 absolute, so a run directory can be moved, archived or copied (`cp -r runs/tiny runs/variant`) and
@@ -273,6 +275,16 @@ class Manifest:
             entry.update(fields)
             self._write(data)
             return entry
+
+    def meta(self, name: str, default=None):
+        """A top-level value of the run directory (e.g. `tracking_group`); `default` (a callable) creates and
+        records it once, under the lock, so concurrent stages of one sweep agree on it."""
+        with self._locked():
+            data = self.read()
+            if name not in data and callable(default):
+                data[name] = default()
+                self._write(data)
+            return data.get(name)
 
     def entry(self, key: str) -> dict | None:
         return self.read()["stages"].get(key)

@@ -66,7 +66,7 @@ REGISTRY = {
     "handoff": "eksft_pipeline.rl.handoff:HandoffStage",
     "rl": "eksft_pipeline.rl.stage:RLStage",
     "eval": "eksft_pipeline.eval.stage:EvalStage",
-    "report": "eksft_pipeline.analysis.report:ReportStage",
+    "report": "eksft_pipeline.analysis.stage:ReportStage",
 }
 ORDER = list(REGISTRY)
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -98,10 +98,14 @@ def _resources(stage: Stage, cfg: DictConfig) -> dict:
     return res
 
 
-def _run_stage_in_process(stage_name: str, cfg_container: dict, run_dir: str, key: str) -> StageResult:
+def _run_stage_in_process(stage_name: str, cfg_container: dict, run_dir: str, key: str,
+                          tracking: dict | None = None) -> StageResult:
+    from eksft_pipeline.pipeline.tracking import RunIdentity
+
     cfg = OmegaConf.create(cfg_container)
     stage = load_stage(stage_name)
-    ctx = StageContext(cfg=cfg, run_dir=Path(run_dir), manifest=Manifest(run_dir), key=key)
+    ctx = StageContext(cfg=cfg, run_dir=Path(run_dir), manifest=Manifest(run_dir), key=key,
+                       tracking=RunIdentity.from_record(tracking, run_dir) if tracking else None)
     return stage.run(ctx)
 
 
@@ -130,7 +134,8 @@ def _launch(stage: Stage, ctx: StageContext) -> StageResult:
     remote = ray.remote(**res)(_run_stage_in_process)
     cfg_container = OmegaConf.to_container(cfg, resolve=True)
     _say(f"{ctx.key}: submitted as a Ray task {res}")
-    return ray.get(remote.remote(stage.name, cfg_container, str(ctx.run_dir), ctx.key))
+    rec = ctx.tracking.record(ctx.run_dir) if ctx.tracking is not None else None
+    return ray.get(remote.remote(stage.name, cfg_container, str(ctx.run_dir), ctx.key, rec))
 
 
 # -- run directory, environment, processes -------------------------------------------------------------
@@ -294,6 +299,7 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path, manifest: Manifest, ses
     ctx = StageContext(cfg=cfg, run_dir=run_dir, manifest=manifest, key=key, dry_run=bool(cfg.dry_run))
     try:
         if ctx.dry_run:
+            ctx.tracking = _identity(stage, ctx, manifest.entry(key), "<config hash>", preview=True)
             with quiet():
                 stage.validate(ctx)
             print(json.dumps(stage.describe(ctx), indent=2, default=str), flush=True)
@@ -304,6 +310,28 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path, manifest: Manifest, ses
             with contextlib.suppress(AttributeError):
                 e.stage_key = key
         raise
+
+
+def _identity(stage: Stage, ctx: StageContext, entry: dict | None, cfg_hash: str, *, preview: bool = False):
+    """The tracker identity of this attempt (pipeline/tracking.py), or None when `tracking=none`.
+
+    `entry` is the stage's manifest entry BEFORE this attempt: its run id is continued only by a resume of
+    the same config hash. A dry run previews it without writing the manifest. Only stages that log something
+    (`tracked = True`: sft, rl, eval, report) get one; assets, split and handoff do not."""
+    from eksft_pipeline.pipeline import tracking as T
+
+    try:
+        settings = T.settings_from_config(ctx.cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not settings.enabled or not getattr(stage, "tracked", False):
+        return None
+    if preview:
+        group = settings.group or ctx.manifest.read().get("tracking_group") or "<created at the first run>"
+    else:
+        group = T.run_group(settings, ctx.manifest, str(ctx.cfg.model.name))
+    return T.identity_for(settings, stage_key=ctx.key, run_dir=ctx.run_dir, group=group, previous=entry,
+                          config_hash=cfg_hash)
 
 
 def _run_stage(stage: Stage, key: str, ctx: StageContext, session: Session | None) -> dict:
@@ -342,12 +370,17 @@ def _run_stage(stage: Stage, key: str, ctx: StageContext, session: Session | Non
             else:
                 _say(f"{key}: re-running ({why}); removing the previous attempt's outputs"
                      + (" and its checkpoints (they belong to another config)" if stage.keep_on_retry else ""))
+        ctx.tracking = _identity(stage, ctx, entry, h)
         session.ensure_watchdog()
         # 'running' is recorded BEFORE the previous outputs are removed: a kill in between never leaves a
         # 'complete' entry whose files are gone
         stale = manifest.start(key, stage_cfg, h, inputs, run_token=session.token)
         if stale:
             _say(f"{key}: marked stale (they used its previous outputs): {', '.join(stale)}")
+        if ctx.tracking is not None:
+            manifest.update(key, tracking=ctx.tracking.record(run_dir))
+            _say(f"{key}: tracking {'+'.join(ctx.tracking.backends)} run {ctx.tracking.name} "
+                 f"(id {ctx.tracking.run_id}{', resumed' if ctx.tracking.resumed else ''}, group {ctx.tracking.group})")
         t0 = time.time()
         try:
             stage.clean(ctx, keep=keep)

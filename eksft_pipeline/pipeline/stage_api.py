@@ -40,6 +40,8 @@ class StageContext:
     manifest: Manifest
     key: str
     dry_run: bool = False
+    # the tracker identity of this attempt (pipeline/tracking.py RunIdentity), set by the runner; None = off
+    tracking: Any = None
 
     @property
     def out_dir(self) -> Path:

@@ -33,7 +33,6 @@ Output: `handoff_report.json` with every check and `model` = the directory the R
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -325,8 +324,9 @@ class HandoffStage(Stage):
         if not (list(model_dir.glob("*.safetensors")) or list(model_dir.glob("pytorch_model*.bin"))) and _is_fsdp_checkpoint(model_dir):
             model_dir, merge_info = merge_fsdp_checkpoint(model_dir, out / "merged", env=ctx.env())
         split = ctx.upstream("split")
-        rep = json.loads(Path(split["report"]).read_text())
-        prefix = str(rep.get("generation_prefix", "") or "")
+        from eksft_pipeline.data.split import generation_prefix, read_split_report
+
+        prefix = generation_prefix(read_split_report(split["report"]))
         n_check = int(cfg.handoff.get("n_check", 64))
         sft_df = pd.read_parquet(split["sft_train"])
         rl_df = pd.read_parquet(split["rl_train"])

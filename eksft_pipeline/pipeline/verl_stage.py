@@ -1,0 +1,138 @@
+"""One base for the two stages that train inside verl: `sft` (verl's FSDP SFT trainer under torchrun) and
+`rl` (verl's `main_ppo`, DAPO, on Ray).
+
+    python -m eksft_pipeline stage=sft method=eksft      # eksft_pipeline/sft/stage.py: SFTStage(VerlTrainingStage)
+    python -m eksft_pipeline stage=rl init=eksft         # eksft_pipeline/rl/stage.py:  RLStage(VerlTrainingStage)
+
+What both do, here once:
+
+- config layering (later wins): `recipes/verl/<recipe>.yaml` on verl's own YAML <- `<block>.verl` <-
+  `model.<block>.verl` <- `cluster.<block>.verl` <- the command line's overrides of those keys (`strict_merge`:
+  a key verl does not have is an error naming it; keys the stage owns are refused on the command line);
+- experiment tracking (pipeline/tracking.py): the tracker backends appended to verl's `trainer.logger`, verl's
+  `trainer.project_name` / `experiment_name` set to the run's project and name (`sft/eksft`, `rl/eksft`:
+  verl passes them to `wandb.init` explicitly), and the rest of the identity (group, run id, resume, job type,
+  folders) in the environment of verl's processes (`tracking_env`), which verl's `wandb.init` and its
+  TensorBoard writer read. Tracking off: names and logger exactly as before;
+- the verl config written atomically next to the stage's outputs;
+- the training run: resume point checked, "already finished under this config" honoured, verl's output teed
+  to `logs/train-<time>.log` with a progress line (and an optional stall watchdog), `.training_done` marked;
+- the export of the last checkpoint's HF folder to `hf_model/`, and the metrics of every attempt merged into
+  `metrics.json`.
+
+The subclasses keep what differs: the verl recipe and its owned keys, the files and launch command, memory
+estimate, validation and the stage's own outputs (drift for SFT, the validation parquet for RL).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from eksft_pipeline.pipeline.artifacts import (
+    StepProgress,
+    atomic_path,
+    atomic_write_json,
+    check_resume_point,
+    export_hf_model,
+    mark_training_done,
+    read_metric_logs,
+    tail,
+    tee,
+    training_done,
+)
+from eksft_pipeline.pipeline.stage_api import PipelineError, Stage, StageContext
+from eksft_pipeline.pipeline.tracking import identity_of, verl_env, verl_logger, verl_trainer_names
+from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
+
+PROJECT_NAME = "eksft-pipeline"  # verl's trainer.project_name when tracking is off
+
+
+class VerlTrainingStage(Stage):
+    """Base of the `sft` and `rl` stages (see the module docstring)."""
+
+    keep_on_retry = ("checkpoints", "logs")
+    tracked = True  # gets a tracker run when tracking is on (pipeline/tracking.py)
+    recipe: str = ""  # recipes/verl/<recipe>.yaml
+    block: str = ""  # the pipeline keys holding verl overrides: <block>.verl, model.<block>.verl, cluster.<block>.verl
+    config_name: str = ""  # <out_dir>/<config_name>.yaml
+    owned: dict[str, str] = {}  # verl keys the stage sets itself -> the pipeline key that controls each
+    hf_subdir: str = "huggingface"  # the HF folder inside a verl checkpoint
+    what: str = "verl"  # how errors name the training process
+
+    # -- config -----------------------------------------------------------------------------------
+    def compose(self, ctx: StageContext, overrides: list[str] | None = None):
+        """verl's YAML + recipes/verl/<recipe>.yaml (Hydra `overrides`), then the recipes' layers and the command
+        line's values, each merged strictly."""
+        cfg, b = ctx.cfg, self.block
+        vc = compose_verl(self.recipe, overrides or [])
+        for where, block in (
+            (f"{b}.verl", cfg[b].get("verl")),
+            (f"model.{b}.verl", (cfg.model.get(b) or {}).get("verl")),
+            (f"cluster.{b}.verl", (cfg.cluster.get(b) or {}).get("verl")),
+            *command_line_blocks(cfg, f"{b}.verl", f"model.{b}.verl", f"cluster.{b}.verl", owned=self.owned),
+        ):
+            strict_merge(vc, block, where=where)
+        return vc
+
+    def experiment_name(self, ctx: StageContext) -> str:
+        """verl's `trainer.experiment_name` when tracking is off."""
+        return f"{ctx.cfg.model.name}-{ctx.key.replace('/', '-')}"
+
+    def set_trainer_names(self, ctx: StageContext, vc) -> None:
+        """`trainer.project_name`, `experiment_name` and `logger` (inside `open_dict`): the tracker's run when on."""
+        ident = identity_of(ctx)
+        names = verl_trainer_names(ident)
+        vc.trainer.project_name = names.get("project_name", PROJECT_NAME)
+        vc.trainer.experiment_name = names.get("experiment_name", self.experiment_name(ctx))
+        vc.trainer.logger = verl_logger(list(vc.trainer.get("logger") or ["console"]), ident)
+
+    def tracking_env(self, ctx: StageContext) -> dict[str, str]:
+        """WANDB_* / TENSORBOARD_DIR for verl's processes (empty when tracking is off)."""
+        return verl_env(identity_of(ctx), create=not ctx.dry_run)
+
+    @staticmethod
+    def write_config(vc, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            OmegaConf.save(vc, tmp, resolve=True)
+
+    # -- run --------------------------------------------------------------------------------------
+    def note_resume_point(self, ctx: StageContext) -> None:
+        note = check_resume_point(ctx.out_dir / "checkpoints")
+        if note:
+            print(f"[{ctx.key}] {note}", flush=True)
+
+    def train(self, ctx: StageContext, command: list[str], env: dict[str, str], log: Path, progress: StepProgress,
+              watchdog=None) -> None:
+        """Run verl (unless training under this config already finished), teeing its output to `log`."""
+        ckpt = ctx.out_dir / "checkpoints"
+        done = training_done(ckpt)
+        if done is not None:
+            print(f"[{ctx.key}] training under this config already finished at step {done}; exporting only", flush=True)
+            return
+        rc = tee(command, env, log, watchdog=watchdog, progress=progress)
+        if rc != 0:
+            raise PipelineError(f"{self.what} exited with code {rc}; the cause is in its log {log} "
+                                "(last lines above); fix it and re-run (same config: resumes)", details=tail(log, 30))
+        mark_training_done(ckpt)
+
+    def export(self, ctx: StageContext, base_model: str) -> Path:
+        out = ctx.out_dir
+        return export_hf_model(out / "checkpoints", out / "hf_model", base_model=base_model, subdir=self.hf_subdir)
+
+    def collect_metrics(self, ctx: StageContext, what: str) -> dict[int, dict[str, Any]]:
+        """step -> metrics of every attempt (a later attempt's value for a step wins), written to `metrics.json`."""
+        out = ctx.out_dir
+        metrics = read_metric_logs(out / "logs")[0]
+        if not metrics:
+            raise RuntimeError(f"{what} finished but logged no metrics under {out / 'logs'}")
+        atomic_write_json(out / "metrics.json", metrics, indent=1)
+        return metrics
+
+    @staticmethod
+    def stamp() -> str:
+        return time.strftime("%Y%m%d-%H%M%S")
+
