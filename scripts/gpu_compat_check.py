@@ -61,7 +61,7 @@ def main() -> int:
             if est is not None:
                 est.check()
             ctx = StageContext(cfg=cfg, run_dir=run, manifest=Manifest(run), key="rl/eksft", dry_run=True)
-            rl.validate(rl.verl_config(ctx))
+            rl.validate_verl(rl.verl_config(ctx))
     print(f"gpu-compat: {len(combos)} model/cluster recipes compose and validate (SFT + RL)", flush=True)
 
     import pytest

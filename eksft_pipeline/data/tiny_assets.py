@@ -64,7 +64,7 @@ def make_tiny_assets(
     Layout::
 
         out_dir/data/tiny_math_train.parquet   n_problems rows, OpenR1 schema (split-stage input)
-        out_dir/data/tiny_math_eval.parquet    eval prompts, verl RL layout (tiny_add, tiny_linear)
+        out_dir/data/tiny_math_eval.parquet    eval prompts, verl RL layout (the mix's families; default tiny_add, tiny_sub)
         out_dir/data/tiny_pretrain.jsonl       plain-text pretraining corpus, disjoint from both
         out_dir/model/                         Qwen3 model + tokenizer + generation_config (+ pretrain_log.json)
         out_dir/TINY_ASSETS_COMPLETE.json      completion marker: parameters + sha256 of every file above

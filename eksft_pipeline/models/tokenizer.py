@@ -27,6 +27,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from eksft_pipeline.data.chat_template import CHATML
+
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 NON_SPECIAL_ADDED = frozenset({"<think>", "</think>"})
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
@@ -36,19 +38,8 @@ PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' and generation_prefix is defined and generation_prefix -%}"
-    "{{- generation_prefix -}}"
-    "{%- endif -%}"
-    "{{- message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if generation_prefix is defined and generation_prefix -%}{{- generation_prefix -}}{%- endif -%}"
-    "{%- endif -%}"
-)
+# the run's ChatML template (eksft_pipeline/data/chat_template.py): the tiny tokenizer ships the same text
+CHAT_TEMPLATE = CHATML
 
 
 def build_tiny_tokenizer(out_dir: str | Path | None, corpus_texts: Iterable[str], vocab_size: int = 1024):

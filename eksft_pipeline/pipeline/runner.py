@@ -513,7 +513,8 @@ def report_error(e: BaseException, cfg: DictConfig) -> int:
         print(f"    {line}", flush=True)
     first = lines[0]
     known = isinstance(e, PipelineError | ValueError | FileNotFoundError | KeyError | StalledRun)
-    if isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left on device" in msg):
+    # a full disk also comes back from native writers as a plain Exception (tokenizers: "... (os error 28)")
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in msg:
         known = True
         where_fs = getattr(e, "filename", None) or cfg.get("run_dir") or "the run directory"
         first += (f" -- the file system holding {where_fs} is full: free space there (or use another run_dir) "

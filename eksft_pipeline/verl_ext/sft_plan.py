@@ -73,7 +73,7 @@ def _units(seq_ids: torch.Tensor, groups: torch.Tensor, scope: str) -> list[tupl
     return out
 
 
-def _aggregate(parts: list[dict[str, float]]) -> dict[str, float]:
+def aggregate_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     """Counts (n_*, k) summed, everything else token-weighted (by n_tokens) over the planning units."""
     if len(parts) == 1:
         return dict(parts[0])
@@ -103,7 +103,7 @@ def plan_step(
     in the group): the authors' per-call selection with equal weight per sequence.
     `groups` [N]: the update (mini-batch) each token belongs to (`eksft.updates_per_batch`; None = one group):
     each update is planned from its own tokens, with its own denominators.
-    Metrics: the units' metrics aggregated (`_aggregate`), plus for selective losses iou_batch (over all
+    Metrics: the units' metrics aggregated (`aggregate_metrics`), plus for selective losses iou_batch (over all
     tokens of the step), iou_seq_mean / iou_seq_count (per sequence, then averaged) and iou (= iou_batch).
     """
     from eksft_pipeline.losses import LinearTokenLoss, iou, iou_per_sequence
@@ -146,7 +146,7 @@ def plan_step(
                 put(SCALAR_PREFIX + name, rows, torch.full((rows.numel(),), float(value), dtype=torch.float64))
             put(UNIT_WEIGHT, rows, torch.full((rows.numel(),), weight, dtype=torch.float64))
         parts.append({k: float(v) for k, v in plan.metrics.items()})
-    metrics = _aggregate(parts) if parts else {}
+    metrics = aggregate_metrics(parts) if parts else {}
     metrics["n_units"] = float(len(units))
     if "mask_h" in token and "mask_kl" in token:
         m_h, m_kl = token["mask_h"].bool(), token["mask_kl"].bool()

@@ -67,6 +67,7 @@ from eksft_pipeline.verl_ext.sft_plan import (
     COEFFS,
     SCALAR_PREFIX,
     UNIT_WEIGHT,
+    aggregate_metrics,
     check_eksft_block,
     complete_eksft_block,
     plan_step,
@@ -500,7 +501,7 @@ class SelectiveTrainingWorker(TrainingWorker):
         elapsed = time.perf_counter() - t0
 
         if self.selection_scope == "micro_batch" and self.hook.micro_metrics:
-            plan_metrics = _weighted_mean(self.hook.micro_metrics)
+            plan_metrics = aggregate_metrics(self.hook.micro_metrics)
         self.last_plan_metrics = plan_metrics
         output = _merge_outputs(outputs)
         if output is not None:
@@ -614,18 +615,6 @@ class SelectiveTrainingWorker(TrainingWorker):
             return orig()
 
         engine.optimizer_step = optimizer_step
-
-
-def _weighted_mean(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Token-weighted mean of per-micro-batch plan metrics (counts are summed)."""
-    total = sum(p.get("n_tokens", 0.0) for p in parts) or 1.0
-    out: dict[str, float] = {}
-    for key in {k for p in parts for k in p}:
-        if key.startswith("n_") or key == "k":
-            out[key] = float(sum(p.get(key, 0.0) for p in parts))
-        else:
-            out[key] = float(sum(p.get(key, 0.0) * p.get("n_tokens", 0.0) for p in parts) / total)
-    return out
 
 
 def _merge_outputs(outputs: list):

@@ -121,7 +121,7 @@ def _chat(a: int, b: int) -> str:
 def tiny_assets(tmp_path_factory) -> Path:
     """A model=tiny assets dir in miniature: a Qwen3 (head_dim 32, which vLLM's CPU attention supports) briefly
     pre-trained on "a + b" chats, so its next-token distributions are peaked, and an eval parquet of 6 tiny_add +
-    6 tiny_linear prompts where the `tiny` benchmarks recipe looks for it."""
+    6 tiny_sub prompts where the `tiny` benchmarks recipe looks for it."""
     from eksft_pipeline.data.schema import RL_SCHEMA
     from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
     from eksft_pipeline.models.pretrain import pretrain_tiny
@@ -136,7 +136,7 @@ def tiny_assets(tmp_path_factory) -> Path:
     pretrain_tiny(out / "model", texts * 4, steps=120, seq_len=64, batch_size=16, lr=3e-3, warmup_steps=10,
                   progress=False, num_threads=1)  # fmt: skip
     pairs = {"tiny_add": [(1, 2), (3, 4), (0, 5), (2, 2), (4, 1), (5, 3)],  # distinct questions per benchmark
-             "tiny_linear": [(2, 1), (4, 3), (5, 0), (3, 3), (1, 4), (3, 5)]}  # fmt: skip
+             "tiny_sub": [(2, 1), (4, 3), (5, 0), (3, 3), (1, 4), (3, 5)]}  # fmt: skip
     probs = [{"data_source": src, "problem": f"What is {a} + {b}?", "answer": str(a + b)}
              for src, ps in pairs.items() for a, b in ps]  # fmt: skip
     write_parquet(to_rl_eval_rows(probs), out / "data" / "tiny_math_eval.parquet", RL_SCHEMA)
@@ -177,7 +177,7 @@ def test_eval_stage_vllm_two_engines_matches_hf_greedy(tiny_assets, tmp_path):
     hf = pd.read_parquet(tmp_path / "hf" / "eval" / "base" / "base" / "samples.parquet")
     vl = pd.read_parquet(tmp_path / "vllm" / "eval" / "base" / "base" / "samples.parquet")
     print(f"\n[eval tiny greedy] hf {t_hf:.1f}s, vllm (2 engines, incl. start) {t_vllm:.1f}s; {len(hf)} samples")
-    assert len(hf) == len(vl) == 2 * 12 and set(hf.benchmark) == {"tiny_add", "tiny_linear"}
+    assert len(hf) == len(vl) == 2 * 12 and set(hf.benchmark) == {"tiny_add", "tiny_sub"}
     key = ["benchmark", "problem_id", "sample_idx"]
     both = hf.merge(vl, on=key, suffixes=("_hf", "_vllm"))
     assert len(both) == len(hf)

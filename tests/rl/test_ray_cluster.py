@@ -154,7 +154,7 @@ def test_rl_stage_runs_on_an_existing_ray_cluster_and_its_metrics_arrive(tmp_pat
         cfg = compose_pipeline(
             "model=tiny", "cluster=cpu", "stage=rl", "init=eksft", f"run_dir={run_dir}",
             f"cluster.ray_address={address}", "model.rl.total_training_steps=1", "model.rl.max_response_length=48",
-            "+model.rl.verl.actor_rollout_ref.rollout.n=2", "rl.stall_timeout_s=400",
+            "++model.rl.verl.actor_rollout_ref.rollout.n=2", "rl.stall_timeout_s=400",
         )  # fmt: skip
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
         monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the cluster (see local_ray_cluster)

@@ -68,7 +68,14 @@ def _run(assets: Path, run_dir: Path, *extra: str) -> dict:
 
 
 def _metrics(run_dir: Path, method: str) -> dict[int, dict]:
-    return {int(k): v for k, v in json.loads((run_dir / "sft" / method / "metrics.json").read_text()).items()}
+    """The SFT metrics of `method`, or of its one variant in this run dir (settings that differ from the recipe
+    are part of the stage key: `method.params.rho=0` runs as sft/eksft-rho_0..., see pipeline/keys.method_tag)."""
+    d = run_dir / "sft" / method
+    if not d.is_dir():
+        found = sorted((run_dir / "sft").glob(f"{method}-*"))
+        assert len(found) == 1, (method, found)
+        d = found[0]
+    return {int(k): v for k, v in json.loads((d / "metrics.json").read_text()).items()}
 
 
 def _dumps(d: Path, step: int) -> list[dict]:
