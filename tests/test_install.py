@@ -44,6 +44,16 @@ def test_gpu_targets_use_the_gpu_install_only(tmp_path):
     assert "cluster=8gpu" in lines[run]
 
 
+def test_gpu_dry_run_uses_the_install_already_here(tmp_path):
+    """`make reproduce MODEL=qwen3-8b DRY_RUN=1` only composes and prints: on a CPU machine it runs with the CPU
+    install (no CUDA set, no flash-attn build), so the 8-GPU commands and memory estimates can be read anywhere."""
+    out = make_n("-B", "reproduce", "MODEL=qwen3-8b", "DRY_RUN=1", venv=tmp_path / "venv")
+    assert "constraints-gpu" not in out and "flash-attn" not in out, out
+    assert "-c scripts/constraints-cpu.txt" in out
+    assert any("-m eksft_pipeline stage=all" in x and "cluster=8gpu" in x and "dry_run=true" in x
+               for x in out.splitlines()), out
+
+
 def test_cpu_targets_use_the_cpu_install_unless_the_gpu_one_is_there(tmp_path):
     venv = tmp_path / "venv"
     out = make_n("-B", "reproduce", "MODEL=tiny", venv=venv)
