@@ -97,7 +97,7 @@ def pretrain_tiny(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             losses.append(float(out.loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # drawn at the bar's own interval
         model.eval()
         model.save_pretrained(str(model_dir))
     finally:
