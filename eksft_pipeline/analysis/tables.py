@@ -32,6 +32,18 @@ def metric_value(bench: dict, metric: str) -> float | None:
     return None if k not in table else float(table[k])
 
 
+
+def _fill_benchmarks(row: dict, e, benches: list[str], metric: str) -> None:
+    """row[b] = the metric of every benchmark (None where missing), row["Avg"] = their mean -- only when the
+    row has every benchmark: a partial mean is not comparable."""
+    vals = []
+    for b in benches:
+        v = metric_value(e.benchmarks[b], metric) if b in e.benchmarks else None
+        row[b] = v
+        if v is not None:
+            vals.append(v)
+    row["Avg"] = sum(vals) / len(vals) if vals and len(vals) == len(benches) else None
+
 def result_rows(evals: Sequence[EvalResult], metric: str) -> tuple[list[str], list[dict]]:
     """(columns, rows): one row per evaluated model, values in [0, 1], `Avg` over the row's benchmarks."""
     benches = benchmark_order(evals)
@@ -39,14 +51,7 @@ def result_rows(evals: Sequence[EvalResult], metric: str) -> tuple[list[str], li
     rank = {"base": 0, "sft": 1, "rl": 2}
     for e in sorted(evals, key=lambda e: (rank.get(e.target, 3) != 0, e.init, rank.get(e.target, 3))):
         row: dict = {"model": e.label, "init": e.init, "target": e.target}
-        vals = []
-        for b in benches:
-            v = metric_value(e.benchmarks[b], metric) if b in e.benchmarks else None
-            row[b] = v
-            if v is not None:
-                vals.append(v)
-        # the mean only when the row has every benchmark: a partial mean is not comparable
-        row["Avg"] = sum(vals) / len(vals) if vals and len(vals) == len(benches) else None
+        _fill_benchmarks(row, e, benches, metric)
         for k in SETTING_KEYS:
             row[k] = e.sampling.get(k)
         rows.append(row)
@@ -123,13 +128,7 @@ def sensitivity_rows(evals: Sequence[EvalResult], method_cfg: dict[str, dict], m
             continue
         row: dict = {"recipe": recipe, param: value, "variant": e.init, "target": e.target,
                      "model": TARGET_NAME.get(e.target, e.target)}
-        vals = []
-        for b in benches:
-            v = metric_value(e.benchmarks[b], metric) if b in e.benchmarks else None
-            row[b] = v
-            if v is not None:
-                vals.append(v)
-        row["Avg"] = sum(vals) / len(vals) if vals and len(vals) == len(benches) else None
+        _fill_benchmarks(row, e, benches, metric)
         rows.append(row)
     if len({(r["recipe"], r[param]) for r in rows}) < 2:
         return [], []
