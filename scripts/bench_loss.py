@@ -36,8 +36,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the loss library without an install (GPU image)
+
+import torch  # noqa: E402
 
 
 def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):

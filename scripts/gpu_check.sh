@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU check (torch, transformers, triton only; no network, ray, vllm or verl): the loss tests on CUDA, the
 # naive vs fused EKSFT head at V=151,936, and the peak memory of a truncated Qwen3-8B-shaped SFT step at the
-# recipe's token budget against the dry run's estimate. About 5 minutes on one H100; prints one summary.
+# recipe's token budget against the dry run's estimate. About 3 minutes on one H200 (docs/benchmarks.md has its numbers); prints one summary.
 #   bash scripts/gpu_check.sh                 # on the GPU machine
 #   bash scripts/gpu_check.sh --cpu --tiny    # CPU smoke run at toy sizes (tests/test_gpu_check.py runs it)
 set -euo pipefail
