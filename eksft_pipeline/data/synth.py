@@ -264,6 +264,7 @@ def make_tiny_data(
     pretrain_chat_frac: float = 0.5,
     pretrain_chat_trace_frac: float = 0.2,
     sft_preamble: str | None = SFT_PREAMBLE,
+    pretrain_preamble_frac: float = 0.0,
 ) -> dict[str, Path]:
     """Write the tiny train / eval / pretraining data and return their paths.
 
@@ -282,8 +283,12 @@ def make_tiny_data(
                                      traces) but in a chat usually answers without reasoning or a box, and SFT's
                                      job is what it is for real base models: to make the reasoning format the
                                      default (the paper's "activate task-relevant capabilities").
-    The training problems' traces (the SFT data) open with ``sft_preamble`` (None: none), a sentence that is in
-    no pre-training document (see :data:`SFT_PREAMBLE`).
+    The training problems' traces (the SFT data) open with ``sft_preamble`` (None: none), a sentence no chat
+    document of the pre-training corpus has (see :data:`SFT_PREAMBLE`). A ``pretrain_preamble_frac`` share of the
+    plain ``Problem:`` documents opens its trace with it too: at 0 the sentence's tokens are never trained before
+    SFT (new vocabulary, which plain SFT at the tiny learning rate cannot learn without wrecking the arithmetic);
+    above 0 the base model knows the sentence and how to go on after it but does not use it in a chat, so the
+    sentence is unlikely where SFT puts it -- distribution-shifting, not unknown.
     """
     out = Path(out_dir)
     eval_sources = tuple(eval_sources)
@@ -307,11 +312,27 @@ def make_tiny_data(
         "pretrain": write_jsonl(
             [{"text": pretrain_text(p, chat=chat, trace=not chat or _is_chat(j, pretrain_chat_trace_frac),
                                     system_prompt=system_prompt)}
-             for p, chat, j in _chat_plan(pre, pretrain_chat_frac)],
+             for p, chat, j in _chat_plan(_with_plain_preamble(pre, pretrain_chat_frac, sft_preamble,
+                                                               pretrain_preamble_frac), pretrain_chat_frac)],
             out / "tiny_pretrain.jsonl",
         ),
     }
     return paths
+
+
+def _with_plain_preamble(problems: list[dict[str, Any]], chat_frac: float, preamble: str | None,
+                         frac: float) -> list[dict[str, Any]]:
+    """``problems`` with ``preamble`` opening the trace of a ``frac`` share of the plain (non-chat) documents."""
+    if not preamble or frac <= 0:
+        return problems
+    out, k = [], 0
+    for i, p in enumerate(problems):
+        if not _is_chat(i, chat_frac):
+            if _is_chat(k, frac):
+                p = dict(p, trace=with_preamble(p["trace"], preamble))
+            k += 1
+        out.append(p)
+    return out
 
 
 def _is_chat(i: int, frac: float) -> bool:

@@ -50,6 +50,7 @@ def make_tiny_assets(
     pretrain_chat_frac: float = 0.5,
     pretrain_chat_trace_frac: float = 0.2,
     sft_preamble: str | None = "default",
+    pretrain_preamble_frac: float = 0.0,
     seed: int = 0,
     vocab_size: int = 1024,
     pretrain: bool = True,
@@ -83,6 +84,7 @@ def make_tiny_assets(
         "pretrain_chat_frac": pretrain_chat_frac,
         "pretrain_chat_trace_frac": pretrain_chat_trace_frac,
         "sft_preamble": sft_preamble,
+        **({"pretrain_preamble_frac": pretrain_preamble_frac} if pretrain_preamble_frac else {}),
         "seed": seed,
         "vocab_size": vocab_size,
         "pretrain": pretrain,
@@ -116,6 +118,7 @@ def make_tiny_assets(
     made = make_tiny_data(
         data_dir, n_problems=n_problems, n_eval_per_source=n_eval_per_source, n_pretrain=n_pretrain, seed=seed,
         pretrain_chat_frac=pretrain_chat_frac, pretrain_chat_trace_frac=pretrain_chat_trace_frac,
+        pretrain_preamble_frac=pretrain_preamble_frac,
         **({} if sft_preamble == "default" else {"sft_preamble": sft_preamble}),
     )
     import pyarrow.parquet as pq

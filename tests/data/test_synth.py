@@ -171,3 +171,25 @@ def test_sft_traces_open_with_a_preamble_no_pretraining_document_has(tmp_path):
     assert with_preamble("<think>\nx\n</think>", "P.") == "<think>\nP.\nx\n</think>"
     plain = make_tiny_data(tmp_path / "b", n_problems=20, n_eval_per_source=2, n_pretrain=20, seed=2, sft_preamble=None)
     assert all(SFT_PREAMBLE not in r["target"][0]["content"] for r in pq.read_table(plain["train"]).to_pylist())
+
+
+def test_a_share_of_plain_pretraining_documents_opens_with_the_preamble_and_no_chat_document_does(tmp_path):
+    """pretrain_preamble_frac: the base model may know the SFT sentence, but never from a chat."""
+    import json
+
+    from eksft_pipeline.data.synth import SFT_PREAMBLE
+
+    paths = make_tiny_data(tmp_path, n_problems=40, n_eval_per_source=2, n_pretrain=400, seed=3,
+                           pretrain_chat_frac=0.5, pretrain_preamble_frac=0.25)  # fmt: skip
+    docs = [json.loads(line)["text"] for line in paths["pretrain"].read_text().splitlines()]
+    plain = [d for d in docs if d.startswith("Problem: ")]
+    chat = [d for d in docs if d.startswith("<|im_start|>")]
+    assert len(plain) == 200 and len(chat) == 200
+    with_it = [d for d in plain if "<think>\n" + SFT_PREAMBLE + "\n" in d]
+    assert len(with_it) == 50  # a quarter of the 200 plain documents, deterministic interleaving
+    assert not any(SFT_PREAMBLE in d for d in chat)
+    # the rest of each document is unchanged: removing the sentence gives back the frac=0 corpus
+    base = make_tiny_data(tmp_path / "b", n_problems=40, n_eval_per_source=2, n_pretrain=400, seed=3,
+                          pretrain_chat_frac=0.5)  # fmt: skip
+    base_docs = [json.loads(line)["text"] for line in base["pretrain"].read_text().splitlines()]
+    assert [d.replace(SFT_PREAMBLE + "\n", "") for d in docs] == base_docs
