@@ -20,10 +20,12 @@ METHODS ?= eksft
 CLUSTER ?= $(if $(filter tiny,$(MODEL)),cpu,8gpu)
 RUN_DIR ?= runs/$(MODEL)
 DRY_RUN ?= 0
+# experiment tracker (recipes/tracking/: none, wandb, tensorboard); empty: the recipe's default (none)
+TRACKING ?=
 ARGS ?=
 PYTEST_ARGS ?=
 comma := ,
-HYDRA_COMMON = model=$(MODEL) cluster=$(CLUSTER) run_dir=$(RUN_DIR) dry_run=$(if $(filter 1 true yes,$(DRY_RUN)),true,false) $(ARGS)
+HYDRA_COMMON = model=$(MODEL) cluster=$(CLUSTER) run_dir=$(RUN_DIR) dry_run=$(if $(filter 1 true yes,$(DRY_RUN)),true,false) $(if $(TRACKING),tracking=$(TRACKING)) $(ARGS)
 # The install a target runs with: the GPU one on a GPU cluster, or wherever `make install-gpu` already ran (it also
 # runs the CPU cluster: the tiny model, the tests); the CPU one otherwise. Never both into one venv.
 HAVE_GPU_INSTALL := $(wildcard $(STAMP_GPU))
@@ -36,7 +38,7 @@ GPU_TRANSFORMERS := $(shell sed -n 's/^transformers==//p' scripts/constraints-gp
 
 # This list: every target, described by the first line of the comment above it.
 help:
-	@echo "eksft-pipeline make targets (variables: MODEL=$(MODEL) METHODS=$(METHODS) CLUSTER=$(CLUSTER) RUN_DIR=$(RUN_DIR) DRY_RUN=$(DRY_RUN) ARGS=...):"
+	@echo "eksft-pipeline make targets (variables: MODEL=$(MODEL) METHODS=$(METHODS) CLUSTER=$(CLUSTER) RUN_DIR=$(RUN_DIR) DRY_RUN=$(DRY_RUN) TRACKING=$(TRACKING) ARGS=...):"
 	@awk '/^# /{ if (d == "") d = substr($$0, 3); next } \
 	     /^[a-zA-Z][a-zA-Z0-9_.-]*:/ { split($$0, a, ":"); printf "  make %-12s %s\n", a[1], d } { d = "" }' $(firstword $(MAKEFILE_LIST))
 	@echo "examples: make reproduce MODEL=tiny | make reproduce MODEL=tiny METHODS=sft,eksft | make reproduce MODEL=qwen3-8b DRY_RUN=1"
