@@ -36,7 +36,6 @@ Standalone engine (what the eval stage launches per engine; the spec file is wri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import selectors
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from eksft_pipeline.models.sampling import RowSampler, sample_seed
 
 
 @dataclass
@@ -101,8 +102,7 @@ def prompt_token_ids(tokenizer, messages: list[dict], generation_prefix: str = "
 
 
 def _sample_seed(seed: int, problem_id: str, sample_idx: int) -> int:
-    h = hashlib.sha256(f"{seed}:{problem_id}:{sample_idx}".encode()).digest()
-    return int.from_bytes(h[:8], "little") % (2**63 - 1)
+    return sample_seed(seed, problem_id, sample_idx)
 
 
 def _row(problem: Problem, sample_idx: int, completion: str, finish: str, n_tokens: int, seed: int) -> dict:
@@ -119,30 +119,6 @@ def _row(problem: Problem, sample_idx: int, completion: str, finish: str, n_toke
 
 
 # ------------------------------------------------------------------------------------------------ HF
-
-
-class RowSampler:
-    """A `generate` logits processor that samples each row from its own `torch.Generator`.
-
-    HF's sampling draws every row of a batch from the one global generator, so a sample would depend on the
-    other rows of its batch. Here row i draws from `softmax(scores_i / temperature)` restricted to the top-p
-    nucleus with generator i (seeded per (problem, sample id)), and returns scores that are -inf except at the
-    drawn token, which greedy decoding then takes. scores: [R, V] -> [R, V]."""
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: str = "cpu"):
-        self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [R, V]
-        if self.top_p < 1.0:
-            sp, idx = probs.sort(dim=-1, descending=True)
-            sp = sp.masked_fill(sp.cumsum(-1) - sp > self.top_p, 0.0)  # keep the smallest prefix reaching top_p
-            probs = torch.zeros_like(probs).scatter_(-1, idx, sp)
-        pick = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.gens)])  # [R]
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, pick[:, None], 0.0)
 
 
 class HFSampler:
@@ -192,7 +168,7 @@ class HFSampler:
             processors = []
             if params.temperature > 0:  # sampling: done by RowSampler; generate then takes its (only) token
                 processors.append(RowSampler([_sample_seed(params.seed, p.problem_id, sid) for p, sid in part],
-                                             params.temperature, params.top_p, self.device))  # fmt: skip
+                                             params.temperature, params.top_p, device=self.device))  # fmt: skip
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),

@@ -38,9 +38,16 @@ Semantics mirrored from the vLLM server (``vllm_async_server.py``)
 Departures from vLLM (CPU, single process): no prefix/KV cache across requests, no paged memory, no HTTP /
 OpenAI endpoint (token-in-token-out through Ray only: the tool agent loop's chat-completions path is not
 available), no LoRA adapters (use ``model.lora.merge=True``), no delta weight sync (``wire_format=delta_flush``).
-``sleep``/``wake_up`` keep the weights in host memory. A ``seed`` sampling parameter seeds the batch it runs in
-(requests with different seeds are never batched together; the same requests batched the same way reproduce,
-but unlike vLLM the stream is per batch, not per request).
+``sleep``/``wake_up`` keep the weights in host memory.
+
+Reproducible sampling (as vLLM's per-request seeds, and beyond): every request samples from its own generator
+(:class:`eksft_pipeline.models.sampling.RowSampler`), seeded from the server's seed (``rollout.seed`` + replica
+rank), the request's ``seed`` sampling parameter if any, the trainer step and weights version, the prompt's
+tokens, and the request's rank among the identical prompts of that step (a GRPO group's ``n`` copies). So the
+same DAPO run samples the same responses however Ray and the 50 ms collection window batched its requests; HF's
+own sampling draws a whole batch from one global stream, which made CPU DAPO runs of one config differ by up to
+17 pass@1 points. What remains: rows of different prompt lengths are left-padded, which can change logits in the
+last float bits; and two different dataset rows with identical prompts in one step may swap samples.
 
 Registration: :func:`register` adds ``hf_cpu`` to both registries. It must run in every process that resolves
 the rollout (the Ray TaskRunner builds the replicas, every actor worker builds its adapter), so this module
@@ -191,6 +198,7 @@ class _Request:
     max_tokens: int
     want_logprobs: bool
     future: asyncio.Future
+    seed: int | None = None  # the row's sampling seed (None: greedy)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -376,14 +384,18 @@ class HFCausalLMEngine:
     # -- generation --------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_batch(
-        self, spec: SamplingSpec, prompts: list[list[int]], max_tokens: list[int]
+        self, spec: SamplingSpec, prompts: list[list[int]], max_tokens: list[int], seeds: list[int] | None = None
     ) -> list[tuple[list[int], list[float], bool]]:
         """Sample one response per prompt. Returns ``(token_ids, log_probs, finished)`` per prompt.
 
         Prompts are left-padded to a ``[B, L]`` batch (attention mask 0 on padding); HF derives position ids
-        from the mask, so each row is generated exactly as it would be alone.
+        from the mask, so each row is generated exactly as it would be alone. When sampling, row i draws from
+        its own generator seeded ``seeds[i]`` (default: from ``spec.seed`` and the row index if set, else from
+        this engine's seeded torch stream).
         """
-        from transformers import GenerationConfig, StoppingCriteriaList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        from eksft_pipeline.models.sampling import RowSampler, sample_seed
 
         if not prompts:
             return []
@@ -396,46 +408,57 @@ class HFCausalLMEngine:
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[i, width - len(p) :] = 1
         stop_ids = set(spec.stop_token_ids) | (set() if spec.ignore_eos else set(self.eos_token_ids))
+        processed = self.logprobs_mode == "processed_logprobs"
+        sampler = None
+        if spec.do_sample:
+            # HF's sampling draws the whole batch from one stream: RowSampler draws each row from its own, after
+            # HF's processors (repetition penalty); generate then decodes greedily, taking the drawn token
+            if seeds is None:
+                seeds = ([sample_seed(spec.seed, i) for i in range(bsz)] if spec.seed is not None
+                         else torch.randint(0, 2**62, (bsz,)).tolist())  # fmt: skip
+            if len(seeds) != bsz:
+                raise ValueError(f"{ROLLOUT_NAME}: {len(seeds)} seeds for {bsz} prompts")
+            sampler = RowSampler(seeds, spec.temperature, spec.top_p, spec.top_k, spec.min_p)
         gen_kwargs: dict[str, Any] = dict(
             max_new_tokens=max(max_tokens),
-            do_sample=spec.do_sample,
+            do_sample=False,
             repetition_penalty=spec.repetition_penalty,
             eos_token_id=sorted(stop_ids) if stop_ids else None,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
-            output_scores=self.logprobs_mode == "processed_logprobs",
-            output_logits=self.logprobs_mode == "raw_logprobs",
+            # greedy: the processed scores are the raw ones after the repetition penalty
+            output_scores=processed and sampler is None,
+            output_logits=not processed,
             use_cache=True,
+            # explicit: HF would otherwise fill unset ones from generation_config.json / its defaults (top_k=50)
+            temperature=None,
+            top_p=None,
+            top_k=None,
         )
-        if spec.do_sample:
-            # explicit values: HF would otherwise fill unset ones from generation_config.json / its defaults (top_k=50)
-            gen_kwargs.update(temperature=spec.temperature, top_p=spec.top_p, top_k=max(spec.top_k, 0))
-            if spec.min_p is not None:
-                gen_kwargs["min_p"] = spec.min_p
-        else:
-            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        if spec.seed is not None:
-            torch.manual_seed(spec.seed)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=GenerationConfig(**gen_kwargs),
+            logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
             stopping_criteria=StoppingCriteriaList([_AbortCriteria(self.abort_event)]),
         )
         new_tokens = out.sequences[:, width:]  # [B, T]
-        steps = out.scores if self.logprobs_mode == "processed_logprobs" else out.logits  # T x [B, V]
-        # log-prob of each generated token under the (processed or raw) distribution it was drawn from: [B, T]
-        logps = (
-            torch.stack(
-                [
-                    torch.log_softmax(s.float(), dim=-1).gather(-1, new_tokens[:, t : t + 1]).squeeze(-1)
-                    for t, s in enumerate(steps)
-                ],
-                dim=1,
+        if processed and sampler is not None:
+            logps = sampler.logprobs()[:, : new_tokens.shape[1]]  # [B, T], from the distribution sampled from
+        else:
+            steps = out.scores if processed else out.logits  # T x [B, V]
+            # log-prob of each generated token under the (processed or raw) distribution: [B, T]
+            logps = (
+                torch.stack(
+                    [
+                        torch.log_softmax(s.float(), dim=-1).gather(-1, new_tokens[:, t : t + 1]).squeeze(-1)
+                        for t, s in enumerate(steps)
+                    ],
+                    dim=1,
+                )
+                if len(steps)
+                else torch.zeros((bsz, 0))
             )
-            if len(steps)
-            else torch.zeros((bsz, 0))
-        )
         frozen = frozenset(stop_ids)
         results = []
         for i in range(bsz):
@@ -501,6 +524,10 @@ class HFCPUServer:
             eos.update([int(e)] if isinstance(e, int) else [int(t) for t in e])
         pad = getattr(self.model_config.tokenizer, "pad_token_id", None)
 
+        self.engine_seed = int(self.config.seed) + int(replica_rank)
+        # identical prompts seen in the current (step, weights version), for the per-request seeds
+        self._seen_phase: tuple[Any, int] | None = None
+        self._seen: dict[tuple[str, SamplingSpec], int] = {}
         self.engine = HFCausalLMEngine(
             self.model_config.local_path,
             hf_config,
@@ -509,7 +536,7 @@ class HFCPUServer:
             eos_token_ids=eos,
             pad_token_id=pad,
             logprobs_mode=str(self.config.logprobs_mode or "processed_logprobs"),
-            seed=int(self.config.seed) + int(replica_rank),
+            seed=self.engine_seed,
             trust_remote_code=self.model_config.trust_remote_code,
         )
         # one thread: generations and weight loads are serialised and never interleave
@@ -598,10 +625,23 @@ class HFCPUServer:
                 return self._aborted_output()
             await self._resume.wait()
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(request_id, prompt_ids, spec, max_tokens, want_logprobs, fut))
+        seed = self._request_seed(spec, prompt_ids) if spec.do_sample else None
+        self._queue.append(_Request(request_id, prompt_ids, spec, max_tokens, want_logprobs, fut, seed))
         self._idle.clear()
         self._wakeup.set()
         return await fut
+
+    def _request_seed(self, spec: SamplingSpec, prompt_ids: list[int]) -> int:
+        """The request's sampling seed: (server seed, request seed, step, weights version, prompt, k-th copy)."""
+        from eksft_pipeline.models.sampling import sample_seed
+
+        phase = (self.global_steps, self.weight_version)
+        if phase != self._seen_phase:  # a new step: count identical prompts afresh
+            self._seen_phase, self._seen = phase, {}
+        prompt = hashlib.sha256(bytes(str(prompt_ids), "ascii")).hexdigest()
+        k = self._seen.get((prompt, spec), 0)
+        self._seen[(prompt, spec)] = k + 1
+        return sample_seed(self.engine_seed, spec.seed, *phase, prompt, k)
 
     def _aborted_output(self) -> TokenOutput:
         self.stats["aborted"] += 1
@@ -646,6 +686,7 @@ class HFCPUServer:
             spec,
             [r.prompt_ids for r in batch],
             [r.max_tokens for r in batch],
+            [r.seed for r in batch] if spec.do_sample else None,
         )
         aborted = self.engine.abort_event.is_set()
         self.stats["batches"] += 1

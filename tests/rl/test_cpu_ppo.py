@@ -243,6 +243,46 @@ def test_engine_top_k_1_is_greedy_and_seed_is_reproducible(engine, tiny_model):
     assert [r[0] for r in a] == [r[0] for r in b]
 
 
+def test_engine_row_samples_do_not_depend_on_the_batch(engine, tiny_model):
+    """Each row samples from its own seeded generator: alone or batched (and left-padded) with other prompts, a
+    request with the same seed gets the same response; HF's own sampling would draw the batch from one stream."""
+    from eksft_pipeline.verl_ext.cpu_rollout import parse_sampling_params
+
+    _, tok = tiny_model
+    spec = parse_sampling_params({"temperature": 1.0, "top_p": 0.95, "top_k": 20})[0]
+    a, b = _prompt(tok, "What is 12 + 7?"), _prompt(tok, "Hi")
+    assert len(a) != len(b)  # the batch pads b on the left
+    alone = engine.generate_batch(spec, [a], [16], seeds=[101])[0]
+    batched = engine.generate_batch(spec, [b, a, b], [16, 16, 16], seeds=[5, 101, 6])
+    assert batched[1][0] == alone[0]
+    assert torch.allclose(torch.tensor(batched[1][1]), torch.tensor(alone[1]), atol=1e-5)
+    assert batched[0][0] != batched[2][0] or batched[0][1] != batched[2][1]  # other seeds, other samples
+    with pytest.raises(ValueError, match="seeds"):
+        engine.generate_batch(spec, [a, b], [4, 4], seeds=[1])
+
+
+def test_server_request_seeds_depend_on_step_prompt_and_copy_not_on_arrival():
+    """A GRPO group's n identical prompts get n different seeds; the next step gets new ones; the same calls
+    in the same step give the same seeds (HFCPUServer._request_seed, without Ray)."""
+    from eksft_pipeline.verl_ext.cpu_rollout import HFCPUServer, parse_sampling_params
+
+    def server(seed: int) -> HFCPUServer:
+        s = object.__new__(HFCPUServer)
+        s.engine_seed, s.global_steps, s.weight_version, s._seen_phase, s._seen = seed, 1, 1, None, {}
+        return s
+
+    spec = parse_sampling_params({"temperature": 1.0})[0]
+    one, two = server(0), server(0)
+    step1 = [one._request_seed(spec, [1, 2, 3]) for _ in range(4)] + [one._request_seed(spec, [4])]
+    assert len(set(step1)) == 5
+    # another order of arrival of the same requests: the same set of seeds
+    other = [two._request_seed(spec, [4])] + [two._request_seed(spec, [1, 2, 3]) for _ in range(4)]
+    assert sorted(other) == sorted(step1)
+    one.global_steps, one.weight_version = 2, 2
+    assert one._request_seed(spec, [1, 2, 3]) not in step1
+    assert server(1)._request_seed(spec, [1, 2, 3]) != step1[0]  # another replica / rollout.seed
+
+
 def test_engine_abort_stops_the_batch(engine, tiny_model):
     from eksft_pipeline.verl_ext.cpu_rollout import parse_sampling_params
 
