@@ -43,11 +43,12 @@ available), no LoRA adapters (use ``model.lora.merge=True``), no delta weight sy
 Reproducible sampling (as vLLM's per-request seeds, and beyond): every request samples from its own generator
 (:class:`eksft_pipeline.models.sampling.RowSampler`), seeded from the server's seed (``rollout.seed`` + replica
 rank), the request's ``seed`` sampling parameter if any, the trainer step and weights version, the prompt's
-tokens, and the request's rank among the identical prompts of that step (a GRPO group's ``n`` copies). So the
-same DAPO run samples the same responses however Ray and the 50 ms collection window batched its requests; HF's
-own sampling draws a whole batch from one global stream, which made CPU DAPO runs of one config differ by up to
-17 pass@1 points. What remains: rows of different prompt lengths are left-padded, which can change logits in the
-last float bits; and two different dataset rows with identical prompts in one step may swap samples.
+tokens, and the request's rank among the identical prompts of that step (a GRPO group's ``n`` copies). So a step
+samples the same responses from the same weights however Ray and the 50 ms collection window batched its
+requests (HF's own sampling draws a whole batch from one global stream). Not covered: which of a group's ``n``
+slots gets which response follows the order its identical requests arrive in; rows of different prompt lengths
+are left-padded, which can change logits in the last float bits. Whole CPU DAPO runs still diverge after the first
+actor update (measured: README, "The tiny testbed").
 
 Registration: :func:`register` adds ``hf_cpu`` to both registries. It must run in every process that resolves
 the rollout (the Ray TaskRunner builds the replicas, every actor worker builds its adapter), so this module
