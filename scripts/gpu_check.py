@@ -189,7 +189,7 @@ def probe_sft(args) -> dict:
         with torch.set_grad_enabled(grad), ac:
             return model.model(input_ids=ids).last_hidden_state[0]  # [N, d]
 
-    phases: dict[str, float] = {}
+    phases: dict[str, int] = {}
 
     def mark(name: str) -> None:
         """CUDA: the peak (bytes, everything allocated) since the previous mark; the step's peak is their max."""

@@ -310,29 +310,19 @@ def make_tiny_data(
             to_rl_eval_rows(evals, system_prompt=system_prompt), out / "tiny_math_eval.parquet", RL_SCHEMA
         ),
         "pretrain": write_jsonl(
-            [{"text": pretrain_text(p, chat=chat, trace=not chat or _is_chat(j, pretrain_chat_trace_frac),
+            [{"text": pretrain_text(p if chat else _opened(p, j, sft_preamble, pretrain_preamble_frac), chat=chat,
+                                    trace=not chat or _is_chat(j, pretrain_chat_trace_frac),
                                     system_prompt=system_prompt)}
-             for p, chat, j in _chat_plan(_with_plain_preamble(pre, pretrain_chat_frac, sft_preamble,
-                                                               pretrain_preamble_frac), pretrain_chat_frac)],
+             for p, chat, j in _chat_plan(pre, pretrain_chat_frac)],
             out / "tiny_pretrain.jsonl",
         ),
     }
     return paths
 
 
-def _with_plain_preamble(problems: list[dict[str, Any]], chat_frac: float, preamble: str | None,
-                         frac: float) -> list[dict[str, Any]]:
-    """``problems`` with ``preamble`` opening the trace of a ``frac`` share of the plain (non-chat) documents."""
-    if not preamble or frac <= 0:
-        return problems
-    out, k = [], 0
-    for i, p in enumerate(problems):
-        if not _is_chat(i, chat_frac):
-            if _is_chat(k, frac):
-                p = dict(p, trace=with_preamble(p["trace"], preamble))
-            k += 1
-        out.append(p)
-    return out
+def _opened(problem: dict[str, Any], j: int, preamble: str | None, frac: float) -> dict[str, Any]:
+    """Plain document ``j``'s problem, its trace opened with ``preamble`` when ``j`` falls in the ``frac`` share."""
+    return dict(problem, trace=with_preamble(problem["trace"], preamble)) if preamble and _is_chat(j, frac) else problem
 
 
 def _is_chat(i: int, frac: float) -> bool:
@@ -341,12 +331,12 @@ def _is_chat(i: int, frac: float) -> bool:
 
 
 def _chat_plan(problems: list[dict[str, Any]], frac: float):
-    """(problem, is_chat, index among the chat documents) for every pretraining document."""
-    j = 0
+    """(problem, is_chat, index among the documents of its kind, chat or plain) for every pretraining document."""
+    seen = [0, 0]  # plain, chat
     for i, p in enumerate(problems):
         chat = _is_chat(i, frac)
-        yield p, chat, j
-        j += chat
+        yield p, chat, seen[chat]
+        seen[chat] += 1
 
 
 def pretrain_text(problem: dict[str, Any], *, chat: bool = False, trace: bool = True,
