@@ -83,6 +83,8 @@ from ray.actor import ActorHandle
 from verl.workers.rollout.base import _ROLLOUT_REGISTRY, BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, RolloutReplicaRegistry, TokenOutput
 
+from eksft_pipeline.models.sampling import RowSampler, sample_seed
+
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 
@@ -396,8 +398,6 @@ class HFCausalLMEngine:
         """
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        from eksft_pipeline.models.sampling import RowSampler, sample_seed
-
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -634,8 +634,6 @@ class HFCPUServer:
 
     def _request_seed(self, spec: SamplingSpec, prompt_ids: list[int]) -> int:
         """The request's sampling seed: (server seed, request seed, step, weights version, prompt, k-th copy)."""
-        from eksft_pipeline.models.sampling import sample_seed
-
         phase = (self.global_steps, self.weight_version)
         if phase != self._seen_phase:  # a new step: count identical prompts afresh
             self._seen_phase, self._seen = phase, {}
