@@ -3,10 +3,8 @@
 assets -> split -> EKSFT through verl -> handoff -> DAPO through verl's main_ppo -> eval (base, SFT, SFT→RL) ->
 report, in a fresh run directory, on this machine's CPU. Asserts that every stage completed and wrote its files,
 that the report carries every stage's numbers, and -- so that a stage that silently stops learning fails CI --
-that SFT MOVED pass@1 over the base model by a margin whose paired bootstrap 95% CI (over the same eval
-problems, report.json "movements") lies above zero, and that DAPO did not make it measurably worse (DAPO on
-CPU through Ray is not bit-reproducible; its movement ranged +0.2 to +17.0 points between runs, see
-`_assert_learned`).
+that SFT moved pass@1 over the base model, and DAPO over the SFT model, each by a margin whose paired bootstrap
+95% CI (over the same eval problems, report.json "movements") lies above zero (`_assert_learned`).
 
 The slow `long` test runs `make reproduce MODEL=tiny METHODS=sft,eksft` (two methods side by side in one
 report, with the paper's qualitative-claims table; EKSFT held to the same movements); `make test-long` runs it.
@@ -43,20 +41,18 @@ def _movements(run_dir: Path, init: str) -> dict[str, dict]:
 
 
 def _assert_learned(mv: dict[str, dict]) -> None:
-    """SFT raised pass@1 with a paired 95% CI above zero; DAPO did not make the model measurably worse.
+    """SFT raised pass@1 over the base model, and DAPO over the SFT model, each with a paired 95% CI above zero.
 
-    DAPO through Ray on CPU is not bit-reproducible (rollout scheduling changes with the machine's load): its
-    movement on the tiny testbed ranged from +0.2 to +17.0 points between runs of the same config (the
-    two-method run: +5.3, CI [-4.3, +14.5]), so the RL model must only not be measurably worse than the SFT model."""
+    Both stages repeat exactly run to run on this machine (SFT through verl; DAPO since the seeded agent loop and
+    the dataset-order batches of eksft_pipeline/verl_ext/reproducible_steps.py), so these are fixed numbers of the
+    recipe, not draws: measured 17.0 -> 50.2% (SFT) and, over four rollout seeds of the tiny recipe, 50.2 -> 71.7 to
+    80.3% (DAPO; README, "The tiny testbed")."""
     for what in ("base → SFT", "SFT → SFT→RL"):
         assert what in mv, f"no {what} comparison in the report: {sorted(mv)}"
         r = mv[what]
         msg = (f"{what}: pass@1 {100 * r['before']:.1f} -> {100 * r['after']:.1f}, "
                f"Δ {100 * r['diff']:+.1f} points, 95% CI [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}]")
         print(f"\n[e2e] {msg}")
-        if what == "SFT → SFT→RL":
-            assert r["ci95"][1] > 0, f"DAPO made the model measurably worse: {msg}"
-            continue
         assert r["ci95"][0] > 0, f"the stage did not measurably learn: {msg}"
 
 

@@ -3,10 +3,12 @@
 ``main`` adds exactly two things before calling ``verl.trainer.main_ppo.main`` unchanged (Hydra CLI, verl's
 ``validate_config``, ``TaskRunnerV1``, the V1 sync trainer):
 
-1. :func:`add_external_module` appends :mod:`eksft_pipeline.verl_ext.cpu_rollout` to ``VERL_USE_EXTERNAL_MODULES``
-   *before verl is imported*; verl's own ``__init__`` imports the listed modules in every process, so the rollout
-   is registered in this driver and in every Ray worker (TaskRunner, actor workers, rollout servers, agent-loop
-   and reward workers inherit the environment). With ``rollout.name=vllm`` on a GPU node it is inert.
+1. :func:`add_external_module` appends :mod:`eksft_pipeline.verl_ext.cpu_rollout` and
+   :mod:`eksft_pipeline.verl_ext.reproducible_steps` to ``VERL_USE_EXTERNAL_MODULES`` *before verl is imported*;
+   verl's own ``__init__`` imports the listed modules in every process, so the rollout, the seeded agent loop and
+   the dataset-order replay batches are registered in this driver and in every Ray worker (TaskRunner, actor
+   workers, rollout servers, agent-loop and reward workers inherit the environment). With ``rollout.name=vllm`` on
+   a GPU node the rollout is inert; the other two apply on every platform.
 2. :func:`allow_logical_gpus` (cpu platform only) lets Ray start with logical GPUs.
 
 :func:`validate_ppo_config` checks a composed config the way verl will use it, without Ray (used by the tests;
@@ -28,18 +30,22 @@ from types import SimpleNamespace
 from typing import Any
 
 ROLLOUT_MODULE = "eksft_pipeline.verl_ext.cpu_rollout"
+STEPS_MODULE = "eksft_pipeline.verl_ext.reproducible_steps"
+# imported by verl in every process (recipes/verl/dapo.yaml lists the same under eksft.external_modules)
+EXTERNAL_MODULES = (ROLLOUT_MODULE, STEPS_MODULE)
 
 
-def add_external_module(module: str = ROLLOUT_MODULE, env: dict[str, str] | None = None) -> str:
-    """Append ``module`` to ``VERL_USE_EXTERNAL_MODULES`` in ``env`` (default ``os.environ``) if absent.
+def add_external_module(modules: str | tuple[str, ...] = EXTERNAL_MODULES, env: dict[str, str] | None = None) -> str:
+    """Append ``modules`` to ``VERL_USE_EXTERNAL_MODULES`` in ``env`` (default ``os.environ``), each if absent.
 
     Returns the new value. The list is comma-separated (verl splits on ","); existing entries and their order
     are kept, empty entries dropped.
     """
     env = os.environ if env is None else env
     mods = [m.strip() for m in env.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m.strip()]
-    if module not in mods:
-        mods.append(module)
+    for module in (modules,) if isinstance(modules, str) else modules:
+        if module not in mods:
+            mods.append(module)
     env["VERL_USE_EXTERNAL_MODULES"] = ",".join(mods)
     return env["VERL_USE_EXTERNAL_MODULES"]
 

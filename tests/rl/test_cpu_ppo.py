@@ -163,12 +163,14 @@ def test_registered_in_verl_registries():
 
 
 def test_entry_point_environment():
-    from eksft_pipeline.verl_ext.ppo_main import ROLLOUT_MODULE, add_external_module, allow_logical_gpus
+    from eksft_pipeline.verl_ext.ppo_main import ROLLOUT_MODULE, STEPS_MODULE, add_external_module, allow_logical_gpus
 
     env = {"VERL_USE_EXTERNAL_MODULES": "eksft_pipeline.verl_ext.cpu_platform,"}
-    assert add_external_module(env=env) == f"eksft_pipeline.verl_ext.cpu_platform,{ROLLOUT_MODULE}"
-    assert add_external_module(env=env) == f"eksft_pipeline.verl_ext.cpu_platform,{ROLLOUT_MODULE}"  # idempotent
-    assert add_external_module(env={}) == ROLLOUT_MODULE
+    both = f"{ROLLOUT_MODULE},{STEPS_MODULE}"
+    assert add_external_module(env=env) == f"eksft_pipeline.verl_ext.cpu_platform,{both}"
+    assert add_external_module(env=env) == f"eksft_pipeline.verl_ext.cpu_platform,{both}"  # idempotent
+    assert add_external_module(env={}) == both
+    assert add_external_module(ROLLOUT_MODULE, env={}) == ROLLOUT_MODULE
     env = {"VERL_PLATFORM": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     assert allow_logical_gpus(env) and "CUDA_VISIBLE_DEVICES" not in env
     for env in ({"VERL_PLATFORM": "cpu", "CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": ""}):
@@ -363,7 +365,9 @@ def test_server_batches_concurrent_requests_and_splits_by_params(tiny_model):
 
     async def go():
         await server.ready()
-        sampled = [server.generate(p, {"temperature": 1.0, "logprobs": True}, f"r{i}") for i, p in enumerate(prompts)]
+        # two of the four carry a `seed` (the seeded agent loop's requests): that does not split the batch
+        sampled = [server.generate(p, {"temperature": 1.0, "logprobs": True, **({"seed": i} if i > 1 else {})},
+                                   f"r{i}") for i, p in enumerate(prompts)]  # fmt: skip
         greedy = [server.generate(p, {"temperature": 0}, f"g{i}") for i, p in enumerate(prompts[:2])]
         outs = await asyncio.gather(*sampled, *greedy)
         with pytest.raises(ValueError, match="unsupported sampling"):
@@ -376,7 +380,7 @@ def test_server_batches_concurrent_requests_and_splits_by_params(tiny_model):
         return outs
 
     outs = asyncio.run(go())
-    # one batch per sampling spec (+ the request after the failed one)
+    # one batch per sampling spec apart from the seed (+ the request after the failed one)
     assert server.stats["requests"] == 7 and server.stats["batches"] == 3
     for o in outs[:4]:
         assert o.stop_reason == "completed" and 1 <= len(o.token_ids) <= 16 and len(o.log_probs) == len(o.token_ids)
@@ -557,6 +561,59 @@ def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
         for n, t in actor.items():
             assert torch.equal(synced[k][n], t), (k, n)
         assert any(not torch.equal(synced[k][n], synced[k - 1][n]) for n in actor), f"step {k} changed nothing"
+
+
+@pytest.mark.slow
+def test_dapo_runs_repeat_exactly(tmp_path):
+    """Two DAPO runs of the same config from the same model end with bit-identical weights.
+
+    What it takes (eksft_pipeline/verl_ext/reproducible_steps.py): each request is sampled from a generator
+    seeded by its dataset row and session (the seeded agent loop + the hf_cpu server), and the trainer's batch
+    is in dataset order rather than the order the responses finished in. 2 mini-batches per step, so a change of
+    row order changes the update. Without both, the first actor update already differed (pg_loss 0.0485 vs 0.0500
+    on the tiny testbed)."""
+    from safetensors.torch import load_file
+
+    assets = _make_rl_assets(tmp_path / "assets")
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run.mkdir()
+        cmd = _dapo_cmd(
+            assets,
+            "trainer.total_training_steps=2", "trainer.save_freq=2", "trainer.test_freq=-1",
+            f"trainer.default_local_dir={run / 'ckpt'}", f"trainer.rollout_data_dir={run / 'rollouts'}",
+            "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
+            # fixed-size steps (dynamic sampling refills at times that depend on the machine's timing)
+            "algorithm.filter_groups.enable=false",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.optim.lr=1e-4",
+        )  # fmt: skip
+        rc, tail, _, total = _run_dapo(cmd, run, run / "metrics.jsonl", steps=2)
+        assert rc == 0, f"main_ppo run {name} failed (rc={rc}):\n{tail}"
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        metrics = {r["step"]: r["data"] for r in rows if "actor/pg_loss" in r["data"]}
+        weights = load_file(str(run / "ckpt" / "global_step_2" / "actor" / "huggingface" / "model.safetensors"))
+        dumps = {k: (run / "rollouts" / f"{k}.jsonl").read_text().splitlines() for k in (1, 2)}
+        runs.append((metrics, weights, dumps, total))
+    (ma, wa, da, ta), (mb, wb, db, tb) = runs
+    print(f"\n[dapo cpu repeat] two runs {ta:.0f}s, {tb:.0f}s; pg_loss {[ma[s]['actor/pg_loss'] for s in (1, 2)]}")
+    # the samples are random: a group's responses differ (else equality would say nothing)
+    outputs: dict[str, set[str]] = {}
+    for line in da[1]:
+        rec = json.loads(line)
+        outputs.setdefault(rec["uid"].rsplit("_", 2)[0], set()).add(rec["output"])
+    assert max(len(o) for o in outputs.values()) > 1, outputs
+    initial = load_file(str(assets["model"] / "model.safetensors"))
+    assert any(not torch.equal(wa[n], initial[n]) for n in initial), "training changed nothing"
+    assert sorted(wa) == sorted(wb)
+    differ = [n for n in wa if not torch.equal(wa[n], wb[n])]
+    assert not differ, f"the two runs' weights differ in {differ[:5]}"
+    for step in (1, 2):
+        for key in ("critic/score/mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm", "actor/ppo_kl"):
+            assert ma[step][key] == mb[step][key], (step, key, ma[step][key], mb[step][key])
+        # the same responses with the same scores (verl dumps them sorted by its random group uids: compare sets)
+        as_set = lambda lines: sorted((json.loads(x)["output"], json.loads(x)["score"]) for x in lines)  # noqa: E731
+        assert as_set(da[step]) == as_set(db[step]), step
 
 
 # ---------------------------------------------------------------------------------------------- learning signal

@@ -161,4 +161,7 @@ def test_entry_point_cli_composes_the_cpu_recipe():
     printed = yaml.safe_load(res.stdout)
     assert printed["actor_rollout_ref"]["rollout"]["name"] == "hf_cpu"
     assert printed["algorithm"]["filter_groups"] == {**printed["algorithm"]["filter_groups"], "enable": True}
-    assert printed["eksft"]["external_modules"] == ["eksft_pipeline.verl_ext.cpu_rollout"]
+    from eksft_pipeline.verl_ext.ppo_main import EXTERNAL_MODULES
+
+    assert printed["eksft"]["external_modules"] == list(EXTERNAL_MODULES)
+    assert printed["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "seeded_single_turn_agent"  # cpu
