@@ -9,7 +9,8 @@ step's batch:
    requests (``request_id`` a fresh uuid, ``priority`` 0 for all), so a rollout server can only tell them apart by
    the order they arrive in, which follows thread and Ray scheduling. :class:`SeededSingleTurnAgentLoop` (agent
    loop ``seeded_single_turn_agent``) is verl's ``single_turn_agent`` that adds a sampling ``seed`` to each request,
-   derived from the prompt's dataset ``index`` and the ``session_id`` (the k-th of the ``n`` responses). The
+   derived from the trainer step, the prompt's dataset ``index`` and the ``session_id`` (the k-th of the ``n``
+   responses). The
    ``hf_cpu`` server mixes it with its own seed, the step and the weights version and samples the request from its
    own generator; vLLM seeds the request's sampler with it (``SamplingParams.seed``). A request that already has a
    ``seed``, or that lacks an ``index`` or ``session_id`` (verl's legacy agent-loop path), is left unchanged.
@@ -48,22 +49,27 @@ from eksft_pipeline.models.sampling import sample_seed
 AGENT_LOOP_NAME = "seeded_single_turn_agent"
 
 
-def request_seed(index: Any, session_id: Any) -> int:
-    """The sampling seed of the ``session_id``-th response to dataset row ``index`` (a 63-bit int).
+def request_seed(index: Any, session_id: Any, global_steps: Any = None) -> int:
+    """The sampling seed of the ``session_id``-th response to dataset row ``index`` at trainer step
+    ``global_steps`` (31 bits: vLLM and numpy take 32-bit seeds).
 
-    The server mixes it with its own seed (``rollout.seed``), the step and the weights version, so the same row
-    gets new samples at every step."""
-    return sample_seed("agent-loop", index, session_id) % (2**31 - 1)  # vLLM/numpy accept 32-bit seeds
+    The step is part of it so that a row drawn again in a later epoch gets fresh draws under vLLM, which uses the
+    seed as it is; the hf_cpu server mixes in its own seed (``rollout.seed``), the step and the weights version
+    as well."""
+    return sample_seed("agent-loop", global_steps, index, session_id) % (2**31 - 1)
 
 
 def seeded_sampling_params(sampling_params: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``sampling_params`` with a ``seed`` for this (dataset index, session) if it has none and both are known."""
+    """``sampling_params`` with a ``seed`` for this (step, dataset index, session) if it has none and the index and
+    session are known (verl's V1 agent loop passes ``global_steps`` with every prompt)."""
     if sampling_params.get("seed") is not None:
         return sampling_params
     index, session_id = kwargs.get("index"), kwargs.get("session_id")
     if index is None or session_id is None:
         return sampling_params
-    return {**sampling_params, "seed": request_seed(_plain(index), _plain(session_id))}
+    step = kwargs.get("global_steps")
+    return {**sampling_params,
+            "seed": request_seed(_plain(index), _plain(session_id), None if step is None else _plain(step))}
 
 
 def _plain(v: Any) -> Any:

@@ -23,6 +23,10 @@ def test_seed_per_row_and_session_only_when_both_are_known():
     assert len(seeds) == 12
     # numpy scalars (verl's non-tensor batch) give the same seed as Python ints
     assert rs.seeded_sampling_params(base, {"index": np.int64(0), "session_id": np.int64(1)}) == s01
+    # the same row and session at another step (a later epoch): other draws, also under vLLM (no mixing there)
+    at3 = rs.seeded_sampling_params(base, {"index": 0, "session_id": 1, "global_steps": 3})
+    at4 = rs.seeded_sampling_params(base, {"index": 0, "session_id": 1, "global_steps": np.int64(4)})
+    assert at3["seed"] == rs.request_seed(0, 1, 3) and len({at3["seed"], at4["seed"], s01["seed"]}) == 3
     # an explicit seed wins; without an index or a session nothing is added (verl's legacy agent-loop path)
     assert rs.seeded_sampling_params({**base, "seed": 7}, {"index": 0, "session_id": 1})["seed"] == 7
     assert rs.seeded_sampling_params(base, {"index": 0}) == base
@@ -69,6 +73,7 @@ def test_seeded_agent_loop_is_registered_and_seeds_each_request(monkeypatch):
 
     monkeypatch.setattr(SingleTurnAgentLoop, "run", fake_run)
     loop = object.__new__(rs.SeededSingleTurnAgentLoop)
-    out = asyncio.run(loop.run({"temperature": 1.0}, index=5, session_id=2, raw_prompt=[]))
+    out = asyncio.run(loop.run({"temperature": 1.0}, index=5, session_id=2, global_steps=7, raw_prompt=[]))
     assert out == "out"
-    assert seen == [({"temperature": 1.0, "seed": rs.request_seed(5, 2)}, {"index": 5, "session_id": 2, "raw_prompt": []})]
+    assert seen == [({"temperature": 1.0, "seed": rs.request_seed(5, 2, 7)},
+                     {"index": 5, "session_id": 2, "global_steps": 7, "raw_prompt": []})]
