@@ -49,7 +49,7 @@ samples the same responses from the same weights however Ray and the 50 ms colle
 requests (HF's own sampling draws a whole batch from one global stream). Requests that differ only in ``seed``
 share a batch. Without a ``seed``, which of a group's ``n`` identical requests gets which response follows the order
 they arrive in; the CPU recipes' agent loop (:mod:`eksft_pipeline.verl_ext.reproducible_steps`) gives each
-request a seed from its dataset row and session, so every row gets the same response in every run. Not covered:
+request a seed from the step, its dataset row and session, so every row gets the same response in every run. Not covered:
 rows of different prompt lengths are left-padded, which can change logits in the last float bits.
 
 Registration: :func:`register` adds ``hf_cpu`` to both registries. It must run in every process that resolves
