@@ -115,7 +115,7 @@ def patch_replay_order() -> bool:
 
 @register_agent_loop(AGENT_LOOP_NAME)
 class SeededSingleTurnAgentLoop(SingleTurnAgentLoop):
-    """verl's ``single_turn_agent`` with a per-(dataset index, session) sampling seed (module docstring)."""
+    """verl's ``single_turn_agent`` with a per-(step, dataset index, session) sampling seed (module docstring)."""
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any):
         return await super().run(seeded_sampling_params(sampling_params, kwargs), **kwargs)
