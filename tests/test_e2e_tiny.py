@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -71,8 +72,6 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     assert s["sft/eksft"]["steps"] > 0 and s["sft/eksft"]["drift_rel_norm"] > 0
     assert all(s["handoff/eksft"][c] for c in ("weights", "template", "eos", "context"))
     # every step the recorded verl config asked for (recipes/model/tiny.yaml: rl.total_training_steps)
-    import yaml
-
     planned = yaml.safe_load((run_dir / "rl/eksft/verl_dapo.yaml").read_text())["trainer"]["total_training_steps"]
     assert planned >= 8 and s["rl/eksft"]["steps"] == planned and "score_mean_last" in s["rl/eksft"]
     assert set(s["eval/eksft"]) >= {"base", "sft", "rl"}

@@ -12,9 +12,9 @@ SGLang and TensorRT-LLM are registered, all GPU builds. This module provides the
   ``TokenOutput`` (response token ids, per-token log-probs, stop reason, ``extra_fields.global_steps``) like
   ``vLLMHttpServer.generate``. Concurrent requests are batched: the first request opens a window of
   ``batch_wait_s``; everything queued by then (up to ``max_batch_size``) with the same sampling parameters (the
-  ``seed`` aside: each row samples from its own generator) is
-  left-padded into one ``model.generate`` call, run in a single worker thread so the actor's event loop stays
-  responsive. Weight updates run in that same thread, so they never interleave with a generation.
+  ``seed`` aside: each row samples from its own generator) is left-padded into one ``model.generate`` call, run in
+  a single worker thread so the actor's event loop stays responsive. Weight updates run in that same thread, so
+  they never interleave with a generation.
 * :class:`HFCPUReplica` -- ``RolloutReplica`` that launches one server per replica (node-affine to the replica's
   worker). A replica is one process: tensor/data/pipeline parallel sizes must be 1, so with N actor ranks there
   are N replicas and each actor rank feeds its own server.
@@ -47,10 +47,10 @@ rank), the request's ``seed`` sampling parameter if any, the trainer step and we
 tokens, and the request's rank among the identical prompts of that step (a GRPO group's ``n`` copies). So a step
 samples the same responses from the same weights however Ray and the 50 ms collection window batched its
 requests (HF's own sampling draws a whole batch from one global stream). Requests that differ only in ``seed``
-share a batch. Without a ``seed``, which of a group's ``n`` identical requests gets which response follows the order
-they arrive in; the CPU recipes' agent loop (:mod:`eksft_pipeline.verl_ext.reproducible_steps`) gives each
-request a seed from the step, its dataset row and session, so every row gets the same response in every run. Not covered:
-rows of different prompt lengths are left-padded, which can change logits in the last float bits.
+share a batch. Without a ``seed``, which of a group's ``n`` identical requests gets which response follows the
+order they arrive in; the CPU recipes' agent loop (:mod:`eksft_pipeline.verl_ext.reproducible_steps`) gives each
+request a seed from the step, its dataset row and session, so every row gets the same response in every run. Not
+covered: rows of different prompt lengths are left-padded, which can change logits in the last float bits.
 
 Registration: :func:`register` adds ``hf_cpu`` to both registries. It must run in every process that resolves
 the rollout (the Ray TaskRunner builds the replicas, every actor worker builds its adapter), so this module
@@ -206,6 +206,11 @@ class _Request:
     future: asyncio.Future
     seed: int | None = None  # the row's sampling seed (None: greedy)
     enqueued_at: float = field(default_factory=time.perf_counter)
+    # what a batch must share: the spec without its `seed` (each row samples from its own generator)
+    batch_spec: SamplingSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batch_spec = dataclasses.replace(self.spec, seed=None)
 
 
 def parse_sampling_params(
@@ -663,9 +668,8 @@ class HFCPUServer:
             if wait_s > 0:
                 await asyncio.sleep(wait_s)  # let concurrent requests of the same wave arrive
             while self._queue and not self._paused:
-                # requests that differ only in their `seed` share a batch: each row samples from its own generator
-                head = dataclasses.replace(self._queue[0].spec, seed=None)
-                batch = [r for r in self._queue if dataclasses.replace(r.spec, seed=None) == head][:max_batch]
+                head = self._queue[0].batch_spec  # requests that differ only in their `seed` share a batch
+                batch = [r for r in self._queue if r.batch_spec == head][:max_batch]
                 taken = {id(r) for r in batch}
                 self._queue = [r for r in self._queue if id(r) not in taken]
                 self._inflight = batch

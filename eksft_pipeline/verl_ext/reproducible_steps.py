@@ -10,10 +10,10 @@ step's batch:
    the order they arrive in, which follows thread and Ray scheduling. :class:`SeededSingleTurnAgentLoop` (agent
    loop ``seeded_single_turn_agent``) is verl's ``single_turn_agent`` that adds a sampling ``seed`` to each request,
    derived from the trainer step, the prompt's dataset ``index`` and the ``session_id`` (the k-th of the ``n``
-   responses). The
-   ``hf_cpu`` server mixes it with its own seed, the step and the weights version and samples the request from its
-   own generator; vLLM seeds the request's sampler with it (``SamplingParams.seed``). A request that already has a
-   ``seed``, or that lacks an ``index`` or ``session_id`` (verl's legacy agent-loop path), is left unchanged.
+   responses). The ``hf_cpu`` server mixes it with its own seed, the step and the weights version and samples the
+   request from its own generator; vLLM seeds the request's sampler with it (``SamplingParams.seed``). A request
+   that already has a ``seed``, or that lacks an ``index`` or ``session_id`` (verl's legacy agent-loop path), is
+   left unchanged.
 2. **The order of the rows.** ``ReplayBuffer._materialize_batch`` lists a step's trajectories in the order they
    were *written* to TransferQueue, i.e. the order the responses finished: the same rows in another order, so the
    PPO mini-batches (contiguous slices of that order) hold other trajectories, a GRPO group can be split between
@@ -113,7 +113,6 @@ def patch_replay_order() -> bool:
     return True
 
 
-@register_agent_loop(AGENT_LOOP_NAME)
 class SeededSingleTurnAgentLoop(SingleTurnAgentLoop):
     """verl's ``single_turn_agent`` with a per-(step, dataset index, session) sampling seed (module docstring)."""
 
@@ -122,7 +121,7 @@ class SeededSingleTurnAgentLoop(SingleTurnAgentLoop):
 
 
 def register() -> None:
-    """Register the seeded agent loop (again, if a test cleared verl's registry) and patch the replay buffer."""
+    """Register the seeded agent loop in verl's registry and patch the replay buffer (both idempotent)."""
     register_agent_loop(AGENT_LOOP_NAME)(SeededSingleTurnAgentLoop)
     patch_replay_order()
 

@@ -568,10 +568,10 @@ def test_dapo_runs_repeat_exactly(tmp_path):
     """Two DAPO runs of the same config from the same model end with bit-identical weights.
 
     What it takes (eksft_pipeline/verl_ext/reproducible_steps.py): each request is sampled from a generator
-    seeded by the step, its dataset row and session (the seeded agent loop + the hf_cpu server), and the trainer's batch
-    is in dataset order rather than the order the responses finished in. 2 mini-batches per step, so a change of
-    row order changes the update. Without both, the first actor update already differed (pg_loss 0.0485 vs 0.0500
-    on the tiny testbed)."""
+    seeded by the step, its dataset row and session (the seeded agent loop + the hf_cpu server), and the trainer's
+    batch is in dataset order rather than the order the responses finished in. 2 mini-batches per step, so a
+    change of row order changes the update. Without both, the first actor update already differed (pg_loss 0.0485
+    vs 0.0500 on the tiny testbed)."""
     from safetensors.torch import load_file
 
     assets = _make_rl_assets(tmp_path / "assets")

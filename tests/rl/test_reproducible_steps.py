@@ -1,4 +1,4 @@
-"""eksft_pipeline.verl_ext.reproducible_steps: seeds per (dataset row, session) and replay batches in dataset order.
+"""eksft_pipeline.verl_ext.reproducible_steps: seeds per (step, row, session) and replay batches in dataset order.
 
 The whole effect (two DAPO runs from one checkpoint repeat step for step) is checked by
 tests/rl/test_cpu_ppo.py::test_dapo_runs_repeat_exactly; these are its parts, without Ray.
