@@ -235,7 +235,7 @@ def probe_sft(args) -> dict:
     with Peak(dev, absolute=True) as pk:  # everything allocated: weights, AdamW states, grads, activations
         frac = step()
     params = sum(p.numel() for p in policy.parameters())
-    est = sft_estimate(shape, tokens=n, world=1, head=args.head, loss="eksft", model_dtype="fp32",
+    est = sft_estimate(shape, tokens=n, world=1, head=args.head, loss=loss, model_dtype="fp32",
                        compute_dtype="fp32" if compute == torch.float32 else "bf16", grad_ckpt=True,
                        chunk=args.chunk, device=dev)  # fmt: skip
     # the reference weights stay on the GPU here (verl keeps them in pinned host memory); the estimate's runtime

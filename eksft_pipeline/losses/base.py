@@ -109,7 +109,14 @@ class TokenLoss:
     selection_scope: the unit a plan is meant for: "global" (the whole global batch, the paper) or "sequence"
                      (one sequence, losses averaged with equal weight per sequence: eksft_official).
     stats_options:   extra keyword arguments ``stats`` passes to ``token_stats``.
+    heads:           the loss heads that can compute it, the default first (``resolve_head``): "fused"
+                     (losses/fused.py: hidden states + lm_head weight, no [N, V] tensor; only the linear form)
+                     and "naive" (full [N, V] logits).
     ``ref_in_compute`` (property): ``compute`` needs ``ref_logits`` of the micro-batch rows.
+    ``selected_fraction`` (property): the worst-case share of a batch's rows with an entropy or KL term in
+    ``compute``, from the loss's own parameters.
+    These are the facts the trainer (verl_ext/sft_trainer.py) and the memory model (pipeline/memory.py) read;
+    neither keeps its own table of them.
     """
 
     name: ClassVar[str] = ""
@@ -120,6 +127,7 @@ class TokenLoss:
     needs_seq_ids: ClassVar[bool] = False
     selection_scope: ClassVar[str] = "global"
     stats_options: ClassVar[dict[str, Any]] = {}
+    heads: ClassVar[tuple[str, ...]] = ("naive",)
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.PARAMS))
@@ -144,6 +152,25 @@ class TokenLoss:
     @property
     def ref_in_compute(self) -> bool:
         return False
+
+    @property
+    def selected_fraction(self) -> float:
+        """Worst-case share of the valid rows whose training-pass term uses the full distribution beyond
+        log p(y): an entropy term (H) or a KL term. The memory model sizes the loss head's row-wise buffers
+        from it (pipeline/memory.py: loss_head_peak). 0 for a loss without such a term."""
+        return 0.0
+
+    def resolve_head(self, requested: str | None = "auto") -> str:
+        """The loss head to run: "auto" (or None) -> the first of ``heads``; a named head must be one of them.
+        The one place the trainer (verl_ext/sft_trainer.py) and the SFT stage's memory estimate resolve it."""
+        head = str(requested or "auto")
+        if head == "auto":
+            return self.heads[0]
+        if head not in self.heads:
+            why = ("is not of the form Σ w_ce·CE + w_h·H + w_kl·KL the fused head computes" if head == "fused"
+                   else f"runs on the {' or '.join(self.heads)} head")  # fmt: skip
+            raise ValueError(f"eksft.head={head}: loss {self.name!r} {why}; use eksft.head={self.heads[0]} (or auto)")
+        return head
 
     # ---- phase 1 ---------------------------------------------------------------------------------
     def stats(
@@ -242,6 +269,7 @@ class LinearTokenLoss(TokenLoss):
 
     TOKEN_KEYS: ClassVar[tuple[str, ...]] = ()
     SCALAR_KEYS: ClassVar[tuple[str, ...]] = ("n_tokens",)
+    heads: ClassVar[tuple[str, ...]] = ("fused", "naive")
 
     def coefficients(
         self, token: Mapping[str, Tensor], scalars: Mapping[str, float], valid: Tensor

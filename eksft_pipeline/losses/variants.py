@@ -70,9 +70,18 @@ class _SelectiveLoss(LinearTokenLoss):
     needs_ref = True
     needs_prepass = True
 
+    MASK_SETS: ClassVar[int] = 2  # top-ceil(rho·N) sets united in M (M_H ∪ M_KL), for selected_fraction
+
     @property
     def ref_in_compute(self) -> bool:
         return self.params["lambda_kl"] != 0
+
+    @property
+    def selected_fraction(self) -> float:
+        """|M| <= MASK_SETS·ceil(rho·N) rows carry the H / KL terms; none when both lambdas are 0."""
+        if not (self.params["lambda_entropy"] or self.params["lambda_kl"]):
+            return 0.0
+        return min(1.0, self.MASK_SETS * self.params["rho"])
 
     def _mask(self, m_h: Tensor, m_kl: Tensor, valid: Tensor, generator: torch.Generator | None) -> Tensor:
         raise NotImplementedError
@@ -161,6 +170,7 @@ class EntropyMaskOnly(_SelectiveLoss):
     Source: EKSFT paper, ablations."""
 
     name = "entropy_mask_only"
+    MASK_SETS = 1
 
     def _mask(self, m_h, m_kl, valid, generator):
         return m_h
@@ -172,6 +182,7 @@ class KLMaskOnly(_SelectiveLoss):
     Source: EKSFT paper, ablations."""
 
     name = "kl_mask_only"
+    MASK_SETS = 1
 
     def _mask(self, m_h, m_kl, valid, generator):
         return m_kl
@@ -223,6 +234,13 @@ class RandomMask(_SelectiveLoss):
     def needs_prepass(self) -> bool:  # type: ignore[override]
         return bool(self.params["match_eksft_size"])
 
+    @property
+    def selected_fraction(self) -> float:
+        """|M| = ceil(mask_ratio·N), or <= 2·ceil(rho·N) with match_eksft_size; 0 when both lambdas are 0."""
+        if not (self.params["lambda_entropy"] or self.params["lambda_kl"]):
+            return 0.0
+        return min(1.0, 2 * self.params["rho"]) if self.params["match_eksft_size"] else self.params["mask_ratio"]
+
     def plan(self, stats: TokenStats, seq_ids: Tensor | None = None, generator: torch.Generator | None = None) -> Plan:
         valid, n = stats.valid, stats.n_tokens
         k = m_h = m_kl = None
@@ -255,6 +273,11 @@ class GlobalReg(LinearTokenLoss):
     @property
     def ref_in_compute(self) -> bool:
         return self.params["lambda_kl"] != 0
+
+    @property
+    def selected_fraction(self) -> float:
+        """Every row carries the H / KL terms (none when both lambdas are 0)."""
+        return 1.0 if (self.params["lambda_entropy"] or self.params["lambda_kl"]) else 0.0
 
     def coefficients(self, token, scalars, valid):
         w = valid.float() / denom(scalars["n_tokens"])
@@ -363,6 +386,11 @@ class ASFT(TokenLoss):
     @property
     def ref_in_compute(self) -> bool:
         return self.params["lambda_kl"] != 0
+
+    @property
+    def selected_fraction(self) -> float:
+        """The reverse KL is taken on every row (none when lambda_kl = 0)."""
+        return 1.0 if self.params["lambda_kl"] else 0.0
 
     def compute(self, logits, labels, ref_logits=None, token=None, scalars=None):
         token, scalars = self._check_compute(logits, labels, ref_logits, token, scalars, (), ("n_tokens",))
@@ -488,6 +516,12 @@ class EKSFTOfficial(TokenLoss):
     @property
     def ref_in_compute(self) -> bool:
         return self.params["lambda_kl"] != 0
+
+    @property
+    def selected_fraction(self) -> float:
+        """H on M_H, their KL term on M_KL, floor(rho·n) rows each (a zero lambda stays zero when dynamic)."""
+        sets = bool(self.params["lambda_entropy"]) + bool(self.params["lambda_kl"])
+        return min(1.0, sets * self.params["rho"])
 
     def plan(self, stats, seq_ids=None, generator=None):
         require_stats(self, stats, "entropy", "logp", "kl", "prob_sq")

@@ -39,9 +39,11 @@ V vocabulary:
   (z, log p, p, z_ref, log q) + 2 [C, V] low-precision matmul outputs when b < 4; on CUDA with bf16 the
   compiled chunk math: z, z_ref, g in bf16 + two fp32 [C, V] temporaries (10 bytes per C x V element); plus the
   fp32 lm_head gradient [V, d] it accumulates and the policy / reference hidden states [N, d].
-  f = the fraction of rows with an entropy/KL term: EKSFT's M = top-k(H) U top-k(KL) has at most 2 rho |T| rows,
-  so f = min(1, 2 rho) (the worst case, used here); the mask-only ablations rho; global_reg and asft 1; CE-only
-  losses 0.
+  f = the fraction of rows with an entropy/KL term and whether the reference logits are in the training pass are
+  the loss's own declarations (`TokenLoss.selected_fraction`, `.ref_in_compute`, `.needs_ref`, `.resolve_head`
+  in losses/base.py), read from the loss object the stage built: e.g. EKSFT's M = top-k(H) U top-k(KL) has at
+  most 2 rho |T| rows, so f = min(1, 2 rho) (the worst case); a CE-only loss 0. This module keeps no table of
+  losses (tests/losses/test_loss_facts.py measures each declaration from the loss's gradients).
 * allocator slack: 10 % of the peak moment's dynamic terms (dynamic batching varies N from one micro-batch to the
   next, so the caching allocator holds blocks sized for other shapes);
 * runtime: CUDA context and NCCL buffers, a fixed 2 GiB.
@@ -55,7 +57,10 @@ colocated vLLM rollout) is the larger of its training phase (actor states + acti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the loss object is only read (duck-typed): this module stays free of torch
+    from eksft_pipeline.losses.base import TokenLoss
 
 GIB = 1024**3
 # fragmentation of the caching allocator: micro-batches of varying size (dynamic batching) reuse blocks sized for
@@ -143,6 +148,7 @@ class Estimate:
     device: str = "cuda"
     capacity_bytes: float | None = None  # usable device memory; None = not checked (CPU)
     host_terms: list[Term] = field(default_factory=list)
+    loss_terms: dict[str, Any] = field(default_factory=dict)  # what the estimate read from the loss object
 
     @property
     def total(self) -> float:
@@ -173,6 +179,7 @@ class Estimate:
             "fits": self.fits,
             "terms": {t.name: {"gib": round(t.bytes / GIB, 3), "formula": t.formula} for t in self.terms},
             "host_terms": {t.name: {"gib": round(t.bytes / GIB, 3), "formula": t.formula} for t in self.host_terms},
+            "loss_terms": self.loss_terms,
             "assumptions": self.assumptions, "knob": self.knob, "text": "\n".join(self.lines()),
         }  # fmt: skip
 
@@ -187,29 +194,6 @@ class Estimate:
 
 
 # ----------------------------------------------------------------------------------------------- loss head
-
-
-def selected_fraction(loss: str, params: dict[str, Any] | None = None) -> float:
-    """Fraction of rows with an entropy / KL term in the training pass (worst case, see module docstring)."""
-    p = dict(params or {})
-    rho = float(p.get("rho", 0.2))
-    if loss in ("eksft", "eksft_no_entropy_reg", "eksft_no_kl_reg", "eksft_official", "random_mask"):
-        return min(1.0, 2 * rho)
-    if loss in ("entropy_mask_only", "kl_mask_only"):
-        return min(1.0, rho)
-    if loss in ("global_reg", "asft"):
-        return 1.0
-    return 0.0
-
-
-def ref_in_compute(loss: str, params: dict[str, Any] | None = None) -> bool:
-    """Whether the training pass needs the reference logits (a KL term with a non-zero weight)."""
-    p = dict(params or {})
-    if loss in ("eksft", "eksft_no_entropy_reg", "eksft_official", "kl_mask_only", "random_mask"):
-        return float(p.get("lambda_kl", 0.05)) != 0
-    if loss == "global_reg":
-        return float(p.get("lambda_kl", 0.05)) != 0
-    return loss == "asft"
 
 
 def loss_head_peak(
@@ -293,10 +277,8 @@ def sft_estimate(
     *,
     tokens: int,
     world: int,
-    head: str = "naive",
-    loss: str = "eksft",
-    loss_params: dict[str, Any] | None = None,
-    needs_ref: bool = True,
+    loss: TokenLoss,
+    head: str | None = "auto",
     model_dtype: str = "fp32",
     compute_dtype: str = "bf16",
     ref_dtype: str | None = None,
@@ -306,14 +288,22 @@ def sft_estimate(
     capacity_bytes: float | None = None,
     knob: str = "lower data.max_token_len_per_gpu (model.sft.verl.data.max_token_len_per_gpu)",
 ) -> Estimate:
-    """Peak memory per GPU of one EKSFT / baseline SFT step (see the module docstring for every term)."""
+    """Peak memory per GPU of one EKSFT / baseline SFT step (see the module docstring for every term).
+
+    ``loss`` is the built loss object (``eksft_pipeline.losses.get_loss``): the estimate reads what it declares
+    (reference model, reference logits in the training pass, selected fraction, the head ``head`` resolves to).
+    """
     P, L, d, V = shape.n_params, shape.layers, shape.hidden, shape.vocab
     N = int(tokens)
     pb = _dtype_bytes(model_dtype, 4)
     cb = _dtype_bytes(compute_dtype, 2)
     rb = _dtype_bytes(ref_dtype, pb)
-    frac = selected_fraction(loss, loss_params)
-    with_ref = needs_ref and ref_in_compute(loss, loss_params)
+    head = loss.resolve_head(head)
+    needs_ref = bool(loss.needs_ref)
+    frac = float(loss.selected_fraction)
+    with_ref = needs_ref and bool(loss.ref_in_compute)
+    loss_terms = {"loss": loss.name, "head": head, "needs_ref": needs_ref, "ref_in_training_pass": with_ref,
+                  "selected_fraction": frac}  # fmt: skip
     lp = shape.layer_params
     root = shape.embed_params + d  # lm_head (or the tied embedding) + final norm
     terms = [
@@ -350,14 +340,16 @@ def sft_estimate(
         f"micro-batch of N={N} packed tokens (dynamic batching: data.max_token_len_per_gpu)",
         f"FSDP2 over W={world} ranks, master weights {model_dtype}, compute {compute_dtype}, AdamW fp32 states",
         f"gradient checkpointing {'on' if grad_ckpt else 'off'}; flash-attention (no N^2 attention matrix)",
-        f"loss {loss!r}: {head} head, {frac:.0%} of rows with an entropy/KL term (worst case), reference logits "
+        f"loss {loss.name!r}: {head} head, {frac:.0%} of rows with an entropy/KL term (worst case), reference logits "
         f"{'in' if with_ref else 'not in'} the training pass",
         "the peak is the largest of the moments 'loss head', 'reference forward' and 'layer backward'; the term "
         f"list shows the largest ({name})",
-        "reference model: forward-only engine, FSDP CPU offload forced by verl (pinned host memory)",
+        "reference model: forward-only engine, FSDP CPU offload forced by verl (pinned host memory)"
+        if needs_ref else f"no reference model (loss {loss.name!r} does not use one)",
     ]
     host = [Term("reference weights, pinned (CPU offload)", float(rb) * P / world, f"{rb}*P/W")] if needs_ref else []
-    return Estimate("sft", terms, assumptions, knob, device=device, capacity_bytes=capacity_bytes, host_terms=host)
+    return Estimate("sft", terms, assumptions, knob, device=device, capacity_bytes=capacity_bytes, host_terms=host,
+                    loss_terms=loss_terms)
 
 
 def rl_estimate(
@@ -433,9 +425,7 @@ __all__ = [
     "ModelShape",
     "Term",
     "loss_head_peak",
-    "ref_in_compute",
     "rl_estimate",
-    "selected_fraction",
     "sft_estimate",
     "shape_from_model",
     "usable_bytes",

@@ -52,12 +52,15 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
-def _check_loss(name: str, params) -> None:
-    """Build the loss once here, so an unknown method or parameter fails before torchrun starts."""
+def build_loss(vc):
+    """The run's loss object, built from the verl config's `eksft:` block: once per configuration (the checks and
+    the memory estimate read it; the trainer process builds its own from the same block). An unknown method or
+    parameter fails here, before torchrun starts."""
     from eksft_pipeline.losses import get_loss
 
+    name = vc.eksft.loss
     try:
-        get_loss(str(name), **(_plain(params) or {}))
+        return get_loss(str(name), **(_plain(vc.eksft.loss_params) or {}))
     except (KeyError, TypeError, ValueError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise ConfigError(f"method {name}: {msg}; fix the value (method.params.<name>=...) or pick another method=") from e
@@ -121,12 +124,18 @@ class SFTStage(VerlTrainingStage):
 
     def validate(self, ctx):
         self.check(ctx)
-        est = self.memory_estimate(ctx, self.verl_config(ctx))
+        vc, loss = self.configure(ctx)
+        est = self.memory_estimate(ctx, vc, loss)
         if est is not None:
             est.check()  # a configuration that cannot fit is refused before anything on disk is touched
 
     # -- config -----------------------------------------------------------------------------------
     def verl_config(self, ctx: StageContext):
+        return self.configure(ctx)[0]
+
+    def configure(self, ctx: StageContext):
+        """(the verl SFT config, the loss object built once from it): every check and estimate below reads that one
+        loss object."""
         cfg = ctx.cfg
         vc = self.compose(ctx)
         out = ctx.out_dir
@@ -162,17 +171,17 @@ class SFTStage(VerlTrainingStage):
         if str(vc.trainer.resume_mode) != "auto":
             raise ConfigError(f"sft.verl.trainer.resume_mode={vc.trainer.resume_mode}: the stage manages resumption "
                               "itself (same config: resume, changed config: retrain); leave it at auto")
-        _check_loss(vc.eksft.loss, vc.eksft.loss_params)
+        loss = build_loss(vc)
         try:
-            validate_sft_block(vc)  # selection scope / head / updates: fail here, not inside torchrun
+            validate_sft_block(vc, loss)  # selection scope / head / updates: fail here, not inside torchrun
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        self._fit_token_budget(ctx, vc)
-        return vc
+        self._fit_token_budget(ctx, vc, loss)
+        return vc, loss
 
     def experiment_name(self, ctx: StageContext) -> str:
         return f"{ctx.cfg.model.name}-sft-{ctx.cfg.method.name}"
-    def _fit_token_budget(self, ctx: StageContext, vc) -> None:
+    def _fit_token_budget(self, ctx: StageContext, vc, loss) -> None:
         """`sft.fit_token_budget`: the model recipe sizes `max_token_len_per_gpu` for EKSFT's fused head; a method
         whose loss needs the naive head (full [N, V] logits: asft, dft, psft, eksft_official) would be refused by
         the memory check at that budget, so a baseline sweep stops at its first such method. Lower the budget in
@@ -186,7 +195,7 @@ class SFTStage(VerlTrainingStage):
                 or any(str(o).lstrip("+").split("=")[0].endswith("data.max_token_len_per_gpu")
                        for o in cfg.get("cli_overrides") or [])):  # fmt: skip
             return
-        est = self.memory_estimate(ctx, vc)
+        est = self.memory_estimate(ctx, vc, loss)
         if est is None or est.fits:
             return
         start, floor = int(d.max_token_len_per_gpu), int(d.max_length)
@@ -194,7 +203,7 @@ class SFTStage(VerlTrainingStage):
         while budget >= floor:
             with open_dict(vc):
                 d.max_token_len_per_gpu = budget
-            smaller = self.memory_estimate(ctx, vc)
+            smaller = self.memory_estimate(ctx, vc, loss)
             if smaller.fits:
                 print(f"[sft] method={cfg.method.name}: sft.verl.data.max_token_len_per_gpu {start} -> {budget} "
                       f"(estimated {smaller.total / 2**30:.1f} GiB per GPU; {start} would need "
@@ -205,9 +214,9 @@ class SFTStage(VerlTrainingStage):
         with open_dict(vc):  # nothing fits: keep the recipe's value, the memory check refuses it naming the knob
             d.max_token_len_per_gpu = start
 
-    def memory_estimate(self, ctx: StageContext, vc):
-        """Per-GPU peak-memory estimate of one SFT step (eksft_pipeline/pipeline/memory.py); None without a shape."""
-        from eksft_pipeline.losses import LinearTokenLoss, get_loss
+    def memory_estimate(self, ctx: StageContext, vc, loss=None):
+        """Per-GPU peak-memory estimate of one SFT step (eksft_pipeline/pipeline/memory.py); None without a shape.
+        `loss`: the loss object `configure` built (built from `vc` when not given)."""
         from eksft_pipeline.pipeline import memory
 
         cfg = ctx.cfg
@@ -217,15 +226,11 @@ class SFTStage(VerlTrainingStage):
         d = vc.data
         tokens = int(d.max_token_len_per_gpu) if d.use_dynamic_bsz else int(d.micro_batch_size_per_gpu) * int(d.max_length)
         mp = vc.engine.get("mixed_precision") or {}
-        params = _plain(vc.eksft.loss_params) or {}
-        loss = get_loss(str(vc.eksft.loss), **params)
-        head = str(vc.eksft.get("head", None) or "auto")
-        if head == "auto":  # as the trainer resolves it: the fused head for losses of the linear form
-            head = "fused" if isinstance(loss, LinearTokenLoss) else "naive"
+        loss = build_loss(vc) if loss is None else loss
         device = "cpu" if str(cfg.cluster.device) == "cpu" else "cuda"
         return memory.sft_estimate(
             shape, tokens=tokens, world=int(vc.trainer.n_gpus_per_node) * int(vc.trainer.nnodes),
-            head=head, loss=str(vc.eksft.loss), loss_params=params, needs_ref=loss.needs_ref, model_dtype=str(vc.engine.model_dtype),
+            loss=loss, head=vc.eksft.get("head", None), model_dtype=str(vc.engine.model_dtype),
             compute_dtype=str(mp.get("param_dtype", "bf16")), ref_dtype=vc.eksft.get("ref_model_dtype", None),
             grad_ckpt=bool(vc.model.enable_gradient_checkpointing), chunk=vc.eksft.get("chunk_size", None),
             device=device,
@@ -256,8 +261,8 @@ class SFTStage(VerlTrainingStage):
         ]
 
     def describe(self, ctx):
-        vc = self.verl_config(ctx)
-        est = self.memory_estimate(ctx, vc)
+        vc, loss = self.configure(ctx)
+        est = self.memory_estimate(ctx, vc, loss)
         if est is not None:
             print("\n".join(est.lines()), flush=True)
             est.check()  # refuse (naming the knob) before anything is launched
@@ -286,8 +291,8 @@ class SFTStage(VerlTrainingStage):
         out = ctx.out_dir
         out.mkdir(parents=True, exist_ok=True)
         with quiet():
-            vc = self.verl_config(ctx)
-        est = self.memory_estimate(ctx, vc)
+            vc, loss = self.configure(ctx)
+        est = self.memory_estimate(ctx, vc, loss)
         if est is not None:
             est.check()  # a configuration that cannot fit is refused before torchrun starts
             atomic_write_json(out / "memory_estimate.json", est.to_dict(), indent=1)

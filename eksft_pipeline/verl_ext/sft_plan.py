@@ -181,16 +181,15 @@ def complete_eksft_block(block: dict | None) -> dict:
     return out
 
 
-def validate_sft_block(vc) -> None:
-    """`check_eksft_block` on a composed verl SFT config (OmegaConf): the sft stage calls it before torchrun."""
+def validate_sft_block(vc, loss) -> None:
+    """`check_eksft_block` on a composed verl SFT config (OmegaConf) and the loss object the sft stage built from
+    it: the stage calls it before torchrun."""
     from omegaconf import OmegaConf
-
-    from eksft_pipeline.losses import get_loss
 
     block = complete_eksft_block(OmegaConf.to_container(vc.get("eksft") or {}, resolve=True))
     check_eksft_block(
         block,
-        loss=get_loss(block["loss"], **(block["loss_params"] or {})),
+        loss=loss,
         micro_batch_size_per_gpu=int(vc.data.micro_batch_size_per_gpu),
         use_dynamic_bsz=bool(vc.data.use_dynamic_bsz),
     )
@@ -198,18 +197,12 @@ def validate_sft_block(vc) -> None:
 
 def check_eksft_block(block: dict, *, loss, micro_batch_size_per_gpu: int, use_dynamic_bsz: bool) -> None:
     """Reject `eksft:` settings the trainer cannot honour, naming the fix (called before training starts)."""
-    from eksft_pipeline.losses import LinearTokenLoss
-
     scope = block["selection_scope"]
     if scope not in SCOPES:
         raise ValueError(f"eksft.selection_scope must be one of {list(SCOPES)}, got {scope!r}")
     if block["head"] not in HEADS:
         raise ValueError(f"eksft.head must be one of {list(HEADS)}, got {block['head']!r}")
-    if block["head"] == "fused" and not isinstance(loss, LinearTokenLoss):
-        raise ValueError(
-            f"eksft.head=fused: loss {loss.name!r} is not of the form Σ w_ce·CE + w_h·H + w_kl·KL the fused head "
-            "computes; use eksft.head=naive (or auto)"
-        )
+    loss.resolve_head(block["head"])  # a head the loss cannot run on (fused for a non-linear loss) is refused
     if block["ref_hidden_store"] not in REF_STORES:
         raise ValueError(f"eksft.ref_hidden_store must be one of {list(REF_STORES)}, got {block['ref_hidden_store']!r}")
     u = block["updates_per_batch"]

@@ -647,13 +647,6 @@ def selective_config(config) -> dict[str, Any]:
     return complete_eksft_block(OmegaConf.to_container(config.get("eksft", {}) or {}, resolve=True))
 
 
-def resolve_head(block: dict, loss) -> str:
-    """`auto` -> fused for losses of the linear form, naive for the others."""
-    if block["head"] == "auto":
-        return "fused" if isinstance(loss, LinearTokenLoss) else "naive"
-    return block["head"]
-
-
 class EKSFTTrainer(SFTTrainer):
     """verl `SFTTrainer` whose loss is any `eksft_pipeline.losses` loss (see module docstring)."""
 
@@ -710,7 +703,7 @@ class EKSFTTrainer(SFTTrainer):
             micro_batch_size_per_gpu=int(self.config.data.micro_batch_size_per_gpu),
             use_dynamic_bsz=bool(self.config.data.use_dynamic_bsz),
         )
-        head = resolve_head(block, loss)
+        head = loss.resolve_head(block["head"])  # auto -> the loss's first head (fused for the linear form)
         self.eksft_head = head
 
         if self.model_config.get("use_fused_kernels", False):
@@ -773,4 +766,4 @@ class EKSFTTrainer(SFTTrainer):
         self.engine = self.training_client.engine
 
 
-__all__ = ["EKSFTTrainer", "SelectiveLossHook", "SelectiveTrainingWorker", "resolve_head", "selective_config"]
+__all__ = ["EKSFTTrainer", "SelectiveLossHook", "SelectiveTrainingWorker", "selective_config"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from eksft_pipeline.losses import get_loss
 from eksft_pipeline.pipeline import memory
 from eksft_pipeline.pipeline.manifest import Manifest
 from eksft_pipeline.pipeline.stage_api import StageContext
@@ -119,6 +120,7 @@ def test_recipe_token_budgets_come_from_the_estimate(tmp_path, model):
     if model == "qwen3-8b":
         bigger = memory.sft_estimate(memory.shape_from_model(str(cfg.model.path), dict(cfg.model.arch)),
                                      tokens=int(vc.data.max_token_len_per_gpu * 1.5), world=8,
+                                     loss=get_loss("eksft"), head="naive",
                                      capacity_bytes=est.capacity_bytes)  # fmt: skip
         assert bigger.total * 1.15 > bigger.capacity_bytes
 
