@@ -1,6 +1,6 @@
 """Accuracy and throughput of the math reward (eksft_pipeline.scoring.reward) against plain math-verify.
 
-1. Accuracy on the labelled corpus (:mod:`eksft_pipeline.scoring.verifier_corpus`: builtin MATH-style golds plus
+1. Accuracy on the labelled corpus (``scripts/devtools/verifier_corpus.py``: builtin MATH-style golds plus
    the AIME/AMC/MATH golds of ``--eval-parquet``, default ``../shared/data/eval/luffy_valid_all.parquet``
    when it exists; each gold in many equivalent and wrong forms inside R1-style completions, labels from
    construction). For the held-out part (``--corpus-split``, golds never looked at while tuning) it prints
@@ -40,8 +40,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from devtools import verifier_corpus as vc  # scripts/devtools (this script's folder is on sys.path)
+
 from eksft_pipeline.scoring import reward
-from eksft_pipeline.scoring import verifier_corpus as vc
 
 
 # A prompt's gold answer comes from one of these families (weights ~ an AIME/AMC/MATH mix), with random

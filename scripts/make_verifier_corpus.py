@@ -4,7 +4,7 @@
     python scripts/make_verifier_corpus.py --out corpus.jsonl --eval-parquet ../shared/data/eval/luffy_valid_all.parquet
     python scripts/make_verifier_corpus.py --out corpus.jsonl --builtin-only --seed 1
 
-Deterministic for given golds and seed (see eksft_pipeline/scoring/verifier_corpus.py for how the forms and their
+Deterministic for given golds and seed (see scripts/devtools/verifier_corpus.py for how the forms and their
 labels are built, and which golds are held out). One JSON object per line: source, gold, family, form,
 answer, completion, label, policy, split. Prints the counts per part, label and gold family.
 """
@@ -15,7 +15,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from eksft_pipeline.scoring import verifier_corpus as vc
+from devtools import verifier_corpus as vc  # scripts/devtools (this script's folder is on sys.path)
 
 
 def main() -> None:

@@ -26,6 +26,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# development tools outside the runtime package (scripts/devtools: the verifier corpus) import as `devtools`
+if str(REPO / "scripts") not in sys.path:
+    sys.path.insert(0, str(REPO / "scripts"))
 # the shared run also proves experiment tracking end to end (tests/pipeline/test_tracking_e2e.py): W&B, offline
 # (WANDB_MODE wins over credentials), its runs under <run_dir>/tracking/wandb
 TRACKING_ARGS = ("tracking=wandb",)
@@ -75,7 +78,7 @@ SHARED_HOW = ("the project's CI has it at ../shared relative to the repo root; a
 @pytest.fixture
 def shared_eval_parquet(request) -> Path:
     """The shared eval parquet, or a loud skip (a failure under EKSFT_REQUIRE_SHARED=1) naming where it was looked for."""
-    from eksft_pipeline.scoring.verifier_corpus import shared_eval_parquet as where
+    from devtools.verifier_corpus import shared_eval_parquet as where
 
     path = where()
     if path.is_file():

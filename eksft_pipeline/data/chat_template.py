@@ -42,19 +42,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-CHATML = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' and generation_prefix is defined and generation_prefix -%}"
-    "{{- generation_prefix -}}"
-    "{%- endif -%}"
-    "{{- message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if generation_prefix is defined and generation_prefix -%}{{- generation_prefix -}}{%- endif -%}"
-    "{%- endif -%}"
-)
+from eksft_pipeline.chatml import CHATML  # the text lives below data/ and models/ (both use it)
 
 TEMPLATES: dict[str, str] = {"chatml": CHATML}
 

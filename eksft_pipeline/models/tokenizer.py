@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from eksft_pipeline.data.chat_template import CHATML
+from eksft_pipeline.chatml import CHATML
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 NON_SPECIAL_ADDED = frozenset({"<think>", "</think>"})
@@ -38,7 +38,8 @@ PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# the run's ChatML template (eksft_pipeline/data/chat_template.py): the tiny tokenizer ships the same text
+# the run's ChatML template (eksft_pipeline/chatml.py, explained in data/chat_template.py): the tiny tokenizer
+# ships the same text
 CHAT_TEMPLATE = CHATML
 
 

@@ -8,7 +8,8 @@
     cache.py            the verdict LRU cache
     stats.py            process-wide counters
     reward.py           the public API: compute_score (verl), score_batch (eval), configure, reward_stats
-    verifier_corpus.py  the labelled corpus the verifier is measured on (scripts/make_verifier_corpus.py)
+The labelled corpus the verifier is measured on is a development tool outside the package:
+scripts/devtools/verifier_corpus.py (scripts/make_verifier_corpus.py, scripts/bench_reward.py).
 
 Imports neither stage package: RL (through verl's `custom_reward_function.path=pkg://eksft_pipeline.scoring.reward`)
 and eval (`score_samples`) both import it.

@@ -7,7 +7,7 @@ debatable cases, per benchmark), :mod:`~eksft_pipeline.scoring.verify` (math-ver
 the "plain math-verify" reference), :mod:`~eksft_pipeline.scoring.pool` (the killable worker processes),
 :mod:`~eksft_pipeline.scoring.cache` (the verdict LRU), :mod:`~eksft_pipeline.scoring.stats` (the counters), this
 module (options, gold preparation, the scoring loop, the public API), and
-:mod:`~eksft_pipeline.scoring.verifier_corpus` (the labelled corpus the verifier is measured on).
+``scripts/devtools/verifier_corpus.py`` (the labelled corpus the verifier is measured on, a development tool).
 
 Public API
 ----------

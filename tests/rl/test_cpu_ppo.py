@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import random
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from rl_assets import build_model, dapo_cmd, make_easy_rl_assets, make_rl_assets, run_dapo  # tests/rl/rl_assets.py
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,40 +28,11 @@ REPO = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-def _chat(a: int, b: int, c: int) -> str:
-    """One ChatML training text: "What is a + b?" answered with the (not necessarily true) sum c."""
-    from eksft_pipeline.data.synth import TINY_SYSTEM_PROMPT
-    from eksft_pipeline.models.tokenizer import render_chatml
-
-    return render_chatml(
-        [
-            {"role": "system", "content": TINY_SYSTEM_PROMPT},
-            {"role": "user", "content": f"What is {a} + {b}?"},
-            {"role": "assistant", "content": f"<think>\n{a} + {b} = {c}\n</think>\n\nThe answer is \\boxed{{{c}}}."},
-        ]
-    )
-
-
-def _tiny_texts(max_operand: int) -> list[str]:
-    return [_chat(a, b, a + b) for a in range(max_operand) for b in range(max_operand)]
-
-
-def _build_model(out: Path, *, vocab_size: int = 300, hidden: int = 64, layers: int = 2, max_operand: int = 5):
-    from eksft_pipeline.models.tiny import build_tiny_model
-    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer(None, _tiny_texts(max_operand), vocab_size=vocab_size)
-    build_tiny_model(
-        out, tok, hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2, intermediate_size=2 * hidden
-    )
-    return tok
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """Random-weight tiny Qwen3 + tokenizer (no training): enough for exact engine checks."""
     d = tmp_path_factory.mktemp("tiny_rand") / "model"
-    tok = _build_model(d, hidden=32, layers=1)
+    tok = build_model(d, hidden=32, layers=1)
     return d, tok
 
 
@@ -425,86 +392,15 @@ def test_server_abort_pause_and_weight_update(tiny_model):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def _rl_assets(root: Path, texts: list[str], steps: int, train: list[tuple], val: list[tuple]) -> dict[str, Path]:
-    """Tiny Qwen3 pre-trained for `steps` steps on `texts`, + train/val RL parquet of (a, b, answer) prompts."""
-    from eksft_pipeline.data.schema import RL_SCHEMA
-    from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
-    from eksft_pipeline.models.pretrain import pretrain_tiny
-
-    model = root / "model"
-    _build_model(model, max_operand=5)
-    pretrain_tiny(model, texts, steps=steps, seq_len=64, batch_size=16, lr=3e-3, warmup_steps=10,
-                  progress=False, num_threads=1)  # fmt: skip
-
-    def rows(items):
-        probs = [{"data_source": "tiny_add", "problem": f"What is {x} + {y}?", "answer": str(c)} for x, y, c in items]
-        return to_rl_eval_rows(probs)
-
-    return {
-        "model": model,
-        "train": write_parquet(rows(train), root / "train.parquet", RL_SCHEMA),
-        "val": write_parquet(rows(val), root / "val.parquet", RL_SCHEMA),
-    }
-
-
-def _make_rl_assets(root: Path) -> dict[str, Path]:
-    """Tiny Qwen3 briefly pre-trained on "a + b" chats (a, b < 5) + train/val parquet of those prompts.
-
-    ~150 steps teach the format (\\boxed{digit}) but not the sums, so groups of 4 samples mix right and wrong
-    answers (what DAPO's dynamic sampling keeps).
-    """
-    probs = [(a, b, a + b) for a in range(5) for b in range(5)] * 2
-    random.Random(0).shuffle(probs)
-    return _rl_assets(root, _tiny_texts(5) * 4, 150, train=probs, val=probs[:8])
-
-
-def _dapo_cmd(assets: dict[str, Path], *extra: str) -> list[str]:
-    """`python -m eksft_pipeline.verl_ext.ppo_main` on the CPU DAPO recipe with the test's model and data."""
-    return [
-        sys.executable, "-m", "eksft_pipeline.verl_ext.ppo_main",
-        "--config-path", str(REPO / "recipes" / "verl"), "--config-name", "dapo", "dapo_platform=cpu",
-        f"actor_rollout_ref.model.path={assets['model']}",
-        f"data.train_files={assets['train']}", f"data.val_files={assets['val']}",
-        *extra,
-    ]  # fmt: skip
-
-
-def _run_dapo(cmd: list[str], cwd: Path, metrics_file: Path, *, steps: int, timeout_s: float = 480):
-    """Run main_ppo with the CPU shim's environment; returns (rc, output tail, {event: seconds}, total seconds)."""
-    from eksft_pipeline.verl_ext.cpu_platform import cpu_env
-
-    env = {**os.environ, **cpu_env(), "OMP_NUM_THREADS": "1", "VERL_FILE_LOGGER_PATH": str(metrics_file)}
-    needles = [("ready", "all initialize finished")] + [(f"step{k}", f" step:{k} ") for k in range(1, steps + 1)]
-    marks: dict[str, float] = {}
-    lines: list[str] = []
-    t_run = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(timeout_s, proc.kill)  # a hung Ray placement must fail the test, not block CI
-    watchdog.start()
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            now = time.perf_counter() - t_run
-            for key, needle in needles:
-                if needle in line and key not in marks:
-                    marks[key] = now
-        rc = proc.wait()
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-    return rc, "".join(lines[-60:]), marks, time.perf_counter() - t_run
-
-
 @pytest.mark.slow
 def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
     from safetensors.torch import load_file
 
     t0 = time.perf_counter()
-    assets = _make_rl_assets(tmp_path / "assets")
+    assets = make_rl_assets(tmp_path / "assets")
     t_assets = time.perf_counter() - t0
     metrics_file, dump, ckpt = tmp_path / "metrics.jsonl", tmp_path / "rollout_dump", tmp_path / "ckpt"
-    cmd = _dapo_cmd(
+    cmd = dapo_cmd(
         assets,
         "trainer.total_training_steps=2", "trainer.save_freq=1", "trainer.test_freq=2",
         f"trainer.default_local_dir={ckpt}",
@@ -512,7 +408,7 @@ def test_dapo_two_steps_through_verl_main_ppo(tmp_path):
         f"+actor_rollout_ref.rollout.engine_kwargs.hf_cpu.weights_dump_dir={dump}",
         f"trainer.rollout_data_dir={tmp_path / 'rollouts'}",
     )  # fmt: skip
-    rc, tail, marks, total = _run_dapo(cmd, tmp_path, metrics_file, steps=2)
+    rc, tail, marks, total = run_dapo(cmd, tmp_path, metrics_file, steps=2)
     assert rc == 0, f"main_ppo failed (rc={rc}):\n{tail}"
     print(
         f"\n[dapo cpu] assets {t_assets:.1f}s; startup to ready-to-fit {marks.get('ready', -1):.1f}s; "
@@ -574,12 +470,12 @@ def test_dapo_runs_repeat_exactly(tmp_path):
     vs 0.0500 on the tiny testbed)."""
     from safetensors.torch import load_file
 
-    assets = _make_rl_assets(tmp_path / "assets")
+    assets = make_rl_assets(tmp_path / "assets")
     runs = []
     for name in ("a", "b"):
         run = tmp_path / name
         run.mkdir()
-        cmd = _dapo_cmd(
+        cmd = dapo_cmd(
             assets,
             "trainer.total_training_steps=2", "trainer.save_freq=2", "trainer.test_freq=-1",
             f"trainer.default_local_dir={run / 'ckpt'}", f"trainer.rollout_data_dir={run / 'rollouts'}",
@@ -588,7 +484,7 @@ def test_dapo_runs_repeat_exactly(tmp_path):
             "algorithm.filter_groups.enable=false",
             "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.optim.lr=1e-4",
         )  # fmt: skip
-        rc, tail, _, total = _run_dapo(cmd, run, run / "metrics.jsonl", steps=2)
+        rc, tail, _, total = run_dapo(cmd, run, run / "metrics.jsonl", steps=2)
         assert rc == 0, f"main_ppo run {name} failed (rc={rc}):\n{tail}"
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         metrics = {r["step"]: r["data"] for r in rows if "actor/pg_loss" in r["data"]}
@@ -618,27 +514,6 @@ def test_dapo_runs_repeat_exactly(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- learning signal
 
-EASY_ANSWER = 4
-EASY_PAIRS = [(a, EASY_ANSWER - a) for a in range(EASY_ANSWER + 1)]  # 0+4, 1+3, 2+2, 3+1, 4+0
-EASY_GUESSES = (2, 3, 4, 5, 6)  # pre-training answers every question with each of these equally often
-
-
-def _make_easy_rl_assets(root: Path) -> dict[str, Path]:
-    """An easy RL task whose starting accuracy is known: about 1/len(EASY_GUESSES) = 0.2.
-
-    The tiny Qwen3 is pre-trained on "What is a + b?" chats (a, b < 5) whose answer is, for every question,
-    each of EASY_GUESSES once: it learns the format and that the answer is one of five digits, but nothing ties
-    the digit to the question. The RL prompts all have the sum EASY_ANSWER (one of the five), so the only thing
-    RL has to learn is to prefer that digit: a policy-gradient signal that shows up within a few steps if (and
-    only if) rewards, advantages, the clipped loss, the optimizer and the weight sync to the rollout all work.
-    """
-    texts = [_chat(a, b, c) for a in range(5) for b in range(5) for c in EASY_GUESSES]
-    probs = [(a, b, EASY_ANSWER) for a, b in EASY_PAIRS]
-    train = probs * 4
-    random.Random(0).shuffle(train)
-    return _rl_assets(root, texts * 2, 400, train=train, val=probs)
-
-
 @pytest.mark.long
 def test_dapo_mean_reward_rises_on_an_easy_task(tmp_path):
     """DAPO through verl's main_ppo on CPU raises the sampled accuracy of an easy task (about 0.2 -> above 0.6).
@@ -651,9 +526,9 @@ def test_dapo_mean_reward_rises_on_an_easy_task(tmp_path):
     prompts a training batch drew; the training batches' mean score must rise as well.
     """
     steps = 8
-    assets = _make_easy_rl_assets(tmp_path / "assets")
+    assets = make_easy_rl_assets(tmp_path / "assets")
     metrics_file = tmp_path / "metrics.jsonl"
-    cmd = _dapo_cmd(
+    cmd = dapo_cmd(
         assets,
         f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}", f"trainer.test_freq={steps}",
         "trainer.val_before_train=true", f"trainer.default_local_dir={tmp_path / 'ckpt'}",
@@ -669,7 +544,7 @@ def test_dapo_mean_reward_rises_on_an_easy_task(tmp_path):
         "actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.val_kwargs.n=16",
         "actor_rollout_ref.rollout.val_kwargs.temperature=1.0",
     )  # fmt: skip
-    rc, tail, marks, total = _run_dapo(cmd, tmp_path, metrics_file, steps=steps, timeout_s=600)
+    rc, tail, marks, total = run_dapo(cmd, tmp_path, metrics_file, steps=steps, timeout_s=600)
     assert rc == 0, f"main_ppo failed (rc={rc}):\n{tail}"
     rows = [json.loads(x) for x in metrics_file.read_text().splitlines()]
 

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from rl_assets import dapo_cmd, make_easy_rl_assets, make_rl_assets, run_dapo  # tests/rl/rl_assets.py
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cpu_ppo import EASY_ANSWER, EASY_GUESSES, EASY_PAIRS, _chat, _run_dapo, _tiny_texts  # noqa: E402
+
+VLLM_HEADS = {"num_heads": 2, "num_kv_heads": 1}  # head_dim 32: vLLM's CPU attention has no kernel for 16
 
 # ---------------------------------------------------------------------------------------------- fast
 
@@ -159,55 +159,6 @@ def test_rl_stage_checks_the_vllm_interpreter(tmp_path):
 # ---------------------------------------------------------------------------------------------- slow: vLLM
 
 
-def _vllm_assets(root: Path, texts: list[str], steps: int, train: list[tuple], val: list[tuple]) -> dict[str, Path]:
-    """Like test_cpu_ppo's assets, with head_dim 32 (vLLM's CPU attention has no kernel for 16)."""
-    from eksft_pipeline.data.schema import RL_SCHEMA
-    from eksft_pipeline.data.synth import to_rl_eval_rows, write_parquet
-    from eksft_pipeline.models.pretrain import pretrain_tiny
-    from eksft_pipeline.models.tiny import build_tiny_model
-    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
-
-    model = root / "model"
-    tok = build_tiny_tokenizer(None, _tiny_texts(5), vocab_size=300)
-    build_tiny_model(model, tok, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128)
-    pretrain_tiny(model, texts, steps=steps, seq_len=64, batch_size=16, lr=3e-3, warmup_steps=10,
-                  progress=False, num_threads=1)  # fmt: skip
-
-    def rows(items):
-        probs = [{"data_source": "tiny_add", "problem": f"What is {x} + {y}?", "answer": str(c)} for x, y, c in items]
-        return to_rl_eval_rows(probs)
-
-    return {
-        "model": model,
-        "train": write_parquet(rows(train), root / "train.parquet", RL_SCHEMA),
-        "val": write_parquet(rows(val), root / "val.parquet", RL_SCHEMA),
-    }
-
-
-def make_vllm_rl_assets(root: Path) -> dict[str, Path]:
-    probs = [(a, b, a + b) for a in range(5) for b in range(5)] * 2
-    random.Random(0).shuffle(probs)
-    return _vllm_assets(root, _tiny_texts(5) * 4, 150, train=probs, val=probs[:8])
-
-
-def make_easy_vllm_rl_assets(root: Path) -> dict[str, Path]:
-    """test_cpu_ppo's easy task (every answer is 4; the base model guesses among five digits)."""
-    texts = [_chat(a, b, c) for a in range(5) for b in range(5) for c in EASY_GUESSES]
-    train = [(a, b, EASY_ANSWER) for a, b in EASY_PAIRS] * 4
-    random.Random(0).shuffle(train)
-    return _vllm_assets(root, texts * 2, 400, train=train, val=[(a, b, EASY_ANSWER) for a, b in EASY_PAIRS])
-
-
-def vllm_dapo_cmd(python: str, assets: dict[str, Path], *extra: str, platform: str = "cpu_vllm") -> list[str]:
-    return [
-        python, "-m", "eksft_pipeline.verl_ext.ppo_main",
-        "--config-path", str(REPO / "recipes" / "verl"), "--config-name", "dapo", f"dapo_platform={platform}",
-        f"actor_rollout_ref.model.path={assets['model']}",
-        f"data.train_files={assets['train']}", f"data.val_files={assets['val']}",
-        *extra,
-    ]  # fmt: skip
-
-
 def _expected(hf: dict[str, torch.Tensor], vllm_name: str) -> torch.Tensor:
     """The actor's HF tensors arranged as vLLM's layer of that name holds them (fused qkv / gate_up, tied head)."""
     prefix = vllm_name.rsplit(".", 2)[0]
@@ -226,17 +177,18 @@ def test_vllm_rollout_dapo_two_steps_weight_sync(vllm_python, tmp_path):
     from safetensors.torch import load_file
 
     py = vllm_python
-    assets = make_vllm_rl_assets(tmp_path / "assets")
+    assets = make_rl_assets(tmp_path / "assets", **VLLM_HEADS)
     metrics_file, dump, ckpt = tmp_path / "metrics.jsonl", tmp_path / "dump", tmp_path / "ckpt"
-    cmd = vllm_dapo_cmd(
-        py, assets,
+    cmd = dapo_cmd(
+        assets,
         "trainer.total_training_steps=2", "trainer.save_freq=1", f"trainer.default_local_dir={ckpt}",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
         # a large step, so that a stale weight anywhere would change the samples' log-probs visibly
         "actor_rollout_ref.actor.optim.lr=5e-4", "algorithm.filter_groups.enable=false",
         f"+ray_kwargs.ray_init.runtime_env.env_vars.EKSFT_VLLM_WEIGHTS_DUMP_DIR={dump}",
+        python=py, platform="cpu_vllm",
     )  # fmt: skip
-    rc, tail, marks, total = _run_dapo(cmd, tmp_path, metrics_file, steps=2, timeout_s=540)
+    rc, tail, marks, total = run_dapo(cmd, tmp_path, metrics_file, steps=2, timeout_s=540)
     assert rc == 0, f"main_ppo (vLLM rollout) failed (rc={rc}):\n{tail}"
     print(f"\n[dapo cpu vllm] ready {marks.get('ready', -1):.1f}s, step1 {marks.get('step1', -1):.1f}s, "
           f"step2 {marks.get('step2', -1):.1f}s, total {total:.1f}s")  # fmt: skip
@@ -275,11 +227,11 @@ def test_vllm_rollout_dapo_learns_the_easy_task(vllm_python, tmp_path):
     """test_cpu_ppo's learning test with verl's vLLM rollout (same settings; head_dim-32 model)."""
     py = vllm_python
     steps = 8
-    assets = make_easy_vllm_rl_assets(tmp_path / "assets")
+    assets = make_easy_rl_assets(tmp_path / "assets", **VLLM_HEADS)
     metrics_file = tmp_path / "metrics.jsonl"
     platform = os.environ.get("EKSFT_LEARNING_PLATFORM", "cpu_vllm")  # cpu = the hf_cpu baseline, same model
-    cmd = vllm_dapo_cmd(
-        py if platform == "cpu_vllm" else sys.executable, assets,
+    cmd = dapo_cmd(
+        assets,
         f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}", f"trainer.test_freq={steps}",
         "trainer.val_before_train=true", f"trainer.default_local_dir={tmp_path / 'ckpt'}",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model]",
@@ -288,9 +240,9 @@ def test_vllm_rollout_dapo_learns_the_easy_task(vllm_python, tmp_path):
         "actor_rollout_ref.actor.ppo_epochs=2",
         "actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.val_kwargs.n=16",
         "actor_rollout_ref.rollout.val_kwargs.temperature=1.0",
-        platform=platform,
+        python=py if platform == "cpu_vllm" else sys.executable, platform=platform,
     )  # fmt: skip
-    rc, tail, marks, total = _run_dapo(cmd, tmp_path, metrics_file, steps=steps, timeout_s=900)
+    rc, tail, marks, total = run_dapo(cmd, tmp_path, metrics_file, steps=steps, timeout_s=900)
     assert rc == 0, f"main_ppo failed (rc={rc}):\n{tail}"
     rows = [json.loads(x) for x in metrics_file.read_text().splitlines()]
 

@@ -8,8 +8,9 @@ import random
 from collections import Counter
 from fractions import Fraction
 
+from devtools import verifier_corpus as vc  # scripts/devtools (tests/conftest.py puts scripts/ on sys.path)
+
 from eksft_pipeline.scoring import reward
-from eksft_pipeline.scoring import verifier_corpus as vc
 
 
 def test_corpus_is_deterministic_and_split_by_gold():

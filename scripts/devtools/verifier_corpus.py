@@ -4,7 +4,7 @@
     python scripts/bench_reward.py                      # FN/FP of this project's verifier vs plain math-verify
 
 Golds: :data:`BUILTIN_GOLDS` (about 130 MATH-style answers written for this corpus, shipped with the
-package) plus, when available, the distinct golds of AIME 2024/2025, AMC and MATH-500 in a verl eval
+corpus) plus, when available, the distinct golds of AIME 2024/2025, AMC and MATH-500 in a verl eval
 parquet (``../shared/data/eval/luffy_valid_all.parquet``: 405 golds). Each gold is recognised by a small
 recogniser of its own (:func:`classify`, independent of :mod:`eksft_pipeline.scoring.normalize`) as an integer,
 decimal, fraction, ``k\\sqrt{m}/q``, ``k\\pi/q``, complex number, degree, tuple, unordered list, ``\\pm``
@@ -27,6 +27,9 @@ is decided by a hash of the gold string (``heldout_frac``, default 0.3), so a go
 in exactly one part; the held-out part was never looked at while tuning the verifier.
 
 Deterministic: the same golds and ``seed`` give the same corpus.
+
+A development tool (scripts/make_verifier_corpus.py, scripts/bench_reward.py, tests/scoring): it lives in
+``scripts/devtools/``, outside the runtime package, and no stage imports it.
 """
 
 from __future__ import annotations
