@@ -5,7 +5,8 @@
                                                               # 12288 MLP, untied head), 2 layers, bf16
     python scripts/bench_sft_step.py --vocab 4096 --steps 2   # quick smoke (numbers meaningless)
 
-Variants, each in its own process (`torchrun --nproc_per_node=1`: fresh allocator, its own peak):
+Variants, each in its own process (`torchrun --nproc_per_node=1`: fresh allocator, its own peak; the verl side of
+that process is eksft_pipeline/verl_ext/sft_bench.py, this script imports no verl):
     verl-sft-fused  verl 0.9.1's own `SFTTrainer` (plain SFT, `sft_loss`) with `model.use_fused_kernels=true`
                     (chunked fused linear head, no [N, V] logits): the floor
     eksft-naive     `EKSFTTrainer`, EKSFT (paper defaults), `eksft.head=naive`: verl's full [N, V] logits for the
@@ -169,85 +170,17 @@ def child_config(args, variant: str, model_dir: Path, data_file: Path, work: Pat
     return OmegaConf.create(OmegaConf.to_container(vc, resolve=True))
 
 
-class _Done(Exception):
-    pass
-
-
-def _keep_lm_head_in_root_unit() -> None:
-    """Make verl's own fused kernels run on an untied lm_head (the floor variant only).
-
-    verl 0.9.1's fused forward (models/transformers/dense_common.py) reads `self.lm_head.weight` in the ROOT
-    module's forward, but its FSDP2 wrapping (`utils/fsdp_utils._select_fsdp2_wrap_targets`) gives an untied
-    lm_head its own unit, so there the weight is a sharded DTensor and the matmul fails ("aten.mm.default got
-    mixed torch.Tensor and DTensor"). Keeping lm_head in the root unit (where a tied head lives anyway) is what
-    that code path needs; with one process the sharding is trivial, so memory and time are unaffected.
-    """
-    import verl.utils.fsdp_utils as fsdp_utils
-
-    select = fsdp_utils._select_fsdp2_wrap_targets
-
-    def without_lm_head(model, cls_to_wrap):
-        head = model.get_output_embeddings()
-        return [m for m in select(model, cls_to_wrap) if m is not head]
-
-    fsdp_utils._select_fsdp2_wrap_targets = without_lm_head
-
-
 def run_child(args) -> None:
-    import resource
-
+    """One variant in this (torchrun) process; verl itself is driven by eksft_pipeline/verl_ext/sft_bench.py."""
     import torch
-    from verl.utils import tensordict_utils as tu
-    from verl.utils.device import auto_set_device
-    from verl.utils.distributed import destroy_global_process_group, initialize_global_process_group
+
+    from eksft_pipeline.verl_ext.sft_bench import timed_sft_steps
 
     work = Path(args.work_dir)
     config = child_config(args, args.child, work / "model", work / "data.parquet", work)
-    auto_set_device(config)
-    initialize_global_process_group()
     cuda = torch.cuda.is_available() and args.device == "cuda"
-    times, mems, metrics_seen = [], [], []
-    try:
-        if args.child == "verl-sft-fused":
-            from verl.trainer.sft_trainer import SFTTrainer as Trainer
-
-            _keep_lm_head_in_root_unit()
-        else:
-            from eksft_pipeline.verl_ext.sft_trainer import EKSFTTrainer as Trainer
-        trainer = Trainer(config=config)
-        client = trainer.training_client
-        orig = client.train_batch
-
-        def timed(data):
-            n_tok = int(data["input_ids"].offsets()[-1])
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = orig(data)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            mems.append(torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            m = tu.get(out, "metrics") if out is not None else {}
-            metrics_seen.append({k: v for k, v in (m or {}).items() if isinstance(v, int | float)} | {"tokens": n_tok})
-            if len(times) >= args.steps:
-                raise _Done
-            return out
-
-        client.train_batch = timed
-        trainer.fit()
-    except _Done:
-        pass
-    finally:
-        destroy_global_process_group()
-    res = {
-        "variant": args.child,
-        "step_times": times,
-        "peak_bytes": mems[-1] if mems else None,
-        "tokens_per_step": [m["tokens"] for m in metrics_seen],
-        "ref_forwards_per_step": [m.get("eksft/ref_forwards_per_step") for m in metrics_seen],
-        "device": "cuda" if cuda else "cpu",
-    }
+    res = {"variant": args.child, **timed_sft_steps(config, floor=args.child == "verl-sft-fused", steps=args.steps,
+                                                    cuda=cuda), "device": "cuda" if cuda else "cpu"}  # fmt: skip
     Path(args.result).write_text(json.dumps(res))
 
 

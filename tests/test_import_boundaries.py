@@ -12,6 +12,12 @@
   sets), `scoring/` (the reward RL and eval both use), `pipeline/` (keys, artifacts), `losses/`, `models/`.
 - `verl_ext/` sits below the stages: it imports no stage package (the stages launch it or call its validators).
 - `scoring/` imports no stage package and no verl (verl calls it by name: `pkg://eksft_pipeline.scoring.reward`).
+- `models/` imports no `data/` (what both need, the ChatML text, is in `eksft_pipeline/chatml.py`, which imports
+  nothing of the package).
+- `scripts/` (entry points and scripts/devtools) import the package's public names only, and no verl: what needs
+  verl's code lives in verl_ext (e.g. verl_ext/sft_bench.py for scripts/bench_sft_step.py).
+- verl_ext's inventory (its `__init__` docstring) names every module of it that imports verl, and every file it
+  lists outside verl_ext exists: a verl upgrade starts from that list.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "eksft_pipeline"
+SCRIPTS = PKG.parent / "scripts"
 STAGE_PACKAGES = ("sft", "rl", "eval", "analysis")
 
 
@@ -103,3 +110,42 @@ def test_checker_sees_function_level_and_relative_imports():
     src = "def f():\n    from verl.utils import config\n\nfrom ..eval import metrics\n"
     mods = [m for _, m in _imports(PKG / "rl" / "probe.py", source=src)]
     assert "verl.utils" in mods and "eksft_pipeline.eval" in mods and "eksft_pipeline.eval.metrics" in mods
+
+
+def test_models_import_no_data_and_chatml_imports_nothing_of_the_package():
+    bad = _violations(_modules("models"), lambda m: _is(m, "eksft_pipeline.data"))
+    assert not bad, "models/ imports data/ (put what both need below both, like eksft_pipeline/chatml.py):\n" + "\n".join(bad)
+    assert not _violations([PKG / "chatml.py"], lambda m: _is(m, "eksft_pipeline"))
+
+
+def _private(mod: str) -> bool:
+    return _is(mod, "eksft_pipeline") and any(part.startswith("_") and part != "__future__" for part in mod.split("."))
+
+
+def test_scripts_import_no_verl_and_only_public_names():
+    scripts = sorted(SCRIPTS.rglob("*.py"))
+    assert len(scripts) >= 5, "no scripts found"
+    bad = _violations(scripts, lambda m: _is(m, "verl") or _private(m))
+    assert not bad, ("scripts/ imports verl or a private name of the package (route verl through "
+                     "eksft_pipeline/verl_ext, use public names):\n" + "\n".join(bad))
+
+
+def test_checker_flags_a_private_name_and_verl_in_a_script():
+    src = "from eksft_pipeline.verl_ext.sft_trainer import _flat\nimport verl.utils.fsdp_utils\n"
+    mods = [m for _, m in _imports(SCRIPTS / "probe.py", source=src)]
+    assert any(_private(m) for m in mods) and any(_is(m, "verl") for m in mods)
+    assert not _private("eksft_pipeline.verl_ext.sft_bench.timed_sft_steps")
+
+
+def test_verl_inventory_names_every_verl_importing_module_and_existing_files():
+    doc = ast.get_docstring(ast.parse((PKG / "verl_ext" / "__init__.py").read_text()))
+    patched = doc.split("Patched or private verl APIs", 1)[1].split("Files OUTSIDE this package", 1)[0]
+    listed = {line.split()[0] for line in patched.splitlines() if line[:4] == "    " and line[4:5].isalpha()}
+    importing = {p.stem for p in _modules("verl_ext") if p.stem != "__init__" and _violations([p], lambda m: _is(m, "verl"))}
+    assert importing and not importing - listed, f"verl_ext modules importing verl missing from the inventory: {importing - listed}"
+    outside = doc.split("Files OUTSIDE this package", 1)[1].split("\n\n", 1)[0]
+    files = [line.split()[0] for line in outside.splitlines()[1:] if line[:4] == "    " and line[4:5].isalpha()]
+    assert len(files) >= 10
+    for f in files:
+        base = PKG.parent if f.startswith(("recipes/", "scripts/")) else PKG
+        assert list(base.glob(f)), f"the verl inventory lists {f}, which does not exist"

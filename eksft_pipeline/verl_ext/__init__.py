@@ -18,6 +18,8 @@ Modules:
     sft_trainer   `EKSFTTrainer` / `SelectiveTrainingWorker`: the selective losses inside verl's FSDP SFT trainer
     sft_plan      the trainer's step plan (selection scope x update groups) and the `eksft:` block checks; no verl
     sft_head      the fused loss head (hidden states + lm_head weight) inside verl's FSDP engine
+    sft_bench     timed SFT steps in verl's / our SFT trainer (the child process of scripts/bench_sft_step.py)
+    reproducible_steps  DAPO steps that repeat: a seeded agent loop, the replay buffer's batch in dataset order
     vllm_cpu      verl's vLLM rollout on vLLM's CPU build (packaging alias, vLLM plugin, sync check)
 
 Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); re-check each one when verl moves:
@@ -43,12 +45,40 @@ Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); r
                   `use_fused_kernels` does, models/transformers/dense_common.py); `engine.prepare_model_inputs`,
                   `engine.eval_mode`, `workers.engine.utils.prepare_micro_batches`, `utils.device.get_device_*`
     sft_main      `verl.utils.device.auto_set_device`, `verl.utils.distributed.{initialize,destroy}_global_process_group`
+    sft_bench     `verl.utils.fsdp_utils._select_fsdp2_wrap_targets` (private) replaced module-wide for the benchmark's
+                  floor variant (untied lm_head kept in the root FSDP unit); `verl.trainer.sft_trainer.SFTTrainer`;
+                  the training client's `train_batch` wrapped on the instance; `tensordict_utils.get`;
+                  `auto_set_device`, `{initialize,destroy}_global_process_group`
+    reproducible_steps  `verl.trainer.ppo.v1.replay_buffer.ReplayBuffer._materialize_batch` (private) replaced on
+                  the class (reads `self.prompt_global_steps` and the returned meta's `keys` / `tags`, private);
+                  `verl.experimental.agent_loop.single_turn_agent_loop.SingleTurnAgentLoop` subclassed (`run`) and
+                  registered with `agent_loop.register`; request fields `index`, `session_id`, `global_steps`
     validate      `verl.utils.config.omega_conf_to_dataclass`, `verl.workers.config.HFModelConfig`,
                   `verl.utils.dataset.dataset_utils.DatasetPadMode`; verl's YAML tree `verl/trainer/config` (composed by
                   pipeline/verl_config.py through Hydra's `pkg://` searchpath, no import)
     vllm_cpu      `verl.third_party.vllm` (the `importlib.metadata.version("vllm")` lookup it does);
                   `verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension` subclassed
                   (`update_weights_from_ipc`); vLLM internals listed in that module's docstring
+
+Files OUTSIDE this package that know verl's config keys or file layouts (strings, no imports; re-read them too):
+    pipeline/verl_config.py   composes verl's YAML tree (`pkg://verl.trainer.config`); `strict_merge` against its keys
+    pipeline/verl_stage.py    `trainer.project_name` / `experiment_name` / `logger`; a checkpoint's `huggingface/` dir;
+                              `VERL_FILE_LOGGER_PATH` metric logs
+    pipeline/artifacts.py     verl checkpoints (`global_step_<n>/`, `latest_checkpointed_iteration.txt`), its metric
+                              jsonl, the HF export of the last checkpoint
+    pipeline/tracking.py      `trainer.logger` backends and the tracker environment verl/utils/tracking.py reads
+    pipeline/memory.py        verl's FSDP2 / CPU-offload memory behaviour (the estimate's terms), fed from the stages'
+                              verl keys (`data.max_token_len_per_gpu`, `engine.*`, `eksft.*`, rollout share)
+    sft/stage.py              the SFT config keys it sets or owns (`OWNED`: model.*, data.*, trainer.*, eksft.*)
+    rl/stage.py               the DAPO config keys it sets or owns (`OWNED`: actor_rollout_ref.*, data.*, trainer.*)
+    rl/handoff.py             FSDP shards `model_world_size_*_rank_*.pt`, `python -m verl.model_merger`, its bf16 cast
+    scoring/reward.py         verl's custom reward signature and the extras its reward loop passes
+    scoring/verify.py         verl's `math_verify` reward semantics (reproduced as the reference)
+    data/schema.py            verl's SFT multi-turn and RL parquet layouts (written by split / synth / eval_sets)
+    recipes/verl/*.yaml       verl config keys (composed on verl's own YAML)
+    scripts/bench_sft_step.py the SFT config keys of its benchmark variants (verl runs in sft_bench above)
+tests/test_import_boundaries.py checks that every module here that imports verl is named in the list of patched or
+private APIs above and that every file named in this list exists.
 
 Importing this package with another verl version raises :class:`VerlVersionError` naming the installed and the
 expected version and pointing here; `EKSFT_ALLOW_VERL_VERSION=1` turns it into a warning (to try a new verl on
