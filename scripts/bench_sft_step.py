@@ -3,7 +3,7 @@
     python scripts/bench_sft_step.py                          # CPU (or the GPU if present): V=151,936, d=128, 2 layers
     python scripts/bench_sft_step.py --preset qwen3-8b-trunc  # GPU: Qwen3-8B shapes (d=4096, 32/8 heads,
                                                               # 12288 MLP, untied head), 2 layers, bf16
-    python scripts/bench_sft_step.py --vocab 4096 --steps 2   # quick smoke (numbers meaningless)
+    python scripts/bench_sft_step.py --vocab 4096 --steps 2 --warmup 1  # quick smoke (numbers meaningless)
 
 Variants, each in its own process (`torchrun --nproc_per_node=1`: fresh allocator, its own peak):
     verl-sft-fused  verl 0.9.1's own `SFTTrainer` (plain SFT, `sft_loss`) with `model.use_fused_kernels=true`
@@ -17,10 +17,17 @@ Model: a Qwen3 of the real vocabulary (151,936), small hidden size and depth, ra
 (as Qwen3-4B/8B: FSDP2 then wraps lm_head as its own unit). Data: generated conversations of `--seq-tokens`
 tokens (the tiny tokenizer: only the first ids occur, which changes no cost); `--micro-tokens` is verl's
 `max_token_len_per_gpu` (dynamic batching), and every step is one full micro-batch of that many tokens.
-Step time: median over the steps after the first (warm-up). Peak memory: CPU -- the process's peak resident
-set (ru_maxrss) after the last timed step, before verl's end-of-training checkpoint (the child stops there);
-GPU -- torch.cuda.max_memory_allocated() at the same point. Machine load matters on CPU: run when idle.
-The last line is exactly `eksft-fused vs verl-sft-fused: peak memory R1x, step time R2x`.
+Steady state: the first `--warmup` steps are run but not timed (default 3 on a GPU, where verl's triton kernels
+autotune and the fused head compiles for 6-14 s a step; 1 on CPU); `--steps` steps are timed after them. Per variant
+the script prints the median and p90 step time, tokens/s, and MFU on a GPU (model FLOPs, see `model_flops_per_token`,
+over `--peak-tflops`; the default is the device's dense bf16 datasheet rate). EKSFT's extra forwards (selection
+pre-pass, reference) are work beyond the model FLOPs, so they show as a lower MFU at the same step time.
+Peak memory is the training steps' own: the allocator's peak is reset after the model, optimizer and reference are
+initialised, just before the first step (GPU: torch.cuda.reset_peak_memory_stats(), then max_memory_allocated();
+CPU: /proc/self/clear_refs resets the peak resident set, then VmHWM), and read after the last timed step, before
+verl's end-of-training checkpoint (the child stops there). The initialisation peak is printed beside it.
+Machine load matters on CPU: run when idle.
+The last line is exactly `eksft-fused vs verl-sft-fused: peak memory R1x, step time R2x` (steady-state medians).
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ def build_assets(work: Path, args) -> tuple[Path, Path, list[int]]:
     model_dir, data_file = work / "model", work / "data.parquet"
     stamp = work / "assets.json"
     key = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "intermediate",
-                                          "head_dim", "dtype", "seq_tokens", "micro_tokens", "steps")}
+                                          "head_dim", "dtype", "seq_tokens", "micro_tokens", "steps", "warmup")}
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return model_dir, data_file, json.loads(stamp.read_text())["lengths"]
     tiny = make_tiny_assets(work / "tiny", n_problems=64, n_eval_per_source=2, n_pretrain=64, pretrain=False,
@@ -93,7 +100,7 @@ def build_assets(work: Path, args) -> tuple[Path, Path, list[int]]:
     # conversations of ~seq_tokens tokens: a short prompt, a long response of random digits and words
     rng = random.Random(0)
     words = ["the", "answer", "is", "so", "we", "get", "then", "sum", "=", "+", "x", "y", "\n"]
-    n_seq = (args.steps + 1) * max(1, args.micro_tokens // args.seq_tokens)
+    n_seq = (args.warmup + args.steps + 1) * max(1, args.micro_tokens // args.seq_tokens)
     rows, lengths = [], []
     for _ in range(n_seq):
         prompt = "Solve: " + " ".join(str(rng.randint(0, 999)) for _ in range(12))
@@ -116,6 +123,44 @@ def build_assets(work: Path, args) -> tuple[Path, Path, list[int]]:
     pd.DataFrame(rows).to_parquet(data_file)
     stamp.write_text(json.dumps({"key": key, "lengths": lengths}))
     return model_dir, data_file, lengths
+
+
+# -------------------------------------------------------------------------------------- steady-state numbers
+
+# dense bf16 datasheet rates (TFLOP/s) by device-name substring; a measured ceiling can be given by --peak-tflops
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def model_flops_per_token(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
+                          vocab: int, seq_len: float) -> float:
+    """Training FLOPs per token of a Qwen3 decoder (PaLM's MFU convention, causal attention).
+
+    6 x (the matmul parameters: q/k/v/o projections, the SwiGLU MLP, the untied lm_head; not the input embedding,
+    which is a gather) + 6 x layers x (heads x head_dim) x seq_len for QK^T and AV (12 L H Q T halved: causal).
+    """
+    attn_proj = hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden
+    mlp = 3 * hidden * intermediate
+    matmul_params = layers * (attn_proj + mlp) + vocab * hidden
+    return 6.0 * matmul_params + 6.0 * layers * heads * head_dim * seq_len
+
+
+def steady_state(step_times: list[float], step_tokens: list[int], warmup: int, flops_per_token: float | None = None,
+                 peak_flops: float | None = None) -> dict:
+    """Median / p90 step time, tokens/s and MFU over the steps after the first `warmup`.
+
+    p90 is the nearest-rank 90th percentile (the value at rank ceil(0.9 n)); tokens/s is the timed steps' tokens over
+    their summed time; MFU = tokens/s x flops_per_token / peak_flops (None when either is unknown).
+    """
+    if len(step_times) != len(step_tokens):
+        raise ValueError(f"{len(step_times)} step times but {len(step_tokens)} token counts")
+    times, tokens = step_times[warmup:], step_tokens[warmup:]
+    if not times:
+        raise ValueError(f"no step after the {warmup} warm-up steps (ran {len(step_times)})")
+    ranked = sorted(times)
+    p90 = ranked[max(0, -(-9 * len(ranked) // 10) - 1)]
+    tps = sum(tokens) / sum(times)
+    mfu = tps * flops_per_token / peak_flops if flops_per_token and peak_flops else None
+    return {"n": len(times), "median_s": statistics.median(times), "p90_s": p90, "tokens_per_s": tps, "mfu": mfu}
 
 
 # ---------------------------------------------------------------------------------------------- child
@@ -149,7 +194,7 @@ def child_config(args, variant: str, model_dir: Path, data_file: Path, work: Pat
             vc.engine.mixed_precision = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
         vc.optim.lr = 1e-5
         vc.trainer.total_epochs = 1
-        vc.trainer.total_training_steps = args.steps + 1
+        vc.trainer.total_training_steps = args.warmup + args.steps + 1
         vc.trainer.save_freq = -1
         vc.trainer.test_freq = -1
         vc.trainer.resume_mode = "disable"
@@ -193,9 +238,30 @@ def _keep_lm_head_in_root_unit() -> None:
     fsdp_utils._select_fsdp2_wrap_targets = without_lm_head
 
 
-def run_child(args) -> None:
-    import resource
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
+
+def _reset_peak(cuda: bool) -> int:
+    """Reset the peak-memory counter; return the peak before the reset (model/optimizer/reference initialisation)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return before
+    before = _status_bytes("VmHWM")
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current resident set
+        f.write("5")
+    return before
+
+
+def run_child(args) -> None:
     import torch
     from verl.utils import tensordict_utils as tu
     from verl.utils.device import auto_set_device
@@ -206,7 +272,7 @@ def run_child(args) -> None:
     auto_set_device(config)
     initialize_global_process_group()
     cuda = torch.cuda.is_available() and args.device == "cuda"
-    times, mems, metrics_seen = [], [], []
+    times, mems, metrics_seen, init_peak = [], [], [], []
     try:
         if args.child == "verl-sft-fused":
             from verl.trainer.sft_trainer import SFTTrainer as Trainer
@@ -220,6 +286,8 @@ def run_child(args) -> None:
 
         def timed(data):
             n_tok = int(data["input_ids"].offsets()[-1])
+            if not times:  # after initialisation: from here on the peak is the training steps' own
+                init_peak.append(_reset_peak(cuda))
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -227,10 +295,10 @@ def run_child(args) -> None:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            mems.append(torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            mems.append(torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM"))
             m = tu.get(out, "metrics") if out is not None else {}
             metrics_seen.append({k: v for k, v in (m or {}).items() if isinstance(v, int | float)} | {"tokens": n_tok})
-            if len(times) >= args.steps:
+            if len(times) >= args.warmup + args.steps:
                 raise _Done
             return out
 
@@ -244,9 +312,11 @@ def run_child(args) -> None:
         "variant": args.child,
         "step_times": times,
         "peak_bytes": mems[-1] if mems else None,
+        "init_peak_bytes": init_peak[0] if init_peak else None,
         "tokens_per_step": [m["tokens"] for m in metrics_seen],
         "ref_forwards_per_step": [m.get("eksft/ref_forwards_per_step") for m in metrics_seen],
         "device": "cuda" if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
     Path(args.result).write_text(json.dumps(res))
 
@@ -289,7 +359,12 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--verl-backend", dest="verl_backend", choices=["torch", "triton", "liger"], default=None,
                     help="verl's fused-kernel backend for the floor (CPU: torch)")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per variant (the first is a warm-up)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant after the warm-up "
+                    "(default 10 on a GPU, 3 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3 on a GPU: autotuning "
+                    "and compilation; 1 on CPU)")
+    ap.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=None,
+                    help="the device's peak TFLOP/s for MFU (default: dense bf16 datasheet rate by device name)")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa | flash_attention_2)")
     ap.add_argument("--ref-store", dest="ref_store", choices=["device", "host"], default="device")
     ap.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", help="gradient checkpointing (GPU preset)")
@@ -304,6 +379,9 @@ def main() -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.steps = args.steps if args.steps is not None else (10 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     preset = PRESETS[args.preset or "cpu-small"]
     for k, v in preset.items():
         if getattr(args, k, None) is None:
@@ -314,8 +392,8 @@ def main() -> None:
     if args.child:
         run_child(args)
         return
-    if args.steps < 2:
-        raise SystemExit("--steps must be >= 2 (the first step is a warm-up)")
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -325,7 +403,8 @@ def main() -> None:
           f"mlp={args.intermediate} {args.dtype}, untied lm_head, random init; device={args.device}")
     print(f"data: {len(lengths)} conversations of {min(lengths)}-{max(lengths)} tokens; micro-batch budget "
           f"{args.micro_tokens} tokens (max_token_len_per_gpu), {max(1, args.micro_tokens // args.seq_tokens)} "
-          f"sequences per step; {args.steps} steps per variant; load average at start {load:.2f}")
+          f"sequences per step; {args.warmup} warm-up + {args.steps} timed steps per variant; load average at "
+          f"start {load:.2f}")
     results = {}
     for variant in [v for v in args.variants.split(",") if v]:
         if variant not in VARIANTS:
@@ -335,13 +414,21 @@ def main() -> None:
             print(f"  {variant:15s} FAILED {r['failed']}", flush=True)
             continue
         results[variant] = r
-        timed = r["step_times"][1:]
-        r["step_s"] = statistics.median(timed)
+        seq_len = statistics.mean(lengths)
+        fpt = model_flops_per_token(args.hidden, args.layers, args.heads, args.kv_heads, args.head_dim,
+                                    args.intermediate, args.vocab, seq_len)
+        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in r["device_name"]), None)
+        st = steady_state(r["step_times"], r["tokens_per_step"], args.warmup, fpt, peak * 1e12 if peak else None)
+        r["step_s"] = st["median_s"]
         ref = [x for x in r["ref_forwards_per_step"] if x is not None]
-        print(f"  {variant:15s} peak {'max_memory_allocated' if r['device'] == 'cuda' else 'RSS':20s} "
-              f"{r['peak_bytes'] / 2**30:7.3f} GiB   step {r['step_s']:7.3f} s (median of {len(timed)}; all "
-              f"{', '.join(f'{t:.2f}' for t in r['step_times'])})   tokens/step {r['tokens_per_step'][-1]}"
-              + (f"   ref forwards/step {ref[-1]:.2f}" if ref else ""), flush=True)
+        mem = "max_memory_allocated" if r["device"] == "cuda" else "peak RSS"
+        print(f"  {variant:15s} {mem} {r['peak_bytes'] / 2**30:7.3f} GiB over the steps (init "
+              f"{r['init_peak_bytes'] / 2**30:.3f} GiB)   step median {st['median_s']:.3f} s, p90 {st['p90_s']:.3f} s "
+              f"over steps {args.warmup + 1}-{args.warmup + st['n']}   {st['tokens_per_s']:,.0f} tokens/s   MFU "
+              + (f"{st['mfu']:.1%} of {peak:.0f} TFLOP/s" if st["mfu"] is not None else "n/a")
+              + (f"   ref forwards/step {ref[-1]:.2f}" if ref else "")
+              + f"\n  {'':15s} all steps (s): {', '.join(f'{t:.2f}' for t in r['step_times'])}; tokens/step "
+              f"{r['tokens_per_step'][-1]}", flush=True)
     if os.getloadavg:
         print(f"load average at end {os.getloadavg()[0]:.2f}")
     if "eksft-fused" in results and "verl-sft-fused" in results:
