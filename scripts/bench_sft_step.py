@@ -3,7 +3,7 @@
     python scripts/bench_sft_step.py                          # CPU (or the GPU if present): V=151,936, d=128, 2 layers
     python scripts/bench_sft_step.py --preset qwen3-8b-trunc  # GPU: Qwen3-8B shapes (d=4096, 32/8 heads,
                                                               # 12288 MLP, untied head), 2 layers, bf16
-    python scripts/bench_sft_step.py --vocab 4096 --steps 2   # quick smoke (numbers meaningless)
+    python scripts/bench_sft_step.py --vocab 4096 --steps 2 --warmup 1  # quick smoke (numbers meaningless)
 
 Variants, each in its own process (`torchrun --nproc_per_node=1`: fresh allocator, its own peak; the verl side of
 that process is eksft_pipeline/verl_ext/sft_bench.py, this script imports no verl):
@@ -18,10 +18,17 @@ Model: a Qwen3 of the real vocabulary (151,936), small hidden size and depth, ra
 (as Qwen3-4B/8B: FSDP2 then wraps lm_head as its own unit). Data: generated conversations of `--seq-tokens`
 tokens (the tiny tokenizer: only the first ids occur, which changes no cost); `--micro-tokens` is verl's
 `max_token_len_per_gpu` (dynamic batching), and every step is one full micro-batch of that many tokens.
-Step time: median over the steps after the first (warm-up). Peak memory: CPU -- the process's peak resident
-set (ru_maxrss) after the last timed step, before verl's end-of-training checkpoint (the child stops there);
-GPU -- torch.cuda.max_memory_allocated() at the same point. Machine load matters on CPU: run when idle.
-The last line is exactly `eksft-fused vs verl-sft-fused: peak memory R1x, step time R2x`.
+Steady state: the first `--warmup` steps are run but not timed (default 3 on a GPU, where verl's triton kernels
+autotune and the fused head compiles for 6-14 s a step; 1 on CPU); `--steps` steps are timed after them. Per variant
+the script prints the median and p90 step time, tokens/s, and MFU on a GPU (model FLOPs, see `model_flops_per_token`,
+over `--peak-tflops`; the default is the device's dense bf16 datasheet rate). EKSFT's extra forwards (selection
+pre-pass, reference) are work beyond the model FLOPs, so they show as a lower MFU at the same step time.
+Peak memory is the training steps' own: the allocator's peak is reset after the model, optimizer and reference are
+initialised, just before the first step (GPU: torch.cuda.reset_peak_memory_stats(), then max_memory_allocated();
+CPU: /proc/self/clear_refs resets the peak resident set, then VmHWM), and read after the last timed step, before
+verl's end-of-training checkpoint (the child stops there). The initialisation peak is printed beside it.
+Machine load matters on CPU: run when idle.
+The last line is exactly `eksft-fused vs verl-sft-fused: peak memory R1x, step time R2x` (steady-state medians).
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ def build_assets(work: Path, args) -> tuple[Path, Path, list[int]]:
     model_dir, data_file = work / "model", work / "data.parquet"
     stamp = work / "assets.json"
     key = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "intermediate",
-                                          "head_dim", "dtype", "seq_tokens", "micro_tokens", "steps")}
+                                          "head_dim", "dtype", "seq_tokens", "micro_tokens", "steps", "warmup")}
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return model_dir, data_file, json.loads(stamp.read_text())["lengths"]
     tiny = make_tiny_assets(work / "tiny", n_problems=64, n_eval_per_source=2, n_pretrain=64, pretrain=False,
@@ -94,7 +101,7 @@ def build_assets(work: Path, args) -> tuple[Path, Path, list[int]]:
     # conversations of ~seq_tokens tokens: a short prompt, a long response of random digits and words
     rng = random.Random(0)
     words = ["the", "answer", "is", "so", "we", "get", "then", "sum", "=", "+", "x", "y", "\n"]
-    n_seq = (args.steps + 1) * max(1, args.micro_tokens // args.seq_tokens)
+    n_seq = (args.warmup + args.steps + 1) * max(1, args.micro_tokens // args.seq_tokens)
     rows, lengths = [], []
     for _ in range(n_seq):
         prompt = "Solve: " + " ".join(str(rng.randint(0, 999)) for _ in range(12))
@@ -117,6 +124,44 @@ def build_assets(work: Path, args) -> tuple[Path, Path, list[int]]:
     pd.DataFrame(rows).to_parquet(data_file)
     stamp.write_text(json.dumps({"key": key, "lengths": lengths}))
     return model_dir, data_file, lengths
+
+
+# -------------------------------------------------------------------------------------- steady-state numbers
+
+# dense bf16 datasheet rates (TFLOP/s) by device-name substring; a measured ceiling can be given by --peak-tflops
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def model_flops_per_token(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
+                          vocab: int, seq_len: float) -> float:
+    """Training FLOPs per token of a Qwen3 decoder (PaLM's MFU convention, causal attention).
+
+    6 x (the matmul parameters: q/k/v/o projections, the SwiGLU MLP, the untied lm_head; not the input embedding,
+    which is a gather) + 6 x layers x (heads x head_dim) x seq_len for QK^T and AV (12 L H Q T halved: causal).
+    """
+    attn_proj = hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden
+    mlp = 3 * hidden * intermediate
+    matmul_params = layers * (attn_proj + mlp) + vocab * hidden
+    return 6.0 * matmul_params + 6.0 * layers * heads * head_dim * seq_len
+
+
+def steady_state(step_times: list[float], step_tokens: list[int], warmup: int, flops_per_token: float | None = None,
+                 peak_flops: float | None = None) -> dict:
+    """Median / p90 step time, tokens/s and MFU over the steps after the first `warmup`.
+
+    p90 is the nearest-rank 90th percentile (the value at rank ceil(0.9 n)); tokens/s is the timed steps' tokens over
+    their summed time; MFU = tokens/s x flops_per_token / peak_flops (None when either is unknown).
+    """
+    if len(step_times) != len(step_tokens):
+        raise ValueError(f"{len(step_times)} step times but {len(step_tokens)} token counts")
+    times, tokens = step_times[warmup:], step_tokens[warmup:]
+    if not times:
+        raise ValueError(f"no step after the {warmup} warm-up steps (ran {len(step_times)})")
+    ranked = sorted(times)
+    p90 = ranked[max(0, -(-9 * len(ranked) // 10) - 1)]
+    tps = sum(tokens) / sum(times)
+    mfu = tps * flops_per_token / peak_flops if flops_per_token and peak_flops else None
+    return {"n": len(times), "median_s": statistics.median(times), "p90_s": p90, "tokens_per_s": tps, "mfu": mfu}
 
 
 # ---------------------------------------------------------------------------------------------- child
@@ -150,7 +195,7 @@ def child_config(args, variant: str, model_dir: Path, data_file: Path, work: Pat
             vc.engine.mixed_precision = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
         vc.optim.lr = 1e-5
         vc.trainer.total_epochs = 1
-        vc.trainer.total_training_steps = args.steps + 1
+        vc.trainer.total_training_steps = args.warmup + args.steps + 1
         vc.trainer.save_freq = -1
         vc.trainer.test_freq = -1
         vc.trainer.resume_mode = "disable"
@@ -179,8 +224,9 @@ def run_child(args) -> None:
     work = Path(args.work_dir)
     config = child_config(args, args.child, work / "model", work / "data.parquet", work)
     cuda = torch.cuda.is_available() and args.device == "cuda"
-    res = {"variant": args.child, **timed_sft_steps(config, floor=args.child == "verl-sft-fused", steps=args.steps,
-                                                    cuda=cuda), "device": "cuda" if cuda else "cpu"}  # fmt: skip
+    res = timed_sft_steps(config, floor=args.child == "verl-sft-fused", steps=args.warmup + args.steps, cuda=cuda)
+    res = {"variant": args.child, **res, "device": "cuda" if cuda else "cpu",
+           "device_name": torch.cuda.get_device_name(0) if cuda else "cpu"}  # fmt: skip
     Path(args.result).write_text(json.dumps(res))
 
 
@@ -222,7 +268,12 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--verl-backend", dest="verl_backend", choices=["torch", "triton", "liger"], default=None,
                     help="verl's fused-kernel backend for the floor (CPU: torch)")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per variant (the first is a warm-up)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant after the warm-up "
+                    "(default 10 on a GPU, 3 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3 on a GPU: autotuning "
+                    "and compilation; 1 on CPU)")
+    ap.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=None,
+                    help="the device's peak TFLOP/s for MFU (default: dense bf16 datasheet rate by device name)")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa | flash_attention_2)")
     ap.add_argument("--ref-store", dest="ref_store", choices=["device", "host"], default="device")
     ap.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", help="gradient checkpointing (GPU preset)")
@@ -237,6 +288,9 @@ def main() -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.steps = args.steps if args.steps is not None else (10 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     preset = PRESETS[args.preset or "cpu-small"]
     for k, v in preset.items():
         if getattr(args, k, None) is None:
@@ -247,8 +301,8 @@ def main() -> None:
     if args.child:
         run_child(args)
         return
-    if args.steps < 2:
-        raise SystemExit("--steps must be >= 2 (the first step is a warm-up)")
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -258,7 +312,8 @@ def main() -> None:
           f"mlp={args.intermediate} {args.dtype}, untied lm_head, random init; device={args.device}")
     print(f"data: {len(lengths)} conversations of {min(lengths)}-{max(lengths)} tokens; micro-batch budget "
           f"{args.micro_tokens} tokens (max_token_len_per_gpu), {max(1, args.micro_tokens // args.seq_tokens)} "
-          f"sequences per step; {args.steps} steps per variant; load average at start {load:.2f}")
+          f"sequences per step; {args.warmup} warm-up + {args.steps} timed steps per variant; load average at "
+          f"start {load:.2f}")
     results = {}
     for variant in [v for v in args.variants.split(",") if v]:
         if variant not in VARIANTS:
@@ -268,13 +323,21 @@ def main() -> None:
             print(f"  {variant:15s} FAILED {r['failed']}", flush=True)
             continue
         results[variant] = r
-        timed = r["step_times"][1:]
-        r["step_s"] = statistics.median(timed)
+        seq_len = statistics.mean(lengths)
+        fpt = model_flops_per_token(args.hidden, args.layers, args.heads, args.kv_heads, args.head_dim,
+                                    args.intermediate, args.vocab, seq_len)
+        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in r["device_name"]), None)
+        st = steady_state(r["step_times"], r["tokens_per_step"], args.warmup, fpt, peak * 1e12 if peak else None)
+        r["step_s"] = st["median_s"]
         ref = [x for x in r["ref_forwards_per_step"] if x is not None]
-        print(f"  {variant:15s} peak {'max_memory_allocated' if r['device'] == 'cuda' else 'RSS':20s} "
-              f"{r['peak_bytes'] / 2**30:7.3f} GiB   step {r['step_s']:7.3f} s (median of {len(timed)}; all "
-              f"{', '.join(f'{t:.2f}' for t in r['step_times'])})   tokens/step {r['tokens_per_step'][-1]}"
-              + (f"   ref forwards/step {ref[-1]:.2f}" if ref else ""), flush=True)
+        mem = "max_memory_allocated" if r["device"] == "cuda" else "peak RSS"
+        print(f"  {variant:15s} {mem} {r['peak_bytes'] / 2**30:7.3f} GiB over the steps (init "
+              f"{r['init_peak_bytes'] / 2**30:.3f} GiB)   step median {st['median_s']:.3f} s, p90 {st['p90_s']:.3f} s "
+              f"over steps {args.warmup + 1}-{args.warmup + st['n']}   {st['tokens_per_s']:,.0f} tokens/s   MFU "
+              + (f"{st['mfu']:.1%} of {peak:.0f} TFLOP/s" if st["mfu"] is not None else "n/a")
+              + (f"   ref forwards/step {ref[-1]:.2f}" if ref else "")
+              + f"\n  {'':15s} all steps (s): {', '.join(f'{t:.2f}' for t in r['step_times'])}; tokens/step "
+              f"{r['tokens_per_step'][-1]}", flush=True)
     if os.getloadavg:
         print(f"load average at end {os.getloadavg()[0]:.2f}")
     if "eksft-fused" in results and "verl-sft-fused" in results:

@@ -300,6 +300,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2, help="sft probe: decoder layers of the truncated model")
     ap.add_argument("--tokens", type=int, default=None, help="sft probe: tokens (default: the qwen3-8b recipe's)")
     ap.add_argument("--skip-tests", action="store_true", help="do not run pytest tests/losses")
+    ap.add_argument("--verl", action="store_true", help="also run scripts/bench_sft_step.py (verl's SFT trainer: "
+                    "verl-sft-fused vs EKSFT, steady state) when verl imports; ../shared/gpu-kit/ brings it to a bare "
+                    "GPU machine")
+    ap.add_argument("--verl-only", dest="verl_only", action="store_true", help="only the --verl benchmark")
     args = ap.parse_args(argv)
     if args.dtype is None:
         args.dtype = "fp32" if args.cpu else "bf16"
@@ -339,6 +343,12 @@ def main(argv=None) -> int:
     env_line = f"torch {torch.__version__} (cuda {torch.version.cuda}), transformers {transformers.__version__}, triton {triton_v}, {dev_name}"
     results.append(("env", "PASS", env_line))
     print(f"[gpu_check] {env_line}", flush=True)
+
+    if args.verl or args.verl_only:
+        results.append(verl_bench(args))
+        print(f"[gpu_check] {results[-1]}", flush=True)
+    if args.verl_only:
+        return _summary(results, args, t_start)
 
     # 1. the loss tests (on CUDA they include test_fused_gpu.py)
     if args.skip_tests:
@@ -405,6 +415,10 @@ def main(argv=None) -> int:
             results.append((f"sft_step_{head}", "FAIL", str(e)[-500:]))
         print(f"[gpu_check] {results[-1]}", flush=True)
 
+    return _summary(results, args, t_start)
+
+
+def _summary(results: list[tuple[str, str, str]], args, t_start: float) -> int:
     print("\n=== gpu_check summary" + (" (CPU smoke run, toy sizes)" if args.tiny else "") + " ===")
     for name, status, detail in results:
         print(f"{status:4s}  {name:<20s} {detail}")
@@ -412,6 +426,35 @@ def main(argv=None) -> int:
     print(f"gpu_check: {sum(s == 'PASS' for _, s, _ in results)} passed, {n_fail} failed, "
           f"{sum(s == 'SKIP' for _, s, _ in results)} skipped in {time.perf_counter() - t_start:.0f}s")  # fmt: skip
     return 1 if n_fail else 0
+
+
+def verl_bench(args) -> tuple[str, str, str]:
+    """scripts/bench_sft_step.py in verl's real SFT trainer: the steady-state ratio of EKSFT (fused head) to verl's
+    own fused-kernel SFT. GPU: the qwen3-8b-trunc preset at the qwen3-8b recipe's token budget; CPU --tiny: a toy
+    vocabulary, 1 warm-up + 2 timed steps (a smoke run of the same code path)."""
+    probe = subprocess.run([sys.executable, "-c", "import verl"], capture_output=True, text=True, timeout=300)
+    if probe.returncode:
+        why = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return ("verl_sft_bench", "SKIP", f"verl does not import ({why}); ../shared/gpu-kit/README.md brings verl's "
+                "one-process SFT stack to a bare GPU machine")
+    if args.tiny:
+        extra = ["--vocab", "4096", "--steps", "2", "--warmup", "1", "--device", "cpu" if args.cpu else "cuda",
+                 "--variants", "verl-sft-fused,eksft-fused", "--seq-tokens", "256", "--micro-tokens", "512"]
+    else:
+        extra = ["--preset", "qwen3-8b-trunc", "--micro-tokens", str(_recipe_tokens()), "--device", "cuda"]
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_sft_step.py"), *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    except subprocess.TimeoutExpired:
+        return ("verl_sft_bench", "FAIL", f"timed out after 900 s: {' '.join(cmd)}")
+    print(r.stdout, flush=True)
+    lines = r.stdout.strip().splitlines()
+    last = lines[-1] if lines else "(no output)"
+    if r.returncode or not last.startswith("eksft-fused vs verl-sft-fused:"):
+        return ("verl_sft_bench", "FAIL", f"rc={r.returncode}: {(r.stderr.strip().splitlines() or [last])[-1][:300]}")
+    return ("verl_sft_bench", "PASS", f"{last} ({time.perf_counter() - t0:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ Nothing may modify `tiny_run.run_dir` itself.
 
 `shared_eval_parquet`: `../shared/data/eval/luffy_valid_all.parquet` (real AIME/AMC/MATH prompts, or under
 `$EKSFT_SHARED_DIR`). A clone without it skips the tests that use it, LOUDLY: each skip says why and how to get it,
-and the session ends with a "SHARED EVAL DATA MISSING" section listing them; `EKSFT_REQUIRE_SHARED=1` makes them
-fail instead (for a CI that must have it).
+and the session ends with a "SHARED EVAL DATA MISSING" section listing them; under `CI=true` (CI always has it) or
+`EKSFT_REQUIRE_SHARED=1` they fail instead.
 
 Developing the slow tests: `EKSFT_TEST_TINY_RUN=/path/to/run` reuses a completed run made by the same command
 (`WANDB_MODE=offline python -m eksft_pipeline run_dir=/path/to/run tracking=wandb > /path/to/pipeline.log`) instead of running it again.
@@ -72,19 +72,25 @@ def complete_tiny_run(tiny_run) -> TinyRun:
 
 _SHARED_SKIPPED: list[str] = []
 SHARED_HOW = ("the project's CI has it at ../shared relative to the repo root; a worktree elsewhere sets "
-              "EKSFT_SHARED_DIR=<dir holding data/eval/luffy_valid_all.parquet>; EKSFT_REQUIRE_SHARED=1 fails instead")
+              "EKSFT_SHARED_DIR=<dir holding data/eval/luffy_valid_all.parquet>; CI=true or EKSFT_REQUIRE_SHARED=1 fails "
+              "instead")
+
+
+def require_shared() -> bool:
+    """CI always has ../shared (CI=true), as does a run with EKSFT_REQUIRE_SHARED=1: a missing copy fails there."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes") for k in ("CI", "EKSFT_REQUIRE_SHARED"))
 
 
 @pytest.fixture
 def shared_eval_parquet(request) -> Path:
-    """The shared eval parquet, or a loud skip (a failure under EKSFT_REQUIRE_SHARED=1) naming where it was looked for."""
+    """The shared eval parquet, or a loud skip (a failure under `require_shared()`) naming where it was looked for."""
     from devtools.verifier_corpus import shared_eval_parquet as where
 
     path = where()
     if path.is_file():
         return path
     msg = f"shared eval data missing: {path} does not exist ({SHARED_HOW})"
-    if os.environ.get("EKSFT_REQUIRE_SHARED", "").strip() in ("1", "true", "yes"):
+    if require_shared():
         pytest.fail(msg)
     _SHARED_SKIPPED.append(request.node.nodeid)
     pytest.skip(msg)

@@ -123,3 +123,17 @@ def test_package_and_recipes_under_the_gpu_transformers():
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-5000:]
     assert "gpu-compat: transformers 5.9.0" in out and "recipes compose and validate" in out and "OK" in out
+
+
+def test_shared_data_is_required_under_ci(monkeypatch):
+    """CI always has ../shared: under CI=true (or EKSFT_REQUIRE_SHARED=1) a test needing it fails, never skips."""
+    from conftest import require_shared  # tests/conftest.py (pytest puts tests/ on the path)
+
+    monkeypatch.delenv("EKSFT_REQUIRE_SHARED", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    assert not require_shared()
+    monkeypatch.setenv("CI", "true")
+    assert require_shared()
+    monkeypatch.setenv("CI", "false")
+    monkeypatch.setenv("EKSFT_REQUIRE_SHARED", "1")
+    assert require_shared()

@@ -4,8 +4,8 @@
 
 `timed_sft_steps(config, floor=...)` initialises verl's process group, builds verl 0.9.1's own `SFTTrainer` (the
 floor: plain SFT with verl's fused kernels) or `EKSFTTrainer` (sft_trainer.py), wraps the training client's
-`train_batch` to time each step and read the peak memory after it, and stops after `steps` steps (before verl's
-end-of-training checkpoint). The script keeps only the model/data assets, the config and the report.
+`train_batch` to time each step (the peak memory is reset before the first and read after each), and stops after
+`steps` steps (before verl's end-of-training checkpoint). The script keeps only the model/data assets, the config and the report.
 """
 
 from __future__ import annotations
@@ -38,13 +38,35 @@ def keep_lm_head_in_root_unit() -> None:
     fsdp_utils._select_fsdp2_wrap_targets = without_lm_head
 
 
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak(cuda: bool) -> int:
+    """Reset the peak-memory counter; return the peak before the reset (model/optimizer/reference initialisation)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return before
+    before = _status_bytes("VmHWM")
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current resident set
+        f.write("5")
+    return before
+
+
 def timed_sft_steps(config, *, floor: bool, steps: int, cuda: bool) -> dict[str, Any]:
-    """Run `steps` SFT steps of `config` (a resolved verl SFT config); step times, peak memory, tokens per step.
+    """Run `steps` SFT steps of `config` (a resolved verl SFT config, warm-up steps included); per step its time and
+    tokens, and the peak memory of the steps (reset after initialisation) and of the initialisation.
 
     floor=True: verl's own `SFTTrainer` (with `keep_lm_head_in_root_unit`); else `EKSFTTrainer`. Peak memory:
-    `torch.cuda.max_memory_allocated()` on CUDA, the process's peak resident set (ru_maxrss) on CPU."""
-    import resource
-
+    `torch.cuda.max_memory_allocated()` on CUDA, the process's peak resident set (VmHWM) on CPU."""
     import torch
     from verl.utils import tensordict_utils as tu
     from verl.utils.device import auto_set_device
@@ -52,7 +74,7 @@ def timed_sft_steps(config, *, floor: bool, steps: int, cuda: bool) -> dict[str,
 
     auto_set_device(config)
     initialize_global_process_group()
-    times, mems, metrics_seen = [], [], []
+    times, mems, metrics_seen, init_peak = [], [], [], []
     try:
         if floor:
             from verl.trainer.sft_trainer import SFTTrainer as Trainer
@@ -66,6 +88,8 @@ def timed_sft_steps(config, *, floor: bool, steps: int, cuda: bool) -> dict[str,
 
         def timed(data):
             n_tok = int(data["input_ids"].offsets()[-1])
+            if not times:  # after initialisation: from here on the peak is the training steps' own
+                init_peak.append(_reset_peak(cuda))
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -73,7 +97,7 @@ def timed_sft_steps(config, *, floor: bool, steps: int, cuda: bool) -> dict[str,
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            mems.append(torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            mems.append(torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM"))
             m = tu.get(out, "metrics") if out is not None else {}
             metrics_seen.append({k: v for k, v in (m or {}).items() if isinstance(v, int | float)} | {"tokens": n_tok})
             if len(times) >= steps:
@@ -89,6 +113,7 @@ def timed_sft_steps(config, *, floor: bool, steps: int, cuda: bool) -> dict[str,
     return {
         "step_times": times,
         "peak_bytes": mems[-1] if mems else None,
+        "init_peak_bytes": init_peak[0] if init_peak else None,
         "tokens_per_step": [m["tokens"] for m in metrics_seen],
         "ref_forwards_per_step": [m.get("eksft/ref_forwards_per_step") for m in metrics_seen],
     }
