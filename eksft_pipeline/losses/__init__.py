@@ -6,7 +6,9 @@ marks ignored rows. Modules:
     stats.py      per-token entropy / KL / log-probs in row chunks (pre-pass), DP all-gather
     selection.py  top-k masks (ceil(rho·N); zero scores never selected, random ties), union, IoU
     base.py       Plan, TokenLoss two-phase interface (stats -> plan once -> compute per micro-batch)
-    variants.py   every loss class, each with its formula and source in the docstring
+    selective.py, ablations.py, reweighting.py, trust_region.py
+                  the loss classes by family, each with its formula and source in the docstring
+    variants.py   the notation, and every family's losses collected (LOSS_CLASSES; re-exports every class)
     registry.py   get_loss / available_losses / compute_loss / eksft_loss
     fused.py      fused_eksft_head and friends: no [N, V] tensor (chunked, custom autograd.Function)
 Benchmark: ``python scripts/bench_loss.py``.

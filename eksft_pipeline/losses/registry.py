@@ -78,7 +78,7 @@ def eksft_loss(
     lambda_entropy: float = 0.05,
     lambda_kl: float = 0.05,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """EKSFT (paper semantics) on ``logits``/``ref_logits [N, V]`` and ``labels [N]``: see ``variants.EKSFT``.
+    """EKSFT (paper semantics) on ``logits``/``ref_logits [N, V]`` and ``labels [N]``: see ``selective.EKSFT``.
 
     loss = mean_{t∉M} CE − lambda_entropy · mean_{t∈M} H + lambda_kl · mean_{t∈M} KL(pi_theta||pi_ref),
     M = top-ceil(rho·N) by H ∪ top-ceil(rho·N) by KL. metrics: n_tokens, n_mask_h, n_mask_kl, n_mask, iou,
