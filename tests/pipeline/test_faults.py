@@ -517,7 +517,7 @@ def test_two_runs_of_the_same_stage_in_the_same_second(complete_tiny_run, tmp_pa
     assert sorted(rcs) == [0, 2], (rcs, texts[0][-2000:], texts[1][-2000:])
     loser = texts[rcs.index(2)]
     assert_one_line_error(loser, "report: stage report is already running in process")
-    assert "ending" not in loser and "left over" not in loser
+    assert "left over by an earlier attempt" not in loser
     e = Manifest(run).entry("report")
     assert e["status"] == "complete" and e["attempts"] == Manifest(complete_tiny_run.run_dir).entry("report")["attempts"] + 1
     assert_truthful(run)
