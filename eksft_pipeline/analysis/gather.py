@@ -64,7 +64,11 @@ class RunData:
 
 
 def _load_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file; a file that does not parse is named in the error (ValueError)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run the stage that wrote it") from None
 
 
 def _steps(d: dict) -> dict[int, dict]:

@@ -474,7 +474,11 @@ class ReportStage(Stage):
             m = rd / "manifest.json"
             if not m.exists():
                 continue
-            for key, e in json.loads(m.read_text()).get("stages", {}).items():
+            try:
+                stages = json.loads(m.read_text()).get("stages", {})
+            except ValueError as err:
+                raise ConfigError(f"report.run_dirs: {m} is not valid JSON ({err})") from None
+            for key, e in stages.items():
                 if key == "report" or e.get("status") != "complete":
                     continue
                 for name, o in (e.get("outputs") or {}).items():
@@ -494,6 +498,34 @@ class ReportStage(Stage):
         if missing:
             raise ConfigError(f"report.run_dirs: no manifest.json in {', '.join(missing)}; list run directories "
                               "this pipeline wrote")
+        # a result whose file was damaged after it completed (Manifest.verify_inputs marked it): re-run that stage
+        # first -- a report made now would silently drop it, and the previous report would be gone
+        from eksft_pipeline.pipeline.manifest import rerun_hint
+
+        for d in self._run_dirs(ctx):
+            m = d / "manifest.json"
+            try:
+                stages = json.loads(m.read_text()).get("stages", {}) if m.exists() else {}
+            except ValueError:
+                continue  # named by inputs()
+            for key, e in stages.items():
+                why = str(e.get("stale_reason") or "")
+                if e.get("status") == "stale" and why.startswith("file "):
+                    raise ConfigError(f"stage {key} of {d} is stale: {why}; re-run {rerun_hint(key)} first "
+                                      "(the previous report is kept)")
+
+    def validate(self, ctx):
+        """Every input file parses, BEFORE the previous report is removed (a truncated metrics.json is named
+        here, the old report stays)."""
+        self.check(ctx)
+        if ctx.dry_run:
+            return
+        for name, path in self.inputs(ctx).items():
+            try:
+                json.loads(Path(path).read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"report input {path} ({name}) is unreadable ({type(e).__name__}: {e}); re-run the "
+                                  "stage that wrote it -- the previous report is kept") from None
 
     def describe(self, ctx):
         return {"stage": "report", "run_dirs": [str(d) for d in self._run_dirs(ctx)],

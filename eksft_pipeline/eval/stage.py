@@ -276,6 +276,32 @@ class EvalStage(Stage):
                 raise ConfigError(f"benchmark file(s) not found ({'; '.join(missing)}); put them there or set "
                                   "EKSFT_EVAL_DATA_DIR / eval_data_dir to their folder")
 
+    def validate(self, ctx):
+        """Before saved samples are discarded (a changed model): every target model's config and safetensors
+        headers read, and the benchmark files loaded -- a damaged model or missing data deletes nothing."""
+        self.check(ctx)
+        if ctx.dry_run:
+            return
+        from eksft_pipeline.data.eval_sets import load_eval_sets
+        from eksft_pipeline.pipeline.artifacts import check_safetensors
+
+        for target, ref in self.targets(ctx).items():
+            p = Path(str(ref)).expanduser()
+            if not p.is_dir():
+                continue  # a hub name: resolved by the sampler
+            if not (p / "config.json").is_file():
+                raise ConfigError(f"eval {target}: {p} has no config.json; re-run the stage that wrote it")
+            try:
+                json.loads((p / "config.json").read_text())
+            except ValueError as e:
+                raise ConfigError(f"eval {target}: {p / 'config.json'} is not valid JSON ({e})") from None
+            for w in sorted(p.glob("*.safetensors")):
+                check_safetensors(w)
+        try:
+            load_eval_sets(benchmark_specs(_plain(ctx.cfg.eval.benchmarks)))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"eval benchmarks: {e}") from None
+
     def inputs(self, ctx):
         inp = {f"model_{k}": v for k, v in self.targets(ctx).items() if Path(v).exists()}
         for name, b in (_plain(ctx.cfg.eval.benchmarks) or {}).items():

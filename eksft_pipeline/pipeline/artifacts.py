@@ -260,6 +260,83 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+# prefixes launchers put in front of a child's lines: torchrun's `[rank0]:`, Ray's `(TaskRunner pid=1)`, timestamps
+_LINE_PREFIX = re.compile(r"^(?:\[(?:rank|default)\d*\]:\s?|\((?:[\w.]+ )?pid=\d+(?:, ip=[\d.]+)?\)\s?)+")
+_FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+)')
+_EXC = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure|error)|[A-Za-z_][\w.]*)"
+                  r"(?::\s?(.*))?$")
+# wrappers that report ANOTHER process's failure: never the cause when a real exception is in the log
+_WRAPPERS = ("ChildFailedError", "RayTaskError", "RayActorError", "ActorDiedError", "WorkerCrashedError",
+             "ActorUnavailableError", "RaySystemError", "SystemExit", "KeyboardInterrupt", "CalledProcessError")
+_PATH_IN_TEXT = re.compile(r"(/[^\s'\"():,]+)")
+
+
+def first_exception(text: str) -> dict | None:
+    """The FIRST real exception of a subprocess log (torchrun, verl, Ray, any Python program): the exception line
+    of the first traceback whose type is not a wrapper of another process's failure (torchrun's ChildFailedError,
+    Ray's RayTaskError, ...), with the innermost frame of that traceback and a file path the message names.
+
+    Returns {"exception": "Type: message", "frame": "file:line", "file": path-in-the-message or None,
+    "line_no": 1-based line of the log} or None when the log holds no traceback."""
+    lines = [_LINE_PREFIX.sub("", ln.rstrip()) for ln in text.splitlines()]
+    found = []
+    i = 0
+    while i < len(lines):
+        if not lines[i].lstrip().startswith("Traceback (most recent call last):"):
+            i += 1
+            continue
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        frame = None
+        j = i + 1
+        while j < len(lines):
+            ln = lines[j]
+            m = _FRAME.match(ln)
+            if m:
+                frame = f"{m.group(1)}:{m.group(2)}"
+                j += 1
+                continue
+            body = ln[indent:] if len(ln) - len(ln.lstrip()) >= indent else ln.lstrip()
+            if body and not body.startswith((" ", "\t", "~", "^")) and _EXC.match(body):
+                exc = _EXC.match(body)
+                name = exc.group(1).rsplit(".", 1)[-1]
+                msg = (exc.group(2) or "").strip()
+                # a message that continues on the following unindented lines (pyarrow, safetensors): first line only
+                found.append({"type": name, "exception": f"{name}: {msg}" if msg else name, "frame": frame,
+                              "line_no": j + 1, "text": body})
+                break
+            j += 1
+        i = j + 1
+    if not found:
+        return None
+    real = [f for f in found if f["type"] not in _WRAPPERS] or found
+    hit = real[0]
+    paths = [p for p in _PATH_IN_TEXT.findall(hit["text"]) if not p.endswith(".py")]
+    hit["file"] = paths[0] if paths else None
+    return {k: hit[k] for k in ("exception", "frame", "file", "line_no")}
+
+
+def log_cause(log_path: Path) -> str | None:
+    """One line: the first real exception in `log_path` (see `first_exception`), where it was raised, and the
+    file its message names; None when the log has no traceback."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    hit = first_exception(text)
+    if hit is None:
+        return None
+    exc = hit["exception"]
+    if len(exc) > 300:
+        exc = exc[:297] + "..."
+    where = []
+    if hit["file"]:
+        where.append(f"file {hit['file']}")
+    if hit["frame"]:
+        where.append(f"raised at {hit['frame']}")
+    where.append(f"log line {hit['line_no']}")
+    return f"{exc} ({'; '.join(where)})"
+
+
 def tail(path: Path, n: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])

@@ -31,6 +31,18 @@ sha256, a directory the sha256 of its files' relative paths and sha256s. Files o
 Entries written before content hashing (`dir:` / `fp:` fingerprints of sizes and mtimes) are still
 checked the old way.
 
+Inputs are checked against what their producer recorded (`verify_inputs`, before a stage cleans anything):
+every recorded output also carries per-file records (`files`: relative path -> sha256, for a directory) and,
+for files of 64 MiB or more, a cheap `fingerprint` (`fingerprint_file`: the size, the first 1 MiB -- a
+safetensors / parquet header --, the last 64 KiB and 16 sampled 64 KiB blocks). The fingerprint is compared
+first: a truncated or rewritten 16 GB checkpoint is named in milliseconds without reading it all; then the
+sha256 (cached per inode, see above) catches a change the samples missed. A mismatch names the file and the
+stage that recorded it, and marks that stage (and every complete entry that records the same file) `stale`.
+
+One owner per attempt: `claim` checks and records `running` inside one lock (a live owner -- same host, its
+orchestrator process still running -- is refused), and `fail` / `complete` only write an entry whose
+`run_token` is still the caller's (`owner`): a losing run can never overwrite the live attempt's entry.
+
 Writes are atomic (tmp file + fsync + rename, the previous version kept as `manifest.json.bak`)
 under an advisory file lock, so a kill never leaves a half-written manifest; an unreadable
 manifest.json falls back to the .bak with a warning. A failed write (e.g. ENOSPC) leaves the
@@ -48,6 +60,8 @@ import os
 import socket
 from pathlib import Path
 from typing import Any
+
+from eksft_pipeline.pipeline.errors import PipelineError
 
 CACHE_MIN_BYTES = 64 * 1024 * 1024
 STATUSES = ("running", "complete", "failed", "killed", "stale")
@@ -134,6 +148,44 @@ def _legacy_hash(p: Path) -> str | None:
     return "dir:" + h.hexdigest()
 
 
+FP_HEAD = 1 << 20
+FP_BLOCK = 64 << 10
+FP_SAMPLES = 16
+
+
+def fingerprint_file(p: Path) -> str:
+    """Cheap fingerprint of a large file: size + first 1 MiB + last 64 KiB + 16 evenly spaced 64 KiB blocks
+    (about 2.1 MiB read whatever the size). Detects truncation, padding, a damaged header and most rewrites;
+    `Manifest` still compares the full sha256 after it (see the module docstring)."""
+    size = p.stat().st_size
+    h = hashlib.sha256(f"{size}\0".encode())
+    with open(p, "rb") as f:
+        h.update(f.read(FP_HEAD))
+        for i in range(1, FP_SAMPLES + 1):
+            off = (size * i) // (FP_SAMPLES + 1)
+            f.seek(off)
+            h.update(f.read(FP_BLOCK))
+        f.seek(max(0, size - FP_BLOCK))
+        h.update(f.read(FP_BLOCK))
+    return "fp1:" + h.hexdigest()
+
+
+class InputChanged(PipelineError):
+    """A file another stage produced differs from what that stage recorded (one line: the file, the stage, the fix)."""
+
+
+def rerun_hint(key: str, entry: dict | None = None) -> str:
+    """`stage=sft method=eksft` / `stage=rl init=eksft` / `stage=split`: how to re-run the entry `key`."""
+    stage, _, tag = key.partition("/")
+    if not tag:
+        return f"stage={stage}"
+    if tag.startswith("path-"):
+        return f"stage={stage} init=<the same path> (entry {key})"
+    if stage == "sft":
+        return f"stage=sft method={tag}"
+    return f"stage={stage} init={tag}"
+
+
 def config_hash(config: Any) -> str:
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
@@ -191,6 +243,99 @@ class Manifest:
         if recorded and recorded.startswith(("dir:", "fp:")):
             return _legacy_hash(Path(path)) == recorded
         return self.hash(path) == recorded
+
+    def record(self, path: str | os.PathLike) -> dict:
+        """What the manifest records of an output: path, content hash, and what `changed_file` needs to name the
+        one file that changed (per-file sha256 of a directory, fingerprints of large files)."""
+        p = Path(path)
+        rec: dict[str, Any] = {"path": self.record_path(path), "hash": self.hash(path)}
+        try:
+            if p.is_file():
+                if p.stat().st_size >= CACHE_MIN_BYTES:
+                    rec["fingerprint"] = fingerprint_file(p)
+            elif p.is_dir():
+                files = sorted(q for q in p.rglob("*") if q.is_file())
+                if len(files) <= 1000:
+                    rec["files"] = {f.relative_to(p).as_posix(): self.hashes.sha256(f) for f in files}
+                    fps = {f.relative_to(p).as_posix(): fingerprint_file(f) for f in files
+                           if f.stat().st_size >= CACHE_MIN_BYTES}
+                    if fps:
+                        rec["fingerprints"] = fps
+        finally:
+            self.hashes.save()
+        return rec
+
+    def changed_file(self, rec: dict) -> tuple[str, str] | None:
+        """(absolute path of the first file that differs from the record `rec`, how), or None when intact."""
+        path = Path(self.resolve(rec["path"]))
+        recorded = rec.get("hash")
+        if recorded is None:
+            return None
+        if not path.exists():
+            return str(path), "is missing"
+        if recorded.startswith(("dir:", "fp:")):
+            return None if _legacy_hash(path) == recorded else (str(path), "changed")
+        try:
+            if path.is_file():
+                fp = rec.get("fingerprint")
+                if fp and fingerprint_file(path) != fp:
+                    return str(path), "changed"
+                return None if "sha256:" + self.hashes.sha256(path) == recorded else (str(path), "changed")
+            files = rec.get("files")
+            if files is None:  # recorded before per-file records: the directory is all that can be named
+                return None if hash_path(path, self.hashes) == recorded else (str(path), "changed")
+            now = {f.relative_to(path).as_posix(): f for f in path.rglob("*") if f.is_file()}
+            for rel in sorted(files):
+                if rel not in now:
+                    return str(path / rel), "is missing"
+            fps = rec.get("fingerprints") or {}
+            for rel in sorted(fps):
+                if fingerprint_file(now[rel]) != fps[rel]:
+                    return str(path / rel), "changed"
+            for rel in sorted(files):
+                if self.hashes.sha256(now[rel]) != files[rel]:
+                    return str(path / rel), "changed"
+            extra = sorted(set(now) - set(files))
+            if extra:
+                return str(path / extra[0]), "appeared"
+            return None
+        finally:
+            self.hashes.save()
+
+    def verify_inputs(self, key: str, inputs: dict[str, str]) -> None:
+        """Every input that a complete entry recorded as its output must still be what that entry recorded.
+
+        On a mismatch: every complete entry recording the file becomes `stale` (so nothing trusts it until its
+        producer re-ran), and InputChanged names the file and the producer -- the entry whose folder holds it."""
+        stages = self.read()["stages"]
+        for name, path in inputs.items():
+            rec_in = self.record_path(path)
+            holders = []
+            for k, e in stages.items():
+                if k == key or e.get("status") != "complete":
+                    continue
+                for out in (e.get("outputs") or {}).values():
+                    op = str(out.get("path", ""))
+                    if op and (rec_in == op or rec_in.startswith(op.rstrip("/") + "/")):
+                        holders.append((k, out))
+            bad = [(k, c) for k, out in holders if (c := self.changed_file(out)) is not None]
+            if not bad:
+                continue
+            keys = [k for k, _ in bad]
+            # the producer: the entry whose own folder holds the file (the handoff only points at the SFT model)
+            owner = next((k for k, o in holders if str(o["path"]).startswith(k + "/")), keys[0])
+            file, how = dict(bad).get(owner, bad[0][1])
+            reason = f"file {file} {how} after it completed"
+            with self._locked():
+                data = self.read()
+                for h in dict.fromkeys([owner, *keys]):
+                    e = data["stages"].get(h)
+                    if e is not None and e.get("status") == "complete":
+                        e["status"] = "stale"
+                        e["stale_reason"] = reason
+                self._write(data)
+            raise InputChanged(f"file {file} {how} since stage {owner} completed (input {name!r} of {key}); "
+                               f"re-run {rerun_hint(owner)} (nothing was deleted)")
 
     def stage_hash(self, config: Any, inputs: dict[str, str]) -> str:
         """What decides whether a stage's results are current: its config and the content of its inputs."""
@@ -338,13 +483,20 @@ class Manifest:
                     todo.append(other)
         return out
 
-    def start(self, key: str, config: Any, cfg_hash: str, inputs: dict[str, str], *, run_token: str = "") -> list[str]:
-        """Record a new attempt of `key`; returns the complete entries now marked stale because they used its
-        outputs (a failed or running one is not a result to invalidate)."""
+    def start(self, key: str, config: Any, cfg_hash: str, inputs: dict[str, str], *, run_token: str = "",
+              live_owner=None) -> list[str]:
+        """Claim `key` for a new attempt (status `running`, owned by `run_token`); returns the complete entries now
+        marked stale because they used its outputs (a failed or running one is not a result to invalidate).
+
+        The check and the claim happen inside one lock: `live_owner(entry)` (if given) is called with the current
+        entry under the lock and raises when another live attempt owns it -- two runs started in the same second
+        cannot both pass."""
         recorded_inputs = {k: {"path": self.record_path(v), "hash": self.hash(v)} for k, v in inputs.items()}
         with self._locked():
             data = self.read()
             stages = data["stages"]
+            if live_owner is not None:
+                live_owner(stages.get(key))
             stale = [k for k in self._dependents(stages, key) if stages[k].get("status") == "complete"]
             for other in stale:
                 stages[other]["status"] = "stale"
@@ -359,13 +511,29 @@ class Manifest:
             self._write(data)
         return stale
 
-    def complete(self, key: str, outputs: dict[str, str], summary: dict | None = None) -> list[str]:
-        """Record the outputs; returns the stale entries that are current again (see `revalidate`)."""
+    def update_owned(self, key: str, run_token: str | None, **fields) -> bool:
+        """`update`, only while `run_token` still owns the entry (None: unconditionally); False when it does not."""
+        with self._locked():
+            data = self.read()
+            entry = data["stages"].get(key)
+            if run_token is not None and (entry is None or entry.get("run_token") != run_token):
+                return False
+            data["stages"].setdefault(key, {}).update(fields)
+            self._write(data)
+            return True
+
+    def complete(self, key: str, outputs: dict[str, str], summary: dict | None = None, *,
+                 run_token: str | None = None) -> list[str]:
+        """Record the outputs; returns the stale entries that are current again (see `revalidate`). With
+        `run_token`, only while that attempt still owns the entry (else RuntimeError: nothing is recorded)."""
         missing = [f"{k}={v}" for k, v in outputs.items() if not Path(v).exists()]
         if missing:
             raise RuntimeError(f"stage {key} finished but its outputs are missing: {', '.join(missing)}")
-        recorded = {k: {"path": self.record_path(v), "hash": self.hash(v)} for k, v in outputs.items()}
-        self.update(key, status="complete", outputs=recorded, summary=summary or {}, finished=_now())
+        recorded = {k: self.record(v) for k, v in outputs.items()}
+        if not self.update_owned(key, run_token, status="complete", outputs=recorded, summary=summary or {},
+                                 finished=_now()):
+            raise RuntimeError(f"stage {key} finished, but another attempt owns its manifest entry now; "
+                               "its result is not recorded")
         return self.revalidate()
 
     def _current(self, e: dict) -> bool:
@@ -399,9 +567,11 @@ class Manifest:
                 self._write(data)
         return restored
 
-    def fail(self, key: str, error: str, *, status: str = "failed") -> None:
-        """Record a failed (or `killed`) attempt. Raises OSError if the manifest cannot be written."""
-        self.update(key, status=status, error=error[-4000:], finished=_now())
+    def fail(self, key: str, error: str, *, status: str = "failed", run_token: str | None = None) -> bool:
+        """Record a failed (or `killed`) attempt -- with `run_token`, only while that attempt owns the entry
+        (returns False, writing nothing, when another attempt does). Raises OSError if the manifest cannot be
+        written."""
+        return self.update_owned(key, run_token, status=status, error=error[-4000:], finished=_now())
 
     def outputs(self, key: str) -> dict[str, str]:
         """Absolute output paths of a COMPLETE stage (raises with a clear message otherwise)."""

@@ -43,6 +43,7 @@ import tempfile
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -200,8 +201,65 @@ def _hub_offline(on: bool):
         hub.HF_HUB_OFFLINE = saved
 
 
+GPU_STAGES = ("sft", "rl", "eval", "report")
+
+
+def gpu_count() -> int:
+    """CUDA devices this machine has (torch's count; 0 without a CUDA build or a driver)."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no usable CUDA is "no GPU"
+        return 0
+
+
+def check_gpus(cfg: DictConfig, names: list[str]) -> None:
+    """A GPU cluster recipe on a machine without GPUs is refused at once (not after Ray started and the hub was
+    retried for minutes). A run that joins a Ray cluster elsewhere (`cluster.ray_address`) is not checked here."""
+    if str(cfg.cluster.get("device")) != "cuda" or cfg.cluster.get("ray_address"):
+        return
+    if not set(names) & set(GPU_STAGES) or os.environ.get("EKSFT_SKIP_GPU_CHECK") == "1":
+        return
+    if gpu_count() == 0:
+        raise ConfigError(
+            f"cluster={cfg.cluster.name} needs CUDA GPUs (cluster.device=cuda) but this machine has none; run it on "
+            "the GPU node, print its commands with dry_run=true, or use cluster=cpu (model=tiny) here"
+        )
+
+
+def missing_eval_data(cfg: DictConfig) -> list[str]:
+    """`<benchmark>: <path>` for every eval benchmark file that does not exist."""
+    benches = OmegaConf.to_container(cfg.eval.get("benchmarks") or {}, resolve=True) or {}
+    return [f"{n}: {(b or {}).get('path')}" for n, b in benches.items()
+            if not Path(str((b or {}).get("path"))).expanduser().exists()]
+
+
+def eval_data_note(cfg: DictConfig, names: list[str]) -> None:
+    """Said up front, before hours of training: the eval benchmark files are missing. A real run stops here; a
+    dry run prints a warning (it runs nothing)."""
+    if "eval" not in names:
+        return
+    missing = missing_eval_data(cfg)
+    if "assets" in names and cfg.model.get("assets_dir"):  # files the assets stage of this run builds first
+        built = str(Path(str(cfg.model.assets_dir)).expanduser().resolve())
+        missing = [m for m in missing
+                   if not str(Path(m.split(": ", 1)[1]).expanduser().resolve()).startswith(built + os.sep)]
+    if not missing:
+        return
+    msg = (f"eval benchmark file(s) not found ({'; '.join(missing)}); put them there or set EKSFT_EVAL_DATA_DIR / "
+           "eval_data_dir to their folder")
+    if cfg.dry_run:
+        _say(f"warning: {msg}")
+        return
+    raise ConfigError(msg)
+
+
 def preflight(cfg: DictConfig, names: list[str]) -> None:
-    """Checks that need no stage: a hub model on an offline cluster must already be in the local cache."""
+    """Checks that need no stage: a GPU recipe needs GPUs here, the eval data must exist, and a hub model on an
+    offline cluster must already be in the local cache."""
+    check_gpus(cfg, names)
+    eval_data_note(cfg, names)
     if not set(names) & {"split", "sft", "handoff", "rl", "eval"}:
         return
     ref = str(cfg.model.path)
@@ -257,8 +315,13 @@ def _signals_deferred():
         _signals["deferred"] = False
 
 
-def _guard(entry: dict | None, key: str, run_dir: Path, session: Session) -> None:
-    if entry and entry.get("status") == "running" and entry.get("host") == socket.gethostname():
+def _live_owner(key: str) -> Callable[[dict | None], None]:
+    """The check `Manifest.start` runs under its lock: an entry `running` under an orchestrator that is still
+    alive on this host belongs to that attempt -- refuse, never take it over (nor end its processes)."""
+
+    def check(entry: dict | None) -> None:
+        if not entry or entry.get("status") != "running" or entry.get("host") != socket.gethostname():
+            return
         pid = int(entry.get("pid", -1))
         started = entry.get("pid_start")
         if pid > 0 and pid != os.getpid():
@@ -269,6 +332,13 @@ def _guard(entry: dict | None, key: str, run_dir: Path, session: Session) -> Non
                     f"stage {key} is already running in process {pid} (since {entry.get('started')}); "
                     f"wait for it to finish, or stop it with `kill {pid}` and re-run"
                 )
+
+    return check
+
+
+def _end_survivors(key: str, run_dir: Path, session: Session) -> None:
+    """Processes of an earlier attempt of `key` whose orchestrator no longer owns the entry (this run just claimed
+    it, having checked that no live orchestrator did)."""
     left = procs.survivors(str(run_dir), key, session.token)
     if left:
         _say(f"{key}: ending {len(left)} process(es) left over by an earlier attempt: {procs.describe(left)}")
@@ -284,7 +354,10 @@ def _record_failure(e: BaseException, key: str, manifest: Manifest, session: Ses
                 _say(f"{key}: ended {len(ended)} process(es) of this stage")
         status = "killed" if killed else "failed"
         try:
-            manifest.fail(key, "".join(traceback.format_exception(e)), status=status)
+            owned = manifest.fail(key, "".join(traceback.format_exception(e)), status=status,
+                                  run_token=session.token if session is not None else None)
+            if not owned:
+                _say(f"{key}: not recording '{status}': another attempt owns the manifest entry now")
         except OSError as me:  # e.g. ENOSPC: keep the original error, say what else went wrong
             try:
                 e.manifest_error = me
@@ -338,6 +411,9 @@ def _run_stage(stage: Stage, key: str, ctx: StageContext, session: Session | Non
     cfg, run_dir, manifest = ctx.cfg, ctx.run_dir, ctx.manifest
     stage.check(ctx)
     inputs = stage.inputs(ctx)
+    # files other stages produced must be what they recorded: a damaged input is named, its producer marked for
+    # a re-run, and nothing of this stage is touched (a changed input is NOT a changed config)
+    manifest.verify_inputs(key, inputs)
     stage_cfg = stage.config(cfg)
     h = manifest.stage_hash(stage_cfg, inputs)
     done, reason = manifest.is_complete(key, h)
@@ -355,7 +431,18 @@ def _run_stage(stage: Stage, key: str, ctx: StageContext, session: Session | Non
         own_session = False
     try:
         entry = manifest.entry(key)
-        _guard(entry, key, run_dir, session)
+        ctx.tracking = _identity(stage, ctx, entry, h)
+        session.ensure_watchdog()
+        # 'running' is recorded BEFORE the previous outputs are removed: a kill in between never leaves a
+        # 'complete' entry whose files are gone. The check for a live owner and the claim are one locked step.
+        claimed: dict = {}
+
+        def check_and_remember(current: dict | None) -> None:
+            _live_owner(key)(current)
+            claimed["entry"] = current
+
+        stale = manifest.start(key, stage_cfg, h, inputs, run_token=session.token, live_owner=check_and_remember)
+        entry = claimed.get("entry")
         if entry is None:
             _say(f"{key}: running")
             keep: tuple[str, ...] = ()
@@ -370,11 +457,6 @@ def _run_stage(stage: Stage, key: str, ctx: StageContext, session: Session | Non
             else:
                 _say(f"{key}: re-running ({why}); removing the previous attempt's outputs"
                      + (" and its checkpoints (they belong to another config)" if stage.keep_on_retry else ""))
-        ctx.tracking = _identity(stage, ctx, entry, h)
-        session.ensure_watchdog()
-        # 'running' is recorded BEFORE the previous outputs are removed: a kill in between never leaves a
-        # 'complete' entry whose files are gone
-        stale = manifest.start(key, stage_cfg, h, inputs, run_token=session.token)
         if stale:
             _say(f"{key}: marked stale (they used its previous outputs): {', '.join(stale)}")
         if ctx.tracking is not None:
@@ -383,12 +465,13 @@ def _run_stage(stage: Stage, key: str, ctx: StageContext, session: Session | Non
                  f"(id {ctx.tracking.run_id}{', resumed' if ctx.tracking.resumed else ''}, group {ctx.tracking.group})")
         t0 = time.time()
         try:
+            _end_survivors(key, run_dir, session)
             stage.clean(ctx, keep=keep)
             ctx.out_dir.mkdir(parents=True, exist_ok=True)
             with _env({procs.ENV_STAGE: key}):
                 result = _launch(stage, ctx)
                 result.summary.setdefault("wall_time_s", round(time.time() - t0, 2))
-                restored = manifest.complete(key, result.outputs, result.summary)
+                restored = manifest.complete(key, result.outputs, result.summary, run_token=session.token)
         except BaseException as e:
             _record_failure(e, key, manifest, session)
             raise
@@ -446,7 +529,9 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
     if not sys.stdout.isatty():  # console captured to a file: in-process progress bars redraw rarely
         offline.setdefault("TQDM_MININTERVAL", os.environ.get("TQDM_MININTERVAL", "30"))
     with _env(offline), _hub_offline(bool(offline)):
-        if not cfg.dry_run:
+        if cfg.dry_run:
+            eval_data_note(cfg, names)
+        else:
             preflight(cfg, names)
             _validate_upfront(names, cfg, run_dir, manifest)
         session = None if cfg.dry_run else Session(run_dir)
@@ -501,8 +586,10 @@ def report_error(e: BaseException, cfg: DictConfig) -> int:
     where = f"{e.stage_key}: " if getattr(e, "stage_key", None) else ""
     if isinstance(e, KeyboardInterrupt | StageKilled):
         name, num = _signal_name(e)
+        how = ("re-run the same command WITHOUT force=true to resume from what this attempt saved (force=true "
+               "would start it over)") if cfg.get("force") else "re-run the same command to resume"
         _say(f"error: {where}stopped by {name}; every process it started was ended and the manifest says 'killed'; "
-             "re-run the same command to resume")
+             f"{how}")
         return 128 + num
     msg = str(e).strip()
     if isinstance(e, KeyError) and msg.startswith(("'", '"')) and len(e.args) == 1:

@@ -26,6 +26,7 @@ estimate, validation and the stage's own outputs (drift for SFT, the validation 
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from eksft_pipeline.pipeline.artifacts import (
     atomic_write_json,
     check_resume_point,
     export_hf_model,
+    log_cause,
     mark_training_done,
     read_metric_logs,
     tail,
@@ -49,6 +51,18 @@ from eksft_pipeline.pipeline.tracking import identity_of, verl_env, verl_logger,
 from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
 
 PROJECT_NAME = "eksft-pipeline"  # verl's trainer.project_name when tracking is off
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as one quoted Hydra override value (verl's entry points parse their command line with Hydra): a
+    path with spaces, quotes, `=`, brackets or non-ASCII letters is otherwise a LexerNoViableAltException.
+
+    Hydra's quoted strings treat a backslash as an escape only before a quote or the closing quote, so exactly
+    those backslash runs are doubled; `${` is escaped so OmegaConf does not read it as an interpolation."""
+    out = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", str(value))
+    out = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, out)
+    out = out.replace("${", "\\${")
+    return f"'{out}'"
 
 
 class VerlTrainingStage(Stage):
@@ -69,6 +83,7 @@ class VerlTrainingStage(Stage):
         line's values, each merged strictly."""
         cfg, b = ctx.cfg, self.block
         vc = compose_verl(self.recipe, overrides or [])
+        reference = OmegaConf.to_container(vc, resolve=False)
         for where, block in (
             (f"{b}.verl", cfg[b].get("verl")),
             (f"model.{b}.verl", (cfg.model.get(b) or {}).get("verl")),
@@ -76,6 +91,15 @@ class VerlTrainingStage(Stage):
             *command_line_blocks(cfg, f"{b}.verl", f"model.{b}.verl", f"cluster.{b}.verl", owned=self.owned),
         ):
             strict_merge(vc, block, where=where)
+        # every value the layers changed: the type verl's dataclass field (or the recipe's value) has, and the
+        # range verl's code assumes -- `optim.lr=abc` fails here, not in AdamW after the old outputs were removed
+        from eksft_pipeline.pipeline.errors import ConfigError
+        from eksft_pipeline.verl_ext.validate import check_verl_values
+
+        try:
+            check_verl_values(vc, reference, where=f"{b}.verl")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return vc
 
     def experiment_name(self, ctx: StageContext) -> str:
@@ -115,8 +139,13 @@ class VerlTrainingStage(Stage):
             return
         rc = tee(command, env, log, watchdog=watchdog, progress=progress)
         if rc != 0:
-            raise PipelineError(f"{self.what} exited with code {rc}; the cause is in its log {log} "
-                                "(last lines above); fix it and re-run (same config: resumes)", details=tail(log, 30))
+            cause = log_cause(log)
+            if cause is None:
+                raise PipelineError(f"{self.what} exited with code {rc}; no Python exception in its log {log} "
+                                    "(last lines above); fix it and re-run (same config: resumes)",
+                                    details=tail(log, 30))
+            raise PipelineError(f"{self.what} exited with code {rc}: {cause}; full log: {log}; fix it and re-run "
+                                "(same config: resumes)")
         mark_training_done(ckpt)
 
     def export(self, ctx: StageContext, base_model: str) -> Path:

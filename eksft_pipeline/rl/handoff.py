@@ -136,7 +136,11 @@ def merge_fsdp_checkpoint(ckpt_dir: Path, target: Path, env: dict | None = None)
            "--local_dir", str(ckpt_dir), "--target_dir", str(target)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        raise HandoffError(f"verl.model_merger failed on {ckpt_dir} (exit {res.returncode}):\n{res.stderr[-3000:]}")
+        from eksft_pipeline.pipeline.artifacts import first_exception
+
+        hit = first_exception(res.stderr)
+        cause = hit["exception"] if hit else (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HandoffError(f"verl.model_merger failed on {ckpt_dir} (exit {res.returncode}): {cause}")
     hf_src = ckpt_dir / "huggingface"
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                  "special_tokens_map.json", "vocab.json", "merges.txt"):

@@ -64,7 +64,7 @@ from eksft_pipeline.pipeline.stage_api import (
     StageResult,
     positive,
 )
-from eksft_pipeline.pipeline.verl_stage import VerlTrainingStage
+from eksft_pipeline.pipeline.verl_stage import VerlTrainingStage, hydra_quote
 
 CONFIG_NAME = "verl_dapo"
 # stage variables forwarded to every Ray worker of the job (besides the keys of cluster.env and rl.env)
@@ -278,7 +278,7 @@ class RLStage(VerlTrainingStage):
         return [
             self._python(ctx), "-m", "eksft_pipeline.verl_ext.ppo_main",
             f"--config-path={out}", f"--config-name={CONFIG_NAME}",
-            f"hydra.run.dir={out / 'logs' / 'hydra'}", "hydra.output_subdir=null",
+            f"hydra.run.dir={hydra_quote(str(out / 'logs' / 'hydra'))}", "hydra.output_subdir=null",
         ]  # fmt: skip
 
     def describe(self, ctx):

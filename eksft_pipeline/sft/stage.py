@@ -34,7 +34,7 @@ from omegaconf import OmegaConf, open_dict
 from eksft_pipeline.pipeline.artifacts import StepProgress, atomic_write_json, quiet, read_metric_logs
 from eksft_pipeline.pipeline.keys import sft_key
 from eksft_pipeline.pipeline.stage_api import ConfigError, StageContext, StageResult, positive
-from eksft_pipeline.pipeline.verl_stage import VerlTrainingStage
+from eksft_pipeline.pipeline.verl_stage import VerlTrainingStage, hydra_quote
 from eksft_pipeline.verl_ext.sft_plan import validate_sft_block
 from eksft_pipeline.verl_ext.validate import validate_sft_config
 
@@ -256,7 +256,7 @@ class SFTStage(VerlTrainingStage):
             "eksft_pipeline.verl_ext.sft_main",
             f"--config-path={out}",
             f"--config-name={CONFIG_NAME}",
-            f"hydra.run.dir={out / 'logs' / 'hydra'}",
+            f"hydra.run.dir={hydra_quote(str(out / 'logs' / 'hydra'))}",
             "hydra.output_subdir=null",
         ]
 

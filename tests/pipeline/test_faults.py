@@ -39,6 +39,7 @@ import pytest
 
 from eksft_pipeline.pipeline import procs
 from eksft_pipeline.pipeline.manifest import Manifest
+from eksft_pipeline.pipeline.verl_stage import hydra_quote
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")]
 REPO = Path(__file__).resolve().parents[2]
@@ -55,10 +56,12 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def tree(d: Path) -> dict[str, str]:
-    """Every file's content hash (Hydra's per-invocation `.hydra/` folder and the hash cache excluded)."""
+def tree(d: Path, *, manifest: bool = True) -> dict[str, str]:
+    """Every file's content hash (Hydra's per-invocation `.hydra/` folder and the hash cache excluded; the manifest
+    too with `manifest=False`)."""
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
-            if p.is_file() and ".hydra" not in p.relative_to(d).parts and p.name != ".hash_cache.json"}
+            if p.is_file() and ".hydra" not in p.relative_to(d).parts and p.name != ".hash_cache.json"
+            and (manifest or not p.name.startswith("manifest.json"))}
 
 
 class Orchestrator:
@@ -69,7 +72,7 @@ class Orchestrator:
         self.run_dir, self.log, self.mark = run_dir, log, uuid.uuid4().hex
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "eksft_pipeline", f"run_dir={run_dir}", *args], cwd=REPO,
+            [sys.executable, "-m", "eksft_pipeline", f"run_dir={hydra_quote(str(run_dir))}", *args], cwd=REPO,
             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "EKSFT_TEST_MARK": self.mark, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
@@ -131,7 +134,7 @@ def run_here(run_dir: Path, *args: str, capsys) -> tuple[int, str]:
     from eksft_pipeline.pipeline.verl_config import compose_pipeline
 
     capsys.readouterr()
-    rc = main_from_config(compose_pipeline(f"run_dir={run_dir}", *args))
+    rc = main_from_config(compose_pipeline(f"run_dir={hydra_quote(str(run_dir))}", *args))
     out = capsys.readouterr()
     return rc, out.out + out.err
 
@@ -273,6 +276,11 @@ INVALID = [
     (("stage=eval", "eval.top_p=1.5"), "eval.top_p=1.5 must be in (0, 1]"),
     (("stage=all", "eval.n_samples=0"), "eval.n_samples=0 must be > 0"),
     (("stage=rl", "init=nosuch"), "neither a method"),
+    # verl values, type- and range-checked before anything is cleaned (issue 24)
+    (("stage=sft", "sft.verl.optim.lr=abc"), "sft.verl.optim.lr='abc' is not a float"),
+    (("stage=sft", "sft.verl.optim.lr=-1"), "sft.verl.optim.lr=-1 must be > 0"),
+    (("stage=rl", "+rl.verl.actor_rollout_ref.actor.optim.lr=abc"), "rl.verl.actor_rollout_ref.actor.optim.lr='abc'"),
+    (("stage=rl", "+rl.verl.actor_rollout_ref.rollout.n=0"), "rl.verl.actor_rollout_ref.rollout.n=0 must be > 0"),
 ]
 
 
@@ -390,3 +398,141 @@ def test_copied_run_dir_reruns_its_own_deleted_stage(complete_tiny_run, tmp_path
     for e in Manifest(run).read()["stages"].values():
         for o in (e.get("outputs") or {}).values():
             assert str(original) not in Manifest(run).resolve(o["path"])
+
+
+# -- issue 24: nothing finished is ever lost ----------------------------------------------------------------------
+STAGE_ORDER = ("assets", "split", "sft", "handoff", "rl", "eval", "report")
+
+
+def produced_files(run: Path) -> list[tuple[str, Path]]:
+    """(stage key, file) for every file a complete stage produced in its own folder (the report excluded: nothing
+    runs after it; the tiny assets excluded: they live outside the run directory)."""
+    m = Manifest(run)
+    out = []
+    for key, e in m.read()["stages"].items():
+        if key in ("assets", "report") or e.get("status") != "complete":
+            continue
+        for o in (e.get("outputs") or {}).values():
+            if not str(o["path"]).startswith(key + "/"):
+                continue  # a pointer at another stage's file (the handoff's model)
+            p = Path(m.resolve(o["path"]))
+            out += [(key, f) for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
+    return sorted(set(out))
+
+
+def corrupt(f: Path, rng: random.Random) -> str:
+    data = f.read_bytes()
+    if len(data) > 1 and rng.random() < 0.5:
+        f.write_bytes(data[: rng.randrange(len(data))])
+        return "truncated"
+    i = rng.randrange(max(len(data), 1))
+    f.write_bytes(data[:i] + bytes([(data[i] if data else 0) ^ 0xFF]) + data[i + 1:])
+    return "one byte flipped"
+
+
+def run_later_stages(run: Path, owner: str, damaged: Path, capsys) -> list[str]:
+    """Every stage after `owner`'s, in pipeline order: each is skipped (complete, untouched) or stops with ONE error
+    line naming the damaged file; nothing but the manifest changes on disk."""
+    before = tree(run, manifest=False)
+    outcomes = []
+    for name in STAGE_ORDER[STAGE_ORDER.index(owner.split("/")[0]) + 1:]:
+        rc, text = run_here(run, f"stage={name}", capsys=capsys)
+        if rc == 0:
+            assert "complete, skipped" in text and "running" not in text, (name, text[-2000:])
+            outcomes.append(f"{name}: skipped")
+        else:
+            last = assert_one_line_error(text, str(damaged))
+            assert rc == 2, (name, rc, last)
+            outcomes.append(f"{name}: {last}")
+        after = tree(run, manifest=False)
+        assert after == before, (name, sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)))
+    return outcomes
+
+
+def test_a_random_damaged_file_is_named_and_nothing_complete_is_deleted(complete_tiny_run, tmp_path, capsys):
+    """Issue 24's trial: one random file a complete stage produced is truncated or changed, then every later stage
+    is run: each is skipped or refused in one line naming the file, before anything is cleaned."""
+    run = copy_run(complete_tiny_run.run_dir, tmp_path / "run")
+    rng = trial_rng("damaged-file")
+    files = produced_files(run)
+    assert len(files) > 20, files
+    owner, f = rng.choice(files)
+    how = corrupt(f, rng)
+    print(f"\n[faults] damaged {f.relative_to(run)} of {owner} ({how}; seed {SEED})")
+    outcomes = run_later_stages(run, owner, f, capsys)
+    print("\n".join(f"[faults]   {o}" for o in outcomes))
+    refused = [o for o in outcomes if not o.endswith("skipped")]
+    consumers = {k for k, e in Manifest(run).read()["stages"].items() if any(
+        str(i["path"]) in str(f.relative_to(run)) for i in (e.get("inputs") or {}).values())}
+    if consumers - {owner}:  # someone reads it: the first of them named it and marked its producer for a re-run
+        assert refused and f"re-run stage={owner.split('/')[0]}" in refused[0], outcomes
+        assert Manifest(run).entry(owner)["status"] == "stale"
+
+
+ISSUE_CASES = [
+    # (damaged file, stage run next, its producer, how the error says to re-run it, what must survive)
+    ("split/sft_train.parquet", "sft", "split", "stage=split", "sft/eksft/checkpoints"),
+    ("sft/eksft/hf_model/model.safetensors", "rl", "sft/eksft", "stage=sft method=eksft", "rl/eksft/checkpoints"),
+    ("rl/eksft/hf_model/model.safetensors", "eval", "rl/eksft", "stage=rl init=eksft", "eval/eksft/sft/samples"),
+    ("eval/eksft/sft/metrics.json", "report", "eval/eksft", "stage=eval init=eksft", "report/report.md"),
+]
+
+
+def test_the_issue_cases_damaged_upstream_files_delete_nothing(complete_tiny_run, tmp_path, capsys):
+    """The four failures of issue 24 on a complete run: a truncated split parquet before SFT, a truncated SFT model
+    before RL, a truncated RL model before eval (its saved samples), a truncated eval metrics.json before the
+    report. Each: one line naming the file and the stage to re-run, nothing deleted, the producer marked stale."""
+    run = copy_run(complete_tiny_run.run_dir, tmp_path / "run")
+    manifest = (run / "manifest.json").read_bytes()
+    for rel, stage, producer, fix, kept in ISSUE_CASES:
+        f = run / rel
+        good = f.read_bytes()
+        assert (run / kept).exists()
+        before = tree(run, manifest=False)
+        with open(f, "r+b") as fh:
+            fh.truncate(len(good) // 3)
+        rc, text = run_here(run, f"stage={stage}", capsys=capsys)
+        last = assert_one_line_error(text, f"file {f} changed since stage {producer} completed", f"re-run {fix}")
+        assert rc == 2, last
+        after = tree(run, manifest=False)
+        assert {k for k in set(before) | set(after) if before.get(k) != after.get(k)} == {rel}
+        entry = Manifest(run).entry(producer)
+        assert entry["status"] == "stale" and str(f) in entry["stale_reason"]
+        f.write_bytes(good)  # restored for the next case
+        (run / "manifest.json").write_bytes(manifest)
+    assert_truthful(run)
+
+
+def test_two_runs_of_the_same_stage_in_the_same_second(complete_tiny_run, tmp_path):
+    """Both pass their checks in the same second: one claims the entry, the other is refused in one line -- it
+    writes nothing over the live attempt's entry and ends none of its processes."""
+    run = copy_run(complete_tiny_run.run_dir, tmp_path / "run")
+    a = Orchestrator(run, "stage=report", "force=true", log=tmp_path / "a.log")
+    b = Orchestrator(run, "stage=report", "force=true", log=tmp_path / "b.log")
+    assert time.monotonic() - a.t0 < 1.0
+    rcs = [a.proc.wait(timeout=600), b.proc.wait(timeout=600)]
+    a.assert_no_survivors()
+    b.assert_no_survivors()
+    texts = [a.text(), b.text()]
+    assert sorted(rcs) == [0, 2], (rcs, texts[0][-2000:], texts[1][-2000:])
+    loser = texts[rcs.index(2)]
+    assert_one_line_error(loser, "report: stage report is already running in process")
+    assert "left over by an earlier attempt" not in loser
+    e = Manifest(run).entry("report")
+    assert e["status"] == "complete" and e["attempts"] == Manifest(complete_tiny_run.run_dir).entry("report")["attempts"] + 1
+    assert_truthful(run)
+
+
+ODD_DIR = "rt 5/ünïcødé 'run\" x"
+
+
+def test_a_run_dir_with_spaces_quotes_and_non_ascii_trains_sft(complete_tiny_run, tmp_path):
+    """Every path handed to verl's Hydra is quoted: SFT retrains (a new lr) end to end in such a run directory."""
+    (tmp_path / ODD_DIR).parent.mkdir(parents=True)
+    run = copy_run(complete_tiny_run.run_dir, tmp_path / ODD_DIR)
+    rc, text = run_cli(run, "stage=sft", "sft.verl.optim.lr=2e-4", *SFT_SMALL, log=tmp_path / "odd.log")
+    assert rc == 0, text[-4000:]
+    assert "sft/eksft: complete in" in text
+    assert Manifest(run).entry("sft/eksft")["status"] == "complete"
+    assert (run / "sft" / "eksft" / "logs" / "hydra").is_dir()
+    assert_truthful(run)
