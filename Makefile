@@ -16,16 +16,18 @@ FLASH_ATTN_CUDA_ARCHS ?= 90
 FLASH_ATTN_WHEEL ?=
 MODEL ?= tiny
 METHODS ?= eksft
+# recipes/task/: math (the main experiment) | tool_use (App. I: ACEBench SFT -> BFCL, its own run dir)
+TASK ?= math
 # cluster: cpu for the tiny model, the 8-GPU node otherwise (override with CLUSTER=...)
 CLUSTER ?= $(if $(filter tiny,$(MODEL)),cpu,8gpu)
-RUN_DIR ?= runs/$(MODEL)
+RUN_DIR ?= runs/$(MODEL)$(if $(filter-out math,$(TASK)),-$(TASK))
 DRY_RUN ?= 0
 # experiment tracker (recipes/tracking/: none, wandb, tensorboard); empty: the recipe's default (none)
 TRACKING ?=
 ARGS ?=
 PYTEST_ARGS ?=
 comma := ,
-HYDRA_COMMON = model=$(MODEL) cluster=$(CLUSTER) run_dir=$(RUN_DIR) dry_run=$(if $(filter 1 true yes,$(DRY_RUN)),true,false) $(if $(TRACKING),tracking=$(TRACKING)) $(ARGS)
+HYDRA_COMMON = model=$(MODEL) cluster=$(CLUSTER) $(if $(filter-out math,$(TASK)),task=$(TASK)) run_dir=$(RUN_DIR) dry_run=$(if $(filter 1 true yes,$(DRY_RUN)),true,false) $(if $(TRACKING),tracking=$(TRACKING)) $(ARGS)
 # The install a target runs with: the GPU one on a GPU cluster, or wherever `make install-gpu` already ran (it also
 # runs the CPU cluster: the tiny model, the tests); the CPU one otherwise. Never both into one venv.
 HAVE_GPU_INSTALL := $(wildcard $(STAMP_GPU))

@@ -253,3 +253,38 @@ def test_real_acebench_every_row_counted(acebench_dir, tmp_path, lang):
         assert rows["special_error_param_6"]["messages"][-1]["content"] == (
             "There is incorrect value (ABC123, XYZ@4321) for the parameters (device_id, compare_with) in the "
             "conversation history.")
+
+
+# ---------------------------------------------------------------------------------------- the CPU twin
+
+
+def test_tiny_twin_layouts_disjoint_and_scored_right_by_bfcl(tmp_path):
+    """The twin's training folder converts like ACEBench, its eval folder loads like BFCL, no eval request is a
+    training request, and BFCL's checker scores the gold answers as right and a refusal as wrong."""
+    from eksft_pipeline.data.tool_use.tiny import make_tiny_tool_data
+
+    paths = make_tiny_tool_data(tmp_path / "twin", n_train=120, n_eval_per_category=8, seed=5)
+    rep = split_acebench(paths["acebench"], tmp_path / "split")
+    assert rep["n_input"] == 120 and rep["n_sft"] + rep["n_dropped"] == 120
+    cats = rep["n_sft_per_category"]
+    assert cats["acebench/special_irrelevant"] >= 1 and cats["acebench/normal_single_turn_parallel_function"] >= 1
+    train_users = {r["messages"][1]["content"] for r in pq.read_table(tmp_path / "split" / "sft_train.parquet").to_pylist()}
+    assert make_tiny_tool_data(tmp_path / "again", n_train=120, n_eval_per_category=8, seed=5) and (
+        (tmp_path / "again" / "bfcl" / "BFCL_v4_live_simple.json").read_text()
+        == (tmp_path / "twin" / "bfcl" / "BFCL_v4_live_simple.json").read_text())  # deterministic
+
+    bfcl = pytest.importorskip("eksft_pipeline.eval.bfcl")
+    if __import__("importlib").util.find_spec("bfcl_eval") is None:
+        pytest.skip("bfcl-eval not installed")
+    for cat in ("live_simple", "live_multiple", "live_parallel", "irrelevance", "live_irrelevance"):
+        entries = bfcl.load_category(cat, paths["bfcl"])
+        assert len(entries) == 8
+        for e in entries:
+            assert e["question"][0][-1]["content"] not in train_users or cat.endswith("irrelevance")
+            if e["possible_answer"] is None:
+                assert bfcl.score_entry(cat, e, SPECIAL_TARGETS["special_irrelevant"]["en"])["correct"]
+                continue
+            gold = render_tool_calls([(n, {k: v[0] for k, v in a.items()}) for g in e["possible_answer"]
+                                      for n, a in g.items()])  # fmt: skip
+            assert bfcl.score_entry(cat, e, gold)["correct"], e
+            assert not bfcl.score_entry(cat, e, SPECIAL_TARGETS["special_irrelevant"]["en"])["correct"]

@@ -76,6 +76,7 @@ DROP_REASONS: tuple[str, ...] = (
     "gold_call_not_in_tools",  # a gold call names no function of the row's tools (after the _N suffix rule)
     "bad_gold",  # the gold has the wrong shape for its category (e.g. empty, args not an object)
     "duplicate_conversation",  # same tools + messages as an earlier kept row (first kept)
+    "over_length",  # the chat-templated conversation has more tokens than cutoff_tokens (with a tokenizer)
 )
 
 # The special categories' targets: the ONE place they are defined. Keys of str.format: func, params, values.
@@ -350,11 +351,41 @@ def load_acebench(root: str | Path, langs: tuple[str, ...] | list[str] = ("en",)
     return kept, dropped, {k: dict(v) for k, v in per_cat.items()}
 
 
+def _length_filter(kept: list, dropped: list, per_cat: dict, tokenizer: Any, cutoff_tokens: int) -> tuple[list, dict]:
+    """Rows whose whole conversation, rendered with the tokenizer's (the run's) chat template, fits cutoff_tokens."""
+    out, lengths = [], []
+    for i, r in kept:
+        text = tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=False)
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n > cutoff_tokens:
+            dropped.append((i, f"{r['lang']}/{r['ace_id']}", "over_length", f"{n} tokens > {cutoff_tokens}"))
+            stats = per_cat[f"{r['lang']}/{r['data_source'].split('/', 1)[1]}"]
+            stats["kept"] -= 1
+            stats["over_length"] = stats.get("over_length", 0) + 1
+        else:
+            out.append((i, r))
+            lengths.append(n)
+    a = np.asarray(lengths or [0])
+    stats = {"min": int(a.min()), "mean": round(float(a.mean()), 2), "p95": round(float(np.percentile(a, 95)), 2),
+             "max": int(a.max())}  # fmt: skip
+    return out, {"applied": f"cutoff_tokens={cutoff_tokens} with tokenizer {getattr(tokenizer, 'name_or_path', '?')}",
+                 "tokens": stats}
+
+
 def split_acebench(root: str | Path, out_dir: str | Path, *, langs: tuple[str, ...] | list[str] = ("en",),
-                   n_sft: int | None = None, seed: int = 42) -> dict[str, Any]:
+                   n_sft: int | None = None, seed: int = 42, tokenizer: Any = None,
+                   cutoff_tokens: int | None = None) -> dict[str, Any]:
     """Convert ACEBench and write ``sft_train.parquet``, ``sft_ids.json``, ``dropped.jsonl`` and
-    ``split_report.json`` to ``out_dir``; returns the report (module docstring)."""
+    ``split_report.json`` to ``out_dir``; returns the report (module docstring). With a ``tokenizer`` (the run's:
+    its chat template renders the rows as SFT will) rows longer than ``cutoff_tokens`` are dropped as
+    ``over_length`` (verl's SFT dataset would refuse them: ``truncation: error``)."""
     kept, dropped, per_cat = load_acebench(root, tuple(langs))
+    length_check: dict[str, Any] = {"applied": "skipped: no tokenizer given"}
+    if tokenizer is not None:
+        if not cutoff_tokens or cutoff_tokens < 1:
+            raise DataError(f"cutoff_tokens={cutoff_tokens} must be >= 1 with a tokenizer")
+        kept, length_check = _length_filter(kept, dropped, per_cat, tokenizer, int(cutoff_tokens))
+        dropped.sort()
     n_input = len(kept) + len(dropped)
     if n_sft is not None and not 1 <= n_sft <= len(kept):
         raise DataError(f"n_sft={n_sft} but ACEBench {list(langs)} has {len(kept)} usable rows")
@@ -389,6 +420,7 @@ def split_acebench(root: str | Path, out_dir: str | Path, *, langs: tuple[str, .
         "dropped": {r: counts.get(r, 0) for r in DROP_REASONS},
         "n_dropped": len(dropped),
         "per_category": per_cat,
+        "length_check": length_check,
         "n_sft_per_category": dict(sorted(Counter(r["data_source"] for _, r in sft).items())),
         "seed": seed,
         "generation_prefix": "",
