@@ -17,7 +17,8 @@ Data (`task.eval.source`): `bfcl` = the installed bfcl-eval package's BFCL v4 da
 held-out BFCL-layout entries written by the tool split; or a folder in BFCL's layout. `task.eval.max_per_category`
 evaluates the first N entries of each category (null = all). One completion per entry (`task.eval.n_samples`,
 the paper reports single-run BFCL accuracy). Unlike the maths eval, samples are not resumable: a re-run samples
-again (a BFCL pass is minutes on a GPU node).
+again (a BFCL pass is minutes on a GPU node), except that completions another eval of this run dir made with the
+same model content, settings and prompts (`sampling.json`) are reused: the base model is sampled once per sweep.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ class ToolEvalStage(EvalStage):
         for target, model_dir in self.targets(ctx).items():
             tdir = ctx.out_dir / target
             tdir.mkdir(parents=True, exist_ok=True)
-            rows = self._sample(ctx, model_dir, problems, params, tdir)
+            settings = self._settings(ctx, model_dir, problems, params)
+            rows = self._reuse(ctx, settings, tdir) or self._sample(ctx, model_dir, problems, params, tdir)
             scored = []
             for r in rows:
                 cat, eid = r["problem_id"].split("/", 1)
@@ -149,10 +151,10 @@ class ToolEvalStage(EvalStage):
             df = pd.DataFrame(scored).sort_values(["benchmark", "problem_id"]).reset_index(drop=True)
             with atomic_path(tdir / "samples.parquet") as tmp:
                 df.to_parquet(tmp, index=False)
+            atomic_write_json(tdir / "sampling.json", settings, indent=2)
             metrics = {"task": "tool_use", "target": target, "model": str(model_dir),
                        "model_name": str(ctx.cfg.model.name), "method": str(ctx.cfg.method.name),
-                       "init": ctx.init_spec(), "sampling": params.as_dict() | {"backend": str(ctx.cfg.eval.backend),
-                       "model_hash": model_fingerprint(str(model_dir), ctx.manifest.hashes)},
+                       "init": ctx.init_spec(), "sampling": settings,
                        "finish_length_rate": round(100 * float((df.finish_reason == "length").mean()), 2),
                        "bfcl": bfcl.summarize(df.rename(columns={"benchmark": "category"}).to_dict("records"),
                                               n_boot=int(e.bootstrap), seed=int(ctx.cfg.seed))}  # fmt: skip
@@ -163,6 +165,36 @@ class ToolEvalStage(EvalStage):
             summary[target] = {k: b[k]["score"] for k in ("live_overall", "irrelevance_mean") if k in b}
             print(f"[eval] tool_use {target}: {summary[target]} rates {b['rates']}", flush=True)
         return StageResult(outputs=outputs, summary=summary)
+
+    @staticmethod
+    def _settings(ctx, model_dir: str, problems: list, params) -> dict[str, Any]:
+        """What a completion depends on: the model's content, the sampling settings, the backend, the prompts."""
+        import hashlib
+
+        prompts = hashlib.sha256(json.dumps([(p.problem_id, p.messages) for p in problems]).encode()).hexdigest()
+        return params.as_dict() | {"backend": str(ctx.cfg.eval.backend), "dtype": str(ctx.cfg.eval.dtype),
+                                   "model_hash": model_fingerprint(str(model_dir), ctx.manifest.hashes),
+                                   "prompts_sha256": prompts, "n_entries": len(problems)}  # fmt: skip
+
+    @staticmethod
+    def _reuse(ctx, settings: dict, tdir: Path) -> list[dict] | None:
+        """The completions of an earlier eval in this run dir with the same settings (the base model is evaluated
+        by every method's eval: sampled once, reused), or None."""
+        for f in sorted((ctx.run_dir / "eval").glob("**/sampling.json")):
+            if f.parent == tdir or not (f.parent / "samples.parquet").is_file():
+                continue
+            try:
+                same = json.loads(f.read_text()) == settings
+            except (OSError, ValueError):
+                continue
+            if same:
+                df = pd.read_parquet(f.parent / "samples.parquet")
+                print(f"[eval] tool_use: reusing the completions of {f.parent} (same model content and settings)",
+                      flush=True)
+                cols = ["benchmark", "problem_id", "sample_idx", "completion", "finish_reason", "n_tokens",
+                        "ground_truth", "seed"]  # fmt: skip
+                return df[cols].to_dict("records")
+        return None
 
     def _sample(self, ctx, model_dir: str, problems: list, params, tdir: Path) -> list[dict]:
         import os

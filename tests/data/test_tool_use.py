@@ -276,7 +276,7 @@ def test_tiny_twin_layouts_disjoint_and_scored_right_by_bfcl(tmp_path):
     bfcl = pytest.importorskip("eksft_pipeline.eval.bfcl")
     if __import__("importlib").util.find_spec("bfcl_eval") is None:
         pytest.skip("bfcl-eval not installed")
-    for cat in ("live_simple", "live_multiple", "live_parallel", "irrelevance", "live_irrelevance"):
+    for cat in bfcl.CATEGORIES:
         entries = bfcl.load_category(cat, paths["bfcl"])
         assert len(entries) == 8
         for e in entries:

@@ -10,11 +10,13 @@ run on them unchanged:
   are irrelevant.
 * ``bfcl/`` -- the held-out eval set in BFCL v4's layout (read by :mod:`eksft_pipeline.eval.bfcl`, scored by
   BFCL's own checker): ``BFCL_v4_live_simple.json`` (one tool), ``..._live_multiple.json`` (2-3 tools),
-  ``..._live_parallel.json`` (one tool, two calls), ``..._irrelevance.json`` and ``..._live_irrelevance.json``
+  ``..._live_parallel.json`` (one tool, two calls), ``..._live_parallel_multiple.json`` (two tools, one call
+  each), ``..._irrelevance.json`` and ``..._live_irrelevance.json``
   (requests no tool serves), with ``possible_answer/`` files as BFCL writes them (``{name: {arg: [value]}}``).
 
-Requests and operands of the eval set are drawn from a separate stream (``seed`` + 1) and any (template,
-operands) pair that occurs in training is redrawn, so eval requests are never training requests. Tool schemas
+Requests and operands of the eval set are drawn from a separate stream (``seed`` + 1), cities from a list
+disjoint from training's, and any (template, arguments) pair that occurs in training is redrawn, so eval
+requests are never training requests. Tool schemas
 are short (two arguments at most) so that a request with its tool docs fits the tiny model's context.
 Deterministic for a given seed.
 """
@@ -39,7 +41,9 @@ TOOLS: dict[str, dict[str, Any]] = {
               "parameters": {"type": "dict", "properties": {"minutes": {"type": "integer"}},
                              "required": ["minutes"]}},
 }  # fmt: skip
-CITIES = ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Dakar", "Quito", "Perth", "Riga")
+# training and eval draw cities from disjoint lists (there are too few (template, city) pairs to hold some out)
+CITIES = {"train": ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Dakar", "Quito", "Perth", "Riga"),
+          "eval": ("Bern", "Kyiv", "Doha", "Baku", "Accra", "Hanoi", "Sofia", "Tunis", "Minsk", "Dhaka")}
 REQUESTS = {
     "add": ("What is {a} plus {b}?", "Add {a} and {b}."),
     "sub": ("What is {a} minus {b}?", "Subtract {b} from {a}."),
@@ -51,12 +55,12 @@ IRRELEVANT = ("Tell me a joke.", "Who wrote Hamlet?", "Translate hello to French
 REFUSAL = "Due to the limitations of the function, I cannot solve this problem."  # = acebench SPECIAL_TARGETS
 
 
-def _args(rng: random.Random, name: str) -> dict[str, Any]:
+def _args(rng: random.Random, name: str, split: str) -> dict[str, Any]:
     if name in ("add", "sub"):
         return {"a": rng.randint(10, 99), "b": rng.randint(10, 99)}
     if name == "weather":
-        return {"city": rng.choice(CITIES)}
-    return {"minutes": rng.randint(2, 59)}
+        return {"city": rng.choice(CITIES[split])}
+    return {"minutes": rng.randint(2, 240)}
 
 
 def _request(rng: random.Random, name: str, args: dict[str, Any]) -> tuple[str, str]:
@@ -74,15 +78,16 @@ def _tools(rng: random.Random, needed: list[str], n_extra: int) -> list[dict[str
 class _Stream:
     """Requests drawn without repeating a (template, arguments) pair of ``banned``."""
 
-    def __init__(self, seed: int, banned: set | None = None):
+    def __init__(self, seed: int, split: str, banned: set | None = None):
         self.rng = random.Random(seed)
+        self.split = split
         self.banned = banned if banned is not None else set()
         self.seen: set = set()
 
     def call(self, name: str | None = None) -> tuple[str, dict[str, Any], str]:
         for _ in range(1000):
             n = name or self.rng.choice(list(TOOLS))
-            args = _args(self.rng, n)
+            args = _args(self.rng, n, self.split)
             tmpl, text = _request(self.rng, n, args)
             key = (tmpl, json.dumps(args, sort_keys=True))
             if key not in self.banned:
@@ -104,7 +109,7 @@ def make_tiny_tool_data(out_dir: str | Path, *, n_train: int = 320, n_eval_per_c
     if n_train < 1 or n_eval_per_category < 1:
         raise ValueError(f"n_train={n_train}, n_eval_per_category={n_eval_per_category} must be >= 1")
     out = Path(out_dir)
-    train = _Stream(seed)
+    train = _Stream(seed, "train")
     single, parallel, irrelevant = [], [], []
     n_irr = round(n_train * irrelevant_frac)
     n_par = round(n_train * parallel_frac)
@@ -127,10 +132,11 @@ def make_tiny_tool_data(out_dir: str | Path, *, n_train: int = 320, n_eval_per_c
         _dump(ace / f"data_{cat}.json", [q for q, _ in rows])
         _dump(ace / "possible_answer" / f"data_{cat}.json", [{"id": q["id"], "ground_truth": g} for q, g in rows])
 
-    ev = _Stream(seed + 1, banned=train.seen)
+    ev = _Stream(seed + 1, "eval", banned=train.seen)
     bfcl = out / "bfcl"
     cats: dict[str, list[tuple[dict, Any]]] = {c: [] for c in ("live_simple", "live_multiple", "live_parallel",
-                                                                "irrelevance", "live_irrelevance")}
+                                                                "live_parallel_multiple", "irrelevance",
+                                                                "live_irrelevance")}  # fmt: skip
     for _ in range(n_eval_per_category):
         name, args, text = ev.call()
         cats["live_simple"].append(({"question": [[{"role": "user", "content": text}]], "function": [TOOLS[name]]},
@@ -144,6 +150,12 @@ def make_tiny_tool_data(out_dir: str | Path, *, n_train: int = 320, n_eval_per_c
         cats["live_parallel"].append(({"question": [[{"role": "user", "content": f"{t1} And {t2}"}]],
                                        "function": [TOOLS[name]]},
                                       [{n1: {k: [v] for k, v in a1.items()}}, {n2: {k: [v] for k, v in a2.items()}}]))
+        n1, n2 = ev.rng.sample(list(TOOLS), 2)
+        (n1, a1, t1), (n2, a2, t2) = ev.call(n1), ev.call(n2)
+        cats["live_parallel_multiple"].append(({"question": [[{"role": "user", "content": f"{t1} And {t2}"}]],
+                                                "function": _tools(ev.rng, [n1, n2], ev.rng.randint(0, 1))},
+                                               [{n1: {k: [v] for k, v in a1.items()}},
+                                                {n2: {k: [v] for k, v in a2.items()}}]))  # fmt: skip
         for c in ("irrelevance", "live_irrelevance"):
             cats[c].append(({"question": [[{"role": "user", "content": ev.rng.choice(IRRELEVANT)}]],
                              "function": _tools(ev.rng, [], ev.rng.randint(1, 2))}, None))
