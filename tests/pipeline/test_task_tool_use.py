@@ -77,3 +77,27 @@ def test_report_tables_and_paired_moves(tmp_path):
     assert moved.loc["sft", "BFCL live"].startswith("+90.0") and moved.loc["sft", "BFCL live ci_low"] > 0
     assert moved.loc["dft", "BFCL live"].startswith("+20.0")
     assert moved.loc["sft", "Irrelevance mean"].startswith("-50.0") and moved.loc["sft", "Irrelevance mean ci_high"] < 0
+
+
+def test_stage_checks_name_the_setting(tmp_path):
+    from eksft_pipeline.pipeline.manifest import Manifest
+    from eksft_pipeline.pipeline.stage_api import StageContext
+
+    def ctx(*over, dry=False):
+        cfg = compose_pipeline("task=tool_use", *over)
+        return StageContext(cfg=cfg, run_dir=tmp_path, manifest=Manifest(tmp_path), key="x", dry_run=dry)
+
+    split, ev = load_stage("tool_split"), load_stage("tool_eval")
+    with pytest.raises(ConfigError, match="task.data.source is empty"):
+        split.check(ctx("model=qwen3-8b", "cluster=8gpu"))
+    split.check(ctx("model=qwen3-8b", "cluster=8gpu", dry=True))  # a dry run shows the stages without it
+    with pytest.raises(ConfigError, match=r"task.data.source=/nowhere does not exist"):
+        split.check(ctx("task.data.source=/nowhere"))
+    with pytest.raises(ConfigError, match=r"task.data.langs=\['fr'\]"):
+        split.check(ctx("task.data.langs=[fr]"))
+    with pytest.raises(ConfigError, match=r"task.eval.categories=\['simple'\]"):
+        ev.check(ctx("task.eval.categories=[simple]"))
+    with pytest.raises(ConfigError, match=r"task.eval.targets=\['rl'\]"):
+        ev.check(ctx("task.eval.targets=[rl]"))
+    with pytest.raises(ConfigError, match="one completion per entry"):
+        ev.check(ctx("task.eval.n_samples=4"))
