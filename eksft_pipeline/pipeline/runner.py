@@ -70,6 +70,12 @@ REGISTRY = {
     "report": "eksft_pipeline.analysis.stage:ReportStage",
 }
 ORDER = list(REGISTRY)
+# Stages a task (recipes/task/) runs in place of a registered one (task.stage_map); same stage key and outputs.
+TASK_STAGES = {
+    "tool_split": "eksft_pipeline.data.tool_use.stage:ToolSplitStage",
+    "tool_eval": "eksft_pipeline.eval.bfcl_stage:ToolEvalStage",
+    "tool_report": "eksft_pipeline.analysis.tool_use_report:ToolReportStage",
+}
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
@@ -82,9 +88,9 @@ class StageKilled(BaseException):
 
 
 def load_stage(name: str) -> Stage:
-    if name not in REGISTRY:
+    if name not in REGISTRY and name not in TASK_STAGES:
         raise ConfigError(f"unknown stage {name!r}; known stages: {', '.join(ORDER)} (or 'all')")
-    module, cls = REGISTRY[name].split(":")
+    module, cls = (REGISTRY.get(name) or TASK_STAGES[name]).split(":")
     return getattr(importlib.import_module(module), cls)()
 
 
@@ -489,7 +495,13 @@ def stage_list(cfg: DictConfig) -> list[str]:
     for n in names:
         if n not in REGISTRY:
             raise ConfigError(f"unknown stage {n!r} in stage.run; known stages: {', '.join(ORDER)}")
-    return names
+    task = cfg.get("task") or {}  # recipes/task/: stages the task skips or runs in place of registered ones
+    skip = set(task.get("skip_stages") or [])
+    mapping = dict(task.get("stage_map") or {})
+    bad = sorted(v for v in mapping.values() if v not in TASK_STAGES)
+    if bad:
+        raise ConfigError(f"task.stage_map names unknown stage(s) {bad}; known: {', '.join(TASK_STAGES)}")
+    return [mapping.get(n, n) for n in names if n not in skip]
 
 
 def _validate_upfront(names: list[str], cfg: DictConfig, run_dir: Path, manifest: Manifest) -> None:

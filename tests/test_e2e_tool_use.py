@@ -1,0 +1,58 @@
+"""task=tool_use end to end on CPU (the CPU twin of the paper's App. I experiment), marked `long`.
+
+`python -m eksft_pipeline task=tool_use method=sft` in a fresh run directory: assets -> tool split (the generated
+twin in ACEBench's layout) -> SFT through verl -> BFCL-layout eval of the base and SFT models scored by BFCL's own
+AST checker -> Tables 10-11 report. Asserts every stage completed and wrote its files. NOT yet asserted: that SFT raises the BFCL live
+score (issue 25, step 4): in the one run made (tiny recipe's SFT: 300 rows x 4 epochs, lr 3e-4) the SFT model
+only learned to emit JSON-like characters (live 0/24 for base and SFT); the twin needs more SFT steps or a
+shorter format before that check can be added.
+
+Cost on the 2-core CI machine: ~10-20 minutes (measured: SFT 287 s; eval ~5 min per model; greedy decoding of up to 160
+tokens per eval entry at ~65 ms/token), hence `long` (`make test-long`), not `make test`. The unit tests of every
+piece (conversion, format, BFCL checker, stage selection, report tables) are in make test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.long, pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tool_run(tmp_path_factory):
+    reuse = os.environ.get("EKSFT_TEST_TOOL_RUN")
+    if reuse and (Path(reuse) / "manifest.json").is_file():
+        return Path(reuse)
+    run_dir = tmp_path_factory.mktemp("tool_e2e") / "run"
+    log = run_dir.parent / "pipeline.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "eksft_pipeline", "task=tool_use", "method=sft",
+                               f"run_dir={run_dir}"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=3600,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    if proc.returncode != 0:
+        pytest.fail(f"task=tool_use run failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
+    return run_dir
+
+
+def test_stages_complete_and_files(tool_run):
+    stages = json.loads((tool_run / "manifest.json").read_text())["stages"]
+    for key in ("assets", "split", "sft/sft", "eval/sft", "report"):
+        assert stages[key]["status"] == "complete", key
+    assert "rl/sft" not in stages and "handoff/sft" not in stages  # no RL in this task
+    rep = json.loads((tool_run / "split" / "split_report.json").read_text())
+    assert rep["task"] == "tool_use" and rep["n_sft"] + rep["n_unused"] + rep["n_dropped"] == rep["n_input"]
+    for t in ("base", "sft"):
+        met = json.loads((tool_run / "eval" / "sft" / t / "metrics.json").read_text())
+        assert set(met["bfcl"]["categories"]) == {"live_simple", "live_multiple", "live_parallel",
+                                                  "live_parallel_multiple", "irrelevance", "live_irrelevance"}
+    for f in ("report.md", "table10.csv", "table11.csv", "rates.csv", "moved.csv"):
+        assert (tool_run / "report" / f).is_file(), f
