@@ -19,6 +19,7 @@ Modules:
     sft_plan      the trainer's step plan (selection scope x update groups) and the `eksft:` block checks; no verl
     sft_head      the fused loss head (hidden states + lm_head weight) inside verl's FSDP engine
     vllm_cpu      verl's vLLM rollout on vLLM's CPU build (packaging alias, vLLM plugin, sync check)
+    rollout_correction  verl's rollout-correction presets (`rl.rollout_correction`) and which the V1 trainer applies
 
 Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); re-check each one when verl moves:
     cpu_platform  `verl.plugin.platform.platform_base.PlatformBase` subclassed and registered in
