@@ -29,7 +29,9 @@ def _stage_vc(tmp_path: Path, *overrides: str):
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def test_curves_on_in_the_paper_recipes_and_off_by_the_key(tmp_path):
+def test_curves_on_in_the_tiny_and_paper_recipes_and_off_by_the_key(tmp_path):
+    _, vc = _stage_vc(tmp_path)
+    assert vc.trainer.test_freq == 4 and vc.trainer.val_before_train is True
     _, vc = _stage_vc(tmp_path, "rl.val_every=null")
     assert vc.trainer.test_freq == -1 and vc.trainer.val_before_train is False
     for model in ("qwen3-8b", "qwen3-4b", "qwen3-8b-base"):
