@@ -347,7 +347,7 @@ def section_rl(r: Report) -> list[str]:
         r.everything["rl_val_curves"] = rows
     if r.figure("rl_mismatch", plots.plot_rl_mismatch(data.rl_metrics, out / "rl_mismatch.png")):
         keys = mismatch_keys({i: m for st in data.rl_metrics.values() for i, m in enumerate(st.values())})
-        lines = ["| method (init) | rollout correction | " + " | ".join(t for _, t in keys) + " |",
+        lines = ["| method (init) | rollout correction | " + " | ".join(t.replace("|", "\\|") for _, t in keys) + " |",
                  "|---|---|" + "---:|" * len(keys)]
         rows = []
         for init, steps in sorted(data.rl_metrics.items()):

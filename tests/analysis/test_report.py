@@ -321,6 +321,7 @@ def test_rl_benchmark_curves_and_mismatch(run_dir):
     assert "| eksft | amc | 4 | 0..2 (2 points) | 50.0 | 75.0 | 100.0 (4) |" in md
     assert "| sft |" not in md.split("### Benchmark pass@1 during DAPO")[1].split("###")[0]  # no validation logged
     # mismatch: mean over steps 1..2 of each logged key; the correction as recorded by each RL stage
+    assert "| method (init) | rollout correction | KL(π_rollout ‖ π_old), per token | max \\|p_rollout − p_old\\| |" in md
     assert "| eksft | off | 0.02 | 0.3 | – |" in md
     assert "| sft | decoupled_token_is | 0.02 | – | 0.98 |" in md
     rep = json.loads((out / "report.json").read_text())
