@@ -126,7 +126,9 @@ def test_make_reproduce_two_methods_side_by_side(tmp_path):
     print(f"\n[e2e] make reproduce METHODS=sft,eksft: {wall:.0f}s")
     md = (run_dir / "report" / "report.md").read_text()
     for needle in ("sft (SFT)", "sft (SFT→RL)", "eksft (SFT)", "eksft (SFT→RL)",
-                   "## The paper's qualitative claims on this run (EKSFT vs SFT)"):
+                   "## The paper's qualitative claims on this run (EKSFT vs SFT)",
+                   # benchmark pass@1 during DAPO, both methods side by side (rl.val_every, recipes/model/tiny.yaml)
+                   "![rl val curves](rl_val_curves.png)", "| sft | tiny_add | 4 |", "| eksft | tiny_add | 4 |"):
         assert needle in md, needle
     # EKSFT (the default method) must learn as in the CI run. Plain SFT only has to be measured: on this testbed it
     # lowers pass@1 (its SFT rows open with a sentence whose tokens the base model never saw; README, "The tiny
@@ -138,3 +140,54 @@ def test_make_reproduce_two_methods_side_by_side(tmp_path):
         assert r["ci95"][0] <= r["diff"] <= r["ci95"][1], r
         print(f"\n[e2e] sft {what}: Δ {100 * r['diff']:+.1f} points, CI [{100 * r['ci95'][0]:+.1f}, "
               f"{100 * r['ci95'][1]:+.1f}]")
+
+
+def test_tiny_dapo_benchmark_curves(complete_tiny_run):
+    """Benchmark curves during DAPO (rl.val_every, recipes/model/tiny.yaml) on the shared tiny run: verl's validation
+    logged pass@1 of each tiny benchmark at the expected steps, the points at step 0 (the SFT model) and at the last
+    step (the RL model) agree with the eval stage's avg@n of the same models on the same problems within sampling
+    noise, the rollout-vs-trainer mismatch is logged every step, and the report draws both."""
+    import math
+
+    import pandas as pd
+
+    from eksft_pipeline.pipeline.rl_curves import expected_val_points, val_curves
+
+    run_dir = complete_tiny_run.run_dir
+    vc = yaml.safe_load((run_dir / "rl/eksft/verl_dapo.yaml").read_text())
+    total, every = vc["trainer"]["total_training_steps"], vc["trainer"]["test_freq"]
+    n_val = vc["actor_rollout_ref"]["rollout"]["val_kwargs"]["n"]
+    assert every > 0 and vc["trainer"]["val_before_train"] and n_val == 4
+    metrics = {int(k): v for k, v in json.loads((run_dir / "rl/eksft/metrics.json").read_text()).items()}
+    curves = val_curves(metrics)
+    want = expected_val_points(total, every)
+    assert set(curves) == {"tiny_add", "tiny_sub"}
+    for bench, c in curves.items():
+        assert sorted(c) == want, (bench, sorted(c), want)
+    summary = json.loads((run_dir / "manifest.json").read_text())["stages"]["rl/eksft"]["summary"]
+    assert summary["validation"]["points"] == want and summary["validation"]["n"] == n_val
+    assert summary["rollout_correction"]["preset"] is None and summary["rollout_correction"]["rollout_is"] is None
+    # the same problems as the eval stage's, and the same models at step 0 (SFT) and the last step (SFT→RL):
+    # |val - eval| within 4 standard deviations of the difference of two independent sample means per problem
+    # (n_val and n_eval samples; p_i smoothed as (k + 0.5) / (n + 1) so an all-right / all-wrong problem counts)
+    for step, target in ((0, "sft"), (total, "rl")):
+        scores = pd.read_parquet(run_dir / "eval" / "eksft" / target / "scores.parquet")
+        for bench, c in curves.items():
+            per = scores[scores.benchmark == bench].groupby("problem_id")["acc"].agg(["sum", "count"])
+            assert len(per) == summary["validation"]["problems"][bench]
+            n_eval = int(per["count"].iloc[0])
+            p = (per["sum"] + 0.5) / (n_eval + 1)
+            sigma = math.sqrt(float((p * (1 - p)).sum()) * (1 / n_val + 1 / n_eval)) / len(per)
+            final = float(per["sum"].sum() / per["count"].sum())
+            print(f"\n[e2e] {bench} step {step}: val pass@1 {100 * c[step]:.1f} vs eval ({target}) {100 * final:.1f}, "
+                  f"sigma {100 * sigma:.1f}")
+            assert abs(c[step] - final) <= 4 * sigma, (bench, step, c[step], final, sigma)
+    # the mismatch is logged on every training step (fp32 rollout and trainer on CPU: rounding only)
+    for s in range(1, total + 1):
+        assert abs(metrics[s]["rollout_corr/kl"]) < 1e-4 and metrics[s]["training/rollout_probs_diff_max"] < 1e-3, s
+    md = (run_dir / "report" / "report.md").read_text()
+    for needle in ("### Benchmark pass@1 during DAPO", "![rl val curves](rl_val_curves.png)",
+                   "### Rollout vs trainer log-probs", "![rl mismatch](rl_mismatch.png)", "| eksft | off |"):
+        assert needle in md, needle
+    for f in ("rl_val_curves.png", "rl_mismatch.png"):
+        assert (run_dir / "report" / f).stat().st_size > 0, f

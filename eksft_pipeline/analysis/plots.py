@@ -6,6 +6,10 @@
   (the paper's Figures 4-5 / Appendix C).
 * `plot_sft_curves`: per-step IoU(M_H, M_KL), |M|/|T|, mean entropy and KL over M and over all
   tokens, and the loss, one line per method (the paper's Table 7 as curves).
+* `plot_rl_curves`: DAPO score / response length / entropy / clip fraction per step.
+* `plot_rl_val_curves`: benchmark pass@1 against the DAPO step (verl's validation, `rl.val_every`) per method,
+  next to the training reward.
+* `plot_rl_mismatch`: the rollout-vs-trainer log-prob mismatch per DAPO step (and the rollout correction's weights).
 
 Each function returns the written path, or None when there is nothing to plot.
 """
@@ -133,5 +137,69 @@ def plot_rl_curves(rl_metrics: dict[str, dict[int, dict]], path: Path) -> Path |
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("DAPO step", fontsize=8)
         ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_rl_val_curves(rl_metrics: dict[str, dict[int, dict]], path: Path) -> Path | None:
+    """Benchmark pass@1 against the DAPO step (verl's validation, `rl.val_every`), one panel per benchmark (+ their
+    mean), one line per method (init), next to the training reward (mean score of each step's batch)."""
+    from eksft_pipeline.pipeline.rl_curves import val_curves
+
+    curves = {init: val_curves(steps) for init, steps in rl_metrics.items()}
+    curves = {i: c for i, c in curves.items() if c}
+    if not curves:
+        return None
+    benches = sorted({b for c in curves.values() for b in c})
+    panels = ["reward", *benches, *(["mean"] if len(benches) > 1 else [])]
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, panels):
+        for init in sorted(curves):
+            if name == "reward":
+                steps = rl_metrics[init]
+                xs = [s for s, m in steps.items() if "critic/score/mean" in m]
+                ys = [steps[s]["critic/score/mean"] for s in xs]
+            elif name == "mean":
+                c = curves[init]
+                xs = sorted(set.intersection(*(set(c.get(b, {})) for b in benches)))
+                ys = [100 * sum(c[b][s] for b in benches) / len(benches) for s in xs]
+            else:
+                c = curves[init].get(name, {})
+                xs, ys = sorted(c), [100 * c[s] for s in sorted(c)]
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=f"init={init}")
+        ax.set_title("training reward (mean score)" if name == "reward" else f"{name}: pass@1 (%)", fontsize=9)
+        ax.set_xlabel("DAPO step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_rl_mismatch(rl_metrics: dict[str, dict[int, dict]], path: Path) -> Path | None:
+    """The rollout-vs-trainer log-prob mismatch per DAPO step (verl's rollout_corr/* and rollout_probs_diff metrics),
+    and, when a rollout correction is on, its IS weights / rejected fraction; one line per method (init)."""
+    from eksft_pipeline.pipeline.rl_curves import MISMATCH_PANELS
+
+    have = {k for st in rl_metrics.values() for m in st.values() for k in m}
+    panels = [(k, t) for k, t in MISMATCH_PANELS if k in have]
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for init, steps in sorted(rl_metrics.items()):
+            xs = [s for s, m in steps.items() if m.get(key) is not None and s > 0]
+            if xs:
+                ax.plot(xs, [steps[s][key] for s in xs], marker="o", markersize=3, label=f"init={init}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("DAPO step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     return _save(fig, path)

@@ -14,6 +14,8 @@ Written to `<run_dir>/report/`:
     sft_curves.png            IoU(M_H, M_KL), |M|/|T|, mean H / KL over M and T, loss per step
     iou_table.md              mean IoU and |M|/|T| over the first / middle / last third of SFT (Table 7)
     rl_curves.png             DAPO score / response length / entropy per step
+    rl_val_curves.png         benchmark pass@1 per DAPO step (rl.val_every) per method, beside the reward
+    rl_mismatch.png           rollout-vs-trainer log-prob mismatch per DAPO step (+ the rollout correction's weights)
     case_study/token_probs.{html,png,json}   gold-token probabilities per model (Figure 6)
     report.json               everything above as data
 
@@ -283,13 +285,88 @@ def section_sft(r: Report) -> list[str]:
     return md
 
 
-def section_rl(r: Report) -> list[str]:
-    """DAPO curves (score, response length, entropy per step)."""
-    from eksft_pipeline.analysis import plots
+def _rl_summaries(data: RunData) -> dict[str, dict]:
+    """init -> the RL stage's manifest summary (the last run directory's wins)."""
+    out = {}
+    for k, entry in data.stages.items():
+        key = k.split("::", 1)[1]
+        if key.startswith("rl/") and entry.get("status") == "complete":
+            out[key.split("/", 1)[1]] = entry.get("summary") or {}
+    return out
 
-    if r.figure("rl_curves", plots.plot_rl_curves(r.data.rl_metrics, r.out / "rl_curves.png")):
-        return ["## DAPO", "", "![rl curves](rl_curves.png)", ""]
-    return []
+
+def _correction_setting(corr: dict) -> str:
+    """The rollout correction an RL stage recorded, in words: its preset, "off", or the hand-set fields."""
+    if not corr:
+        return "not recorded"
+    if corr.get("preset"):
+        return str(corr["preset"])
+    if not (corr.get("rollout_is") or corr.get("rollout_rs") or corr.get("bypass_mode")):
+        return "off"
+    return ", ".join(f"{k}={corr[k]}" for k in ("rollout_is", "rollout_is_threshold", "rollout_rs",
+                                               "rollout_rs_threshold", "bypass_mode") if corr.get(k))
+
+
+def section_rl(r: Report) -> list[str]:
+    """DAPO curves (score, response length, entropy per step), benchmark pass@1 per step (verl's validation,
+    `rl.val_every`) beside the final eval, and the rollout-vs-trainer mismatch with the rollout correction's setting."""
+    from eksft_pipeline.analysis import plots
+    from eksft_pipeline.pipeline.rl_curves import mismatch_keys, val_curves, val_n
+
+    data, out = r.data, r.out
+    md: list[str] = []
+    if r.figure("rl_curves", plots.plot_rl_curves(data.rl_metrics, out / "rl_curves.png")):
+        md += ["## DAPO", "", "![rl curves](rl_curves.png)", ""]
+    if not data.rl_metrics:
+        return md
+    if not md:
+        md = ["## DAPO", ""]
+    summaries = _rl_summaries(data)
+    if r.figure("rl_val_curves", plots.plot_rl_val_curves(data.rl_metrics, out / "rl_val_curves.png")):
+        final = {(e.init, b): m for e in data.evals if e.target == "rl" for b, m in e.benchmarks.items()}
+        lines = ["| method (init) | benchmark | n | steps | pass@1 at step 0 | pass@1 at the last step | "
+                 "final eval avg@n (n) |", "|---|---|---:|---|---:|---:|---:|"]
+        rows = []
+        for init, steps in sorted(data.rl_metrics.items()):
+            n = val_n(steps)
+            for bench, c in sorted(val_curves(steps).items()):
+                pts = sorted(c)
+                fe = final.get((init, bench))
+                fin = f"{100 * fe['avg@n']:.1f} ({fe['n_samples']})" if fe else "–"
+                first = f"{100 * c[0]:.1f}" if 0 in c else "–"
+                lines.append(f"| {init} | {bench} | {n} | {pts[0]}..{pts[-1]} ({len(pts)} points) | {first} | "
+                             f"{100 * c[pts[-1]]:.1f} | {fin} |")
+                rows.append({"init": init, "benchmark": bench, "n": n, "curve": {str(s): c[s] for s in pts},
+                             "final_eval_avg@n": fe["avg@n"] if fe else None})
+        md += ["### Benchmark pass@1 during DAPO", "",
+               "verl's own validation every `rl.val_every` steps (and before the first): pass@1 = mean over problems "
+               "of the accuracy of n samples each, the eval stage's problems and temperature, scored by the RL "
+               "reward. Step 0 is the SFT model; the last step's point is the model the eval stage scores as "
+               "SFT→RL (its avg@n, with more samples, in the last column).", "",
+               "![rl val curves](rl_val_curves.png)", "", *lines, ""]
+        r.everything["rl_val_curves"] = rows
+    if r.figure("rl_mismatch", plots.plot_rl_mismatch(data.rl_metrics, out / "rl_mismatch.png")):
+        keys = mismatch_keys({i: m for st in data.rl_metrics.values() for i, m in enumerate(st.values())})
+        lines = ["| method (init) | rollout correction | " + " | ".join(t.replace("|", "\\|") for _, t in keys) + " |",
+                 "|---|---|" + "---:|" * len(keys)]
+        rows = []
+        for init, steps in sorted(data.rl_metrics.items()):
+            corr = summaries.get(init, {}).get("rollout_correction") or {}
+            setting = _correction_setting(corr)
+            means = {}
+            for k, _ in keys:
+                vals = [m[k] for s, m in steps.items() if s > 0 and m.get(k) is not None]
+                means[k] = sum(vals) / len(vals) if vals else None
+            lines.append(f"| {init} | {setting} | " + " | ".join("–" if v is None else f"{v:.3g}"
+                                                                   for v in means.values()) + " |")
+            rows.append({"init": init, "rollout_correction": corr or None, "mean_over_steps": means})
+        md += ["### Rollout vs trainer log-probs", "",
+               "How far the rollout engine's log-probabilities of the sampled tokens are from the trainer's "
+               "(verl's `rollout_corr/*` and `training/rollout_probs_diff_*`, per DAPO step; table: mean over steps), "
+               "and the rollout correction that ran (`rl.rollout_correction`; off = DAPO as published).", "",
+               "![rl mismatch](rl_mismatch.png)", "", *lines, ""]
+        r.everything["rl_mismatch"] = rows
+    return md
 
 
 def section_claims(r: Report) -> list[str]:

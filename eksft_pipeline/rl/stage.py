@@ -28,6 +28,22 @@ start from scratch. `trainer.save_freq` must be > 0 (the recipes save every step
 every 5 on GPU), so a kill loses at most that many steps. verl's full output (its whole config, Ray's
 logs) is in `logs/train-<time>.log`; the console shows step, score, response length and ETA.
 
+Benchmark curves (`rl.val_every`, `rl.val_n`): verl's own validation (`trainer.test_freq = rl.val_every`, and
+`val_before_train`) samples `rl.val_n` responses per problem of the eval stage's benchmarks (`eval.benchmarks`, the
+first `eval.max_problems` of each, `eval.temperature` / `eval.top_p`, the RL response length) and scores them with
+the RL reward (`reward.custom_reward_function`: the project's verifier; the per-benchmark answer policy must be the
+one the reward picks from the benchmark's name, checked before launch). verl logs `val-core/<benchmark>/acc/mean@<n>`
+(mean over problems of the per-problem accuracy = pass@1) at step 0, every `val_every` steps and at the last step;
+the report draws them per step. The val file `val.parquet` holds the benchmarks' problems in verl's RL layout
+(`data_source` = benchmark name, `extra_info.index` = position in the file, distinct per problem, which the seeded
+agent loop's request seeds use). Off (`val_every: null`): verl still builds a val set from the file, which is then
+the first `rl.val_rows` RL prompts, and never uses it.
+
+Rollout correction (`rl.rollout_correction`): null leaves verl's `algorithm.rollout_correction` at its "off" values
+(metrics only: DAPO as published); a preset name (eksft_pipeline/verl_ext/rollout_correction.py) writes the preset's
+fields there; the block that ran is in `verl_dapo.yaml` and the stage's manifest summary (`rollout_correction`).
+The rollout-vs-trainer mismatch metrics (`rollout_corr/*`, `training/rollout_probs_diff_*`) are logged either way.
+
 Tracking (`tracking=wandb|tensorboard`, pipeline/tracking.py): verl's tracker in the TaskRunner logs every DAPO
 step to the run `rl/<init>`; its identity (WANDB_*, TENSORBOARD_DIR) reaches the TaskRunner through the job's
 runtime env like the rest of the stage environment (see Ray below); the hookup is in pipeline/verl_stage.py.
@@ -58,6 +74,7 @@ from omegaconf import OmegaConf, open_dict
 from eksft_pipeline.data.split import generation_prefix, read_split_report
 from eksft_pipeline.pipeline.artifacts import StepProgress, atomic_path, quiet, read_metric_logs
 from eksft_pipeline.pipeline.keys import check_init_spec, handoff_key, init_tag, rl_key
+from eksft_pipeline.pipeline.rl_curves import val_points
 from eksft_pipeline.pipeline.stage_api import (
     ConfigError,
     StageContext,
@@ -81,6 +98,8 @@ OWNED = {
     "data.apply_chat_template_kwargs": "split.think_prefix", "trainer.total_training_steps": "rl.total_training_steps",
     "trainer.default_local_dir": "run_dir", "trainer.n_gpus_per_node": "cluster.gpus_per_node",
     "trainer.nnodes": "cluster.nnodes", "trainer.resume_mode": "(the stage: auto)",
+    "trainer.test_freq": "rl.val_every", "trainer.val_before_train": "rl.val_every",
+    "actor_rollout_ref.rollout.val_kwargs": "rl.val_n, eval.temperature, eval.top_p",
 }  # fmt: skip
 
 
@@ -130,13 +149,49 @@ class RLStage(VerlTrainingStage):
 
     def inputs(self, ctx):
         f = self._files(ctx)
-        return {} if ctx.dry_run else {"model": f["model"], "rl_train": f["rl_train"]}
+        if ctx.dry_run:
+            return {}
+        inp = {"model": f["model"], "rl_train": f["rl_train"]}
+        if self.val_every(ctx.cfg):
+            for name, b in (_plain(ctx.cfg.eval.benchmarks) or {}).items():
+                inp[f"bench_{name}"] = str(b["path"])
+        return inp
+
+    @staticmethod
+    def val_every(cfg) -> int | None:
+        """rl.val_every as an int, or None when the benchmark curves are off."""
+        v = cfg.rl.get("val_every")
+        return None if v in (None, 0) else int(v)
 
     def check(self, ctx):
         check_init_spec(ctx.init_spec())
         positive(ctx.cfg.rl, "val_rows", "rl")
         positive(ctx.cfg.rl, "stall_timeout_s", "rl", allow_none=True, zero=True, kind=float)
         positive(ctx.cfg.rl, "total_training_steps", "rl", allow_none=True)
+        positive(ctx.cfg.rl, "val_every", "rl", allow_none=True, zero=True)
+        if self.val_every(ctx.cfg):
+            positive(ctx.cfg.rl, "val_n", "rl")
+            self.check_val_policies(ctx.cfg)
+
+    @staticmethod
+    def check_val_policies(cfg) -> None:
+        """The curves are scored by verl's reward call, which picks the answer policy from the data_source (= the
+        benchmark name, policy="auto"); the eval stage uses the benchmark's own `policy`. They must agree."""
+        from eksft_pipeline.scoring.policy import get_policy, policy_for
+
+        for name, b in (_plain(cfg.eval.benchmarks) or {}).items():
+            b = dict(b or {})
+            spec = b.get("policy")
+            try:
+                want = get_policy(spec) if spec not in (None, "auto") else policy_for(b.get("data_source") or name)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"eval.benchmarks.{name}.policy: {e}") from None
+            got = policy_for(name)
+            if got != want:
+                raise ConfigError(
+                    f"rl.val_every: benchmark {name!r} is scored under answer policy {want.name!r} by the eval stage, "
+                    f"but verl's validation would score it under {got.name!r} (the reward picks the policy from the "
+                    f"benchmark name); rename the benchmark or set rl.val_every=null")
 
     def validate(self, ctx):
         self.check(ctx)
@@ -211,7 +266,45 @@ class RLStage(VerlTrainingStage):
                 ray_init.num_gpus = int(cfg.cluster.gpus_per_node) * int(cfg.cluster.nnodes)
             env_vars = self.ray_env_vars(ctx, env if env is not None else self.stage_env(ctx))
             ray_init.runtime_env = {"env_vars": env_vars}
+            self._set_validation(cfg, vc)
+            self._set_rollout_correction(cfg, vc)
         return vc
+
+    def _set_validation(self, cfg, vc) -> None:
+        """verl's validation = the benchmark curves (module docstring), or off."""
+        every = self.val_every(cfg)
+        vc.trainer.test_freq = every if every else -1
+        vc.trainer.val_before_train = bool(every)
+        if every:
+            vk = vc.actor_rollout_ref.rollout.val_kwargs
+            vk.n = int(cfg.rl.val_n)
+            vk.do_sample = True
+            vk.temperature = float(cfg.eval.temperature)
+            vk.top_p = float(cfg.eval.top_p)
+            vk.top_k = -1  # the eval stage samples without top-k
+
+    @staticmethod
+    def _set_rollout_correction(cfg, vc) -> None:
+        """rl.rollout_correction (a verl preset) -> algorithm.rollout_correction; refuse what V1 would not apply."""
+        from eksft_pipeline.verl_ext.rollout_correction import OFF, preset_block, unsupported_reason
+
+        block = vc.algorithm.rollout_correction
+        preset = cfg.rl.get("rollout_correction")
+        if preset not in (None, "", "off"):
+            # a preset or hand-set fields (rl.verl.algorithm.rollout_correction.*), not both
+            changed = {k: block.get(k) for k, v in OFF.items() if block.get(k) != v}
+            if changed:
+                raise ConfigError(f"rl.rollout_correction={preset} and rl.verl.algorithm.rollout_correction {changed}: "
+                                  "set one of them")
+            try:
+                fields = preset_block(str(preset))
+            except ValueError as e:
+                raise ConfigError(f"rl.rollout_correction: {e}") from None
+            for k, v in fields.items():
+                block[k] = v
+        why = unsupported_reason(_plain(block))
+        if why:
+            raise ConfigError(f"rl.verl.algorithm.rollout_correction: {why}")
 
     def experiment_name(self, ctx: StageContext) -> str:
         return f"{ctx.cfg.model.name}-dapo-{init_tag(ctx.init_spec())}"
@@ -302,15 +395,36 @@ class RLStage(VerlTrainingStage):
 
     # -- run --------------------------------------------------------------------------------------
     def _write_val(self, rl_train: str, dst: Path, n: int) -> None:
-        """verl builds a validation set even when `test_freq` is off: the first `n` RL prompts.
-
-        Diagnostic only (in-distribution); the benchmarks are scored by the `eval` stage.
-        """
+        """verl builds a validation set even when `test_freq` is off: then the first `n` RL prompts (never used)."""
         df = pd.read_parquet(rl_train)
         if len(df) == 0:
             raise ValueError(f"RL split {rl_train} is empty")
         with atomic_path(dst) as tmp:
             df.head(max(1, n)).to_parquet(tmp, index=False)
+
+    @staticmethod
+    def write_benchmark_val(cfg, dst: Path) -> dict[str, int]:
+        """The benchmark curves' val file: the eval stage's problems (`eval.benchmarks`, the first
+        `eval.max_problems` of each) in verl's RL layout, `data_source` = benchmark name, `extra_info.index` =
+        position in the file. Returns benchmark -> problems written."""
+        from eksft_pipeline.data.eval_sets import load_eval_sets, specs_from_benchmarks
+        from eksft_pipeline.data.schema import RL_SCHEMA
+        from eksft_pipeline.data.synth import write_parquet
+
+        sets = load_eval_sets(specs_from_benchmarks(_plain(cfg.eval.benchmarks) or {}))
+        max_p = cfg.eval.get("max_problems")
+        rows, counts = [], {}
+        for name, es in sets.items():
+            probs = es.problems[: int(max_p)] if max_p else es.problems
+            counts[name] = len(probs)
+            rows += [{"data_source": name, "prompt": [dict(m) for m in p.messages], "ability": "math",
+                      "reward_model": {"ground_truth": p.ground_truth, "style": "rule"},
+                      "extra_info": {"index": len(rows) + i, "split": "val"}} for i, p in enumerate(probs)]
+        if not rows:
+            raise ValueError("rl.val_every: eval.benchmarks hold no problem to validate on")
+        with atomic_path(dst) as tmp:
+            write_parquet(rows, tmp, RL_SCHEMA)
+        return counts
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
@@ -327,7 +441,11 @@ class RLStage(VerlTrainingStage):
         est = self.memory_estimate(ctx, vc)
         if est is not None:
             est.check()
-        self._write_val(str(vc.data.train_files), out / "val.parquet", int(cfg.rl.val_rows))
+        val_counts = None
+        if self.val_every(cfg):
+            val_counts = self.write_benchmark_val(cfg, out / "val.parquet")
+        else:
+            self._write_val(str(vc.data.train_files), out / "val.parquet", int(cfg.rl.val_rows))
         self.write_config(vc, out / f"{CONFIG_NAME}.yaml")
 
         log = out / "logs" / f"train-{stamp}.log"
@@ -338,10 +456,19 @@ class RLStage(VerlTrainingStage):
         self.train(ctx, self.command(ctx), env, log, progress, watchdog=self._stall_watchdog(cfg, metrics_file))
         hf_dir = self.export(ctx, str(vc.actor_rollout_ref.model.path))
         metrics = self.collect_metrics(ctx, "verl DAPO")
+        summary = summarize(metrics)
+        # what ran (read back from the config verl was given): the correction block, the curves' settings
+        summary["rollout_correction"] = {"preset": cfg.rl.get("rollout_correction"),
+                                         **_plain(vc.algorithm.rollout_correction)}
+        if val_counts is not None:
+            vk = vc.actor_rollout_ref.rollout.val_kwargs
+            summary["validation"] = {"every": int(vc.trainer.test_freq), "n": int(vk.n),
+                                     "temperature": float(vk.temperature), "top_p": float(vk.top_p),
+                                     "problems": val_counts, "points": val_points(metrics)}
         return StageResult(
             outputs={"hf_model": str(hf_dir), "metrics": str(out / "metrics.json"),
                      "verl_config": str(out / f"{CONFIG_NAME}.yaml")},
-            summary=summarize(metrics),
+            summary=summary,
         )
 
     @staticmethod
@@ -381,8 +508,9 @@ SUMMARY_KEYS = {
 
 
 def summarize(metrics: dict[int, dict]) -> dict:
-    """First/last values of the headline DAPO metrics (+ accuracy, if the reward logged it)."""
-    steps = sorted(metrics)
+    """First/last values of the headline DAPO metrics (+ accuracy, if the reward logged it). Step 0 (validation
+    before training, no training metrics) is not a first training step."""
+    steps = [s for s in sorted(metrics) if s > 0] or sorted(metrics)
     first, last = metrics[steps[0]], metrics[steps[-1]]
     out: dict = {"steps": steps[-1]}
     for name, key in SUMMARY_KEYS.items():

@@ -21,6 +21,7 @@ Modules:
     sft_bench     timed SFT steps in verl's / our SFT trainer (the child process of scripts/bench_sft_step.py)
     reproducible_steps  DAPO steps that repeat: a seeded agent loop, the replay buffer's batch in dataset order
     vllm_cpu      verl's vLLM rollout on vLLM's CPU build (packaging alias, vLLM plugin, sync check)
+    rollout_correction  verl's rollout-correction presets (`rl.rollout_correction`) and which the V1 trainer applies
 
 Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); re-check each one when verl moves:
     cpu_platform  `verl.plugin.platform.platform_base.PlatformBase` subclassed and registered in

@@ -284,3 +284,49 @@ def test_case_study_colours_darker_red_is_more_likely():
     # monotonically darker, and red stays the dominant channel
     assert all(sum(a) > sum(b) for a, b in zip(rgb, rgb[1:]))
     assert all(r >= g == b for r, g, b in rgb)
+
+
+def _write_rl(run_dir: Path, man: Manifest, tag: str, metrics: dict[int, dict], correction: dict | None):
+    d = run_dir / "rl" / tag
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.json").write_text(json.dumps({str(s): m for s, m in metrics.items()}))
+    man.start(f"rl/{tag}", {}, "h", {})
+    man.complete(f"rl/{tag}", {"metrics": str(d / "metrics.json")},
+                 {"steps": max(metrics), **({"rollout_correction": correction} if correction else {})})
+
+
+def test_rl_benchmark_curves_and_mismatch(run_dir):
+    """pass@1 per DAPO step (verl's validation) beside the final eval, and the rollout-vs-trainer mismatch with the
+    correction that ran: figures, table rows from the logged values, report.json."""
+    man = Manifest(run_dir)
+    metrics = {0: {"val-core/aime24/acc/mean@4": 0.25, "val-core/amc/acc/mean@4": 0.5},
+               1: {"critic/score/mean": -0.5, "rollout_corr/kl": 0.01, "training/rollout_probs_diff_max": 0.2},
+               2: {"critic/score/mean": 0.0, "rollout_corr/kl": 0.03, "training/rollout_probs_diff_max": 0.4,
+                   "val-core/aime24/acc/mean@4": 0.5, "val-core/amc/acc/mean@4": 0.75}}
+    off = {"preset": None, "rollout_is": None, "rollout_rs": None, "bypass_mode": False}
+    _write_rl(run_dir, man, "eksft", metrics, off)
+    tis = {"preset": "decoupled_token_is", "rollout_is": "token", "rollout_is_threshold": 2.0, "rollout_rs": None,
+           "bypass_mode": False}
+    _write_rl(run_dir, man, "sft", {1: {"critic/score/mean": 0.1, "rollout_corr/kl": 0.02,
+                                        "rollout_corr/rollout_is_mean": 0.98}}, tis)
+    res, _ = _report(run_dir)
+    out = run_dir / "report"
+    for name in ("rl_curves.png", "rl_val_curves.png", "rl_mismatch.png"):
+        p = out / name
+        assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 2000, name
+    md = (out / "report.md").read_text()
+    assert "![rl val curves](rl_val_curves.png)" in md and "![rl mismatch](rl_mismatch.png)" in md
+    # the fixture's eksft SFT→RL eval: aime24 all wrong (0.0), amc all right (100.0), n = 4
+    assert "| eksft | aime24 | 4 | 0..2 (2 points) | 25.0 | 50.0 | 0.0 (4) |" in md
+    assert "| eksft | amc | 4 | 0..2 (2 points) | 50.0 | 75.0 | 100.0 (4) |" in md
+    assert "| sft |" not in md.split("### Benchmark pass@1 during DAPO")[1].split("###")[0]  # no validation logged
+    # mismatch: mean over steps 1..2 of each logged key; the correction as recorded by each RL stage
+    assert "| method (init) | rollout correction | KL(π_rollout ‖ π_old), per token | max \\|p_rollout − p_old\\| |" in md
+    assert "| eksft | off | 0.02 | 0.3 | – |" in md
+    assert "| sft | decoupled_token_is | 0.02 | – | 0.98 |" in md
+    rep = json.loads((out / "report.json").read_text())
+    curves = {(r["init"], r["benchmark"]): r["curve"] for r in rep["rl_val_curves"]}
+    assert curves == {("eksft", "aime24"): {"0": 0.25, "2": 0.5}, ("eksft", "amc"): {"0": 0.5, "2": 0.75}}
+    assert {r["init"]: r["rollout_correction"]["preset"] for r in rep["rl_mismatch"]} == {
+        "eksft": None, "sft": "decoupled_token_is"}
+    assert res.outputs["rl_val_curves_png"] == str(out / "rl_val_curves.png")

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("EKSFT_FAULT_SEED", "12"))
 # small RL settings for trials that start RL afresh (the shared run's own RL: 4 steps of 8 prompts x 4)
 RL_SMALL = ("rl.total_training_steps=2", "+rl.verl.data.train_batch_size=4", "+rl.verl.actor_rollout_ref.rollout.n=2",
-            "+rl.verl.actor_rollout_ref.actor.ppo_mini_batch_size=4")
+            "+rl.verl.actor_rollout_ref.actor.ppo_mini_batch_size=4", "rl.val_every=null")  # no benchmark curves
 SFT_SMALL = ("+model.sft.verl.trainer.total_training_steps=4", "sft.verl.trainer.save_freq=1")
 
 

@@ -566,3 +566,50 @@ def test_dapo_mean_reward_rises_on_an_easy_task(tmp_path):
     first = (train_score[1] + train_score[2]) / 2
     last = (train_score[steps - 1] + train_score[steps]) / 2
     assert last >= first + 0.5, train_score  # measured: -0.48 -> 0.61, -0.41 -> 0.70
+
+
+# ---------------------------------------------------------------------------------------------- rollout correction
+
+
+@pytest.mark.long
+def test_rollout_correction_changes_the_loss(tmp_path):
+    """verl's rollout correction (`algorithm.rollout_correction`, the RL stage's `rl.rollout_correction` preset) on the
+    CPU trainer: one DAPO step with it off and one with token-level truncated IS (preset `decoupled_token_is`), from
+    the same model and seeds.
+
+    The rollout samples in bf16 and the trainer recomputes the log-probs in fp32 (the GPU situation: vLLM bf16 vs
+    FSDP fp32), so the two disagree. Both runs log the mismatch (rollout_corr/kl, rollout_probs_diff) with identical
+    values (same responses, same old log-probs); only the corrected run logs IS weights, and its policy loss differs.
+    `make test-long` (measured: 2 x ~55 s, 116 s in all, on a busy 2-core machine)."""
+    assets = _make_rl_assets(tmp_path / "assets")
+    runs = {}
+    for name, extra in (("off", ()), ("tis", ("algorithm.rollout_correction.rollout_is=token",
+                                              "algorithm.rollout_correction.rollout_is_threshold=2.0"))):
+        run = tmp_path / name
+        run.mkdir()
+        cmd = _dapo_cmd(
+            assets,
+            "trainer.total_training_steps=1", "trainer.save_freq=1", "trainer.test_freq=-1",
+            f"trainer.default_local_dir={run / 'ckpt'}", "actor_rollout_ref.actor.checkpoint.save_contents=[model]",
+            "algorithm.filter_groups.enable=false",  # a fixed batch: no refill at timing-dependent moments
+            "actor_rollout_ref.rollout.dtype=bfloat16",
+            *extra,
+        )  # fmt: skip
+        rc, tail, _, total = _run_dapo(cmd, run, run / "metrics.jsonl", steps=1)
+        assert rc == 0, f"main_ppo ({name}) failed (rc={rc}):\n{tail}"
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = next(r["data"] for r in rows if r["step"] == 1 and "actor/pg_loss" in r["data"])
+        print(f"\n[rollout correction] {name}: {total:.0f}s, pg_loss {runs[name]['actor/pg_loss']:.6f}")
+    off, tis = runs["off"], runs["tis"]
+    # the same responses, scored the same, and the same mismatch (bf16 rollout vs fp32 trainer: not zero)
+    for key in ("critic/score/mean", "response_length/mean"):
+        assert off[key] == tis[key], (key, off[key], tis[key])
+    for key in ("rollout_corr/kl", "rollout_corr/log_ppl_abs_diff", "training/rollout_probs_diff_max"):
+        assert off[key] == pytest.approx(tis[key], rel=1e-6, abs=1e-9), key
+    assert off["training/rollout_probs_diff_max"] > 1e-3 and off["rollout_corr/log_ppl_abs_diff"] > 1e-4, off
+    # IS weights only where the correction is on; they are not all 1 (the mismatch is real) ...
+    assert "rollout_corr/rollout_is_mean" not in off
+    assert tis["rollout_corr/rollout_is_mean"] != 1.0, tis
+    # ... and they reach the loss
+    a, b = off["actor/pg_loss"], tis["actor/pg_loss"]
+    assert abs(a - b) > 1e-5 * max(1.0, abs(a)), (a, b)
