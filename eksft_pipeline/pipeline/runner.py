@@ -1,6 +1,6 @@
 """Run the configured stages in order, skipping complete ones, recording everything in the manifest.
 
-    python -m eksft_pipeline                       # stage=all: assets split sft handoff rl eval report
+    python -m eksft_pipeline                       # stage=all: assets split sft handoff rl eval report export
     python -m eksft_pipeline stage=sft method=dft  # one stage
     python -m eksft_pipeline dry_run=true model=qwen3-8b cluster=8gpu   # print commands + configs
 
@@ -67,6 +67,7 @@ REGISTRY = {
     "rl": "eksft_pipeline.rl.stage:RLStage",
     "eval": "eksft_pipeline.eval.stage:EvalStage",
     "report": "eksft_pipeline.analysis.stage:ReportStage",
+    "export": "eksft_pipeline.export.stage:ExportStage",
 }
 ORDER = list(REGISTRY)
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
