@@ -189,7 +189,8 @@ class ExportStage(Stage):
         method_cfg = (sft_rec.get("method") if isinstance(sft_rec.get("method"), dict) else None) or \
             (rec.get("method") if isinstance(rec.get("method"), dict) else {})
         method = str(method_cfg.get("name") or (rec.get("method") if isinstance(rec.get("method"), str) else tag))
-        base = (sft_rec.get("model") or {}).get("path") or str(cfg.model.path)
+        assets = (stages.get("assets") or {}).get("summary") or {}
+        base = assets.get("hub_name") or (sft_rec.get("model") or {}).get("path") or str(cfg.model.path)
         base_rev = self._revision(stages)
         recipe = f"model={cfg.model.name} method={method} cluster={cfg.cluster.name}"
         info: dict[str, Any] = {

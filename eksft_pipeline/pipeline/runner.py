@@ -448,6 +448,9 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
         offline.setdefault("TQDM_MININTERVAL", os.environ.get("TQDM_MININTERVAL", "30"))
     with _env(offline), _hub_offline(bool(offline)):
         if not cfg.dry_run:
+            from eksft_pipeline.models.hub import pin_model_revision
+
+            cfg = pin_model_revision(cfg, offline=bool(offline))  # model.path=owner/name@rev -> that snapshot's dir
             preflight(cfg, names)
             _validate_upfront(names, cfg, run_dir, manifest)
         session = None if cfg.dry_run else Session(run_dir)
