@@ -206,7 +206,9 @@ class ExportStage(Stage):
             from eksft_pipeline.pipeline.verl_config import compose_pipeline
 
             full = OmegaConf.to_container(compose_pipeline(*recipe.split()), resolve=True)
-            info["diff"] = card.recipe_diff(rec, full)
+            # an RL model is also what its SFT stage was: both stages' differences (each key once)
+            diff = card.recipe_diff(sft_rec, full) if kind == "rl" and sft_rec else []
+            info["diff"] = diff + [d for d in card.recipe_diff(rec, full) if d[0] not in {x[0] for x in diff}]
         except Exception as e:  # noqa: BLE001 - a recipe renamed since the run: say so in the card
             info["diff"], info["diff_note"] = None, f"recipes not composable here ({type(e).__name__}: {e})"[:300]
         overrides = []
