@@ -29,7 +29,7 @@ stages (stage=...; `all` runs them in this order, a complete one is skipped):
   eval       n samples per problem, math-verify score, avg@n and unbiased pass@k
   report     tables, figures and every stage's numbers -> report/report.md
   export     every trained model as an HF folder with a model card -> export/<sft|rl>-<method>/
-             (hub.repo_id=<owner>/<name>-{name}: upload, or print the `hf upload` command without credentials)
+             (hub.repo_id=<owner>/<name>-{{name}}: upload, or print the `hf upload` command without credentials)
   train_eval every stage but report and export (for sweeps; run stage=report, stage=export after)
 
 main options (defaults in recipes/config.yaml):
