@@ -60,3 +60,23 @@ def test_pinned_model_resolves_to_its_snapshot_and_reaches_the_manifest(hf_cache
     s = Manifest(run).read()["stages"]["assets"]["summary"]
     assert s["revision_resolved"] == COMMIT and s["revision"] == "v1" and s["hub_name"] == "acme/tiny"
     assert s["model"] == str(hf_cache)
+
+
+def test_pinned_dataset_source_reaches_datasets(monkeypatch):
+    """split.source=owner/name@rev: datasets.load_dataset gets the name and the revision; the split records it."""
+    import datasets
+
+    from eksft_pipeline.data.split import load_source
+
+    seen = {}
+
+    def fake_load_dataset(name, split, revision=None):
+        seen.update(name=name, split=split, revision=revision)
+        return datasets.Dataset.from_list([{"data_source": "d", "prompt": [{"role": "user", "content": "p"}],
+                                            "target": [{"role": "assistant", "content": "t"}],
+                                            "reward_model": {"ground_truth": "1", "style": "rule"}}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    loaded = load_source(f"acme/math@{COMMIT}", allow_extra_columns=True)
+    assert seen == {"name": "acme/math", "split": "train", "revision": COMMIT}
+    assert loaded.files == [f"hf://acme/math@{COMMIT}[train]"]  # not cached: the revision asked (a commit here)
