@@ -112,8 +112,10 @@ def test_hub_entry_errors(tmp_path, reference):
 def test_hub_name_offline_without_cache_is_one_line(monkeypatch):
     """A hub name goes to datasets' hub path; offline and uncached it fails naming the set (never a download)."""
     import datasets
+    import huggingface_hub.constants
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"^benchmark 'aime24' hub: cannot load 'eksft-test/not-a-dataset'"):
