@@ -316,7 +316,9 @@ def test_vllm_seeded_rollouts_repeat(vllm_python, tmp_path):
 
     The seeded agent loop (dapo_platform/cpu_vllm.yaml and gpu.yaml: seeded_single_turn_agent) gives each request
     a seed from (step, dataset row, session) that vLLM takes as SamplingParams.seed; without it, which of a prompt's
-    n identical requests got which draw would follow their arrival order at the engine. ~2 x 2-3 min on 2 cores."""
+    n identical requests got which draw would follow their arrival order at the engine: measured 2026-12-04, two
+    runs with default_agent_loop=single_turn_agent differed in 31 of 32 (prompt, response) pairs. Measured cost:
+    153 s + 112 s on a shared 2-core machine (276 s with the assets)."""
     py = vllm_python
     assets = make_vllm_rl_assets(tmp_path / "assets")
     dumps = []
