@@ -127,6 +127,7 @@ ifeq ($(words $(subst $(comma), ,$(METHODS))),1)
 else
 	$(PY) -m eksft_pipeline -m stage=train_eval method=$(METHODS) $(HYDRA_COMMON)
 	$(PY) -m eksft_pipeline stage=report $(HYDRA_COMMON)
+	$(PY) -m eksft_pipeline stage=export $(HYDRA_COMMON)
 endif
 
 # The report of RUN_DIR (stage=report): tables, figures, every stage's numbers.

@@ -16,7 +16,7 @@ _exit_code = 0
 _SET_FULL_ERROR = False
 
 HELP = """\
-eksft-pipeline: split -> SFT (EKSFT or a baseline, verl) -> handoff -> DAPO (verl main_ppo) -> eval -> report
+eksft-pipeline: split -> SFT (EKSFT or a baseline, verl) -> handoff -> DAPO (verl main_ppo) -> eval -> report -> export
 
 usage: python -m eksft_pipeline [-m] [key=value ...]       (Hydra overrides; -m = multirun sweep)
 
@@ -28,7 +28,9 @@ stages (stage=...; `all` runs them in this order, a complete one is skipped):
   rl         DAPO on verl's main_ppo from the handoff's model -> rl/<init>/hf_model
   eval       n samples per problem, math-verify score, avg@n and unbiased pass@k
   report     tables, figures and every stage's numbers -> report/report.md
-  train_eval every stage but report (for sweeps; run stage=report after)
+  export     every trained model as an HF folder with a model card -> export/<sft|rl>-<method>/
+             (hub.repo_id=<owner>/<name>-{{name}}: upload, or print the `hf upload` command without credentials)
+  train_eval every stage but report and export (for sweeps; run stage=report, stage=export after)
 
 main options (defaults in recipes/config.yaml):
   model=tiny|qwen3-4b|qwen3-8b        recipes/model/        ({models})

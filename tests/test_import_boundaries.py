@@ -7,7 +7,7 @@
   (`pkg://verl.trainer.config`), which are strings, not imports.
 - The loss library (`losses/`) imports no trainer, no stage and no verl: losses are small pure modules.
 - `data/` imports no trainer and no verl.
-- The stage packages (sft, rl, eval, analysis) do not import each other: stages hand off through the run
+- The stage packages (sft, rl, eval, analysis, export) do not import each other: stages hand off through the run
   directory's manifest. What two stages share is a library package below them: `data/` (chat template, eval
   sets), `scoring/` (the reward RL and eval both use), `pipeline/` (keys, artifacts), `losses/`, `models/`.
 - `verl_ext/` sits below the stages: it imports no stage package (the stages launch it or call its validators).
@@ -29,7 +29,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "eksft_pipeline"
 SCRIPTS = PKG.parent / "scripts"
-STAGE_PACKAGES = ("sft", "rl", "eval", "analysis")
+STAGE_PACKAGES = ("sft", "rl", "eval", "analysis", "export")
 
 
 def _imports(path: Path, source: str | None = None) -> list[tuple[int, str]]:

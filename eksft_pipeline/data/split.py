@@ -133,7 +133,7 @@ def _is_hub_name(source: str) -> bool:
         return False
     if Path(source.split("/", 1)[0]).exists():
         return False
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", source) is not None
 
 
 def _read_jsonl(path: Path) -> list[Any]:
@@ -223,7 +223,10 @@ def load_source(
         import datasets  # heavy import; only for hub sources
 
         try:
-            ds = datasets.load_dataset(src, split=hub_split)
+            from eksft_pipeline.models.hub import split_revision
+
+            name, revision = split_revision(src)  # owner/name@revision: a pinned commit, tag or branch
+            ds = datasets.load_dataset(name, split=hub_split, revision=revision)
         except Exception as e:  # noqa: BLE001 - offline / missing / auth errors come in many types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise DataError(
@@ -235,7 +238,10 @@ def load_source(
             ds = ds.remove_columns(index_cols)
         columns = list(ds.column_names)
         rows = ds.to_list()
-        file_names = [f"hf://{src}[{hub_split}]"]
+        from eksft_pipeline.models.hub import cached_revision
+
+        commit = cached_revision(name, revision, repo_type="dataset")  # the commit the cache holds for it, if known
+        file_names = [f"hf://{name}@{commit or revision or 'unresolved'}[{hub_split}]"]
     else:
         raise DataError(f"input not found: {src}")
 

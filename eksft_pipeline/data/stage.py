@@ -84,6 +84,8 @@ class AssetsStage(Stage):
         if cfg.model.kind != "hf":
             raise ValueError(f"model.kind must be 'tiny' or 'hf', got {cfg.model.kind!r}")
         ref = {"model": str(cfg.model.path), "note": "hub name or local dir, loaded by verl / transformers"}
+        # a pinned revision (models/hub.py pin_model_revision): the name, the revision asked and the commit resolved
+        ref |= {k: str(cfg.model[k]) for k in ("hub_name", "revision", "revision_resolved") if cfg.model.get(k)}
         atomic_write_json(out / "assets.json", ref, indent=2)
         return StageResult(outputs={"assets": str(out / "assets.json")}, summary=ref)
 

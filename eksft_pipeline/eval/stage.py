@@ -305,7 +305,11 @@ class EvalStage(Stage):
     def inputs(self, ctx):
         inp = {f"model_{k}": v for k, v in self.targets(ctx).items() if Path(v).exists()}
         for name, b in (_plain(ctx.cfg.eval.benchmarks) or {}).items():
-            inp[f"bench_{name}"] = str(b["path"])
+            # a hub set (`hub:`) is an input by content when hub.id is a local file; a hub name is in the config
+            # (id, revision), and the revision it resolved to is in the stage's summary
+            local = b.get("path") or (b.get("hub") or {}).get("id")
+            if local and (b.get("path") or Path(str(local)).expanduser().exists()):
+                inp[f"bench_{name}"] = str(local)
         return inp
 
     def _generation_prefix(self, ctx) -> str:

@@ -81,7 +81,10 @@ def init_model(ctx, *, placeholder: bool = False) -> str:
     if kind == "base":
         return str(ctx.cfg.model.path)
     if kind == "path":
-        return spec
+        from eksft_pipeline.models.hub import resolve_model_dir, split_revision
+
+        # owner/name@rev: the snapshot of that revision (check_init_spec found it cached), which every loader reads
+        return str(resolve_model_dir(spec)) if split_revision(spec)[1] and not ctx.dry_run else spec
     if ctx.dry_run:
         return f"<run_dir>/{sft_key(spec)}/hf_model" if placeholder else str(ctx.run_dir / sft_key(spec) / "hf_model")
     return ctx.upstream(sft_key(spec))["hf_model"]

@@ -1,6 +1,6 @@
 """Run the configured stages in order, skipping complete ones, recording everything in the manifest.
 
-    python -m eksft_pipeline                       # stage=all: assets split sft handoff rl eval report
+    python -m eksft_pipeline                       # stage=all: assets split sft handoff rl eval report export
     python -m eksft_pipeline stage=sft method=dft  # one stage
     python -m eksft_pipeline dry_run=true model=qwen3-8b cluster=8gpu   # print commands + configs
 
@@ -68,6 +68,7 @@ REGISTRY = {
     "rl": "eksft_pipeline.rl.stage:RLStage",
     "eval": "eksft_pipeline.eval.stage:EvalStage",
     "report": "eksft_pipeline.analysis.stage:ReportStage",
+    "export": "eksft_pipeline.export.stage:ExportStage",
 }
 ORDER = list(REGISTRY)
 # Stages a task (recipes/task/) runs in place of a registered one (task.stage_map); same stage key and outputs.
@@ -544,6 +545,9 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
         if cfg.dry_run:
             eval_data_note(cfg, names)
         else:
+            from eksft_pipeline.models.hub import pin_model_revision
+
+            cfg = pin_model_revision(cfg, offline=bool(offline))  # model.path=owner/name@rev -> that snapshot's dir
             preflight(cfg, names)
             _validate_upfront(names, cfg, run_dir, manifest)
         session = None if cfg.dry_run else Session(run_dir)

@@ -24,9 +24,11 @@ step's batch:
 
 ``eksft.external_modules`` (``recipes/verl/dapo.yaml``) imports this module in every verl process, so the batch
 order applies on every platform. The seeded agent loop is the CPU recipes' ``rollout.agent.default_agent_loop``
-(``dapo_platform/cpu.yaml``); the GPU recipe keeps verl's unseeded ``single_turn_agent``, because vLLM draws every
-seeded request from its own generator at every decoding step (one small kernel per row, thousands per step at
-DAPO's batch size); set it there to make GPU runs repeat too. Not covered: with DAPO's dynamic sampling
+(``dapo_platform/cpu.yaml``) and the GPU recipe's (``dapo_platform/gpu.yaml``): vLLM takes the seed as
+``SamplingParams.seed``, so GPU reruns sample the same responses too (shown on vLLM's CPU build by
+``tests/rl/test_vllm_rollout.py::test_vllm_seeded_rollouts_repeat``). Its price on GPU: vLLM draws every seeded row
+from its own generator at every decoding step (one small kernel per row; not measured here);
+``default_agent_loop=single_turn_agent`` gives it back, at the cost of repeatability. Not covered: with DAPO's dynamic sampling
 (``algorithm.filter_groups``) the refill prompts are fetched when the trainer notices uniform groups, which depends
 on timing; the float results of batched kernels (vLLM's batch composition, left padding in ``hf_cpu``) can still
 differ in the last bits.

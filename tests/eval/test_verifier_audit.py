@@ -79,7 +79,8 @@ def test_benchmark_entries_are_checked_and_eval_benchmarks_overrides_reach_the_m
     bench = OmegaConf.to_container(cfg.eval.benchmarks, resolve=True)
     assert bench["aime24"]["path"] == "/data/mine.parquet" and bench["amc"]["path"].endswith("luffy_valid_all.parquet")
     specs = benchmark_specs(bench)  # every key of recipes/benchmarks/paper.yaml is allowed
-    assert specs[0] == {"path": "/data/mine.parquet", "format": "parquet", "benchmarks": {"aime24": "aime"}}
+    assert specs[0] == {"path": "/data/mine.parquet", "format": "parquet", "benchmarks": {"aime24": "aime"},
+                        "n_problems": 30}
     assert specs[-1]["system_prompt"] == "S"
     assert {b: p.name for b, p in benchmark_policies(bench).items()} == {
         "aime24": "aime", "aime25": "aime", "amc": "amc", "hmmt25": "math"}

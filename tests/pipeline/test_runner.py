@@ -113,7 +113,7 @@ def test_dry_run_qwen3_8b_prints_every_stage_without_a_gpu(tmp_path):
     run_dir = tmp_path / "run"
     out = _dry_run("model=qwen3-8b", "cluster=8gpu", run_dir=run_dir)
     stages = {b["stage"]: b for b in _json_blocks(out)}
-    assert list(stages) == ["assets", "split", "sft", "handoff", "rl", "eval", "report"]
+    assert list(stages) == ["assets", "split", "sft", "handoff", "rl", "eval", "report", "export"]
     sft = stages["sft"]
     assert "--nproc_per_node=8" in sft["command"] and "eksft_pipeline.verl_ext.sft_main" in sft["command"]
     assert sft["verl_config"]["model"]["path"] == "Qwen/Qwen3-8B"  # the paper's released model (issue 11)

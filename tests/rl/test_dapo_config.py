@@ -81,6 +81,8 @@ def test_gpu_recipe_is_dapo_and_verl_accepts_it():
     assert out["actor_rollout_ref.rollout"].name == "vllm" and out["actor_rollout_ref.rollout"].n == 16
     assert cfg.data.train_batch_size == 512 and cfg.actor_rollout_ref.actor.ppo_mini_batch_size == 32
     assert "actor_rollout_ref.model" not in out  # hub name: not instantiated (no download in CI)
+    # seeded requests on GPU too (vLLM SamplingParams.seed; tests/rl/test_vllm_rollout.py shows they repeat)
+    assert cfg.actor_rollout_ref.rollout.agent.default_agent_loop == "seeded_single_turn_agent"
 
 
 def test_model_path_is_required():
