@@ -29,11 +29,11 @@ from typing import Any
 import pandas as pd
 
 from eksft_pipeline.analysis.stage import ReportStage
-from eksft_pipeline.eval.bfcl import IRRELEVANCE, LIVE_AST
-from eksft_pipeline.eval.metrics import bootstrap_ci
+from eksft_pipeline.data.tool_use.format import IRRELEVANCE, LIVE_AST
 from eksft_pipeline.pipeline.artifacts import atomic_write_json
 from eksft_pipeline.pipeline.manifest import resolve_recorded
 from eksft_pipeline.pipeline.stage_api import StageContext, StageResult
+from eksft_pipeline.scoring.bootstrap import bootstrap_ci
 
 SHORT = {"live_simple": "Simple", "live_multiple": "Multiple", "live_parallel": "Parallel",
          "live_parallel_multiple": "Parallel multiple", "irrelevance": "Irrelevance",

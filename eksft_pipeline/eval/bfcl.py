@@ -45,12 +45,16 @@ from typing import Any
 import numpy as np
 
 from eksft_pipeline.data.schema import DataError
-from eksft_pipeline.data.tool_use.format import parse_tool_calls, strip_thinking, tools_system_prompt
+from eksft_pipeline.data.tool_use.format import (
+    IRRELEVANCE,
+    LIVE_AST,
+    parse_tool_calls,
+    strip_thinking,
+    tools_system_prompt,
+)
 from eksft_pipeline.eval.metrics import bootstrap_ci
 
 BFCL_VERSION = "2026.3.23"  # the bfcl-eval release whose data and checker this module was written against
-LIVE_AST = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
-IRRELEVANCE = ("irrelevance", "live_irrelevance")
 CATEGORIES = LIVE_AST + IRRELEVANCE
 INSTALL_HINT = f"pip install --no-deps bfcl-eval=={BFCL_VERSION} (make install does it)"
 _CALL_RE = re.compile(r"<tool_call>\n(.*?)\n</tool_call>", re.DOTALL)  # QwenFCHandler._extract_tool_calls

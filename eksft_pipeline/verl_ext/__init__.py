@@ -24,6 +24,7 @@ Modules:
     rollout_correction  verl's rollout-correction presets (`rl.rollout_correction`) and which the V1 trainer applies
 
 Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); re-check each one when verl moves:
+    rollout_correction  no patch: reads `verl.trainer.config.algorithm.RolloutCorrectionConfig`'s presets
     cpu_platform  `verl.plugin.platform.platform_base.PlatformBase` subclassed and registered in
                   `platform_manager.PlatformRegistry`; `torch.distributed.init_process_group` wrapped globally
                   (verl's "cpu:gloo,cpu:gloo" backend string -> "gloo");

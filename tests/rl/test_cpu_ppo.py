@@ -581,13 +581,13 @@ def test_rollout_correction_changes_the_loss(tmp_path):
     FSDP fp32), so the two disagree. Both runs log the mismatch (rollout_corr/kl, rollout_probs_diff) with identical
     values (same responses, same old log-probs); only the corrected run logs IS weights, and its policy loss differs.
     `make test-long` (measured: 2 x ~55 s, 116 s in all, on a busy 2-core machine)."""
-    assets = _make_rl_assets(tmp_path / "assets")
+    assets = make_rl_assets(tmp_path / "assets")
     runs = {}
     for name, extra in (("off", ()), ("tis", ("algorithm.rollout_correction.rollout_is=token",
                                               "algorithm.rollout_correction.rollout_is_threshold=2.0"))):
         run = tmp_path / name
         run.mkdir()
-        cmd = _dapo_cmd(
+        cmd = dapo_cmd(
             assets,
             "trainer.total_training_steps=1", "trainer.save_freq=1", "trainer.test_freq=-1",
             f"trainer.default_local_dir={run / 'ckpt'}", "actor_rollout_ref.actor.checkpoint.save_contents=[model]",
@@ -595,7 +595,7 @@ def test_rollout_correction_changes_the_loss(tmp_path):
             "actor_rollout_ref.rollout.dtype=bfloat16",
             *extra,
         )  # fmt: skip
-        rc, tail, _, total = _run_dapo(cmd, run, run / "metrics.jsonl", steps=1)
+        rc, tail, _, total = run_dapo(cmd, run, run / "metrics.jsonl", steps=1)
         assert rc == 0, f"main_ppo ({name}) failed (rc={rc}):\n{tail}"
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         runs[name] = next(r["data"] for r in rows if r["step"] == 1 and "actor/pg_loss" in r["data"])

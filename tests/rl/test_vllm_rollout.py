@@ -272,18 +272,18 @@ def test_vllm_seeded_rollouts_repeat(vllm_python, tmp_path):
     runs with default_agent_loop=single_turn_agent differed in 31 of 32 (prompt, response) pairs. Measured cost:
     153 s + 112 s on a shared 2-core machine (276 s with the assets)."""
     py = vllm_python
-    assets = make_vllm_rl_assets(tmp_path / "assets")
+    assets = make_rl_assets(tmp_path / "assets", **VLLM_HEADS)
     dumps = []
     for name in ("a", "b"):
         run = tmp_path / name
         run.mkdir()
-        cmd = vllm_dapo_cmd(
-            py, assets,
+        cmd = dapo_cmd(
+            assets,
             "trainer.total_training_steps=1", "trainer.save_freq=-1", "trainer.test_freq=-1",
             "trainer.val_before_train=false", f"trainer.default_local_dir={run / 'ckpt'}",
-            f"trainer.rollout_data_dir={run / 'rollouts'}", "algorithm.filter_groups.enable=false",
+            f"trainer.rollout_data_dir={run / 'rollouts'}", "algorithm.filter_groups.enable=false", python=py, platform="cpu_vllm",
         )  # fmt: skip
-        rc, tail, _, total = _run_dapo(cmd, run, run / "metrics.jsonl", steps=1, timeout_s=540)
+        rc, tail, _, total = run_dapo(cmd, run, run / "metrics.jsonl", steps=1, timeout_s=540)
         assert rc == 0, f"main_ppo run {name} (vLLM rollout) failed (rc={rc}):\n{tail}"
         print(f"\n[vllm seeded repeat] run {name}: {total:.0f}s")
         dumps.append([json.loads(x) for x in (run / "rollouts" / "1.jsonl").read_text().splitlines()])

@@ -111,3 +111,7 @@ __all__ = [
     "strip_thinking",
     "tools_system_prompt",
 ]
+
+# BFCL categories scored (the eval stage and the report read them here)
+LIVE_AST = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
+IRRELEVANCE = ("irrelevance", "live_irrelevance")
