@@ -55,10 +55,10 @@ def test_gpu_dry_run_uses_the_install_already_here(tmp_path):
 
 
 def test_tracking_variable_selects_the_tracker_for_every_stage_and_the_report(tmp_path):
-    """`make reproduce TRACKING=wandb METHODS=sft,eksft`: the multirun and the report both get tracking=wandb."""
+    """`make reproduce TRACKING=wandb METHODS=sft,eksft`: the multirun, the report and the export all get tracking=wandb."""
     out = make_n("-B", "reproduce", "MODEL=tiny", "METHODS=sft,eksft", "TRACKING=wandb", venv=tmp_path / "venv")
     runs = [x for x in out.splitlines() if "-m eksft_pipeline" in x]
-    assert len(runs) == 2 and all(" tracking=wandb" in x for x in runs), out
+    assert len(runs) == 3 and all(" tracking=wandb" in x for x in runs), out
     plain = make_n("-B", "reproduce", "MODEL=tiny", venv=tmp_path / "venv")
     assert "tracking=" not in plain, plain  # the recipe's default, not an empty override
 
