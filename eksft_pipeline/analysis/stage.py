@@ -63,9 +63,10 @@ def _fmt(v: Any) -> str:
 
 
 # IoU(M_H, M_KL) as the trainer logs it. Per sequence: each sequence's own IoU, averaged over the sequences of
-# the step (how the authors compute it); batch: the IoU of the step's batch selection (the paper's equations;
-# `eksft/iou` is the older name of it -- under selection_scope=micro_batch it is the token-weighted mean of the
-# micro-batches' IoUs).
+# the step -- how the authors compute it only under selection_scope=sequence (eksft_official: the selection
+# itself per sequence); under the paper's global scope it is the global selection seen sequence by sequence;
+# batch: the IoU of the step's batch selection (the paper's equations; `eksft/iou` is the older name of it --
+# under selection_scope=micro_batch it is the token-weighted mean of the micro-batches' IoUs).
 IOU_KEYS = (("per sequence", ("eksft/iou_seq_mean",)), ("batch", ("eksft/iou_batch", "eksft/iou")))
 PHASES = ("early", "middle", "late")
 
@@ -78,8 +79,10 @@ def iou_table(sft_metrics: dict[str, dict[int, dict]]) -> tuple[str, dict]:
     """IoU(M_H, M_KL) per method (paper App. F, Table 7): mean over training steps and over the early / middle /
     late third of them, per sequence and / or over the batch (whichever the trainer logged).
 
-    Step 1 is left out: there pi_theta = pi_ref, every KL is exactly 0 and M_KL is decided by tie-breaking, so
-    its IoU says nothing about the criteria. Also reported: the mean |M|/|T|.
+    Step 1 is left out: there pi_theta = pi_ref and every KL is 0 (by definition, in any precision:
+    losses/selection.py, rule 1), so M_KL is empty (eksft and the paper's ablations: IoU 0) or k tokens drawn by
+    tie-breaking among zero scores (eksft_official, the authors' rule); either way its IoU says nothing about the
+    criteria. Also reported: the mean |M|/|T|.
     """
     data: dict[str, dict] = {}
     for method, steps in sorted(sft_metrics.items()):
@@ -107,10 +110,14 @@ def iou_table(sft_metrics: dict[str, dict[int, dict]]) -> tuple[str, dict]:
         for unit, row in units.items():
             lines.append(f"| {m} | {unit} (`{row['metric']}`) | {row['steps']} | "
                          + " | ".join("–" if row[c] is None else f"{row[c]:.3f}" for c in cols) + " |")
-    note = ("\nMean over SFT steps 2..T (step 1 left out: pi_theta = pi_ref there, every KL is 0 and M_KL is set by "
-            "tie-breaking); early / middle / late = the three thirds of those steps. *Per sequence*: IoU of each "
-            "sequence's M_H and M_KL, averaged over the step's sequences (how the authors compute it, paper App. F: "
-            "about 0.50 at rho = 0.2); *batch*: IoU of the step's batch-level selection.\n")
+    note = ("\nMean over SFT steps 2..T (step 1 left out: pi_theta = pi_ref there and every KL is 0, so M_KL is "
+            "empty -- eksft and the paper's ablations -- or drawn by tie-breaking among zero scores -- "
+            "eksft_official, the authors' rule); early / middle / late = the three thirds of those steps. "
+            "*Per sequence*: IoU of each sequence's M_H and M_KL, averaged over the step's sequences; it is how "
+            "the authors compute it (paper App. F: about 0.50 at rho = 0.2) only under selection_scope=sequence "
+            "(eksft_official), where the selection itself is per sequence; under the paper's global scope the masks "
+            "are the global batch's top-k, seen sequence by sequence. *Batch*: IoU of the step's batch-level "
+            "selection.\n")
     return "\n".join(lines) + "\n" + note, data
 
 

@@ -33,6 +33,15 @@ def scatter_to_positions(values: torch.Tensor, valid_flat: torch.Tensor, total: 
 # the step's plan: selection scope x update (mini-batch) groups
 # --------------------------------------------------------------------------------------------
 
+def policy_is_reference(ref_is_initial: bool, optimizer) -> bool:
+    """Whether the policy's weights are still the reference's: the reference is the initial model and the
+    optimizer has taken no step (torch optimizers create their per-parameter state at the first step; a resumed
+    run loads it). Where this holds the trainer sets KL = 0 before selecting (losses/selection.py, rule 1)."""
+    if not ref_is_initial or optimizer is None:
+        return False
+    return not any(len(s) for s in optimizer.state.values())
+
+
 SCOPES = ("global_batch", "sequence", "micro_batch")
 HEADS = ("auto", "fused", "naive")
 REF_STORES = ("device", "host")

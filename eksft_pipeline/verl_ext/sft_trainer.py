@@ -71,6 +71,7 @@ from eksft_pipeline.verl_ext.sft_plan import (
     check_eksft_block,
     complete_eksft_block,
     plan_step,
+    policy_is_reference,
     scatter_to_positions,
 )
 
@@ -125,6 +126,8 @@ class SelectiveLossHook:
         self.chunk_size = chunk_size
         self.ref: RefSide | None = None
         self.step = 0
+        # this step's policy is still the reference (sft_plan.policy_is_reference): its KL is 0 by definition
+        self.kl_is_zero = False
         self.vocab_size: int | None = None
         self.micro_metrics: list[dict[str, float]] = []
         self.term_sums: dict[str, float] = {}
@@ -171,6 +174,8 @@ class SelectiveLossHook:
     def _micro_plan(self, stats: TokenStats, mb, valid: torch.Tensor):
         """selection_scope=micro_batch: plan this micro-batch alone; weight = its share of the batch's tokens."""
         seq = _seq_ids(mb).to(valid.device)
+        if self.kl_is_zero and stats.kl is not None:  # pi_theta IS pi_ref (losses/selection.py, rule 1)
+            stats = stats.policy_is_reference()
         plan = self.loss.plan(stats, seq_ids=seq, generator=self._generator(extra=valid.numel()))
         self.micro_metrics.append({k: float(v) for k, v in plan.metrics.items()})
         share = float(valid.sum().item()) / max(float(mb["batch_num_tokens"]), 1.0)
@@ -335,8 +340,12 @@ class SelectiveTrainingWorker(TrainingWorker):
         seed=0,
         metrics_prefix="eksft/",
         dump_dir: str | None = None,
+        ref_is_initial: bool = False,
     ):
         super().__init__(config=config)
+        # the reference is the policy's initial model (eksft.ref_model_path null or the same path): at a step
+        # before any optimizer update the two are the same weights (policy_is_reference)
+        self.ref_is_initial = bool(ref_is_initial)
         self.dump_dir = dump_dir
         self.loss_obj = loss
         self.selection_scope = selection_scope
@@ -426,6 +435,11 @@ class SelectiveTrainingWorker(TrainingWorker):
             vocab_size=self._vocab_size(),
             **{k: f[k] for k in _STAT_FIELDS if k in f},
         )
+        measured = None
+        if stats.kl is not None and self.hook.kl_is_zero:
+            # pi_theta IS pi_ref here: KL = 0 by definition, whatever rounding computed (losses/selection.py, rule 1)
+            measured = float(stats.kl.mean()) if n_global else 0.0
+            stats = stats.policy_is_reference()
         plan = plan_step(
             self.loss_obj,
             stats,
@@ -434,6 +448,8 @@ class SelectiveTrainingWorker(TrainingWorker):
             scope=self.selection_scope,
             generator=self.hook._generator(),
         )
+        if measured is not None:
+            plan.metrics["kl_all_measured"] = measured
         self._attach_plan(data, plan.token, gathered, valid)
         if self.hook.ref is not None and self.hook.ref.store is not None and plan.linear:
             # the training pass reads reference rows only where the KL weight is non-zero (EKSFT: the mask)
@@ -462,6 +478,7 @@ class SelectiveTrainingWorker(TrainingWorker):
         t0 = time.perf_counter()
         self.hook.step += 1
         self.hook.micro_metrics = []
+        self.hook.kl_is_zero = policy_is_reference(self.ref_is_initial, getattr(self.engine, "optimizer", None))
         self._engine_defaults(data)
         bsz = int(data["input_ids"].shape[0])
         u = self.updates_per_batch
@@ -768,6 +785,7 @@ class EKSFTTrainer(SFTTrainer):
             chunk_size=block["chunk_size"],
             seed=seed,
             dump_dir=block.get("dump_dir"),
+            ref_is_initial=not block["ref_model_path"] or str(block["ref_model_path"]) == str(self.config.model.path),
         )
         self.loss_fn = self.training_client.hook
         self.engine = self.training_client.engine

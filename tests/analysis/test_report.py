@@ -117,6 +117,11 @@ def test_figures_and_iou_table_are_written(run_dir):
     # step 1 (0.2) left out; steps 2..6 = 0.25 .. 0.45: mean 0.35, thirds (0.25, 0.3), (0.35), (0.4, 0.45)
     assert "| eksft | batch (`eksft/iou`) | 5 | 0.350 | 0.275 | 0.350 | 0.425 | 0.300 |" in table
     assert "step 1 left out" in table
+    # the notes say what is true: per-sequence IoU is the authors' number only under the sequence scope, and
+    # eksft's M_KL at step 1 is empty (not "set by tie-breaking")
+    assert "only under selection_scope=sequence" in table
+    assert "so M_KL is empty -- eksft and the paper's ablations" in table
+    assert "every KL is 0 and M_KL is set by tie-breaking" not in table
     assert "| sft |" not in table  # logged no selection
     md = (out / "report.md").read_text()
     for stage in ("eval/eksft", "sft/eksft", "sft/sft"):

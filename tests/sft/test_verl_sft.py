@@ -205,6 +205,8 @@ def test_one_and_two_ranks_see_the_same_tokens_and_statistics(two_rank_run, one_
     for c in (one, two):
         assert float(c["stats"]["kl"].abs().max()) < 1e-5
         assert not c["plan"]["mask_kl"].bool().any() and c["metrics"]["n_mask_kl"] == 0
+        # the trainer knew it (no optimizer step yet, the reference is the initial model) and logged what it measured
+        assert 0.0 <= c["metrics"]["kl_all_measured"] < 1e-5
         assert torch.equal(c["plan"]["mask"].bool(), c["plan"]["mask_h"].bool())
 
 

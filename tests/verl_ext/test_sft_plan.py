@@ -217,3 +217,21 @@ def test_ignore_index_rows_stay_out_of_every_plan():
                        entropy=full.entropy[keep], logp=full.logp[keep], kl=full.kl[keep], ref_logp=full.ref_logp[keep])
     plan = plan_step(loss, stats, seq_ids=seq[keep], scope="sequence")
     assert plan.token["w_ce"].numel() == int(keep.sum())
+
+
+def test_policy_is_reference_until_the_first_optimizer_step():
+    """The trainer's step-1 rule (losses/selection.py, rule 1): the policy is the reference while the reference is
+    the initial model and the optimizer has taken no step (a resumed run has optimizer state: not the reference)."""
+    from eksft_pipeline.verl_ext.sft_plan import policy_is_reference
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    assert policy_is_reference(True, opt)
+    assert not policy_is_reference(False, opt)  # eksft.ref_model_path names another model
+    assert not policy_is_reference(True, None)
+    (w ** 2).sum().backward()
+    opt.step()
+    assert not policy_is_reference(True, opt)
+    resumed = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    resumed.load_state_dict(opt.state_dict())
+    assert not policy_is_reference(True, resumed)
