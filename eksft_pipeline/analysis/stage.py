@@ -451,10 +451,13 @@ def section_tracking(r: Report, own: Any = None) -> list[str]:
 
 def section_stages(r: Report) -> list[str]:
     """One line per manifest entry: status, wall time, its numbers."""
+    cutoff = []
     if r.data.split:
         r.everything["split"] = r.data.split
+        if r.data.split.get("cutoff"):  # the split stage's measurement of the SFT length cutoff on its data
+            cutoff = [f"SFT length cutoff: {r.data.split['cutoff']}.", ""]
     r.everything["stages"] = r.data.stages
-    return ["## Every stage", "", *stage_lines(r.data), ""]
+    return ["## Every stage", "", *cutoff, *stage_lines(r.data), ""]
 
 
 def section_case_study(r: Report) -> list[str]:
