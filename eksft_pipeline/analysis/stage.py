@@ -328,12 +328,31 @@ def _table8(r: Report) -> list[str]:
     return md
 
 
+def schedule_lines(method_cfg: dict[str, dict]) -> list[str]:
+    """Which PSFT schedule each PSFT run used (recipes/method/psft.yaml, psft_hybrid.yaml), from its recorded
+    method config: pi_old refreshed every k updates within the others' budget, or u updates per batch."""
+    lines = []
+    for tag, m in sorted(method_cfg.items()):
+        if m.get("loss") != "psft":
+            continue
+        every, u = int(m.get("pi_old_every", 1) or 1), int(m.get("updates_per_batch", 1) or 1)
+        if u > 1:
+            what = (f"hybrid schedule: {u} optimizer updates per batch (each on 1/{u} of it) with pi_old taken at "
+                    f"the start of the batch -- {u}x the optimizer updates of the other methods at the same "
+                    "learning rate")
+        else:
+            what = (f"the other methods' budget (one optimizer update per batch, the same learning rate), pi_old "
+                    f"refreshed every {every} update{'s' if every > 1 else ''}")
+        lines.append(f"- `{tag}`: {what}.")
+    return ["PSFT schedule:", "", *lines, ""] if lines else []
+
+
 def section_sft(r: Report) -> list[str]:
     """Parameter drift (Figs. 4-5, both precisions), selection statistics over training, the IoU table (Table 7)."""
     from eksft_pipeline.analysis import plots
 
     data, out = r.data, r.out
-    md = ["## SFT analysis", ""]
+    md = ["## SFT analysis", "", *schedule_lines(data.method_cfg)]
     if r.figure("drift", plots.plot_drift(data.drift, out / "drift.png")):
         taus = sorted(next(iter(data.drift.values()))["overall"]["frac_over"], key=float)
         md += ["### Parameter drift vs the reference model", "", "![drift](drift.png)", "",

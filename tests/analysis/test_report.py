@@ -379,3 +379,19 @@ def test_table8_has_pass1_and_passk(sweep_dir):
     assert "#### avg@n = pass@1 (%)" in md and "#### pass@4 (%)" in md
     assert "pass@4: these runs drew 4 samples per problem, fewer than the paper's 32" in md
     assert (out / "rho_pass_at_k.png").is_file()
+
+
+def test_report_says_which_psft_schedule_ran(tmp_path):
+    rd = tmp_path / "psft"
+    man = Manifest(rd)
+    for tag, extra in (("psft", {"pi_old_every": 8}), ("psft_hybrid", {"updates_per_batch": 8})):
+        d = rd / "sft" / tag
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"1": {"train/loss": -1.0}}))
+        man.start(f"sft/{tag}", {"method": {"name": tag, "loss": "psft", "params": {}, **extra}}, "h", {})
+        man.complete(f"sft/{tag}", {"metrics": str(d / "metrics.json")}, {})
+    _report(rd)
+    md = (rd / "report" / "report.md").read_text()
+    assert ("- `psft`: the other methods' budget (one optimizer update per batch, the same learning rate), pi_old "
+            "refreshed every 8 updates.") in md
+    assert "- `psft_hybrid`: hybrid schedule: 8 optimizer updates per batch" in md

@@ -181,6 +181,9 @@ def test_config_errors_name_the_fix():
         check_eksft_block(_block(), loss=official, micro_batch_size_per_gpu=1, use_dynamic_bsz=False)
     with pytest.raises(ValueError, match="eksft.head=naive"):
         check_eksft_block(_block(head="fused"), loss=get_loss("psft"), micro_batch_size_per_gpu=1, use_dynamic_bsz=True)
+    with pytest.raises(ValueError, match="pi_old_every must be an integer >= 1"):
+        check_eksft_block(_block(pi_old_every=0), loss=get_loss("psft"), micro_batch_size_per_gpu=1,
+                          use_dynamic_bsz=True)
     with pytest.raises(ValueError, match="updates_per_batch must be an integer >= 1"):
         check_eksft_block(_block(updates_per_batch=0), loss=get_loss("sft"), micro_batch_size_per_gpu=1,
                           use_dynamic_bsz=True)
@@ -200,7 +203,15 @@ def test_recipes_give_psft_its_schedule_and_official_its_scope(tmp_path):
         ctx = StageContext(cfg=cfg, run_dir=Path(tmp_path), manifest=Manifest(tmp_path), key="sft/x", dry_run=True)
         return SFTStage().verl_config(ctx)
 
-    assert vc_for("method=psft").eksft.updates_per_batch == 8
+    # psft: the others' budget (one update per batch), pi_old refreshed every 8 updates; the hybrid: 8 per batch
+    psft, hybrid = vc_for("method=psft").eksft, vc_for("method=psft_hybrid").eksft
+    assert (psft.updates_per_batch, psft.pi_old_every, psft.loss) == (1, 8, "psft")
+    assert (hybrid.updates_per_batch, hybrid.pi_old_every, hybrid.loss) == (8, 1, "psft")
+    assert vc_for("method=eksft").eksft.pi_old_every == 1
+    with pytest.raises(ValueError, match="two schedules"):
+        vc_for("method=psft", "+method.updates_per_batch=2")
+    with pytest.raises(ValueError, match="takes no pre-pass statistics"):
+        vc_for("method=sft", "+method.pi_old_every=2")
     assert vc_for("method=eksft_official").eksft.selection_scope == "sequence"
     assert vc_for("method=eksft").eksft.head == "auto"
     with pytest.raises(ValueError, match="selection_scope=sequence"):
