@@ -138,7 +138,7 @@ report: $(INSTALL)
 # The vLLM CPU tests
 # run from .venv-vllm's interpreter (EKSFT_VLLM_PYTHON) and must not skip here (EKSFT_REQUIRE_VLLM=1).
 test: $(INSTALL_HERE) $(VLLM_STAMP)
-	EKSFT_VLLM_PYTHON=$(abspath $(VLLM_PY)) EKSFT_REQUIRE_VLLM=1 $(PY) -m pytest -m "not long" $(PYTEST_ARGS)
+	EKSFT_VLLM_PYTHON=$(abspath $(VLLM_PY)) EKSFT_REQUIRE_VLLM=1 $(PY) -m pytest -m "not long" --durations=30 $(PYTEST_ARGS)
 
 # Unit tests only: no verl/Ray run, no end-to-end run.
 test-fast: $(INSTALL_HERE)

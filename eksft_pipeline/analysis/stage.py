@@ -9,6 +9,10 @@ Written to `<run_dir>/report/`:
     report.md                 tables and figures embedded, every stage's numbers, the settings
     table_pass1.{md,csv}      Table 1: avg@n (= pass@1) per benchmark and their mean
     table_passk.{md,csv}      Table 2: unbiased pass@k at k = 32 (or the n drawn when smaller)
+    fig1_base_vs_sft.png      Fig. 1: pass@k of the base model ("Original Model") vs each SFT model
+    table3.{md,csv}           Table 3: eksft and its regulariser ablations (no entropy / no KL / neither)
+    table9.{md,csv}           Table 9: random masking (App. H) vs EKSFT
+    table_rho{,_passk}.{md,csv}   Table 8: rho sensitivity at pass@1 and pass@32 (or the n drawn); rho_pass_at_k.png
     pass_at_k.png             pass@k vs k, log axis, one line per model (Figure 2)
     drift.png                 parameter drift per SFT method (Figures 4-5)
     sft_curves.png            IoU(M_H, M_KL), |M|/|T|, mean H / KL over M and T, loss per step
@@ -61,9 +65,10 @@ def _fmt(v: Any) -> str:
 
 
 # IoU(M_H, M_KL) as the trainer logs it. Per sequence: each sequence's own IoU, averaged over the sequences of
-# the step (how the authors compute it); batch: the IoU of the step's batch selection (the paper's equations;
-# `eksft/iou` is the older name of it -- under selection_scope=micro_batch it is the token-weighted mean of the
-# micro-batches' IoUs).
+# the step -- how the authors compute it only under selection_scope=sequence (eksft_official: the selection
+# itself per sequence); under the paper's global scope it is the global selection seen sequence by sequence;
+# batch: the IoU of the step's batch selection (the paper's equations; `eksft/iou` is the older name of it --
+# under selection_scope=micro_batch it is the token-weighted mean of the micro-batches' IoUs).
 IOU_KEYS = (("per sequence", ("eksft/iou_seq_mean",)), ("batch", ("eksft/iou_batch", "eksft/iou")))
 PHASES = ("early", "middle", "late")
 
@@ -76,8 +81,10 @@ def iou_table(sft_metrics: dict[str, dict[int, dict]]) -> tuple[str, dict]:
     """IoU(M_H, M_KL) per method (paper App. F, Table 7): mean over training steps and over the early / middle /
     late third of them, per sequence and / or over the batch (whichever the trainer logged).
 
-    Step 1 is left out: there pi_theta = pi_ref, every KL is exactly 0 and M_KL is decided by tie-breaking, so
-    its IoU says nothing about the criteria. Also reported: the mean |M|/|T|.
+    Step 1 is left out: there pi_theta = pi_ref and every KL is 0 (by definition, in any precision:
+    losses/selection.py, rule 1), so M_KL is empty (eksft and the paper's ablations: IoU 0) or k tokens drawn by
+    tie-breaking among zero scores (eksft_official, the authors' rule); either way its IoU says nothing about the
+    criteria. Also reported: the mean |M|/|T|.
     """
     data: dict[str, dict] = {}
     for method, steps in sorted(sft_metrics.items()):
@@ -105,10 +112,14 @@ def iou_table(sft_metrics: dict[str, dict[int, dict]]) -> tuple[str, dict]:
         for unit, row in units.items():
             lines.append(f"| {m} | {unit} (`{row['metric']}`) | {row['steps']} | "
                          + " | ".join("–" if row[c] is None else f"{row[c]:.3f}" for c in cols) + " |")
-    note = ("\nMean over SFT steps 2..T (step 1 left out: pi_theta = pi_ref there, every KL is 0 and M_KL is set by "
-            "tie-breaking); early / middle / late = the three thirds of those steps. *Per sequence*: IoU of each "
-            "sequence's M_H and M_KL, averaged over the step's sequences (how the authors compute it, paper App. F: "
-            "about 0.50 at rho = 0.2); *batch*: IoU of the step's batch-level selection.\n")
+    note = ("\nMean over SFT steps 2..T (step 1 left out: pi_theta = pi_ref there and every KL is 0, so M_KL is "
+            "empty -- eksft and the paper's ablations -- or drawn by tie-breaking among zero scores -- "
+            "eksft_official, the authors' rule); early / middle / late = the three thirds of those steps. "
+            "*Per sequence*: IoU of each sequence's M_H and M_KL, averaged over the step's sequences; it is how "
+            "the authors compute it (paper App. F: about 0.50 at rho = 0.2) only under selection_scope=sequence "
+            "(eksft_official), where the selection itself is per sequence; under the paper's global scope the masks "
+            "are the global batch's top-k, seen sequence by sequence. *Batch*: IoU of the step's batch-level "
+            "selection.\n")
     return "\n".join(lines) + "\n" + note, data
 
 
@@ -175,18 +186,11 @@ class Report:
 
 
 def section_results(r: Report) -> list[str]:
-    """Tables 1-2 (avg@n, pass@k), CIs and majority vote, what each stage moved, Table 8, pass@k curves, the
-    verifier audit."""
+    """Tables 1-2 (avg@n, pass@k; the base model as "Original Model"), Fig. 1 (base vs SFT), Tables 3 and 9,
+    CIs and majority vote, what each stage moved, Table 8, pass@k curves, the verifier audit."""
     from eksft_pipeline.analysis import plots
     from eksft_pipeline.analysis.compare import movement_table, movements
-    from eksft_pipeline.analysis.tables import (
-        headline_k,
-        result_rows,
-        sensitivity_markdown,
-        sensitivity_rows,
-        to_csv,
-        to_markdown,
-    )
+    from eksft_pipeline.analysis.tables import headline_k, result_rows, to_csv, to_markdown
     from eksft_pipeline.analysis.verifier_audit import audit_section
 
     data, out, cfg = r.data, r.out, r.cfg
@@ -209,6 +213,11 @@ def section_results(r: Report) -> list[str]:
         r.tables[fname] = (cols, rows)
         md += [f"### {title}", "", tmd]
         r.everything[fname] = {"metric": metric, "rows": rows}
+    if not any(e.target == "base" for e in data.evals):
+        md += ["_Original Model rows (and Fig. 1) missing: the base model was not evaluated; add `base` to "
+               "`eval.targets` (the paper-scale recipes do)._", ""]
+    md += _figure1(r)
+    md += _method_tables(r)
     ci_lines = ["| model | benchmark | pass@1 | 95% CI (bootstrap over problems) | maj@n | problems |",
                 "|---|---|---:|---|---:|---:|"]
     for e in data.evals:
@@ -229,18 +238,7 @@ def section_results(r: Report) -> list[str]:
                "pass@1 = mean over benchmarks of avg@n; Δ and its 95% CI from a paired bootstrap over problems "
                "(the same problems for both models, resampled per benchmark).", "", table]
         r.everything["movements"] = mv
-    cols, rows = sensitivity_rows(data.evals, data.method_cfg)
-    if rows:
-        table = sensitivity_markdown(cols, rows)
-        (out / "table_rho.md").write_text(table)
-        (out / "table_rho.csv").write_text(to_csv(cols, rows))
-        r.outputs["table_rho"] = str(out / "table_rho.csv")
-        r.tables["table_rho"] = (cols, rows)
-        md += ["### Table 8: ρ sensitivity (and global regularisation, Table 6): avg@n = pass@1 (%)", "",
-               "Every evaluated variant of a method with a ρ parameter (a multirun over `method.params.rho`; "
-               "ρ = 0 is plain SFT), and `global_reg` (the regularisers on every token) as ρ = all.", "",
-               table]
-        r.everything["table_rho"] = rows
+    md += _table8(r)
     if r.figure("pass_at_k", plots.plot_pass_at_k(data.evals, out / "pass_at_k.png")):
         md += ["### pass@k curves", "", "![pass@k](pass_at_k.png)", ""]
     r.everything["evals"] = [{"label": e.label, "init": e.init, "target": e.target, "run_dir": e.run_dir,
@@ -250,12 +248,113 @@ def section_results(r: Report) -> list[str]:
     return md + lines
 
 
+def _figure1(r: Report) -> list[str]:
+    """Fig. 1: pass@k of the base model against each method's SFT model."""
+    from eksft_pipeline.analysis import plots
+
+    evals = [e for e in r.data.evals if e.target in ("base", "sft")]
+    if not any(e.target == "base" for e in evals) or not any(e.target == "sft" for e in evals):
+        return []
+    if not r.figure("fig1_base_vs_sft", plots.plot_pass_at_k(evals, r.out / "fig1_base_vs_sft.png")):
+        return []
+    return ["### Fig. 1: pass@k, Original Model vs SFT", "", "![base vs SFT](fig1_base_vs_sft.png)", ""]
+
+
+def _method_tables(r: Report) -> list[str]:
+    """Table 3 (the regulariser ablations) and Table 9 (random masking vs EKSFT), each from its named runs; a
+    table with runs missing lists them (and how to add them)."""
+    from eksft_pipeline.analysis.tables import METHOD_TABLES, method_table_rows, to_csv, to_markdown
+
+    md: list[str] = []
+    for fname, (title, methods) in METHOD_TABLES.items():
+        cols, rows, missing = method_table_rows(r.data.evals, methods)
+        add = (f"missing runs: {', '.join(f'`{m}`' for m in missing)} (add them: "
+               f"`python -m eksft_pipeline -m stage=train_eval method={','.join(missing)}` into this run "
+               "directory)") if missing else ""
+        r.everything[fname] = {"methods": list(methods), "missing": missing, "rows": rows}
+        if not rows:
+            md += [f"### {title}", "", f"_Not produced: {add}._", ""]
+            continue
+        table = to_markdown(cols, rows)
+        (r.out / f"{fname}.md").write_text(table)
+        (r.out / f"{fname}.csv").write_text(to_csv(cols, rows))
+        r.outputs[fname] = str(r.out / f"{fname}.csv")
+        r.tables[fname] = (cols, rows)
+        md += [f"### {title}: avg@n = pass@1 (%)", "", table]
+        if missing:
+            md += [f"_Incomplete: {add}._", ""]
+    return md
+
+
+def _table8(r: Report) -> list[str]:
+    """Table 8: rho sensitivity at pass@1 and pass@K (K = 32, or the fewest samples drawn by these runs), the
+    global-regularisation row (Table 6) as rho = all, and the pass@k curves of every rho."""
+    from eksft_pipeline.analysis import plots
+    from eksft_pipeline.analysis.tables import (
+        headline_k,
+        rho_evals,
+        sensitivity_markdown,
+        sensitivity_rows,
+        to_csv,
+    )
+
+    data, out = r.data, r.out
+    cols, rows = sensitivity_rows(data.evals, data.method_cfg)
+    if not rows:
+        r.everything["table_rho_missing"] = "eksft at two or more values of rho"
+        return ["### Table 8: ρ sensitivity", "",
+                "_Not produced: needs eksft evaluated at two or more values of ρ (a multirun: `python -m "
+                "eksft_pipeline -m stage=train_eval method=eksft method.params.rho=0,0.1,0.2,0.3,0.4`)._", ""]
+    evals = rho_evals(data.evals, rows)
+    k = headline_k(evals)
+    md = ["### Table 8: ρ sensitivity (and global regularisation, Table 6)", "",
+          "Every evaluated variant of a method with a ρ parameter (a multirun over `method.params.rho`; "
+          "ρ = 0 is plain SFT), and `global_reg` (the regularisers on every token) as ρ = all."
+          + ("" if k == 32 else f" pass@{k}: these runs drew {k} samples per problem, fewer than the paper's 32."),
+          ""]
+    everything = {}
+    for fname, metric, title in (("table_rho", "avg@n", "avg@n = pass@1 (%)"),
+                                 ("table_rho_passk", f"pass@{k}", f"pass@{k} (%)")):
+        c, rs = sensitivity_rows(data.evals, data.method_cfg, metric)
+        table = sensitivity_markdown(c, rs)
+        (out / f"{fname}.md").write_text(table)
+        (out / f"{fname}.csv").write_text(to_csv(c, rs))
+        r.outputs[fname] = str(out / f"{fname}.csv")
+        r.tables[fname] = (c, rs)
+        md += [f"#### {title}", "", table]
+        everything[metric] = rs
+    r.everything["table_rho"] = rows
+    r.everything["table_rho_passk"] = {"k": k, "rows": everything[f"pass@{k}"]}
+    if r.figure("rho_pass_at_k", plots.plot_pass_at_k(evals, out / "rho_pass_at_k.png")):
+        md += ["#### pass@k of every ρ", "", "![pass@k per rho](rho_pass_at_k.png)", ""]
+    return md
+
+
+def schedule_lines(method_cfg: dict[str, dict]) -> list[str]:
+    """Which PSFT schedule each PSFT run used (recipes/method/psft.yaml, psft_hybrid.yaml), from its recorded
+    method config: pi_old refreshed every k updates within the others' budget, or u updates per batch."""
+    lines = []
+    for tag, m in sorted(method_cfg.items()):
+        if m.get("loss") != "psft":
+            continue
+        every, u = int(m.get("pi_old_every", 1) or 1), int(m.get("updates_per_batch", 1) or 1)
+        if u > 1:
+            what = (f"hybrid schedule: {u} optimizer updates per batch (each on 1/{u} of it) with pi_old taken at "
+                    f"the start of the batch -- {u}x the optimizer updates of the other methods at the same "
+                    "learning rate")
+        else:
+            what = (f"the other methods' budget (one optimizer update per batch, the same learning rate), pi_old "
+                    f"refreshed every {every} update{'s' if every > 1 else ''}")
+        lines.append(f"- `{tag}`: {what}.")
+    return ["PSFT schedule:", "", *lines, ""] if lines else []
+
+
 def section_sft(r: Report) -> list[str]:
     """Parameter drift (Figs. 4-5, both precisions), selection statistics over training, the IoU table (Table 7)."""
     from eksft_pipeline.analysis import plots
 
     data, out = r.data, r.out
-    md = ["## SFT analysis", ""]
+    md = ["## SFT analysis", "", *schedule_lines(data.method_cfg)]
     if r.figure("drift", plots.plot_drift(data.drift, out / "drift.png")):
         taus = sorted(next(iter(data.drift.values()))["overall"]["frac_over"], key=float)
         md += ["### Parameter drift vs the reference model", "", "![drift](drift.png)", "",
@@ -448,10 +547,13 @@ def section_tracking(r: Report, own: Any = None) -> list[str]:
 
 def section_stages(r: Report) -> list[str]:
     """One line per manifest entry: status, wall time, its numbers."""
+    cutoff = []
     if r.data.split:
         r.everything["split"] = r.data.split
+        if r.data.split.get("cutoff"):  # the split stage's measurement of the SFT length cutoff on its data
+            cutoff = [f"SFT length cutoff: {r.data.split['cutoff']}.", ""]
     r.everything["stages"] = r.data.stages
-    return ["## Every stage", "", *stage_lines(r.data), ""]
+    return ["## Every stage", "", *cutoff, *stage_lines(r.data), ""]
 
 
 def section_case_study(r: Report) -> list[str]:

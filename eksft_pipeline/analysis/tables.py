@@ -1,6 +1,8 @@
-"""Paper-style result tables (Table 1: avg@n = pass@1; Table 2: pass@k) as rows, Markdown and CSV.
+"""Paper-style result tables (Table 1: avg@n = pass@1; Table 2: pass@k; Table 3: the regulariser ablations;
+Table 8: rho sensitivity; Table 9: random masking vs EKSFT) as rows, Markdown and CSV.
 
-Rows are evaluated models (`<method> (SFT)`, `<method> (SFT→RL)`, `base`), columns the benchmarks
+Rows are evaluated models (`<method> (SFT)`, `<method> (SFT→RL)`, the base model as the paper's
+"Original Model"), columns the benchmarks
 in a fixed order plus their unweighted mean ("Avg", as the paper averages benchmarks, not
 problems). Every row carries the sampling settings its numbers were produced with.
 """
@@ -15,6 +17,8 @@ from eksft_pipeline.analysis.gather import EvalResult
 
 PAPER_ORDER = ("aime24", "aime25", "amc", "hmmt25")
 SETTING_KEYS = ("n", "temperature", "top_p", "max_new_tokens")
+# the paper's name of the row of the model before SFT (Tables 1-2)
+ORIGINAL_MODEL = "Original Model (base)"
 
 
 def benchmark_order(evals: Sequence[EvalResult]) -> list[str]:
@@ -50,7 +54,7 @@ def result_rows(evals: Sequence[EvalResult], metric: str) -> tuple[list[str], li
     rows = []
     rank = {"base": 0, "sft": 1, "rl": 2}
     for e in sorted(evals, key=lambda e: (rank.get(e.target, 3) != 0, e.init, rank.get(e.target, 3))):
-        row: dict = {"model": e.label, "init": e.init, "target": e.target}
+        row: dict = {"model": ORIGINAL_MODEL if e.target == "base" else e.label, "init": e.init, "target": e.target}
         _fill_benchmarks(row, e, benches, metric)
         for k in SETTING_KEYS:
             row[k] = e.sampling.get(k)
@@ -164,3 +168,48 @@ def sensitivity_markdown(columns: list[str], rows: list[dict], *, param: str = "
         p = p if isinstance(p, str) else f"{p:g}"
         lines.append(f"| {r['recipe']} | {p} | {r['variant']} | {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tables of named runs: Table 3 (the regulariser ablations) and Table 9 (random masking vs EKSFT)
+# ------------------------------------------------------------------------------------------------------------
+# table id -> (title, the method recipes it needs, in the paper's row order). A run counts when its method tag is
+# the recipe's own name (its recipe defaults, not a variant such as eksft-rho_0.1).
+METHOD_TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "table3": ("Table 3: ablations of the regularisers",
+               ("eksft", "eksft_no_entropy_reg", "eksft_no_kl_reg", "eksft_no_reg")),
+    "table9": ("Table 9: random masking vs EKSFT (App. H)", ("eksft", "random_mask")),
+}
+# a row shown for reference when it was run, never required
+REFERENCE_METHOD = "sft"
+
+
+def method_table_rows(evals: Sequence[EvalResult], methods: Sequence[str],
+                      metric: str = "avg@n") -> tuple[list[str], list[dict], list[str]]:
+    """(columns, rows, missing): one row per evaluated model of the named methods (SFT rows first, then SFT→RL,
+    each in `methods` order, plain `sft` last as the reference when present); `missing` = the methods of
+    `methods` with no evaluated model here. No rows when none of the runs the table is about was evaluated
+    (every method after the first, `eksft`, which is in every such table)."""
+    benches = benchmark_order(evals)
+    wanted = [*methods, REFERENCE_METHOD] if REFERENCE_METHOD not in methods else list(methods)
+    have = {e.init for e in evals if e.target != "base"}
+    missing = [m for m in methods if m not in have]
+    if all(m in missing for m in methods[1:]):
+        return [], [], missing
+    rows = []
+    for target in ("sft", "rl"):
+        for m in wanted:
+            for e in evals:
+                if e.init == m and e.target == target:
+                    row: dict = {"model": e.label, "init": e.init, "target": e.target}
+                    _fill_benchmarks(row, e, benches, metric)
+                    for k in SETTING_KEYS:
+                        row[k] = e.sampling.get(k)
+                    rows.append(row)
+    return ["model", *benches, "Avg"], rows, missing
+
+
+def rho_evals(evals: Sequence[EvalResult], rows: Sequence[dict]) -> list[EvalResult]:
+    """The evaluated models behind the rows of `sensitivity_rows` (for their pass@k curves)."""
+    keys = {(r["variant"], r["target"]) for r in rows}
+    return [e for e in evals if (e.init, e.target) in keys]

@@ -74,6 +74,9 @@ LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json")
 SFT_FILE, RL_FILE = "sft_train.parquet", "rl_train.parquet"
 SFT_IDS_FILE, RL_IDS_FILE = "sft_ids.json", "rl_ids.json"
 DROPPED_FILE, REPORT_FILE = "dropped.jsonl", "split_report.json"
+# the paper's SFT length cutoff (prompt + response tokens): the authors' examples/example_eksft/eksft.sh:L48,
+# --cutoff_len 20000. A run with another `cutoff_tokens` departs from it; `cutoff_report` measures by how much.
+PAPER_CUTOFF_TOKENS = 20000
 
 _INVALID_JSON = object()  # placeholder row for an unparsable jsonl line (counted as invalid_json)
 
@@ -106,6 +109,8 @@ class SplitReport:
     generation_prefix: str
     length_check: str
     cutoff_tokens: int
+    # the cutoff measured on this data's length distribution (cutoff_report); None without a tokenizer
+    cutoff: dict[str, Any] | None
     token_stats: dict[str, Any]
     extra_columns_ignored: list[str]
     field_map: dict[str, str]
@@ -438,7 +443,7 @@ def split_dataset(
     n_rl: int | None = None,
     seed: int = 42,
     tokenizer: Any = None,
-    cutoff_tokens: int = 20000,
+    cutoff_tokens: int = PAPER_CUTOFF_TOKENS,
     think_prefix: str = "keep",
     field_map: dict[str, str] | None = None,
     allow_extra_columns: bool = False,
@@ -481,8 +486,8 @@ def split_dataset(
     dropped: list[tuple[int, str, str]] = []  # (original index, reason, detail); every step appends its drops
     valid = _valid_rows(loaded.rows, think_prefix, dropped, progress=progress)
     # Length filter before de-duplication, so an over-long first copy does not also knock out a fitting later one.
-    valid, length_check = _length_filter(valid, tok, cutoff_tokens, gen_prefix, chat_template_kwargs, dropped,
-                                         progress=progress)
+    valid, length_check, cutoff = _length_filter(valid, tok, cutoff_tokens, gen_prefix, chat_template_kwargs,
+                                                 dropped, progress=progress)
     if dedupe_prompts:
         valid = _dedupe(valid, dropped)
     sft, rl = _draw(valid, n_sft, n_rl, seed, what=f"{source} ({len(dropped)} of {len(loaded.rows)} dropped)")
@@ -505,6 +510,7 @@ def split_dataset(
         generation_prefix=gen_prefix,
         length_check=length_check,
         cutoff_tokens=cutoff_tokens,
+        cutoff=cutoff,
         token_stats=_token_stats({"sft": sft, "rl": rl}, tok),
         extra_columns_ignored=loaded.extra_columns,
         field_map=dict(field_map or {}),
@@ -520,7 +526,47 @@ def split_dataset(
             f"[split] {report.n_input} rows -> sft {report.n_sft}, rl {report.n_rl}, unused {report.n_unused}, "
             f"dropped {report.n_dropped} {dict((k, v) for k, v in report.dropped.items() if v)} -> {out}"
         )
+    if cutoff is not None:
+        print(f"[split] cutoff: {cutoff['note']}", flush=True)
     return report
+
+
+def cutoff_report(lengths: list[int], cutoff_tokens: int, paper_cutoff: int = PAPER_CUTOFF_TOKENS) -> dict[str, Any]:
+    """The length cutoff on the data it is applied to: of the `lengths` (chat-templated prompt + response tokens
+    of every schema-valid row), how many exceed `cutoff_tokens` (dropped), how many of those the paper's
+    `paper_cutoff` would have kept (the departure's own cost), and the length quantiles; `note` says it in one
+    line (printed by the split stage, shown by the report)."""
+    n = len(lengths)
+    over = sum(x > cutoff_tokens for x in lengths)
+    over_paper = sum(x > paper_cutoff for x in lengths)
+    by_departure = sum(cutoff_tokens < x <= paper_cutoff for x in lengths)
+    srt = sorted(lengths)
+
+    def q(f: float) -> int | None:
+        return srt[min(n - 1, int(f * n))] if n else None
+
+    share = over / n if n else 0.0
+    out = {
+        "cutoff_tokens": int(cutoff_tokens),
+        "paper_cutoff_tokens": int(paper_cutoff),
+        "departs_from_paper": int(cutoff_tokens) != int(paper_cutoff),
+        "n_rows_measured": n,
+        "n_over_cutoff": over,
+        "share_over_cutoff": share,
+        "n_over_paper_cutoff": over_paper,
+        "n_dropped_by_departure": by_departure if cutoff_tokens < paper_cutoff else 0,
+        "share_dropped_by_departure": (by_departure / n if n else 0.0) if cutoff_tokens < paper_cutoff else 0.0,
+        "length_tokens": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": srt[-1] if n else None},
+    }
+    if out["departs_from_paper"]:
+        out["note"] = (f"cutoff {cutoff_tokens} tokens departs from the paper's {paper_cutoff}: it drops {over} of "
+                       f"{n} rows ({100 * share:.2f}%), {out['n_dropped_by_departure']} of them "
+                       f"({100 * out['share_dropped_by_departure']:.2f}%) rows the paper's cutoff keeps "
+                       f"(length p50 {out['length_tokens']['p50']}, p99 {out['length_tokens']['p99']}, "
+                       f"max {out['length_tokens']['max']})")
+    else:
+        out["note"] = f"cutoff {cutoff_tokens} tokens (the paper's) drops {over} of {n} rows ({100 * share:.2f}%)"
+    return out
 
 
 # -- the steps of split_dataset -------------------------------------------------------------------
@@ -556,12 +602,13 @@ def _valid_rows(rows: list[Any], think_prefix: str, dropped: list, *, progress: 
 
 def _length_filter(valid: Rows, tok: Any, cutoff_tokens: int, gen_prefix: str, chat_template_kwargs: dict | None,
                    dropped: list, *, progress: bool) -> tuple[Rows, str]:
-    """Rows whose chat-templated length fits `cutoff_tokens` (token counts stored on each row), and the report's
-    `length_check` line; without a tokenizer every row is kept and the report says the check was skipped."""
+    """Rows whose chat-templated length fits `cutoff_tokens` (token counts stored on each row), the report's
+    `length_check` line and the cutoff measured on these rows (`cutoff_report`); without a tokenizer every row
+    is kept and the report says the check was skipped."""
     if tok is None:
         length_check = "skipped: no tokenizer given (no over_length filter, no token stats)"
         print(f"[split] WARNING: length check {length_check}")
-        return valid, length_check
+        return valid, length_check, None
     p_len, t_len = token_lengths(
         tok,
         [r["prompt"] for _, r in valid],
@@ -577,7 +624,8 @@ def _length_filter(valid: Rows, tok: Any, cutoff_tokens: int, gen_prefix: str, c
         else:
             r["prompt_tokens"], r["target_tokens"] = pl, tl
             kept.append((i, r))
-    return kept, f"applied: cutoff_tokens={cutoff_tokens} with tokenizer {getattr(tok, 'name_or_path', '?')}"
+    cutoff = cutoff_report([pl + tl for pl, tl in zip(p_len, t_len)], cutoff_tokens)
+    return kept, f"applied: cutoff_tokens={cutoff_tokens} with tokenizer {getattr(tok, 'name_or_path', '?')}", cutoff
 
 
 def _dedupe(valid: Rows, dropped: list) -> Rows:

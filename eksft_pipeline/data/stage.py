@@ -175,5 +175,6 @@ class SplitStage(Stage):
                 "tokenizer": str(tok_dir),
             },
             summary={**{k: d[k] for k in ("n_input", "n_valid", "n_sft", "n_rl", "n_dropped", "dropped",
-                                           "think_prefix", "generation_prefix", "length_check")}, "eos": eos},
+                                           "think_prefix", "generation_prefix", "length_check")}, "eos": eos,
+                     **({"cutoff": d["cutoff"]["note"]} if d.get("cutoff") else {})},
         )

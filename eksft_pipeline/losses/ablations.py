@@ -86,11 +86,11 @@ class RandomMask(_SelectiveLoss):
 
         loss = mean_{t∉M} CE(t) − lambda_H · mean_{t∈M} H(t) + lambda_KL · mean_{t∈M} KL(t).
 
-    Defaults lambda_H = lambda_KL = 0: the tokens are simply dropped, which is how we read the paper's
-    "randomly drop 10% of tokens" (the appendix does not say that the regularisers act on them). The direct
-    control of this ablation is therefore ``eksft_no_reg`` (masking only, selected by H and KL); pass
-    lambda_entropy / lambda_kl to regularise the random set as EKSFT does. With both lambdas 0 no reference
-    model and no pre-pass are needed (``needs_ref`` / ``needs_prepass`` are False).
+    Defaults lambda_H = lambda_KL = 0.05, EKSFT's: App. H "uniformly drops 10% of tokens from CE supervision
+    and applies the same entropy/KL regularization on the dropped tokens", so the random set M gets EKSFT's
+    entropy bonus and KL anchor with EKSFT's weights, and the reference model is loaded (``needs_ref``); no
+    pre-pass is needed (the mask depends on no statistic). lambda_entropy = lambda_kl = 0 gives the plain
+    drop (masking only; no reference then).
 
     ``match_eksft_size=True`` (ours, the project's earlier variant): |M| = |M_H ∪ M_KL| of ``eksft`` at ``rho``
     on this batch instead of mask_ratio·N (between ceil(rho·N) and 2·ceil(rho·N), about 40% of the tokens at
@@ -105,8 +105,9 @@ class RandomMask(_SelectiveLoss):
     name = "random_mask"
     PARAMS = {
         "mask_ratio": unit_interval("fraction of valid tokens dropped uniformly at random (|M| = ceil(ratio·N))", 0.1),
-        "lambda_entropy": nonneg("weight of the entropy bonus on the random set (0: tokens simply dropped)", 0.0),
-        "lambda_kl": nonneg("weight of the KL(pi_theta || pi_ref) penalty on the random set", 0.0),
+        "lambda_entropy": nonneg("weight of the entropy bonus on the random set (App. H: EKSFT's)", LAMBDA_H.default),
+        "lambda_kl": nonneg("weight of the KL(pi_theta || pi_ref) penalty on the random set (App. H: EKSFT's)",
+                            LAMBDA_KL.default),
         "match_eksft_size": Param(False, bool, None, "", "|M| = |M_H ∪ M_KL| of eksft at rho instead of mask_ratio·N"),
         "rho": RHO,
         "seed": Param(0, int, lambda v: v >= 0, ">= 0", "seed of the loss's own generator"),

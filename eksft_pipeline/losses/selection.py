@@ -8,11 +8,20 @@ selective loss, tested in tests/losses/test_registry_and_selection.py):
 
 1. A token whose score is not strictly positive is never selected (``select_nonpositive=False``, the default).
    KL(pi_theta || pi_ref)(t) = 0 means the policy equals the reference at t: there is nothing to anchor, and a
-   KL penalty there has zero gradient. At the first step pi_theta == pi_ref and every KL is exactly 0 (stats.py
-   uses the exact form sum p (log p - log q)), so "top-k by KL" would otherwise be k arbitrary tokens whose
-   cross-entropy is dropped -- with a stable sort, the first k rows of the batch, i.e. whole leading
-   sequences. Under this rule M_KL is empty at step 1 (M = M_H) and holds fewer than k tokens whenever fewer
-   than k tokens have KL > 0. (H(t) = 0 only for a one-hot prediction, which has no entropy to protect.)
+   KL penalty there has zero gradient. At the first step pi_theta == pi_ref: every KL is 0 by definition, so
+   "top-k by KL" would otherwise be k arbitrary tokens whose cross-entropy is dropped -- with a stable sort,
+   the first k rows of the batch, i.e. whole leading sequences. Under this rule M_KL is empty at step 1
+   (M = M_H) and holds fewer than k tokens whenever fewer than k tokens have KL > 0. (H(t) = 0 only for a
+   one-hot prediction, which has no entropy to protect.)
+   Step 1 in any precision: in fp32, KL is exactly 0 there (stats.py uses the exact form sum p (log p - log q)).
+   In bf16 the policy (fp32 master weights, bf16 compute) and the reference (bf16) round differently and the
+   computed KL is small but positive (rounding noise, ~1e-3 nats per token), so the SFT trainer applies the
+   definition itself: at a step where the policy IS the reference (no optimizer update since the initial
+   weights, reference = the initial model) it sets KL = 0 before selecting (``TokenStats.policy_is_reference``)
+   and logs the KL it measured as ``kl_all_measured`` -- the precision's noise floor, against which later
+   steps' ``kl_mask`` can be read. M_KL is therefore empty at step 1 in fp32 and bf16 alike; from step 2 on
+   the KL is used as computed (noise included: no tolerance is subtracted). ``eksft_official`` keeps its
+   authors' rule (exactly k tokens, zero scores included) and so picks M_KL by tie-breaking at step 1.
 2. Among tokens tied at the k-th largest score, the ones kept are drawn uniformly at random -- a permutation
    from ``generator`` (the trainer seeds it per step, identically on every data-parallel rank, so all ranks
    build the same mask; without one a generator seeded with 0 is used) -- never by position. Tokens scoring

@@ -178,6 +178,20 @@ class TokenStats:
     def device(self) -> torch.device:
         return self.valid.device
 
+    def policy_is_reference(self) -> TokenStats:
+        """These stats at a step where pi_theta IS pi_ref (the same weights: the first step of a fresh run whose
+        reference is the initial model): KL = 0 and ref_logp = logp exactly, by definition.
+
+        The rule behind it (selection.py, rule 1): a KL computed there is rounding, not signal. In fp32 it is
+        exactly 0 anyway; in bf16 the policy (fp32 master weights, bf16 autocast) and the reference (bf16
+        weights, bf16 compute) round differently and KL(t) is small but positive on most tokens (measured on a
+        random 4-layer Qwen3 on CPU: mean 1.7e-3, max 1.1e-2 nats), so without this M_KL would be the top-k of
+        that noise. The trainer logs the KL it measured before setting it to 0 (``kl_all_measured``)."""
+        if self.kl is None:
+            return self
+        same = self.ref_logp is not None and self.logp is not None
+        return replace(self, kl=torch.zeros_like(self.kl), ref_logp=self.logp.clone() if same else self.ref_logp)
+
     @staticmethod
     def labels_only(labels: Tensor, vocab_size: int) -> TokenStats:
         """Stats carrying only the valid-row mask: enough to plan losses with ``needs_prepass == False``."""

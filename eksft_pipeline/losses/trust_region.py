@@ -66,9 +66,11 @@ class PSFT(TokenLoss):
     NOTE: with a single optimizer step per batch (plan from the same weights) r ≡ 1 and the gradient
     −∇r = −∇log pi_theta(y_t) equals SFT's exactly; PSFT differs only when one batch (its old_logp) is
     reused for several optimizer steps. PSFT's own schedule (its run script: 256 prompts per pi_old,
-    mini-batches of 32, i.e. 8 optimizer updates per pi_old) is the SFT trainer's ``eksft.updates_per_batch``
-    (8 in recipes/method/psft.yaml): old_logp from the pre-pass at the start of the batch, then one update per
-    mini-batch, each with its own token-mean denominator.
+    mini-batches of 32, i.e. 8 optimizer updates per pi_old) is kept inside the other methods' budget by the SFT
+    trainer's ``eksft.pi_old_every`` (8 in recipes/method/psft.yaml: one update per batch, old_logp from the
+    weights of every 8th step); ``eksft.updates_per_batch`` (8 in recipes/method/psft_hybrid.yaml) is the hybrid
+    variant: old_logp from the pre-pass at the start of the batch, then one update per mini-batch, each with its
+    own token-mean denominator (8x the optimizer updates).
     """
 
     name = "psft"

@@ -154,6 +154,7 @@ class SFTStage(VerlTrainingStage):
             vc.eksft.loss_params = _plain(cfg.method.get("params")) or {}
             vc.eksft.selection_scope = str(cfg.method.get("selection_scope", "global_batch"))
             vc.eksft.updates_per_batch = int(cfg.method.get("updates_per_batch", 1))
+            vc.eksft.pi_old_every = int(cfg.method.get("pi_old_every", 1))
             # the run's one chat template (eksft_pipeline/data/chat_template.py): verl sets it on the tokenizer
             # that renders the SFT data and that it saves with every checkpoint (the exported model's tokenizer)
             from eksft_pipeline.data.chat_template import resolve_template

@@ -33,6 +33,15 @@ def scatter_to_positions(values: torch.Tensor, valid_flat: torch.Tensor, total: 
 # the step's plan: selection scope x update (mini-batch) groups
 # --------------------------------------------------------------------------------------------
 
+def policy_is_reference(ref_is_initial: bool, optimizer) -> bool:
+    """Whether the policy's weights are still the reference's: the reference is the initial model and the
+    optimizer has taken no step (torch optimizers create their per-parameter state at the first step; a resumed
+    run loads it). Where this holds the trainer sets KL = 0 before selecting (losses/selection.py, rule 1)."""
+    if not ref_is_initial or optimizer is None:
+        return False
+    return not any(len(s) for s in optimizer.state.values())
+
+
 SCOPES = ("global_batch", "sequence", "micro_batch")
 HEADS = ("auto", "fused", "naive")
 REF_STORES = ("device", "host")
@@ -165,6 +174,7 @@ EKSFT_DEFAULTS = {
     "selection_scope": "global_batch",
     "head": "auto",
     "updates_per_batch": 1,
+    "pi_old_every": 1,
     "ref_hidden_store": "device",
     "chunk_size": None,
     "ref_model_path": None,
@@ -210,6 +220,14 @@ def check_eksft_block(block: dict, *, loss, micro_batch_size_per_gpu: int, use_d
         raise ValueError(f"eksft.updates_per_batch must be an integer >= 1, got {u!r}")
     if scope == "micro_batch" and u > 1:
         raise ValueError("eksft.updates_per_batch > 1 needs selection_scope global_batch or sequence")
+    e = block["pi_old_every"]
+    if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+        raise ValueError(f"eksft.pi_old_every must be an integer >= 1, got {e!r}")
+    if e > 1 and u > 1:
+        raise ValueError(f"eksft.pi_old_every={e} and eksft.updates_per_batch={u}: two schedules for the pre-pass "
+                         "statistics; use one (psft: pi_old_every, psft_hybrid: updates_per_batch)")
+    if e > 1 and not loss.needs_prepass:
+        raise ValueError(f"eksft.pi_old_every={e}: loss {loss.name!r} takes no pre-pass statistics (no pi_old)")
     if getattr(loss, "selection_scope", "global") == "sequence":
         one_per_call = scope == "sequence" or (
             scope == "micro_batch" and not use_dynamic_bsz and int(micro_batch_size_per_gpu) == 1

@@ -32,10 +32,19 @@ global batch), `sequence` (the authors' code: top-k per sequence, each sequence'
 equal weight -- eksft_official's recipe), `micro_batch` (per micro-batch as verl packs it; a departure
 from both, kept for comparison; its loss is weighted by the micro-batch's share of the global tokens).
 
-Updates per batch (`eksft.updates_per_batch`, PSFT: 8): the pre-pass statistics (e.g. PSFT's pi_old
+Updates per batch (`eksft.updates_per_batch`, psft_hybrid: 8): the pre-pass statistics (e.g. PSFT's pi_old
 log-probs) are taken once at the start of the batch, then the batch is split into that many
 mini-batches, each planned over its own tokens and given its own optimizer update (verl's
-`train_mini_batch` pattern: the lr scheduler advances once per trainer step).
+`train_mini_batch` pattern: the lr scheduler advances once per trainer step) -- u times the optimizer updates
+of the other methods at the same learning rate.
+
+pi_old every k steps (`eksft.pi_old_every`, psft: 8): one update per batch, as every other method (the same
+optimizer-step budget and schedule), with the pre-pass statistics taken from the weights of every k-th step:
+the policy's (local, sharded) parameters are copied at that step, and at the steps in between the pre-pass runs
+on that copy (copied in for the no-grad forward, the current weights copied back before the training pass).
+PSFT's own schedule is 8 updates per pi_old (its run script: 256 prompts per pi_old, mini-batches of 32). Cost:
+one more copy of the local parameter shards (and a transient one during the pre-pass). A resumed run starts a
+new cycle at its first step (the copy is not checkpointed).
 
 Cost per step: one reference forward, two policy forwards (pre-pass, training) and one backward; the
 metrics `eksft/ref_forwards_per_step` (tokens through the reference / tokens in the batch) and
@@ -47,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -71,6 +81,7 @@ from eksft_pipeline.verl_ext.sft_plan import (
     check_eksft_block,
     complete_eksft_block,
     plan_step,
+    policy_is_reference,
     scatter_to_positions,
 )
 
@@ -125,6 +136,8 @@ class SelectiveLossHook:
         self.chunk_size = chunk_size
         self.ref: RefSide | None = None
         self.step = 0
+        # this step's policy is still the reference (sft_plan.policy_is_reference): its KL is 0 by definition
+        self.kl_is_zero = False
         self.vocab_size: int | None = None
         self.micro_metrics: list[dict[str, float]] = []
         self.term_sums: dict[str, float] = {}
@@ -171,6 +184,8 @@ class SelectiveLossHook:
     def _micro_plan(self, stats: TokenStats, mb, valid: torch.Tensor):
         """selection_scope=micro_batch: plan this micro-batch alone; weight = its share of the batch's tokens."""
         seq = _seq_ids(mb).to(valid.device)
+        if self.kl_is_zero and stats.kl is not None:  # pi_theta IS pi_ref (losses/selection.py, rule 1)
+            stats = stats.policy_is_reference()
         plan = self.loss.plan(stats, seq_ids=seq, generator=self._generator(extra=valid.numel()))
         self.micro_metrics.append({k: float(v) for k, v in plan.metrics.items()})
         share = float(valid.sum().item()) / max(float(mb["batch_num_tokens"]), 1.0)
@@ -335,8 +350,16 @@ class SelectiveTrainingWorker(TrainingWorker):
         seed=0,
         metrics_prefix="eksft/",
         dump_dir: str | None = None,
+        ref_is_initial: bool = False,
+        pi_old_every: int = 1,
     ):
         super().__init__(config=config)
+        # the reference is the policy's initial model (eksft.ref_model_path null or the same path): at a step
+        # before any optimizer update the two are the same weights (policy_is_reference)
+        self.ref_is_initial = bool(ref_is_initial)
+        self.pi_old_every = int(pi_old_every)
+        self._pi_old: list[torch.Tensor] | None = None  # copy of the local parameter shards at the last refresh
+        self._pi_old_step = 0
         self.dump_dir = dump_dir
         self.loss_obj = loss
         self.selection_scope = selection_scope
@@ -411,7 +434,14 @@ class SelectiveTrainingWorker(TrainingWorker):
     def _plan(self, data, valid: torch.Tensor, groups_seq: torch.Tensor):
         """Statistics (if the loss needs them) -> all-gather -> the global plan -> this rank's rows into `data`."""
         t0 = time.perf_counter()
-        local = self._statistics(data, valid) if self.loss_obj.needs_prepass else {}
+        age = None
+        if not self.loss_obj.needs_prepass:
+            local = {}
+        elif self.pi_old_every > 1:
+            with self._pi_old_weights() as age:
+                local = self._statistics(data, valid)
+        else:
+            local = self._statistics(data, valid)
         t_stats = time.perf_counter() - t0
         bsz = data["input_ids"].shape[0]
         dp_rank = self.engine.get_data_parallel_rank()
@@ -426,6 +456,11 @@ class SelectiveTrainingWorker(TrainingWorker):
             vocab_size=self._vocab_size(),
             **{k: f[k] for k in _STAT_FIELDS if k in f},
         )
+        measured = None
+        if stats.kl is not None and self.hook.kl_is_zero:
+            # pi_theta IS pi_ref here: KL = 0 by definition, whatever rounding computed (losses/selection.py, rule 1)
+            measured = float(stats.kl.mean()) if n_global else 0.0
+            stats = stats.policy_is_reference()
         plan = plan_step(
             self.loss_obj,
             stats,
@@ -434,6 +469,10 @@ class SelectiveTrainingWorker(TrainingWorker):
             scope=self.selection_scope,
             generator=self.hook._generator(),
         )
+        if measured is not None:
+            plan.metrics["kl_all_measured"] = measured
+        if age is not None:
+            plan.metrics["pi_old_age"] = float(age)
         self._attach_plan(data, plan.token, gathered, valid)
         if self.hook.ref is not None and self.hook.ref.store is not None and plan.linear:
             # the training pass reads reference rows only where the KL weight is non-zero (EKSFT: the mask)
@@ -441,6 +480,30 @@ class SelectiveTrainingWorker(TrainingWorker):
         if self.dump_dir:
             self._dump(data, valid, local, plan, gathered)
         return plan, t_stats
+
+    @contextmanager
+    def _pi_old_weights(self):
+        """The pre-pass on pi_old (eksft.pi_old_every): at a refresh step copy the policy's parameters and run on
+        them as they are; in between, copy the saved ones in for the pre-pass and the current ones back after.
+        Yields the number of steps since the refresh (0 at one)."""
+        params = [p for p in self.engine.module.parameters()]
+        step = self.hook.step
+        if self._pi_old is None or step - self._pi_old_step >= self.pi_old_every:
+            with torch.no_grad():
+                self._pi_old = [p.detach().clone() for p in params]
+            self._pi_old_step = step
+            yield 0
+            return
+        with torch.no_grad():
+            current = [p.detach().clone() for p in params]
+            for p, old in zip(params, self._pi_old):
+                p.detach().copy_(old)
+        try:
+            yield step - self._pi_old_step
+        finally:
+            with torch.no_grad():
+                for p, cur in zip(params, current):
+                    p.detach().copy_(cur)
 
     def _attach_plan(self, data, token: dict[str, torch.Tensor], gathered, valid: torch.Tensor) -> None:
         """This rank's rows of the global plan -> jagged per-token fields of `data` (0 on invalid rows)."""
@@ -462,6 +525,7 @@ class SelectiveTrainingWorker(TrainingWorker):
         t0 = time.perf_counter()
         self.hook.step += 1
         self.hook.micro_metrics = []
+        self.hook.kl_is_zero = policy_is_reference(self.ref_is_initial, getattr(self.engine, "optimizer", None))
         self._engine_defaults(data)
         bsz = int(data["input_ids"].shape[0])
         u = self.updates_per_batch
@@ -761,6 +825,8 @@ class EKSFTTrainer(SFTTrainer):
             chunk_size=block["chunk_size"],
             seed=seed,
             dump_dir=block.get("dump_dir"),
+            ref_is_initial=not block["ref_model_path"] or str(block["ref_model_path"]) == str(self.config.model.path),
+            pi_old_every=int(block["pi_old_every"]),
         )
         self.loss_fn = self.training_client.hook
         self.engine = self.training_client.engine

@@ -239,6 +239,14 @@ def test_length_filter_and_token_stats(tmp_path, tokenizer):
     over_idx = [json.loads(line)["index"] for line in (tmp_path / "dropped.jsonl").read_text().splitlines()]
     assert over_idx == [i for i, n in enumerate(lengths) if n > cutoff]
     assert rep.length_check.startswith("applied: cutoff_tokens=")
+    # the departure from the paper's 20,000, measured on these rows: every row fits 20,000, so every drop is the
+    # departure's own
+    c = rep.cutoff
+    assert (c["cutoff_tokens"], c["paper_cutoff_tokens"], c["departs_from_paper"]) == (cutoff, 20000, True)
+    assert (c["n_rows_measured"], c["n_over_cutoff"], c["n_dropped_by_departure"]) == (24, n_over, n_over)
+    assert c["share_over_cutoff"] == pytest.approx(n_over / 24) and c["length_tokens"]["max"] == max(lengths)
+    assert f"drops {n_over} of 24 rows ({100 * n_over / 24:.2f}%)" in c["note"]
+    assert json.loads((tmp_path / "split_report.json").read_text())["cutoff"] == c
     kept = {"sft": rep.sft_ids, "rl": rep.rl_ids}
     for split, ids in kept.items():
         st = rep.token_stats[split]
@@ -247,6 +255,24 @@ def test_length_filter_and_token_stats(tmp_path, tokenizer):
         assert st["target_tokens"]["max"] == max(lengths[i] - prompt_lengths[i] for i in ids)
         total = [lengths[i] - prompt_lengths[i] for i in ids]
         assert st["target_tokens"]["mean"] == round(sum(total) / len(total), 2)
+
+
+def test_cutoff_report_by_hand():
+    from eksft_pipeline.data.split import cutoff_report
+
+    lengths = [100, 9000, 10240, 10241, 15000, 20000, 20001, 30000]
+    c = cutoff_report(lengths, 10240)
+    # > 10240: 10241, 15000, 20000, 20001, 30000 = 5; > 20000: 2; the paper's cutoff keeps 10241, 15000, 20000
+    assert (c["n_over_cutoff"], c["n_over_paper_cutoff"], c["n_dropped_by_departure"]) == (5, 2, 3)
+    assert c["share_over_cutoff"] == 5 / 8 and c["share_dropped_by_departure"] == 3 / 8
+    assert c["length_tokens"] == {"p50": 15000, "p90": 30000, "p99": 30000, "max": 30000}
+    assert c["note"].startswith("cutoff 10240 tokens departs from the paper's 20000: it drops 5 of 8 rows (62.50%), "
+                                "3 of them (37.50%) rows the paper's cutoff keeps")
+    same = cutoff_report(lengths, 20000)
+    assert not same["departs_from_paper"] and same["n_dropped_by_departure"] == 0 and "departs" not in same["note"]
+    # a longer cutoff than the paper's drops fewer rows, none "by the departure"
+    assert cutoff_report(lengths, 25000)["n_dropped_by_departure"] == 0
+    assert cutoff_report([], 10240)["share_over_cutoff"] == 0.0
 
 
 def test_default_system_prompt_is_in_samples():

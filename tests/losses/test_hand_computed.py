@@ -119,24 +119,43 @@ def test_global_reg():
 
 
 def test_random_mask_drops_ten_percent_by_default():
-    """Paper App. H: ceil(0.1·N) valid tokens dropped uniformly; no regulariser, no reference model needed."""
+    """Paper App. H: ceil(0.1·N) valid tokens dropped uniformly from the CE, with EKSFT's entropy / KL
+    regularisers (lambda 0.05 each) on the dropped tokens; the reference is needed, no pre-pass."""
     lf = get_loss("random_mask", seed=3)
-    assert (lf.needs_ref, lf.needs_prepass, lf.ref_in_compute) == (False, False, False)
+    assert (lf.params["lambda_entropy"], lf.params["lambda_kl"]) == (0.05, 0.05)
+    assert (lf.needs_ref, lf.needs_prepass, lf.ref_in_compute) == (True, False, True)
     labels = list(LABELS) * 4  # N = 20 -> |M| = 2
-    logits = LOGITS * 4
-    stats = lf.stats(t(logits), None, torch.tensor(labels))
+    logits, ref = LOGITS * 4, REF * 4
+    stats = lf.stats(t(logits), t(ref), torch.tensor(labels))
     plan = lf.plan(stats)
     mask = set(plan.token["mask"].nonzero().flatten().tolist())
     assert len(mask) == 2 and plan.metrics["mask_frac"] == pytest.approx(0.1)
-    loss, _ = lf.compute(t(logits), torch.tensor(labels), None, plan.token, plan.scalars)
-    assert loss.item() == pytest.approx(mean([ce(logits[i], labels[i]) for i in range(20) if i not in mask]), abs=1e-6)
+    loss, terms = lf.compute(t(logits), torch.tensor(labels), t(ref), plan.token, plan.scalars)
+    # each term by hand: CE over the kept 18, -0.05·mean H and +0.05·mean KL over the 2 dropped tokens
+    ce_kept = mean([ce(logits[i], labels[i]) for i in range(20) if i not in mask])
+    ent_m = mean([entropy(logits[i]) for i in mask])
+    kl_m = mean([kl(logits[i], ref[i]) for i in mask])
+    assert terms["ce_term"].item() == pytest.approx(ce_kept, abs=1e-6)
+    assert terms["entropy_term"].item() == pytest.approx(-0.05 * ent_m, abs=1e-6)
+    assert terms["kl_term"].item() == pytest.approx(0.05 * kl_m, abs=1e-6)
+    assert loss.item() == pytest.approx(ce_kept - 0.05 * ent_m + 0.05 * kl_m, abs=1e-6)
+    assert loss.item() == pytest.approx(selective_loss(logits, ref, labels, mask, 0.05, 0.05), abs=1e-6)
+    # the KL term needs the reference in compute
+    with pytest.raises(ValueError, match="ref_logits"):
+        lf.compute(t(logits), torch.tensor(labels), None, plan.token, plan.scalars)
     # ignored rows are never drawn, and ceil: 5 valid tokens -> ceil(0.5) = 1
     lab = torch.tensor(LABELS[:4] + [-100] * 3 + LABELS[4:])
-    m = lf.plan(lf.stats(t(LOGITS[:4] + [[0.0] * 4] * 3 + LOGITS[4:]), None, lab)).token["mask"]
+    pad = LOGITS[:4] + [[0.0] * 4] * 3 + LOGITS[4:]
+    m = lf.plan(lf.stats(t(pad), t(pad), lab)).token["mask"]
     assert int(m.sum()) == 1 and not m[4:7].any()
-    # the size is a parameter; the regularisers are opt-in and then need the reference
+    # the size is a parameter; with both lambdas 0 the tokens are simply dropped and no reference is needed
     assert int(get_loss("random_mask", mask_ratio=0.5).plan(stats).token["mask"].sum()) == 10
-    assert get_loss("random_mask", lambda_kl=0.05).needs_ref
+    plain = get_loss("random_mask", seed=3, lambda_entropy=0.0, lambda_kl=0.0)
+    assert (plain.needs_ref, plain.needs_prepass) == (False, False)
+    p2 = plain.plan(plain.stats(t(logits), None, torch.tensor(labels)))
+    drop = set(p2.token["mask"].nonzero().flatten().tolist())
+    loss2, _ = plain.compute(t(logits), torch.tensor(labels), None, p2.token, p2.scalars)
+    assert loss2.item() == pytest.approx(mean([ce(logits[i], labels[i]) for i in range(20) if i not in drop]), abs=1e-6)
 
 
 def test_random_mask_matched_to_eksft_size_formula_and_seed():

@@ -213,3 +213,18 @@ def test_two_node_sft_command_and_refusal(tmp_path):
     ctx = StageContext(cfg=cfg, run_dir=tmp_path, manifest=Manifest(tmp_path), key="sft/eksft")
     with pytest.raises(NotImplementedInThisBuild, match="every node"):
         stage.run(ctx)
+
+
+@pytest.mark.parametrize("model", GPU_MODELS)
+def test_paper_recipes_evaluate_the_base_model_and_random_mask_regularises(tmp_path, model):
+    """The paper-scale recipes evaluate the base model by default (the "Original Model" rows, Fig. 1), and
+    random_mask carries EKSFT's lambdas on its dropped tokens (App. H) into the SFT trainer."""
+    from eksft_pipeline.sft.stage import SFTStage
+
+    cfg = compose_pipeline(f"model={model}", "cluster=8gpu", "method=random_mask")
+    assert list(cfg.eval.targets) == ["base", "sft", "rl"]
+    vc = SFTStage().verl_config(ctx_for(cfg, tmp_path, "sft/random_mask"))
+    params = dict(vc.eksft.loss_params)
+    assert (params["mask_ratio"], params["lambda_entropy"], params["lambda_kl"]) == (0.1, 0.05, 0.05)
+    eksft = OmegaConf.load(RECIPES / "method" / "eksft.yaml").params
+    assert (params["lambda_entropy"], params["lambda_kl"]) == (eksft.lambda_entropy, eksft.lambda_kl)

@@ -205,6 +205,8 @@ def test_one_and_two_ranks_see_the_same_tokens_and_statistics(two_rank_run, one_
     for c in (one, two):
         assert float(c["stats"]["kl"].abs().max()) < 1e-5
         assert not c["plan"]["mask_kl"].bool().any() and c["metrics"]["n_mask_kl"] == 0
+        # the trainer knew it (no optimizer step yet, the reference is the initial model) and logged what it measured
+        assert 0.0 <= c["metrics"]["kl_all_measured"] < 1e-5
         assert torch.equal(c["plan"]["mask"].bool(), c["plan"]["mask_h"].bool())
 
 
@@ -259,13 +261,13 @@ def test_rho_zero_is_plain_sft_step_for_step(assets, sft_two_updates):
 
 
 def test_psft_keeps_pi_old_over_the_updates_of_a_batch(assets, sft_two_updates, tmp_path):
-    """PSFT's schedule (eksft.updates_per_batch): pi_old is the policy at the start of the batch. The first update
+    """psft_hybrid's schedule (eksft.updates_per_batch): pi_old is the policy at the start of the batch. The first update
     (ratio 1) has exactly SFT's gradient; the second one, from the same weights as SFT's second update, does not,
     and its clip acts."""
     run_dir = tmp_path / "psft"
-    _run(assets, run_dir, "method=psft", "method.updates_per_batch=2", "model.sft.verl.optim.lr=1e-2",
+    _run(assets, run_dir, "method=psft_hybrid", "method.updates_per_batch=2", "model.sft.verl.optim.lr=1e-2",
          f"+sft.verl.eksft.dump_dir={run_dir / 'dump'}", "+model.sft.verl.trainer.total_training_steps=1")
-    m = _metrics(run_dir, "psft")[1]
+    m = _metrics(run_dir, "psft_hybrid")[1]
     assert m["eksft/updates"] == 2 and "eksft/ref_forwards_per_step" not in m  # PSFT needs no reference model
     g_psft0, g_sft0 = _grads(run_dir, 1, 0), _grads(sft_two_updates, 1, 0)
     assert max(_rel(g_psft0[k], g_sft0[k]) for k in g_sft0) < 1e-5
@@ -273,6 +275,22 @@ def test_psft_keeps_pi_old_over_the_updates_of_a_batch(assets, sft_two_updates, 
         _metrics(sft_two_updates, "sft")[1]["eksft/grad_norm_first"], rel=1e-5)
     g_psft1, g_sft1 = _grads(run_dir, 1, 1), _grads(sft_two_updates, 1, 1)
     assert max(_rel(g_psft1[k], g_sft1[k]) for k in g_sft1) > 1e-2
+
+
+def test_psft_refreshes_pi_old_every_k_steps_within_the_same_budget(assets, tmp_path):
+    """psft (eksft.pi_old_every=2 here, 8 in its recipe): one update per batch, as every other method; the pre-pass
+    of step 2 runs on the weights of step 1 (pi_old), so its ratio is no longer 1 and the loss -mean(min(r, clip))
+    moves off -1, while the training pass runs on the current weights (restored after the pre-pass: with pi_old's
+    weights the ratio would be exactly 1). Step 3 refreshes pi_old: ratio 1, loss -1 again."""
+    run_dir = tmp_path / "psft"
+    _run(assets, run_dir, "method=psft", "method.pi_old_every=2", "model.sft.verl.optim.lr=1e-2",
+         "+model.sft.verl.trainer.total_training_steps=3")
+    m = _metrics(run_dir, "psft")
+    assert sorted(m) == [1, 2, 3]
+    assert [m[s]["eksft/pi_old_age"] for s in (1, 2, 3)] == [0.0, 1.0, 0.0]
+    assert all("eksft/updates" not in m[s] for s in m)  # one optimizer update per batch
+    assert m[1]["train/loss"] == pytest.approx(-1.0, abs=1e-6) and m[3]["train/loss"] == pytest.approx(-1.0, abs=1e-6)
+    assert abs(m[2]["train/loss"] + 1.0) > 1e-4
 
 
 def test_official_recipe_selects_per_sequence_with_equal_weights(assets, tmp_path):

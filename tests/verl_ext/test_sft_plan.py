@@ -181,6 +181,9 @@ def test_config_errors_name_the_fix():
         check_eksft_block(_block(), loss=official, micro_batch_size_per_gpu=1, use_dynamic_bsz=False)
     with pytest.raises(ValueError, match="eksft.head=naive"):
         check_eksft_block(_block(head="fused"), loss=get_loss("psft"), micro_batch_size_per_gpu=1, use_dynamic_bsz=True)
+    with pytest.raises(ValueError, match="pi_old_every must be an integer >= 1"):
+        check_eksft_block(_block(pi_old_every=0), loss=get_loss("psft"), micro_batch_size_per_gpu=1,
+                          use_dynamic_bsz=True)
     with pytest.raises(ValueError, match="updates_per_batch must be an integer >= 1"):
         check_eksft_block(_block(updates_per_batch=0), loss=get_loss("sft"), micro_batch_size_per_gpu=1,
                           use_dynamic_bsz=True)
@@ -200,7 +203,15 @@ def test_recipes_give_psft_its_schedule_and_official_its_scope(tmp_path):
         ctx = StageContext(cfg=cfg, run_dir=Path(tmp_path), manifest=Manifest(tmp_path), key="sft/x", dry_run=True)
         return SFTStage().verl_config(ctx)
 
-    assert vc_for("method=psft").eksft.updates_per_batch == 8
+    # psft: the others' budget (one update per batch), pi_old refreshed every 8 updates; the hybrid: 8 per batch
+    psft, hybrid = vc_for("method=psft").eksft, vc_for("method=psft_hybrid").eksft
+    assert (psft.updates_per_batch, psft.pi_old_every, psft.loss) == (1, 8, "psft")
+    assert (hybrid.updates_per_batch, hybrid.pi_old_every, hybrid.loss) == (8, 1, "psft")
+    assert vc_for("method=eksft").eksft.pi_old_every == 1
+    with pytest.raises(ValueError, match="two schedules"):
+        vc_for("method=psft", "+method.updates_per_batch=2")
+    with pytest.raises(ValueError, match="takes no pre-pass statistics"):
+        vc_for("method=sft", "+method.pi_old_every=2")
     assert vc_for("method=eksft_official").eksft.selection_scope == "sequence"
     assert vc_for("method=eksft").eksft.head == "auto"
     with pytest.raises(ValueError, match="selection_scope=sequence"):
@@ -217,3 +228,21 @@ def test_ignore_index_rows_stay_out_of_every_plan():
                        entropy=full.entropy[keep], logp=full.logp[keep], kl=full.kl[keep], ref_logp=full.ref_logp[keep])
     plan = plan_step(loss, stats, seq_ids=seq[keep], scope="sequence")
     assert plan.token["w_ce"].numel() == int(keep.sum())
+
+
+def test_policy_is_reference_until_the_first_optimizer_step():
+    """The trainer's step-1 rule (losses/selection.py, rule 1): the policy is the reference while the reference is
+    the initial model and the optimizer has taken no step (a resumed run has optimizer state: not the reference)."""
+    from eksft_pipeline.verl_ext.sft_plan import policy_is_reference
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    assert policy_is_reference(True, opt)
+    assert not policy_is_reference(False, opt)  # eksft.ref_model_path names another model
+    assert not policy_is_reference(True, None)
+    (w ** 2).sum().backward()
+    opt.step()
+    assert not policy_is_reference(True, opt)
+    resumed = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    resumed.load_state_dict(opt.state_dict())
+    assert not policy_is_reference(True, resumed)
