@@ -61,7 +61,7 @@ Hydra's own options: --cfg job (print the composed config), --hydra-help.
 
 
 def _help() -> str:
-    from eksft_pipeline.pipeline.verl_config import recipes_dir
+    from eksft_pipeline.contract.recipes import recipes_dir
 
     r = recipes_dir()
 
@@ -92,14 +92,14 @@ def _app_factory():
     import hydra
     from omegaconf import DictConfig, open_dict
 
-    from eksft_pipeline.pipeline.verl_config import recipes_dir
+    from eksft_pipeline.contract.recipes import recipes_dir
 
     @hydra.main(config_path=str(recipes_dir()), config_name="config", version_base=None)
     def _app(cfg: DictConfig) -> None:
         global _exit_code
         from hydra.core.hydra_config import HydraConfig
 
-        from eksft_pipeline.pipeline.runner import main_from_config
+        from eksft_pipeline.orchestrator.runner import main_from_config
 
         if _SET_FULL_ERROR:  # only for composition errors (below); verl's own Hydra keeps its default
             os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -121,10 +121,10 @@ def _reexec_with_run_token() -> None:
     """Put the run token into THIS process's own environment block, by re-executing once before any heavy
     import (~50 ms). Variables set later through os.environ are invisible in /proc/<pid>/environ, so a child
     the orchestrator forks without exec (multiprocessing's fork start method) would otherwise carry no token
-    and escape the watchdog's sweep (pipeline/procs.py). EKSFT_NO_REEXEC=1 skips it (debuggers)."""
+    and escape the watchdog's sweep (contract/procs.py). EKSFT_NO_REEXEC=1 skips it (debuggers)."""
     import uuid
 
-    from eksft_pipeline.pipeline.procs import ENV_TOKEN
+    from eksft_pipeline.contract.procs import ENV_TOKEN
 
     if os.environ.get(ENV_TOKEN) or os.environ.get("EKSFT_NO_REEXEC") or not sys.platform.startswith("linux"):
         return
@@ -139,7 +139,7 @@ def _reexec_with_run_token() -> None:
 
 
 def main() -> None:
-    from eksft_pipeline.pipeline.verl_config import redirect_benchmark_overrides
+    from eksft_pipeline.contract.recipes import redirect_benchmark_overrides
 
     if any(a in ("--help", "-h") for a in sys.argv[1:]):
         print(_help(), end="")

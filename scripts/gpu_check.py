@@ -8,7 +8,7 @@ Checks (each in its own subprocess, so every memory peak is measured on a fresh 
   env       torch / transformers / triton versions, the device
   losses    `pytest tests/losses` (on a GPU this includes tests/losses/test_fused_gpu.py: fused == naive on CUDA)
   head      the naive vs the fused EKSFT head at V = 151,936 (forward + backward): time, peak memory, and the peak
-            against `eksft_pipeline.pipeline.memory.loss_head_peak` (the dry run's head term)
+            against `eksft_pipeline.verl_ext.memory.loss_head_peak` (the dry run's head term)
   sft_step  one EKSFT step of a truncated Qwen3-8B-shaped model (the real hidden size, MLP width, heads and
             vocabulary, `--layers` decoder layers, random init) at the qwen3-8b recipe's token budget
             (`data.max_token_len_per_gpu`): selection pre-pass (policy + reference forward, global top-k),
@@ -103,7 +103,7 @@ def probe_head(args) -> dict:
 
     from eksft_pipeline.losses import get_loss
     from eksft_pipeline.losses.fused import fused_compute
-    from eksft_pipeline.pipeline.memory import loss_head_peak
+    from eksft_pipeline.verl_ext.memory import loss_head_peak
 
     dev = "cpu" if args.cpu else "cuda"
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
@@ -143,7 +143,7 @@ def probe_head(args) -> dict:
 
 
 def _shape(args):
-    from eksft_pipeline.pipeline.memory import ModelShape
+    from eksft_pipeline.verl_ext.memory import ModelShape
 
     s = TINY if args.tiny else QWEN3_8B
     return ModelShape(vocab=s["vocab"], hidden=s["hidden"], layers=args.layers, intermediate=s["intermediate"],
@@ -157,7 +157,7 @@ def probe_sft(args) -> dict:
 
     from eksft_pipeline.losses import get_loss
     from eksft_pipeline.losses.fused import fused_compute, fused_stats
-    from eksft_pipeline.pipeline.memory import GIB, RUNTIME_BYTES, sft_estimate
+    from eksft_pipeline.verl_ext.memory import GIB, RUNTIME_BYTES, sft_estimate
 
     dev = "cpu" if args.cpu else "cuda"
     shape = _shape(args)

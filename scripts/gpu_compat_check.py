@@ -40,9 +40,9 @@ def main() -> int:
         importlib.import_module(name)
     print(f"gpu-compat: {len(mods)} modules import", flush=True)
 
-    from eksft_pipeline.pipeline.manifest import Manifest
-    from eksft_pipeline.pipeline.stage_api import StageContext
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline, recipes_dir
+    from eksft_pipeline.contract.manifest import Manifest
+    from eksft_pipeline.contract.recipes import compose_pipeline, recipes_dir
+    from eksft_pipeline.contract.stage_api import StageContext
     from eksft_pipeline.rl.stage import RLStage
     from eksft_pipeline.sft.stage import SFTStage
 

@@ -1,4 +1,4 @@
-"""Cost of the manifest's large-file fingerprint (pipeline/manifest.py `fingerprint_file`) on an 8B-sized file.
+"""Cost of the manifest's large-file fingerprint (contract/manifest.py `fingerprint_file`) on an 8B-sized file.
 
     python scripts/measure_fingerprint.py                    # a 16 GB sparse file in $TMPDIR (no disk used)
     python scripts/measure_fingerprint.py /path/model.safetensors --full   # a real file, and its full sha256
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from eksft_pipeline.pipeline.manifest import fingerprint_file, sha256_file
+from eksft_pipeline.contract.manifest import fingerprint_file, sha256_file
 
 SIZE_8B = 16 * 10**9  # Qwen3-8B in bf16: 8.2e9 parameters x 2 bytes
 

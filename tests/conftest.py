@@ -2,7 +2,7 @@
 
 `tiny_run`: the embedded CPU default end to end (`python -m eksft_pipeline`, what `make reproduce MODEL=tiny`
 runs), once per test session into a fresh run directory. tests/test_e2e_tiny.py checks it; the fault-injection
-suite (tests/pipeline/test_faults.py) works on `cp -r` copies of it, so the expensive run is paid once.
+suite (tests/orchestrator/test_faults.py) works on `cp -r` copies of it, so the expensive run is paid once.
 Nothing may modify `tiny_run.run_dir` itself.
 
 `shared_eval_parquet`: `../shared/data/eval/luffy_valid_all.parquet` (real AIME/AMC/MATH prompts, or under
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 # development tools outside the runtime package (scripts/devtools: the verifier corpus) import as `devtools`
 if str(REPO / "scripts") not in sys.path:
     sys.path.insert(0, str(REPO / "scripts"))
-# the shared run also proves experiment tracking end to end (tests/pipeline/test_tracking_e2e.py): W&B, offline
+# the shared run also proves experiment tracking end to end (tests/contract/test_tracking_e2e.py): W&B, offline
 # (WANDB_MODE wins over credentials), its runs under <run_dir>/tracking/wandb
 TRACKING_ARGS = ("tracking=wandb",)
 TRACKING_ENV = {"WANDB_MODE": "offline", "WANDB_CONSOLE": "off"}

@@ -151,7 +151,7 @@ def test_tiny_dapo_benchmark_curves(complete_tiny_run):
 
     import pandas as pd
 
-    from eksft_pipeline.pipeline.rl_curves import expected_val_points, val_curves
+    from eksft_pipeline.contract.rl_curves import expected_val_points, val_curves
 
     run_dir = complete_tiny_run.run_dir
     vc = yaml.safe_load((run_dir / "rl/eksft/verl_dapo.yaml").read_text())

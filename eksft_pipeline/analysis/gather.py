@@ -6,7 +6,7 @@ files the manifest lists.
 
 `source="tracker"` (`report.source=tracker`): the SFT and DAPO training curves come from each stage's tracker
 run instead (its manifest `tracking` record; W&B history read from the local `.wandb` files,
-pipeline/tracking.py `history`). A stage without a readable tracker run falls back to its metrics file, and
+contract/tracking.py `history`). A stage without a readable tracker run falls back to its metrics file, and
 `RunData.tracker_notes` says which stages did.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eksft_pipeline.pipeline.manifest import resolve_recorded
+from eksft_pipeline.contract.manifest import resolve_recorded
 
 TARGET_LABEL = {"base": "base", "sft": "SFT", "rl": "SFT→RL"}
 
@@ -78,7 +78,7 @@ def _steps(d: dict) -> dict[int, dict]:
 def _curves(rd: str, key: str, entry: dict, outs: dict, source: str, data: RunData) -> dict[int, dict] | None:
     """step -> metrics of a training stage, from the tracker (source="tracker") or its metrics file."""
     if source == "tracker":
-        from eksft_pipeline.pipeline.tracking import history
+        from eksft_pipeline.contract.tracking import history
 
         rec = entry.get("tracking")
         why = "no tracker run recorded"
@@ -114,7 +114,7 @@ def gather(run_dirs: list[str | Path], source: str = "files") -> RunData:
             data.stages[f"{rd}::{key}"] = entry
             if entry.get("status") != "complete":
                 continue
-            # recorded relative to the run dir (pipeline/manifest.py): a moved or copied run reads its own files
+            # recorded relative to the run dir (contract/manifest.py): a moved or copied run reads its own files
             outs = {k: resolve_recorded(rd, v["path"]) for k, v in (entry.get("outputs") or {}).items()}
             kind, _, tag = key.partition("/")
             if kind == "split" and data.split is None:

@@ -144,7 +144,7 @@ def plot_rl_curves(rl_metrics: dict[str, dict[int, dict]], path: Path) -> Path |
 def plot_rl_val_curves(rl_metrics: dict[str, dict[int, dict]], path: Path) -> Path | None:
     """Benchmark pass@1 against the DAPO step (verl's validation, `rl.val_every`), one panel per benchmark (+ their
     mean), one line per method (init), next to the training reward (mean score of each step's batch)."""
-    from eksft_pipeline.pipeline.rl_curves import val_curves
+    from eksft_pipeline.contract.rl_curves import val_curves
 
     curves = {init: val_curves(steps) for init, steps in rl_metrics.items()}
     curves = {i: c for i, c in curves.items() if c}
@@ -182,7 +182,7 @@ def plot_rl_val_curves(rl_metrics: dict[str, dict[int, dict]], path: Path) -> Pa
 def plot_rl_mismatch(rl_metrics: dict[str, dict[int, dict]], path: Path) -> Path | None:
     """The rollout-vs-trainer log-prob mismatch per DAPO step (verl's rollout_corr/* and rollout_probs_diff metrics),
     and, when a rollout correction is on, its IS weights / rejected fraction; one line per method (init)."""
-    from eksft_pipeline.pipeline.rl_curves import MISMATCH_PANELS
+    from eksft_pipeline.contract.rl_curves import MISMATCH_PANELS
 
     have = {k for st in rl_metrics.values() for m in st.values() for k in m}
     panels = [(k, t) for k, t in MISMATCH_PANELS if k in have]

@@ -27,7 +27,7 @@ One function per report section (`section_results`, `section_sft`, `section_rl`,
 `section_claims`, `section_tracking`, `section_stages`), each `(Report) -> markdown lines`, adding its files,
 figures and tables to the `Report` it is given; `ReportStage.run` only orders them.
 
-Tracking (pipeline/tracking.py): the "Tracking" section lists every stage's tracker run (backend, name, id,
+Tracking (contract/tracking.py): the "Tracking" section lists every stage's tracker run (backend, name, id,
 group, link or offline folder and the `wandb sync` command). With tracking on, the report itself is a tracker
 run (`report`) holding its figures (pass@k curves, drift, selection / IoU curves, DAPO curves, the
 token-probability case study) and tables. `report.source=tracker` reads the SFT and DAPO training curves from
@@ -47,9 +47,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from eksft_pipeline.analysis.gather import RunData, gather
-from eksft_pipeline.pipeline.artifacts import atomic_write_text
-from eksft_pipeline.pipeline.manifest import resolve_recorded
-from eksft_pipeline.pipeline.stage_api import ConfigError, Stage, StageContext, StageResult
+from eksft_pipeline.contract.artifacts import atomic_write_text
+from eksft_pipeline.contract.manifest import resolve_recorded
+from eksft_pipeline.contract.stage_api import ConfigError, Stage, StageContext, StageResult
 
 
 def _plain(x):
@@ -410,7 +410,7 @@ def section_rl(r: Report) -> list[str]:
     """DAPO curves (score, response length, entropy per step), benchmark pass@1 per step (verl's validation,
     `rl.val_every`) beside the final eval, and the rollout-vs-trainer mismatch with the rollout correction's setting."""
     from eksft_pipeline.analysis import plots
-    from eksft_pipeline.pipeline.rl_curves import mismatch_keys, val_curves, val_n
+    from eksft_pipeline.contract.rl_curves import mismatch_keys, val_curves, val_n
 
     data, out = r.data, r.out
     md: list[str] = []
@@ -483,7 +483,7 @@ def section_claims(r: Report) -> list[str]:
 
 def _local_run(run_dir: Path, backend: str, folder: str, run_id: str) -> str:
     """Where a run's local files are: the W&B run folder(s) of `run_id` when present, else the backend's folder."""
-    from eksft_pipeline.pipeline.tracking import wandb_run_dirs
+    from eksft_pipeline.contract.tracking import wandb_run_dirs
 
     root = Path(folder) if Path(folder).is_absolute() else run_dir / folder
     if backend == "wandb":
@@ -624,7 +624,7 @@ def log_report(identity, r: Report) -> None:
     """The report's figures (as images) and tables to its tracker run (`report`)."""
     import pandas as pd
 
-    from eksft_pipeline.pipeline.tracking import StageRun
+    from eksft_pipeline.contract.tracking import StageRun
 
     with StageRun(identity, config={"run_dirs": r.data.run_dirs}) as run:
         for name, path in r.figures.items():
@@ -679,7 +679,7 @@ class ReportStage(Stage):
                               "this pipeline wrote")
         # a result whose file was damaged after it completed (Manifest.verify_inputs marked it): re-run that stage
         # first -- a report made now would silently drop it, and the previous report would be gone
-        from eksft_pipeline.pipeline.manifest import rerun_hint
+        from eksft_pipeline.contract.manifest import rerun_hint
 
         for d in self._run_dirs(ctx):
             m = d / "manifest.json"
@@ -711,7 +711,7 @@ class ReportStage(Stage):
                 "out": str(ctx.out_dir / "report.md")}
 
     def run(self, ctx: StageContext) -> StageResult:
-        from eksft_pipeline.pipeline.tracking import identity_of
+        from eksft_pipeline.contract.tracking import identity_of
 
         cfg = ctx.cfg
         out = ctx.out_dir

@@ -29,10 +29,10 @@ from typing import Any
 import pandas as pd
 
 from eksft_pipeline.analysis.stage import ReportStage
+from eksft_pipeline.contract.artifacts import atomic_write_json
+from eksft_pipeline.contract.manifest import resolve_recorded
+from eksft_pipeline.contract.stage_api import StageContext, StageResult
 from eksft_pipeline.data.tool_use.format import IRRELEVANCE, LIVE_AST
-from eksft_pipeline.pipeline.artifacts import atomic_write_json
-from eksft_pipeline.pipeline.manifest import resolve_recorded
-from eksft_pipeline.pipeline.stage_api import StageContext, StageResult
 from eksft_pipeline.scoring.bootstrap import bootstrap_ci
 
 SHORT = {"live_simple": "Simple", "live_multiple": "Multiple", "live_parallel": "Parallel",

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from eksft_pipeline.pipeline.stage_api import PipelineError
+from eksft_pipeline.contract.stage_api import PipelineError
 
 
 @contextlib.contextmanager
@@ -153,7 +153,7 @@ def tee(
     Console: every line when `progress` is None; otherwise only what `progress(line)` returns (e.g. a
     `StepProgress`), plus a heartbeat line when nothing was shown for `heartbeat_s`.
 
-    Processes: when `env` carries the orchestrator's run token (pipeline/procs.py) the command stays in the
+    Processes: when `env` carries the orchestrator's run token (contract/procs.py) the command stays in the
     orchestrator's process group -- a `kill -9` of the group reaches it -- and everything it starts (Ray
     included) is found and ended by that token; without a token it gets a session of its own and is ended
     through that process group. Either way an exception here (Ctrl-C, SIGTERM) ends the whole tree first.
@@ -162,7 +162,7 @@ def tee(
     message, the process tree is ended, the message is logged, and `StalledRun` is raised (used by the RL
     stage: verl's dynamic sampling can loop forever on a policy whose groups are all right or all wrong).
     """
-    from eksft_pipeline.pipeline import procs
+    from eksft_pipeline.contract import procs
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**env, "PYTHONUNBUFFERED": env.get("PYTHONUNBUFFERED") or "1"}  # the log is complete up to a crash

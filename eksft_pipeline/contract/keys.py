@@ -25,8 +25,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from eksft_pipeline.pipeline.errors import ConfigError
-from eksft_pipeline.pipeline.verl_config import recipes_dir
+from eksft_pipeline.contract.errors import ConfigError
+from eksft_pipeline.contract.recipes import recipes_dir
 
 STAGES_BY_INIT = ("handoff", "rl", "eval")  # stages keyed by `init=` (sft is keyed by the method tag)
 

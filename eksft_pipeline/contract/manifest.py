@@ -1,7 +1,7 @@
 """The run directory's manifest: what each stage consumed, produced, and whether it finished.
 
 `<run_dir>/manifest.json` holds run-wide values (`tracking_group`: the tracker group of this run
-directory, pipeline/tracking.py) and one entry per stage key (e.g. "split", "sft/eksft", "rl/eksft"):
+directory, contract/tracking.py) and one entry per stage key (e.g. "split", "sft/eksft", "rl/eksft"):
 
     {"status": "running" | "complete" | "failed" | "killed" | "stale",
      "config": {...the stage's resolved config...}, "config_hash": "sha256:...",
@@ -61,7 +61,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from eksft_pipeline.pipeline.errors import PipelineError
+from eksft_pipeline.contract.errors import PipelineError
 
 CACHE_MIN_BYTES = 64 * 1024 * 1024
 STATUSES = ("running", "complete", "failed", "killed", "stale")
@@ -198,7 +198,7 @@ def resolve_recorded(run_dir: str | os.PathLike, path: str) -> str:
 
 
 def self_start_time() -> int | None:
-    from eksft_pipeline.pipeline.procs import start_time
+    from eksft_pipeline.contract.procs import start_time
 
     return start_time(os.getpid())
 
@@ -404,7 +404,7 @@ class Manifest:
 
     def _sweep_tmp(self) -> None:
         """Leftover temporaries of killed writers (never read; removed so they cannot pile up)."""
-        from eksft_pipeline.pipeline.procs import alive
+        from eksft_pipeline.contract.procs import alive
 
         for f in self.run_dir.glob("manifest.json*.tmp"):
             parts = f.name.split(".")

@@ -1,7 +1,7 @@
 """Every process a run starts, found by its environment and ended: no child outlives its run.
 
     python -m eksft_pipeline ...                     # the orchestrator sets the variables below
-    python -m eksft_pipeline.pipeline.watchdog watch T  # the watchdog it starts (never run by hand)
+    python -m eksft_pipeline.orchestrator.watchdog watch T  # the watchdog it starts (never run by hand)
 
 Why the environment and not the process tree: verl's trainers start Ray, and Ray's workers and actors are
 children of the raylet in process groups of their own, so neither the process group nor the parent chain
@@ -17,7 +17,7 @@ and finds processes by reading `/proc/<pid>/environ` (Linux; same user or root).
 
 * `end_processes` -- SIGTERM, a grace period, then SIGKILL; repeated until nothing matches (a dying
   raylet may still start a worker). Used when a stage fails or is stopped (SIGTERM / SIGINT / SIGHUP).
-* `Watchdog` (pipeline/watchdog.py) -- a tiny process in a session of its own that holds the read end of a pipe from the
+* `Watchdog` (orchestrator/watchdog.py) -- a tiny process in a session of its own that holds the read end of a pipe from the
   orchestrator. When the orchestrator dies in any way (kill -9 of its process group included, which the
   watchdog survives because it is in another session), the pipe reaches EOF and the watchdog ends every
   process with the invocation's token, marks the stages it left `running` as `killed`, then exits. Direct children (torchrun, main_ppo) stay in the

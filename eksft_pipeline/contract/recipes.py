@@ -126,7 +126,7 @@ def command_line_blocks(cfg: DictConfig, *prefixes: str, owned: dict[str, str] |
     `owned` maps verl keys the stage sets itself (e.g. `data.max_response_length`) to the pipeline key that
     controls them: overriding those on the command line would be silently undone, so it is rejected.
     """
-    from eksft_pipeline.pipeline.errors import ConfigError
+    from eksft_pipeline.contract.errors import ConfigError
 
     blocks = []
     for ov in list(cfg.get("cli_overrides") or []):

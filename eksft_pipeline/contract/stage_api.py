@@ -15,9 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from eksft_pipeline.pipeline.errors import ConfigError, PipelineError
-from eksft_pipeline.pipeline.keys import init_spec
-from eksft_pipeline.pipeline.manifest import Manifest
+from eksft_pipeline.contract.errors import ConfigError, PipelineError
+from eksft_pipeline.contract.keys import init_spec
+from eksft_pipeline.contract.manifest import Manifest
 
 __all__ = ["ConfigError", "NotImplementedInThisBuild", "PipelineError", "Stage", "StageContext", "StageResult",
            "positive"]
@@ -40,7 +40,7 @@ class StageContext:
     manifest: Manifest
     key: str
     dry_run: bool = False
-    # the tracker identity of this attempt (pipeline/tracking.py RunIdentity), set by the runner; None = off
+    # the tracker identity of this attempt (contract/tracking.py RunIdentity), set by the runner; None = off
     tracking: Any = None
 
     @property
@@ -82,7 +82,7 @@ def positive(cfg_node, name: str, where: str, *, allow_none: bool = False, zero:
 class Stage:
     """Base class: subclasses set `name` and implement `key`, `config`, `inputs`, `validate`, `run`, `describe`.
 
-    Lifecycle (pipeline/runner.py): `check` (cheap) -> `inputs` + `config` hashed -> skip if complete ->
+    Lifecycle (orchestrator/runner.py): `check` (cheap) -> `inputs` + `config` hashed -> skip if complete ->
     `validate` (the whole stage config, the composed verl config; reads only) -> end survivors of an earlier
     attempt -> manifest `start` -> `clean` -> `run` -> manifest `complete`. Nothing on disk changes before
     `validate` passed.

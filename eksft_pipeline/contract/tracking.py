@@ -16,7 +16,7 @@ How each stage logs:
   target model (`eval/<method>/<target>`, id `<eval run id>-<target>`: avg@n, the pass@k curve with k as
   the step, a pass@k table), report one run (`report`: its figures and tables).
 - `assets`, `split` and `handoff` log nothing and get no run (a stage opts in with `tracked = True`).
-- the runner (pipeline/runner.py `_identity`) makes the identity of each attempt before it starts and
+- the runner (orchestrator/runner.py `_identity`) makes the identity of each attempt before it starts and
   records it in the manifest; a stage reads it as `identity_of(ctx)`.
 
 Identity: one group per pipeline run directory (created once, kept in the manifest's `tracking_group`,

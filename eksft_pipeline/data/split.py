@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from eksft_pipeline.pipeline.manifest import sha256_file
+from eksft_pipeline.contract.manifest import sha256_file
 
 from .schema import (
     DROP_REASONS,

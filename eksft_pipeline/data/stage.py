@@ -20,8 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline.artifacts import atomic_write_json
-from eksft_pipeline.pipeline.stage_api import ConfigError, Stage, StageContext, StageResult, positive
+from eksft_pipeline.contract.artifacts import atomic_write_json
+from eksft_pipeline.contract.stage_api import ConfigError, Stage, StageContext, StageResult, positive
 
 
 def _plain(x):

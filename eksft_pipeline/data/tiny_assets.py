@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from eksft_pipeline.contract.manifest import sha256_file
 from eksft_pipeline.data.synth import make_tiny_data
 from eksft_pipeline.models.pretrain import pretrain_tiny
 from eksft_pipeline.models.tiny import build_tiny_model, count_parameters
 from eksft_pipeline.models.tokenizer import build_tiny_tokenizer, render_chatml
-from eksft_pipeline.pipeline.manifest import sha256_file
 
 MARKER_FILE = "TINY_ASSETS_COMPLETE.json"
 

@@ -29,10 +29,10 @@ from typing import Any
 
 import pandas as pd
 
+from eksft_pipeline.contract.artifacts import atomic_path, atomic_write_json
+from eksft_pipeline.contract.keys import check_init_spec, init_kind, init_model
+from eksft_pipeline.contract.stage_api import ConfigError, StageContext, StageResult, positive
 from eksft_pipeline.eval.stage import EvalStage, _plain, model_fingerprint
-from eksft_pipeline.pipeline.artifacts import atomic_path, atomic_write_json
-from eksft_pipeline.pipeline.keys import check_init_spec, init_kind, init_model
-from eksft_pipeline.pipeline.stage_api import ConfigError, StageContext, StageResult, positive
 
 TARGETS = ("base", "sft")
 

@@ -46,15 +46,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline.artifacts import atomic_path, atomic_write_json, is_temporary
-from eksft_pipeline.pipeline.keys import check_init_spec, eval_key, init_kind, init_model, rl_model
-from eksft_pipeline.pipeline.stage_api import (
-    ConfigError,
-    Stage,
-    StageContext,
-    StageResult,
-    positive,
-)
+from eksft_pipeline.contract.artifacts import atomic_path, atomic_write_json, is_temporary
+from eksft_pipeline.contract.keys import check_init_spec, eval_key, init_kind, init_model, rl_model
+from eksft_pipeline.contract.stage_api import ConfigError, Stage, StageContext, StageResult, positive
 
 SAMPLE_COLUMNS = ("benchmark", "problem_id", "sample_idx", "completion", "finish_reason", "n_tokens", "ground_truth")
 # files of a model directory that say where it came from, not what it computes
@@ -65,7 +59,7 @@ def model_fingerprint(model_ref: str, cache=None) -> str:
     """Hash of what a model directory computes: sha256 of every file (weights, config, tokenizer, chat template,
     generation config) by relative path, provenance notes excluded. A hub name not in the local cache
     (sampled by vLLM, which downloads it) is keyed by its name."""
-    from eksft_pipeline.pipeline.manifest import HashCache
+    from eksft_pipeline.contract.manifest import HashCache
 
     p = Path(str(model_ref)).expanduser()
     if not p.is_dir():
@@ -282,8 +276,8 @@ class EvalStage(Stage):
         self.check(ctx)
         if ctx.dry_run:
             return
+        from eksft_pipeline.contract.artifacts import check_safetensors
         from eksft_pipeline.data.eval_sets import load_eval_sets
-        from eksft_pipeline.pipeline.artifacts import check_safetensors
 
         for target, ref in self.targets(ctx).items():
             p = Path(str(ref)).expanduser()
@@ -355,7 +349,7 @@ class EvalStage(Stage):
         outputs: dict[str, str] = {}
         summary: dict[str, Any] = {"benchmarks": set_summary, "sampling": params.as_dict(),
                                    "backend": str(cfg.eval.backend)}
-        from eksft_pipeline.pipeline.tracking import identity_of
+        from eksft_pipeline.contract.tracking import identity_of
 
         ident = identity_of(ctx)
         for target, model_dir in self.targets(ctx).items():
@@ -497,7 +491,7 @@ def eval_table(metrics: dict) -> pd.DataFrame:
 
 
 def log_eval_metrics(identity, metrics: dict):
-    """Log one eval target to its tracker run (`eval/<init>/<target>`, see pipeline/tracking.py):
+    """Log one eval target to its tracker run (`eval/<init>/<target>`, see contract/tracking.py):
 
     - history step k (k = 1..n): `<benchmark>/pass@k` (the curve, x = k) and `<benchmark>/maj@k` where computed;
       step 1 also holds `<benchmark>/avg@n` (= pass@1) and the mean over benchmarks `mean/avg@n`;
@@ -505,7 +499,7 @@ def log_eval_metrics(identity, metrics: dict):
     - table `pass_at_k`: every (benchmark, k) row (wandb.Table; TensorBoard: as text).
 
     Returns the identity it logged under."""
-    from eksft_pipeline.pipeline.tracking import StageRun
+    from eksft_pipeline.contract.tracking import StageRun
 
     benches = metrics["benchmarks"]
     config = {"target": metrics.get("target"), "model": metrics.get("model"), "sampling": metrics.get("sampling")}

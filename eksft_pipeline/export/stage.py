@@ -25,9 +25,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline.artifacts import atomic_write_json, atomic_write_text
-from eksft_pipeline.pipeline.manifest import resolve_recorded
-from eksft_pipeline.pipeline.stage_api import ConfigError, Stage, StageContext, StageResult
+from eksft_pipeline.contract.artifacts import atomic_write_json, atomic_write_text
+from eksft_pipeline.contract.manifest import resolve_recorded
+from eksft_pipeline.contract.stage_api import ConfigError, Stage, StageContext, StageResult
 
 SKIP_FILES = ("EXPORTED_FROM",)
 
@@ -203,7 +203,7 @@ class ExportStage(Stage):
             info["init"] = ((entry.get("inputs") or {}).get("model") or {}).get("path") or rec.get("init")
             info["method_params"]["RL"] = "DAPO (recipes/verl/dapo.yaml)"
         try:
-            from eksft_pipeline.pipeline.verl_config import compose_pipeline
+            from eksft_pipeline.contract.recipes import compose_pipeline
 
             full = OmegaConf.to_container(compose_pipeline(*recipe.split()), resolve=True)
             # an RL model is also what its SFT stage was: both stages' differences (each key once)

@@ -115,7 +115,7 @@ class TokenLoss:
     ``ref_in_compute`` (property): ``compute`` needs ``ref_logits`` of the micro-batch rows.
     ``selected_fraction`` (property): the worst-case share of a batch's rows with an entropy or KL term in
     ``compute``, from the loss's own parameters.
-    These are the facts the trainer (verl_ext/sft_trainer.py) and the memory model (pipeline/memory.py) read;
+    These are the facts the trainer (verl_ext/sft_trainer.py) and the memory model (verl_ext/memory.py) read;
     neither keeps its own table of them.
     """
 
@@ -157,7 +157,7 @@ class TokenLoss:
     def selected_fraction(self) -> float:
         """Worst-case share of the valid rows whose training-pass term uses the full distribution beyond
         log p(y): an entropy term (H) or a KL term. The memory model sizes the loss head's row-wise buffers
-        from it (pipeline/memory.py: loss_head_peak). 0 for a loss without such a term."""
+        from it (verl_ext/memory.py: loss_head_peak). 0 for a loss without such a term."""
         return 0.0
 
     def resolve_head(self, requested: str | None = "auto") -> str:

@@ -11,7 +11,7 @@ Per stage (nothing on disk changes before step 1 passed):
    verl config (read-only). With several stages listed, every stage not yet complete is validated once
    up front (placeholder upstream paths), so a bad SFT value fails before the split runs.
 2. an attempt still running in another live orchestrator is an error; processes left over by an
-   earlier attempt of this stage in this run dir (see pipeline/procs.py) are ended.
+   earlier attempt of this stage in this run dir (see contract/procs.py) are ended.
 3. manifest `start` (status `running`; entries that used this stage's outputs become `stale`), then
    `stage.clean`: resume points (verl checkpoints, eval samples) are kept only for the SAME config
    (and not with force=true): a changed config retrains from scratch instead of resuming a checkpoint
@@ -48,17 +48,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from eksft_pipeline.pipeline import procs, watchdog
-from eksft_pipeline.pipeline.artifacts import quiet
-from eksft_pipeline.pipeline.keys import apply_method_tag
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.stage_api import (
-    ConfigError,
-    PipelineError,
-    Stage,
-    StageContext,
-    StageResult,
-)
+from eksft_pipeline.contract import procs
+from eksft_pipeline.contract.artifacts import quiet
+from eksft_pipeline.contract.keys import apply_method_tag
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult
+from eksft_pipeline.orchestrator import watchdog
 
 REGISTRY = {
     "assets": "eksft_pipeline.data.stage:AssetsStage",
@@ -108,7 +103,7 @@ def _resources(stage: Stage, cfg: DictConfig) -> dict:
 
 def _run_stage_in_process(stage_name: str, cfg_container: dict, run_dir: str, key: str,
                           tracking: dict | None = None) -> StageResult:
-    from eksft_pipeline.pipeline.tracking import RunIdentity
+    from eksft_pipeline.contract.tracking import RunIdentity
 
     cfg = OmegaConf.create(cfg_container)
     stage = load_stage(stage_name)
@@ -149,7 +144,7 @@ def _launch(stage: Stage, ctx: StageContext) -> StageResult:
 # -- run directory, environment, processes -------------------------------------------------------------
 def check_run_dir(value) -> Path:
     """The run directory, resolved; ConfigError (one line) for an empty value, a file, or the repository."""
-    from eksft_pipeline.pipeline.verl_config import RECIPES_DIR
+    from eksft_pipeline.contract.recipes import RECIPES_DIR
 
     text = "" if value is None else str(value).strip()
     if not text:
@@ -288,7 +283,7 @@ def preflight(cfg: DictConfig, names: list[str]) -> None:
 
 class Session:
     """One orchestrator invocation: its run token in the environment and the watchdog that ends its
-    processes if it dies (pipeline/procs.py)."""
+    processes if it dies (contract/procs.py)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -393,12 +388,12 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path, manifest: Manifest, ses
 
 
 def _identity(stage: Stage, ctx: StageContext, entry: dict | None, cfg_hash: str, *, preview: bool = False):
-    """The tracker identity of this attempt (pipeline/tracking.py), or None when `tracking=none`.
+    """The tracker identity of this attempt (contract/tracking.py), or None when `tracking=none`.
 
     `entry` is the stage's manifest entry BEFORE this attempt: its run id is continued only by a resume of
     the same config hash. A dry run previews it without writing the manifest. Only stages that log something
     (`tracked = True`: sft, rl, eval, report) get one; assets, split and handoff do not."""
-    from eksft_pipeline.pipeline import tracking as T
+    from eksft_pipeline.contract import tracking as T
 
     try:
         settings = T.settings_from_config(ctx.cfg)
@@ -597,7 +592,7 @@ def _traceback_file(e: BaseException, cfg: DictConfig) -> str:
 
 def report_error(e: BaseException, cfg: DictConfig) -> int:
     """Print context (if any) and then ONE `error:` line naming the fix; returns the exit code."""
-    from eksft_pipeline.pipeline.artifacts import StalledRun
+    from eksft_pipeline.contract.artifacts import StalledRun
 
     where = f"{e.stage_key}: " if getattr(e, "stage_key", None) else ""
     if isinstance(e, KeyboardInterrupt | StageKilled):

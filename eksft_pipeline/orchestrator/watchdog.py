@@ -1,6 +1,6 @@
 """The orchestrator's watchdog: ends a run's processes and records `killed` in the manifest when the orchestrator dies.
 
-    python -m eksft_pipeline.pipeline.watchdog watch TOKEN PID:START [RUN_DIR]   # started by the runner, never by hand
+    python -m eksft_pipeline.orchestrator.watchdog watch TOKEN PID:START [RUN_DIR]   # started by the runner, never by hand
 
 A tiny process in a session of its own that holds the read end of a pipe from the orchestrator. When the
 orchestrator dies in any way (kill -9 of its process group included, which the watchdog survives because it is in
@@ -15,8 +15,8 @@ import signal
 import subprocess
 import sys
 
-from eksft_pipeline.pipeline.manifest import Manifest, _now
-from eksft_pipeline.pipeline.procs import ENV_RUN_DIR, ENV_STAGE, ENV_TOKEN, alive, end_processes, start_time
+from eksft_pipeline.contract.manifest import Manifest, _now
+from eksft_pipeline.contract.procs import ENV_RUN_DIR, ENV_STAGE, ENV_TOKEN, alive, end_processes, start_time
 
 
 class Watchdog:
@@ -29,7 +29,7 @@ class Watchdog:
         me = f"{os.getpid()}:{start_time(os.getpid())}"
         extra = [str(run_dir)] if run_dir is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "eksft_pipeline.pipeline.watchdog", "watch", token, me, *extra],
+            [sys.executable, "-m", "eksft_pipeline.orchestrator.watchdog", "watch", token, me, *extra],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True, env=env,
         )
@@ -93,4 +93,4 @@ def _mark_killed(run_dir: str, token: str, n_ended: int) -> None:
 if __name__ == "__main__":
     if len(sys.argv) in (4, 5) and sys.argv[1] == "watch":
         sys.exit(_watch(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) == 5 else None))
-    sys.exit("internal: started by the orchestrator (eksft_pipeline.pipeline.runner)")
+    sys.exit("internal: started by the orchestrator (eksft_pipeline.orchestrator.runner)")

@@ -40,13 +40,8 @@ from typing import Any
 
 import pandas as pd
 
-from eksft_pipeline.pipeline.keys import check_init_spec, handoff_key, init_model
-from eksft_pipeline.pipeline.stage_api import (
-    Stage,
-    StageContext,
-    StageResult,
-    positive,
-)
+from eksft_pipeline.contract.keys import check_init_spec, handoff_key, init_model
+from eksft_pipeline.contract.stage_api import Stage, StageContext, StageResult, positive
 
 
 class HandoffError(ValueError):
@@ -136,7 +131,7 @@ def merge_fsdp_checkpoint(ckpt_dir: Path, target: Path, env: dict | None = None)
            "--local_dir", str(ckpt_dir), "--target_dir", str(target)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        from eksft_pipeline.pipeline.artifacts import first_exception
+        from eksft_pipeline.contract.artifacts import first_exception
 
         hit = first_exception(res.stderr)
         cause = hit["exception"] if hit else (res.stderr.strip().splitlines() or ["no output"])[-1]
@@ -290,7 +285,7 @@ class HandoffStage(Stage):
                 "handoff": dict(cfg.handoff)}
 
     def source(self, ctx: StageContext) -> str:
-        """The model RL will start from: what `init=` names (pipeline/keys.py `init_model`)."""
+        """The model RL will start from: what `init=` names (contract/keys.py `init_model`)."""
         return init_model(ctx)
 
     def inputs(self, ctx):
@@ -372,7 +367,7 @@ class HandoffStage(Stage):
             except HandoffError as e:
                 report[name] = {"ok": False, "error": str(e)}
                 failures.append(str(e))
-        from eksft_pipeline.pipeline.artifacts import atomic_write_json
+        from eksft_pipeline.contract.artifacts import atomic_write_json
 
         atomic_write_json(out / "handoff_report.json", report, indent=2, default=str)
         if failures and bool(cfg.handoff.strict):

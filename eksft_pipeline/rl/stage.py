@@ -23,7 +23,7 @@ training step is logged for `rl.stall_timeout_s` seconds.
 
 Resume: `checkpoints/` and `logs/` survive a failed or killed attempt OF THE SAME CONFIG (and the same
 input model); verl's `resume_mode=auto` continues from `latest_checkpointed_iteration.txt` (checked
-first, see pipeline/artifacts.check_resume_point). A changed config, a new SFT model or `force=true`
+first, see contract/artifacts.check_resume_point). A changed config, a new SFT model or `force=true`
 start from scratch. `trainer.save_freq` must be > 0 (the recipes save every step on the tiny model and
 every 5 on GPU), so a kill loses at most that many steps. verl's full output (its whole config, Ray's
 logs) is in `logs/train-<time>.log`; the console shows step, score, response length and ETA.
@@ -44,9 +44,9 @@ Rollout correction (`rl.rollout_correction`): null leaves verl's `algorithm.roll
 fields there; the block that ran is in `verl_dapo.yaml` and the stage's manifest summary (`rollout_correction`).
 The rollout-vs-trainer mismatch metrics (`rollout_corr/*`, `training/rollout_probs_diff_*`) are logged either way.
 
-Tracking (`tracking=wandb|tensorboard`, pipeline/tracking.py): verl's tracker in the TaskRunner logs every DAPO
+Tracking (`tracking=wandb|tensorboard`, contract/tracking.py): verl's tracker in the TaskRunner logs every DAPO
 step to the run `rl/<init>`; its identity (WANDB_*, TENSORBOARD_DIR) reaches the TaskRunner through the job's
-runtime env like the rest of the stage environment (see Ray below); the hookup is in pipeline/verl_stage.py.
+runtime env like the rest of the stage environment (see Ray below); the hookup is in verl_ext/verl_stage.py.
 
 Config layers, later wins: `recipes/verl/dapo.yaml` <- `rl.verl` <- `model.rl.verl` <- `cluster.rl.verl`
 <- anything typed on the command line under those keys.
@@ -71,17 +71,12 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
+from eksft_pipeline.contract.artifacts import StepProgress, atomic_path, quiet, read_metric_logs
+from eksft_pipeline.contract.keys import check_init_spec, handoff_key, init_tag, rl_key
+from eksft_pipeline.contract.rl_curves import val_points
+from eksft_pipeline.contract.stage_api import ConfigError, StageContext, StageResult, positive
 from eksft_pipeline.data.split import generation_prefix, read_split_report
-from eksft_pipeline.pipeline.artifacts import StepProgress, atomic_path, quiet, read_metric_logs
-from eksft_pipeline.pipeline.keys import check_init_spec, handoff_key, init_tag, rl_key
-from eksft_pipeline.pipeline.rl_curves import val_points
-from eksft_pipeline.pipeline.stage_api import (
-    ConfigError,
-    StageContext,
-    StageResult,
-    positive,
-)
-from eksft_pipeline.pipeline.verl_stage import VerlTrainingStage, hydra_quote
+from eksft_pipeline.verl_ext.verl_stage import VerlTrainingStage, hydra_quote
 
 CONFIG_NAME = "verl_dapo"
 # stage variables forwarded to every Ray worker of the job (besides the keys of cluster.env and rl.env)
@@ -328,8 +323,8 @@ class RLStage(VerlTrainingStage):
         return generation_prefix(read_split_report(rep))
 
     def memory_estimate(self, ctx: StageContext, vc):
-        """Per-GPU peak-memory estimate of a DAPO step (eksft_pipeline/pipeline/memory.py); None on CPU / no shape."""
-        from eksft_pipeline.pipeline import memory
+        """Per-GPU peak-memory estimate of a DAPO step (eksft_pipeline/verl_ext/memory.py); None on CPU / no shape."""
+        from eksft_pipeline.verl_ext import memory
 
         cfg = ctx.cfg
         if str(cfg.cluster.device) == "cpu":

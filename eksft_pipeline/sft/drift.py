@@ -166,7 +166,7 @@ def compute_drift(model_dir: str | Path, reference_dir: str | Path, thresholds: 
 
 
 def write_drift(model_dir, reference_dir, thresholds, out_path) -> dict:
-    from eksft_pipeline.pipeline.artifacts import atomic_write_json
+    from eksft_pipeline.contract.artifacts import atomic_write_json
 
     d = compute_drift(model_dir, reference_dir, thresholds)
     atomic_write_json(out_path, d, indent=2)

@@ -17,8 +17,8 @@ config or `force=true` removes them: the run retrains instead of "resuming" a fi
 another config. Metrics of every attempt go to their own `logs/metrics-<time>.jsonl` (verl's file logger
 truncates its file). verl's full output is in `logs/train-<time>.log`; the console shows step, loss, ETA.
 
-Tracking (`tracking=wandb|tensorboard`, pipeline/tracking.py): verl's own tracker logs every step (loss,
-`eksft/*` selection statistics) to the run `sft/<method>`; the hookup is in pipeline/verl_stage.py.
+Tracking (`tracking=wandb|tensorboard`, contract/tracking.py): verl's own tracker logs every step (loss,
+`eksft/*` selection statistics) to the run `sft/<method>`; the hookup is in verl_ext/verl_stage.py.
 
 Config layers, later wins: `sft.verl` (paper defaults) <- `model.sft.verl` <- `cluster.sft.verl` <- the
 method <- anything typed on the command line under those keys (`sft.verl.optim.lr=5e-4`).
@@ -31,12 +31,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from eksft_pipeline.pipeline.artifacts import StepProgress, atomic_write_json, quiet, read_metric_logs
-from eksft_pipeline.pipeline.keys import sft_key
-from eksft_pipeline.pipeline.stage_api import ConfigError, StageContext, StageResult, positive
-from eksft_pipeline.pipeline.verl_stage import VerlTrainingStage, hydra_quote
+from eksft_pipeline.contract.artifacts import StepProgress, atomic_write_json, quiet, read_metric_logs
+from eksft_pipeline.contract.keys import sft_key
+from eksft_pipeline.contract.stage_api import ConfigError, StageContext, StageResult, positive
 from eksft_pipeline.verl_ext.sft_plan import validate_sft_block
 from eksft_pipeline.verl_ext.validate import validate_sft_config
+from eksft_pipeline.verl_ext.verl_stage import VerlTrainingStage, hydra_quote
 
 CONFIG_NAME = "verl_sft"
 # verl keys the stage sets itself -> the pipeline key that controls each (a command-line override is rejected)
@@ -216,9 +216,9 @@ class SFTStage(VerlTrainingStage):
             d.max_token_len_per_gpu = start
 
     def memory_estimate(self, ctx: StageContext, vc, loss=None):
-        """Per-GPU peak-memory estimate of one SFT step (eksft_pipeline/pipeline/memory.py); None without a shape.
+        """Per-GPU peak-memory estimate of one SFT step (eksft_pipeline/verl_ext/memory.py); None without a shape.
         `loss`: the loss object `configure` built (built from `vc` when not given)."""
-        from eksft_pipeline.pipeline import memory
+        from eksft_pipeline.verl_ext import memory
 
         cfg = ctx.cfg
         shape = memory.shape_from_model(str(cfg.model.path), _plain(cfg.model.get("arch")))
@@ -281,7 +281,7 @@ class SFTStage(VerlTrainingStage):
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
         if int(cfg.cluster.nnodes) > 1:
-            from eksft_pipeline.pipeline.stage_api import NotImplementedInThisBuild
+            from eksft_pipeline.contract.stage_api import NotImplementedInThisBuild
 
             raise NotImplementedInThisBuild(
                 f"the sft stage launches torchrun on this node only; for cluster.nnodes={cfg.cluster.nnodes} run the "

@@ -10,7 +10,7 @@ verl.model_merger`, the Hydra config tree `pkg://verl.trainer.config`). Launched
     [project.entry-points."verl.plugins"] eksft_vllm_cpu = eksft_pipeline.verl_ext.vllm_cpu   (pyproject.toml)
 
 Modules:
-    validate      a composed SFT config instantiated as verl's dataclasses (composition: pipeline/verl_config.py)
+    validate      a composed SFT config instantiated as verl's dataclasses (composition: verl_ext/verl_config.py)
     cpu_platform  a `cpu` platform for verl (gloo, FSDP2, sdpa) for the CPU default
     cpu_rollout   `hf_cpu`: an HF-`generate` rollout server/replica/adapter for verl's async rollout path
     ppo_main      `verl.trainer.main_ppo` with the hf_cpu rollout registered; `validate_ppo_config`
@@ -57,19 +57,19 @@ Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); r
                   registered with `agent_loop.register`; request fields `index`, `session_id`, `global_steps`
     validate      `verl.utils.config.omega_conf_to_dataclass`, `verl.workers.config.HFModelConfig`,
                   `verl.utils.dataset.dataset_utils.DatasetPadMode`; verl's YAML tree `verl/trainer/config` (composed by
-                  pipeline/verl_config.py through Hydra's `pkg://` searchpath, no import)
+                  verl_ext/verl_config.py through Hydra's `pkg://` searchpath, no import)
     vllm_cpu      `verl.third_party.vllm` (the `importlib.metadata.version("vllm")` lookup it does);
                   `verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension` subclassed
                   (`update_weights_from_ipc`); vLLM internals listed in that module's docstring
 
 Files OUTSIDE this package that know verl's config keys or file layouts (strings, no imports; re-read them too):
-    pipeline/verl_config.py   composes verl's YAML tree (`pkg://verl.trainer.config`); `strict_merge` against its keys
-    pipeline/verl_stage.py    `trainer.project_name` / `experiment_name` / `logger`; a checkpoint's `huggingface/` dir;
+    verl_ext/verl_config.py   composes verl's YAML tree (`pkg://verl.trainer.config`); `strict_merge` against its keys
+    verl_ext/verl_stage.py    `trainer.project_name` / `experiment_name` / `logger`; a checkpoint's `huggingface/` dir;
                               `VERL_FILE_LOGGER_PATH` metric logs
-    pipeline/artifacts.py     verl checkpoints (`global_step_<n>/`, `latest_checkpointed_iteration.txt`), its metric
+    contract/artifacts.py     verl checkpoints (`global_step_<n>/`, `latest_checkpointed_iteration.txt`), its metric
                               jsonl, the HF export of the last checkpoint
-    pipeline/tracking.py      `trainer.logger` backends and the tracker environment verl/utils/tracking.py reads
-    pipeline/memory.py        verl's FSDP2 / CPU-offload memory behaviour (the estimate's terms), fed from the stages'
+    contract/tracking.py      `trainer.logger` backends and the tracker environment verl/utils/tracking.py reads
+    verl_ext/memory.py        verl's FSDP2 / CPU-offload memory behaviour (the estimate's terms), fed from the stages'
                               verl keys (`data.max_token_len_per_gpu`, `engine.*`, `eksft.*`, rollout share)
     sft/stage.py              the SFT config keys it sets or owns (`OWNED`: model.*, data.*, trainer.*, eksft.*)
     rl/stage.py               the DAPO config keys it sets or owns (`OWNED`: actor_rollout_ref.*, data.*, trainer.*)

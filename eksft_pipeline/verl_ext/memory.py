@@ -6,7 +6,7 @@
 A pure module (arithmetic only, no torch): the stages build the inputs from their verl configs
 (`eksft_pipeline/sft/stage.py`, `eksft_pipeline/rl/stage.py`); a configuration whose estimate exceeds the GPU's
 usable memory is refused with a message naming the knob to turn. `scripts/gpu_check.py` measures the SFT step of a
-truncated Qwen3-8B-shaped model on one GPU and prints measured / estimated; `tests/pipeline/test_memory.py`
+truncated Qwen3-8B-shaped model on one GPU and prints measured / estimated; `tests/verl_ext/test_memory.py`
 measures the loss head at V = 151,936 on CPU against :func:`loss_head_peak`.
 
 SFT model (verl 0.9.1 FSDP2 engine, `eksft_pipeline/verl_ext/sft_trainer.py`), per GPU, micro-batch of N packed tokens

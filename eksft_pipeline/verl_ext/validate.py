@@ -1,4 +1,4 @@
-"""verl's dataclasses as the validator of a composed SFT config (pipeline/verl_config.py composes it).
+"""verl's dataclasses as the validator of a composed SFT config (verl_ext/verl_config.py composes it).
 
 `validate_sft_config(cfg)` instantiates every dataclass-backed block the way verl 0.9.1's `SFTTrainer` does
 (`verl.utils.config.omega_conf_to_dataclass`, `verl.workers.config.HFModelConfig`), so a value verl would reject

@@ -9,7 +9,7 @@ What both do, here once:
 - config layering (later wins): `recipes/verl/<recipe>.yaml` on verl's own YAML <- `<block>.verl` <-
   `model.<block>.verl` <- `cluster.<block>.verl` <- the command line's overrides of those keys (`strict_merge`:
   a key verl does not have is an error naming it; keys the stage owns are refused on the command line);
-- experiment tracking (pipeline/tracking.py): the tracker backends appended to verl's `trainer.logger`, verl's
+- experiment tracking (contract/tracking.py): the tracker backends appended to verl's `trainer.logger`, verl's
   `trainer.project_name` / `experiment_name` set to the run's project and name (`sft/eksft`, `rl/eksft`:
   verl passes them to `wandb.init` explicitly), and the rest of the identity (group, run id, resume, job type,
   folders) in the environment of verl's processes (`tracking_env`), which verl's `wandb.init` and its
@@ -33,7 +33,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline.artifacts import (
+from eksft_pipeline.contract.artifacts import (
     StepProgress,
     atomic_path,
     atomic_write_json,
@@ -46,9 +46,9 @@ from eksft_pipeline.pipeline.artifacts import (
     tee,
     training_done,
 )
-from eksft_pipeline.pipeline.stage_api import PipelineError, Stage, StageContext
-from eksft_pipeline.pipeline.tracking import identity_of, verl_env, verl_logger, verl_trainer_names
-from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
+from eksft_pipeline.contract.stage_api import PipelineError, Stage, StageContext
+from eksft_pipeline.contract.tracking import identity_of, verl_env, verl_logger, verl_trainer_names
+from eksft_pipeline.verl_ext.verl_config import command_line_blocks, compose_verl, strict_merge
 
 PROJECT_NAME = "eksft-pipeline"  # verl's trainer.project_name when tracking is off
 
@@ -69,7 +69,7 @@ class VerlTrainingStage(Stage):
     """Base of the `sft` and `rl` stages (see the module docstring)."""
 
     keep_on_retry = ("checkpoints", "logs")
-    tracked = True  # gets a tracker run when tracking is on (pipeline/tracking.py)
+    tracked = True  # gets a tracker run when tracking is on (contract/tracking.py)
     recipe: str = ""  # recipes/verl/<recipe>.yaml
     block: str = ""  # the pipeline keys holding verl overrides: <block>.verl, model.<block>.verl, cluster.<block>.verl
     config_name: str = ""  # <out_dir>/<config_name>.yaml
@@ -93,7 +93,7 @@ class VerlTrainingStage(Stage):
             strict_merge(vc, block, where=where)
         # every value the layers changed: the type verl's dataclass field (or the recipe's value) has, and the
         # range verl's code assumes -- `optim.lr=abc` fails here, not in AdamW after the old outputs were removed
-        from eksft_pipeline.pipeline.errors import ConfigError
+        from eksft_pipeline.contract.errors import ConfigError
         from eksft_pipeline.verl_ext.validate import check_verl_values
 
         try:

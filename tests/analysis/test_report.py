@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.contract.stage_api import StageContext
 from eksft_pipeline.eval.stage import metrics_for
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.stage_api import StageContext
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
 
 
 def _scores(correct: dict[str, np.ndarray]) -> pd.DataFrame:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from eksft_pipeline.pipeline import procs
-from eksft_pipeline.pipeline.artifacts import (
+from eksft_pipeline.contract import procs
+from eksft_pipeline.contract.artifacts import (
     StepProgress,
     atomic_path,
     atomic_write_json,
@@ -23,7 +23,7 @@ from eksft_pipeline.pipeline.artifacts import (
     read_metric_logs,
     tee,
 )
-from eksft_pipeline.pipeline.stage_api import PipelineError
+from eksft_pipeline.contract.stage_api import PipelineError
 
 # lines as verl 0.9.1 prints them (SFT trainer; main_ppo through Ray, with its prefix and colours)
 SFT_LINES = [
@@ -151,8 +151,8 @@ def test_stage_subprocess_with_a_token_stays_in_the_orchestrators_process_group(
 
 
 def test_subprocess_helper_is_importable_as_the_watchdog():
-    from eksft_pipeline.pipeline import watchdog
+    from eksft_pipeline.orchestrator import watchdog
 
-    res = subprocess.run([sys.executable, "-m", "eksft_pipeline.pipeline.watchdog"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "eksft_pipeline.orchestrator.watchdog"], capture_output=True, text=True)
     assert res.returncode != 0 and "started by the orchestrator" in res.stderr
     assert Path(watchdog.__file__).name == "watchdog.py"

@@ -1,4 +1,4 @@
-"""pipeline/keys.py: the stage keys and start models every stage uses (one contract, resolved once)."""
+"""contract/keys.py: the stage keys and start models every stage uses (one contract, resolved once)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline import keys
+from eksft_pipeline.contract import keys
 
 
 def _cfg(init=None, method="eksft"):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from eksft_pipeline.pipeline import manifest as mf
-from eksft_pipeline.pipeline.manifest import Manifest
+from eksft_pipeline.contract import manifest as mf
+from eksft_pipeline.contract.manifest import Manifest
 
 
 def _stage(run: Path, key: str, files: dict[str, str], inputs: dict[str, str] | None = None) -> dict[str, str]:
@@ -139,8 +139,8 @@ def test_large_files_are_hashed_once_per_inode(tmp_path, monkeypatch):
 def test_manifest_write_failure_never_hides_the_original_error(tmp_path, monkeypatch, capsys):
     """ENOSPC while recording a failure (simulated; test_faults.py fills a real tmpfs): the stage's own error
     is what the user sees, with the manifest problem named next to it."""
-    from eksft_pipeline.pipeline import runner
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
+    from eksft_pipeline.contract.recipes import compose_pipeline
+    from eksft_pipeline.orchestrator import runner
 
     run = tmp_path / "run"
     m = Manifest(run)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from eksft_pipeline.pipeline.keys import apply_method_tag, init_tag, is_method_tag, method_tag, split_method_tag
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract.keys import apply_method_tag, init_tag, is_method_tag, method_tag, split_method_tag
+from eksft_pipeline.contract.recipes import compose_pipeline
 
 
 def tag(*overrides: str) -> str:

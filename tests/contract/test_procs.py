@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from eksft_pipeline.pipeline import procs
+from eksft_pipeline.contract import procs
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux-only")
 
@@ -68,7 +68,8 @@ def test_watchdog_ends_everything_after_kill9_of_the_orchestrator_group(tmp_path
     script = tmp_path / "orchestrator.py"
     script.write_text(textwrap.dedent(f"""
         import os, subprocess, sys, time, uuid
-        from eksft_pipeline.pipeline import procs, watchdog
+        from eksft_pipeline.contract import procs
+        from eksft_pipeline.orchestrator import watchdog
         token = uuid.uuid4().hex
         os.environ[procs.ENV_TOKEN] = token
         w = watchdog.Watchdog(token)
@@ -117,7 +118,8 @@ def test_watchdog_also_notices_a_dead_orchestrator_whose_forked_child_holds_the_
     script = tmp_path / "orchestrator.py"
     script.write_text(textwrap.dedent("""
         import os, time
-        from eksft_pipeline.pipeline import procs, watchdog
+        from eksft_pipeline.contract import procs
+        from eksft_pipeline.orchestrator import watchdog
         w = watchdog.Watchdog(os.environ[procs.ENV_TOKEN])
         if os.fork() == 0:  # a forked (not exec'd) child in a session of its own: holds the pipe's write end
             os.setsid()

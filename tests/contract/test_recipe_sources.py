@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from eksft_pipeline.pipeline.verl_config import recipes_dir
+from eksft_pipeline.contract.recipes import recipes_dir
 
 RECIPES = recipes_dir()
 CHECKED = sorted([*(RECIPES / "method").glob("*.yaml"), *(RECIPES / "model").glob("*.yaml"),
@@ -112,7 +112,7 @@ def unsourced(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", CHECKED, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_every_recipe_value_names_its_source(path):
     bad = unsourced(path)
-    assert not bad, "recipe values without a source comment (tests/pipeline/test_recipe_sources.py):\n" + "\n".join(bad)
+    assert not bad, "recipe values without a source comment (tests/contract/test_recipe_sources.py):\n" + "\n".join(bad)
 
 
 def test_the_checker_catches_a_value_without_a_source(tmp_path, monkeypatch):

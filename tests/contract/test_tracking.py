@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline import tracking as T
+from eksft_pipeline.contract import tracking as T
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,7 +89,7 @@ def test_offline_runs_resume_into_one_history_readable_from_the_files(tmp_path):
         """
         import sys
         from pathlib import Path
-        from eksft_pipeline.pipeline import tracking as T
+        from eksft_pipeline.contract import tracking as T
         ident = T.RunIdentity(backends=("wandb",), project="p", group="grp", name="eval/eksft", run_id="eval-x1",
                               job_type="eval", mode="offline", dirs={"wandb": sys.argv[1]})
         start = int(sys.argv[2])

@@ -1,6 +1,6 @@
 """Experiment tracking end to end, offline: the shared tiny run (`tiny_run`, tests/conftest.py) runs with
 `tracking=wandb` and WANDB_MODE=offline, so no extra pipeline run is paid. Checked from the files W&B wrote
-(`<run_dir>/tracking/wandb/offline-run-*`, read back with pipeline/tracking.py's reader):
+(`<run_dir>/tracking/wandb/offline-run-*`, read back with contract/tracking.py's reader):
 
 - the manifest's `tracking_group` and every tracked stage's record (name, run id, group, offline);
 - each run's own record (name `<stage>/<method>`, group, job type) -- what W&B shows;
@@ -17,7 +17,7 @@ import json
 import pytest
 import yaml
 
-from eksft_pipeline.pipeline import tracking as T
+from eksft_pipeline.contract import tracking as T
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -19,14 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.contract.stage_api import StageContext
 from eksft_pipeline.data import chat_template as ct
 from eksft_pipeline.data.split import split_dataset
 from eksft_pipeline.data.synth import generate_problems, to_openr1_rows
 from eksft_pipeline.models.tiny import save_generation_config, tiny_config
 from eksft_pipeline.models.tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer, render_chatml
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.stage_api import StageContext
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "samples" / "openr1_math_sample.jsonl"

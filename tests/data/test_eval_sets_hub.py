@@ -42,7 +42,7 @@ def _jsonl(path, es, q="Question", a="Answer"):
 
 
 def _paper_hub(**ids):
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
+    from eksft_pipeline.contract.recipes import compose_pipeline
 
     cfg = compose_pipeline("model=qwen3-8b", "benchmarks@model.eval.benchmarks=paper_hub")
     bench = OmegaConf.to_container(cfg.eval.benchmarks, resolve=True)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from eksft_pipeline.pipeline import procs
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.runner import run_pipeline
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract import procs
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.orchestrator.runner import run_pipeline
 
 pytestmark = pytest.mark.slow  # HF sampling with a real (untrained) tiny model, 6 eval runs: ~1 min on 2 cores
 

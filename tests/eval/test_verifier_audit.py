@@ -71,8 +71,8 @@ def test_report_section_shows_the_audit_next_to_each_model():
 def test_benchmark_entries_are_checked_and_eval_benchmarks_overrides_reach_the_model_block():
     from omegaconf import OmegaConf
 
+    from eksft_pipeline.contract.recipes import compose_pipeline
     from eksft_pipeline.data.schema import DataError
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
 
     cfg = compose_pipeline("model=qwen3-8b", "eval.benchmarks.aime24.path=/data/mine.parquet",
                            "+eval.benchmarks.hmmt25.system_prompt=S")

@@ -61,8 +61,8 @@ def test_split_problems_is_balanced_and_complete():
 def test_vllm_engine_config_from_recipe():
     from omegaconf import OmegaConf
 
+    from eksft_pipeline.contract.recipes import compose_pipeline
     from eksft_pipeline.eval.sampling import vllm_engine_config
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
 
     cfg = compose_pipeline("stage=eval")
     vcfg = OmegaConf.to_container(cfg.eval.vllm, resolve=True)
@@ -134,7 +134,7 @@ def tiny_assets(tmp_path_factory) -> Path:
 
 
 def _eval_cfg(assets: Path, run_dir: Path, *extra: str):
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
+    from eksft_pipeline.contract.recipes import compose_pipeline
 
     return compose_pipeline(
         "stage=eval", "init=base", "eval.targets=[base]", f"run_dir={run_dir}", f"model.assets_dir={assets}",
@@ -155,7 +155,7 @@ def test_eval_stage_vllm_two_engines_matches_hf_greedy(vllm_python, tiny_assets,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eksft_pipeline.eval.sampling import prompt_token_ids
-    from eksft_pipeline.pipeline.runner import run_pipeline
+    from eksft_pipeline.orchestrator.runner import run_pipeline
 
     py = vllm_python
     t0 = time.perf_counter()

@@ -107,9 +107,9 @@ def test_upload_with_credentials_uses_huggingface_hub(tmp_path, monkeypatch):
 
 
 def test_export_needs_a_trained_model_and_a_valid_repo_id(tmp_path):
-    from eksft_pipeline.pipeline.runner import run_pipeline
-    from eksft_pipeline.pipeline.stage_api import ConfigError
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
+    from eksft_pipeline.contract.recipes import compose_pipeline
+    from eksft_pipeline.contract.stage_api import ConfigError
+    from eksft_pipeline.orchestrator.runner import run_pipeline
 
     with pytest.raises(ConfigError, match="nothing to export: no complete sft/<method> or rl/<method> stage"):
         run_pipeline(compose_pipeline("stage=export", f"run_dir={tmp_path / 'run'}"))

@@ -12,12 +12,12 @@ import shutil
 import pytest
 from loss_probe import measured_facts
 
+from eksft_pipeline.contract import recipes as verl_config
+from eksft_pipeline.contract.keys import known_methods, method_tag
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.stage_api import StageContext
 from eksft_pipeline.losses import REGISTRY, LinearTokenLoss, available_losses, get_loss
 from eksft_pipeline.losses.base import denom, nonneg
-from eksft_pipeline.pipeline import verl_config
-from eksft_pipeline.pipeline.keys import known_methods, method_tag
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.stage_api import StageContext
 
 NAME = "test_entropy_bonus_sft"
 
@@ -83,7 +83,7 @@ def test_a_new_baseline_needs_only_its_module_recipe_and_tests(added_method, tmp
 
 def test_without_the_registration_the_method_is_refused(tmp_path, monkeypatch):
     """The recipe alone is not enough: an unregistered loss fails at configuration, naming the known losses."""
-    from eksft_pipeline.pipeline.stage_api import ConfigError
+    from eksft_pipeline.contract.stage_api import ConfigError
     from eksft_pipeline.sft.stage import SFTStage
 
     recipes = tmp_path / "recipes"

@@ -13,7 +13,7 @@ import pytest
 from loss_probe import N_ROWS, measured_facts
 
 from eksft_pipeline.losses import REGISTRY, LinearTokenLoss, available_losses, get_loss
-from eksft_pipeline.pipeline import memory
+from eksft_pipeline.verl_ext import memory
 
 SHAPE = memory.ModelShape(vocab=1000, hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, head_dim=16,
                           tied=False)  # fmt: skip

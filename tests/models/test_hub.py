@@ -40,9 +40,9 @@ def test_split_revision(tmp_path):
 
 
 def test_pinned_model_resolves_to_its_snapshot_and_reaches_the_manifest(hf_cache, tmp_path):
-    from eksft_pipeline.pipeline.manifest import Manifest
-    from eksft_pipeline.pipeline.runner import run_pipeline
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
+    from eksft_pipeline.contract.manifest import Manifest
+    from eksft_pipeline.contract.recipes import compose_pipeline
+    from eksft_pipeline.orchestrator.runner import run_pipeline
 
     assert resolve_model_dir("acme/tiny@v1") == hf_cache and cached_revision("acme/tiny", "v1") == COMMIT
     cfg = pin_model_revision(compose_pipeline("model=qwen3-8b", "model.path=acme/tiny@v1"), offline=True)

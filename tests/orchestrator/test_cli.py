@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.runner import run_pipeline
-from eksft_pipeline.pipeline.stage_api import ConfigError, StageContext
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.contract.stage_api import ConfigError, StageContext
+from eksft_pipeline.orchestrator.runner import run_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,7 +107,7 @@ def test_offline_hub_model_fails_fast_in_one_line(tmp_path):
 
 
 def test_unexpected_errors_are_one_line_with_the_traceback_kept(tmp_path, capsys):
-    from eksft_pipeline.pipeline.runner import report_error
+    from eksft_pipeline.orchestrator.runner import report_error
 
     try:
         {}["x"].y  # noqa: B018 - a bug, not a user error

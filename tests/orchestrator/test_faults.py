@@ -37,9 +37,9 @@ from pathlib import Path
 
 import pytest
 
-from eksft_pipeline.pipeline import procs
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.verl_stage import hydra_quote
+from eksft_pipeline.contract import procs
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.verl_ext.verl_stage import hydra_quote
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")]
 REPO = Path(__file__).resolve().parents[2]
@@ -130,8 +130,8 @@ def run_cli(run_dir: Path, *args: str, log: Path, timeout: float = 1500) -> tupl
 def run_here(run_dir: Path, *args: str, capsys) -> tuple[int, str]:
     """The same as the command line, in this process (no interpreter start-up: cheaper for trials that are not
     about processes): compose, run, and print errors exactly as `python -m eksft_pipeline` does."""
-    from eksft_pipeline.pipeline.runner import main_from_config
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
+    from eksft_pipeline.contract.recipes import compose_pipeline
+    from eksft_pipeline.orchestrator.runner import main_from_config
 
     capsys.readouterr()
     rc = main_from_config(compose_pipeline(f"run_dir={hydra_quote(str(run_dir))}", *args))
@@ -346,7 +346,7 @@ def small_fs(tmp_path):
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if res.returncode != 0:
         pytest.skip(f"SKIPPED LOUDLY: cannot mount a 1 MiB tmpfs here ({res.stderr.strip() or 'not root'}); the "
-                    "full-disk logic is still covered by tests/pipeline/test_manifest.py (simulated ENOSPC)")
+                    "full-disk logic is still covered by tests/contract/test_manifest.py (simulated ENOSPC)")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 

@@ -1,5 +1,5 @@
 """Issue 24's guarantees, unit by unit (cheap: no verl run, no tiny pipeline; the same failures on a real run are
-trials in tests/pipeline/test_faults.py):
+trials in tests/orchestrator/test_faults.py):
 
 * an input is checked against the record of the stage that produced it before anything is cleaned, naming the
   file and the stage to re-run (a large file by its fingerprint first);
@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline import manifest as mf
-from eksft_pipeline.pipeline import runner
-from eksft_pipeline.pipeline.manifest import InputChanged, Manifest
-from eksft_pipeline.pipeline.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract import manifest as mf
+from eksft_pipeline.contract.manifest import InputChanged, Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.contract.stage_api import ConfigError, PipelineError, Stage, StageContext, StageResult
+from eksft_pipeline.orchestrator import runner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -203,7 +203,7 @@ eksft_pipeline.verl_ext.sft_main FAILED
 
 
 def test_the_first_real_exception_of_a_log_is_found():
-    from eksft_pipeline.pipeline.artifacts import first_exception
+    from eksft_pipeline.contract.artifacts import first_exception
 
     hit = first_exception(TORCHRUN_LOG)
     assert hit["exception"].startswith("ArrowInvalid: Could not open Parquet input source")
@@ -218,8 +218,8 @@ def test_the_first_real_exception_of_a_log_is_found():
 
 def test_a_failed_subprocess_shows_its_first_exception_in_one_line(tmp_path, capsys):
     """Generic: any subprocess the training stages launch (torchrun today); the full log stays where it was."""
-    from eksft_pipeline.pipeline.artifacts import StepProgress
-    from eksft_pipeline.pipeline.verl_stage import VerlTrainingStage
+    from eksft_pipeline.contract.artifacts import StepProgress
+    from eksft_pipeline.verl_ext.verl_stage import VerlTrainingStage
 
     script = tmp_path / "child.py"
     script.write_text(
@@ -278,7 +278,7 @@ def test_hydra_paths_survive_spaces_quotes_and_non_ascii(tmp_path):
     (("stage=rl", "+rl.verl.trainer.total_epochs=0"), "rl.verl.trainer.total_epochs=0 must be > 0"),
 ])
 def test_verl_values_are_type_and_range_checked(tmp_path, args, needle):
-    from eksft_pipeline.pipeline.artifacts import quiet
+    from eksft_pipeline.contract.artifacts import quiet
 
     cfg = compose_pipeline(f"run_dir={tmp_path}", *args)
     stage = runner.load_stage(args[0].split("=")[1])

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.runner import run_pipeline
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.orchestrator.runner import run_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,8 +135,8 @@ def test_rerun_ends_survivors_of_an_earlier_attempt_and_refuses_a_live_one(asset
     import os
     import time
 
-    from eksft_pipeline.pipeline import procs
-    from eksft_pipeline.pipeline.stage_api import PipelineError
+    from eksft_pipeline.contract import procs
+    from eksft_pipeline.contract.stage_api import PipelineError
 
     run_dir = (tmp_path / "run").resolve()
     env = {**os.environ, procs.ENV_RUN_DIR: str(run_dir), procs.ENV_STAGE: "split", procs.ENV_TOKEN: "an-old-run"}

@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from eksft_pipeline.pipeline.runner import ORDER, TASK_STAGES, load_stage, stage_list
-from eksft_pipeline.pipeline.stage_api import ConfigError
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.contract.stage_api import ConfigError
+from eksft_pipeline.orchestrator.runner import ORDER, TASK_STAGES, load_stage, stage_list
 
 
 def test_task_selects_stages_and_run_dir():
@@ -80,8 +80,8 @@ def test_report_tables_and_paired_moves(tmp_path):
 
 
 def test_stage_checks_name_the_setting(tmp_path):
-    from eksft_pipeline.pipeline.manifest import Manifest
-    from eksft_pipeline.pipeline.stage_api import StageContext
+    from eksft_pipeline.contract.manifest import Manifest
+    from eksft_pipeline.contract.stage_api import StageContext
 
     def ctx(*over, dry=False):
         cfg = compose_pipeline("task=tool_use", *over)

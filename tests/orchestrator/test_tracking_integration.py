@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline import runner
-from eksft_pipeline.pipeline import tracking as T
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.stage_api import Stage, StageContext, StageResult
-from eksft_pipeline.pipeline.verl_config import compose_pipeline, recipes_dir
+from eksft_pipeline.contract import tracking as T
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline, recipes_dir
+from eksft_pipeline.contract.stage_api import Stage, StageContext, StageResult
+from eksft_pipeline.orchestrator import runner
 
 NO_CREDS = {"HOME": "/nonexistent"}
 
@@ -120,7 +120,7 @@ def test_untracked_stages_get_no_tracker_run(tmp_path, monkeypatch):
 
 
 def test_bad_backend_is_a_config_error(tmp_path):
-    from eksft_pipeline.pipeline.stage_api import ConfigError
+    from eksft_pipeline.contract.stage_api import ConfigError
 
     with pytest.raises(ConfigError, match=r"unknown backend\(s\) \['wandbb'\]"):
         runner.run_pipeline(_cfg(tmp_path / "r", "tracking=wandb", "tracking.backends=[wandbb]", "dry_run=true"))

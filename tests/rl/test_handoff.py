@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.runner import run_pipeline
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.orchestrator.runner import run_pipeline
 from eksft_pipeline.rl.handoff import HandoffError
 
 

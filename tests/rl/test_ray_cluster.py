@@ -135,9 +135,9 @@ def _rl_inputs(root: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_rl_stage_runs_on_an_existing_ray_cluster_and_its_metrics_arrive(tmp_path, monkeypatch):
-    from eksft_pipeline.pipeline.manifest import Manifest
-    from eksft_pipeline.pipeline.stage_api import StageContext
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
+    from eksft_pipeline.contract.manifest import Manifest
+    from eksft_pipeline.contract.recipes import compose_pipeline
+    from eksft_pipeline.contract.stage_api import StageContext
     from eksft_pipeline.rl.stage import RLStage
 
     inputs = _rl_inputs(tmp_path)

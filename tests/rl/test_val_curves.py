@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.rl_curves import expected_val_points, mismatch_keys, val_curves, val_n, val_points
-from eksft_pipeline.pipeline.stage_api import ConfigError, StageContext
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.contract.rl_curves import expected_val_points, mismatch_keys, val_curves, val_n, val_points
+from eksft_pipeline.contract.stage_api import ConfigError, StageContext
 
 
 def _stage_vc(tmp_path: Path, *overrides: str):

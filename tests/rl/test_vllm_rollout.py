@@ -114,9 +114,9 @@ def test_vllm_lock_in_step_with_cpu_constraints():
 
 
 def test_cpu_vllm_recipe_validates(tmp_path):
+    from eksft_pipeline.verl_ext.verl_config import compose_verl
     from omegaconf import OmegaConf
 
-    from eksft_pipeline.pipeline.verl_config import compose_verl
     from eksft_pipeline.verl_ext.ppo_main import validate_ppo_config
 
     vc = compose_verl("dapo", ["dapo_platform=cpu_vllm", "actor_rollout_ref.model.path=/m",
@@ -133,7 +133,7 @@ def test_cpu_vllm_recipe_validates(tmp_path):
 
 def test_rl_stage_checks_the_vllm_interpreter(tmp_path):
     """cluster=cpu_vllm: the RL stage runs main_ppo with cluster.vllm_python, after checking its versions."""
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
+    from eksft_pipeline.contract.recipes import compose_pipeline
     from eksft_pipeline.rl.stage import RLStage
     from eksft_pipeline.verl_ext.vllm_cpu import installed_versions
 
@@ -145,7 +145,7 @@ def test_rl_stage_checks_the_vllm_interpreter(tmp_path):
     with pytest.raises(ValueError, match="cannot run"):
         installed_versions(str(tmp_path / "no-python"))
     assert here["verl"] == "0.9.1"
-    from eksft_pipeline.pipeline.verl_config import compose_verl
+    from eksft_pipeline.verl_ext.verl_config import compose_verl
 
     vc = compose_verl("dapo", ["dapo_platform=cpu_vllm", "actor_rollout_ref.model.path=/m",
                                "data.train_files=/t.parquet", "data.val_files=/v.parquet"])  # fmt: skip

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.runner import run_pipeline
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.orchestrator.runner import run_pipeline
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def _run(assets: Path, run_dir: Path, *extra: str) -> dict:
 
 def _metrics(run_dir: Path, method: str) -> dict[int, dict]:
     """The SFT metrics of `method`, or of its one variant in this run dir (settings that differ from the recipe
-    are part of the stage key: `method.params.rho=0` runs as sft/eksft-rho_0..., see pipeline/keys.method_tag)."""
+    are part of the stage key: `method.params.rho=0` runs as sft/eksft-rho_0..., see contract/keys.method_tag)."""
     d = run_dir / "sft" / method
     if not d.is_dir():
         found = sorted((run_dir / "sft").glob(f"{method}-*"))

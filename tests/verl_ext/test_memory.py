@@ -1,4 +1,4 @@
-"""Per-GPU memory estimates (eksft_pipeline/pipeline/memory.py): measured where it can be, enforced before launch.
+"""Per-GPU memory estimates (eksft_pipeline/verl_ext/memory.py): measured where it can be, enforced before launch.
 
 * the loss head at Qwen3's vocabulary (V = 151,936) is measured on CPU for a few N -- naive and fused, forward +
   backward as the SFT training pass runs them -- and must match `loss_head_peak` within 15 %;
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.contract.stage_api import StageContext
 from eksft_pipeline.losses import get_loss
-from eksft_pipeline.pipeline import memory
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.stage_api import StageContext
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.verl_ext import memory
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_MODELS = ["qwen3-8b", "qwen3-4b", "qwen3-8b-base", "qwen3-4b-base"]

@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from eksft_pipeline.verl_ext.verl_config import ConfigKeyError
 from omegaconf import OmegaConf
 
-from eksft_pipeline.pipeline.manifest import Manifest
-from eksft_pipeline.pipeline.stage_api import StageContext
-from eksft_pipeline.pipeline.verl_config import ConfigKeyError, compose_pipeline, recipes_dir
+from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.recipes import compose_pipeline, recipes_dir
+from eksft_pipeline.contract.stage_api import StageContext
 
 RECIPES = recipes_dir()
 METHODS = sorted(p.stem for p in (RECIPES / "method").glob("*.yaml"))
@@ -140,7 +141,7 @@ def test_unknown_method_fails_at_composition():
 
 
 def test_stage_lists_cover_the_pipeline():
-    from eksft_pipeline.pipeline.runner import ORDER
+    from eksft_pipeline.orchestrator.runner import ORDER
 
     cfg = compose_pipeline()
     assert list(cfg.stage.run) == ORDER  # stage=all: every stage, in order
@@ -203,7 +204,7 @@ def test_rl_stage_environment_reaches_the_ray_job(tmp_path):
 
 def test_two_node_sft_command_and_refusal(tmp_path):
     """Two nodes: the dry run shows the per-node torchrun (c10d rendezvous); the stage does not pretend to launch it."""
-    from eksft_pipeline.pipeline.stage_api import NotImplementedInThisBuild, StageContext
+    from eksft_pipeline.contract.stage_api import NotImplementedInThisBuild, StageContext
     from eksft_pipeline.sft.stage import SFTStage
 
     cfg = compose_pipeline("model=qwen3-8b", "cluster=2x8gpu")

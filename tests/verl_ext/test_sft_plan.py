@@ -193,9 +193,9 @@ def test_config_errors_name_the_fix():
 
 
 def test_recipes_give_psft_its_schedule_and_official_its_scope(tmp_path):
-    from eksft_pipeline.pipeline.manifest import Manifest
-    from eksft_pipeline.pipeline.stage_api import StageContext
-    from eksft_pipeline.pipeline.verl_config import compose_pipeline
+    from eksft_pipeline.contract.manifest import Manifest
+    from eksft_pipeline.contract.recipes import compose_pipeline
+    from eksft_pipeline.contract.stage_api import StageContext
     from eksft_pipeline.sft.stage import SFTStage
 
     def vc_for(*ov):

@@ -52,8 +52,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eksft_pipeline.contract.manifest import sha256_file
 from eksft_pipeline.data.schema import DataError
-from eksft_pipeline.pipeline.manifest import sha256_file
 
 from .format import ToolFormatError, render_tool_calls, tools_system_prompt
 

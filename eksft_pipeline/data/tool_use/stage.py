@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from eksft_pipeline.contract.stage_api import ConfigError, StageContext, StageResult, positive
 from eksft_pipeline.data.stage import SplitStage, _plain
-from eksft_pipeline.pipeline.stage_api import ConfigError, StageContext, StageResult, positive
 
 TINY = "tiny"
 
