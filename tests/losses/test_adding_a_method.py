@@ -12,7 +12,7 @@ import shutil
 import pytest
 from loss_probe import measured_facts
 
-from eksft_pipeline.contract import recipes as verl_config
+from eksft_pipeline.contract import recipes as recipe_cfg
 from eksft_pipeline.contract.keys import known_methods, method_tag
 from eksft_pipeline.contract.manifest import Manifest
 from eksft_pipeline.contract.stage_api import StageContext
@@ -52,9 +52,9 @@ def added_method(tmp_path, monkeypatch):
     """The three touches: the class registered, the recipe next to the others (in a copy of recipes/)."""
     monkeypatch.setitem(REGISTRY, NAME, EntropyBonusSFT)
     recipes = tmp_path / "recipes"
-    shutil.copytree(verl_config.recipes_dir(), recipes)
+    shutil.copytree(recipe_cfg.recipes_dir(), recipes)
     (recipes / "method" / f"{NAME}.yaml").write_text(RECIPE)
-    monkeypatch.setattr(verl_config, "RECIPES_DIR", recipes)
+    monkeypatch.setattr(recipe_cfg, "RECIPES_DIR", recipes)
     return recipes
 
 
@@ -62,7 +62,7 @@ def test_a_new_baseline_needs_only_its_module_recipe_and_tests(added_method, tmp
     from eksft_pipeline.sft.stage import SFTStage
 
     assert NAME in available_losses() and NAME in known_methods()
-    cfg = verl_config.compose_pipeline(f"method={NAME}", "model=qwen3-8b", "cluster=8gpu")
+    cfg = recipe_cfg.compose_pipeline(f"method={NAME}", "model=qwen3-8b", "cluster=8gpu")
     assert method_tag(cfg.method) == NAME and cfg.method.params.lambda_entropy == 0.2
     stage = SFTStage()
     ctx = StageContext(cfg=cfg, run_dir=tmp_path / "run", manifest=Manifest(tmp_path / "run"), key=stage.key(cfg),
@@ -87,10 +87,10 @@ def test_without_the_registration_the_method_is_refused(tmp_path, monkeypatch):
     from eksft_pipeline.sft.stage import SFTStage
 
     recipes = tmp_path / "recipes"
-    shutil.copytree(verl_config.recipes_dir(), recipes)
+    shutil.copytree(recipe_cfg.recipes_dir(), recipes)
     (recipes / "method" / f"{NAME}.yaml").write_text(RECIPE)
-    monkeypatch.setattr(verl_config, "RECIPES_DIR", recipes)
-    cfg = verl_config.compose_pipeline(f"method={NAME}")
+    monkeypatch.setattr(recipe_cfg, "RECIPES_DIR", recipes)
+    cfg = recipe_cfg.compose_pipeline(f"method={NAME}")
     stage = SFTStage()
     ctx = StageContext(cfg=cfg, run_dir=tmp_path / "run", manifest=Manifest(tmp_path / "run"), key=stage.key(cfg),
                        dry_run=True)  # fmt: skip

@@ -114,10 +114,10 @@ def test_vllm_lock_in_step_with_cpu_constraints():
 
 
 def test_cpu_vllm_recipe_validates(tmp_path):
-    from eksft_pipeline.verl_ext.verl_config import compose_verl
     from omegaconf import OmegaConf
 
     from eksft_pipeline.verl_ext.ppo_main import validate_ppo_config
+    from eksft_pipeline.verl_ext.verl_config import compose_verl
 
     vc = compose_verl("dapo", ["dapo_platform=cpu_vllm", "actor_rollout_ref.model.path=/m",
                                "data.train_files=/t.parquet", "data.val_files=/v.parquet"])  # fmt: skip

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from eksft_pipeline.verl_ext.verl_config import ConfigKeyError
 from omegaconf import OmegaConf
 
 from eksft_pipeline.contract.manifest import Manifest
 from eksft_pipeline.contract.recipes import compose_pipeline, recipes_dir
 from eksft_pipeline.contract.stage_api import StageContext
+from eksft_pipeline.verl_ext.verl_config import ConfigKeyError
 
 RECIPES = recipes_dir()
 METHODS = sorted(p.stem for p in (RECIPES / "method").glob("*.yaml"))
