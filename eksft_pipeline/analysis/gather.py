@@ -59,6 +59,7 @@ class RunData:
     # groups the variants of one recipe (a multirun over method.params.rho) into one table
     method_cfg: dict[str, dict] = field(default_factory=dict)
     split: dict[str, Any] | None = None
+    split_run_dir: str | None = None  # the run directory `split` came from (its run-format record: ctx.run_format)
     tracking_groups: dict[str, str] = field(default_factory=dict)  # run dir -> its tracker group (tracking on)
     tracker_notes: list[str] = field(default_factory=list)  # source="tracker": where each curve came from
 
@@ -119,6 +120,7 @@ def gather(run_dirs: list[str | Path], source: str = "files") -> RunData:
             kind, _, tag = key.partition("/")
             if kind == "split" and data.split is None:
                 data.split = entry.get("summary", {})
+                data.split_run_dir = rd
                 if "sft_train" in outs:
                     data.split = {**data.split, "sft_train": outs["sft_train"]}
             elif kind == "assets" and "model" in outs:

@@ -44,16 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from eksft_pipeline.analysis.gather import RunData, gather
 from eksft_pipeline.contract.artifacts import atomic_write_text
-from eksft_pipeline.contract.manifest import resolve_recorded
+from eksft_pipeline.contract.manifest import Manifest, resolve_recorded
+from eksft_pipeline.contract.recipes import plain
 from eksft_pipeline.contract.stage_api import ConfigError, Stage, StageContext, StageResult
-
-
-def _plain(x):
-    return OmegaConf.to_container(x, resolve=True) if x is not None else None
 
 
 def _fmt(v: Any) -> str:
@@ -556,34 +551,46 @@ def section_stages(r: Report) -> list[str]:
     return ["## Every stage", "", *cutoff, *stage_lines(r.data), ""]
 
 
+def _split_run_format(r: Report):
+    """The run format (contract/run_format.py) of the run directory the split came from: the report's own
+    (`ctx.run_format`), or, reporting over `report.run_dirs`, that directory's."""
+    ctx = r.ctx
+    rd = r.data.split_run_dir
+    if rd is not None and Path(rd).resolve() != Path(ctx.run_dir).resolve():
+        ctx = StageContext(cfg=ctx.cfg, run_dir=Path(rd), manifest=Manifest(Path(rd)), key=ctx.key)
+    return ctx.run_format
+
+
 def section_case_study(r: Report) -> list[str]:
     """Token-probability case study (the paper's Fig. 6) and the mean token entropy per model."""
     import pandas as pd
 
     from eksft_pipeline.analysis.case_study import token_prob_case_study
-    from eksft_pipeline.models.hub import resolve_model_dir
 
     cs = r.cfg.report.get("case_study") or {}
     if not cs.get("enabled", True):
         return []
     data, out = r.data, r.out
+    src = (data.split or {}).get("sft_train")
+    if not src or not Path(src).exists():
+        return ["## Token-probability case study", "", "_Skipped: no SFT split or no models._", ""]
+    fmt = _split_run_format(r)  # the generation prefix and the base model's directory, as the split recorded them
     models = dict(data.models)
     try:
-        models["base"] = str(resolve_model_dir(str(r.cfg.model.path)))
+        models["base"] = str(fmt.base_model_dir())
     except FileNotFoundError:
         models.pop("base", None)
     order = ["base"] + sorted(k for k in models if k.endswith("(SFT)")) + sorted(
         k for k in models if k.endswith("(SFT→RL)"))
     models = {k: models[k] for k in order if k in models}
-    src = (data.split or {}).get("sft_train")
-    if not models or not src or not Path(src).exists():
+    if not models:
         return ["## Token-probability case study", "", "_Skipped: no SFT split or no models._", ""]
     idx = int(cs.get("example_index", 0))
     row = pd.read_parquet(src).iloc[idx]
     messages = [dict(m) for m in row["messages"]]
     device = str(cs.get("device", "cpu"))
     res = token_prob_case_study(models, messages, out / "case_study", device=device,
-                                generation_prefix=str((data.split or {}).get("generation_prefix", "") or ""),
+                                generation_prefix=fmt.generation_prefix,
                                 max_tokens=int(cs.get("max_tokens", 96)))
     r.outputs["case_study_html"] = str(out / "case_study" / "token_probs.html")
     if (out / "case_study" / "token_probs.png").is_file():
@@ -603,7 +610,7 @@ def section_case_study(r: Report) -> list[str]:
         from eksft_pipeline.analysis.case_study import mean_response_entropy, render_case
 
         tok = AutoTokenizer.from_pretrained(next(iter(models.values())))
-        prefix = str((data.split or {}).get("generation_prefix", "") or "")
+        prefix = fmt.generation_prefix
         frame = pd.read_parquet(src)
         cases = [render_case(tok, [dict(m) for m in rr], prefix) for rr in frame["messages"].head(n_ent)]
         entropy = {k: mean_response_entropy(v, cases, device=device) for k, v in models.items()}
@@ -640,7 +647,7 @@ class ReportStage(Stage):
     tracked = True  # the report run: its figures and tables (log_report)
 
     def config(self, cfg):
-        return {"report": _plain(cfg.report), "model": str(cfg.model.path)}
+        return {"report": plain(cfg.report), "model": str(cfg.model.path)}
 
     def _run_dirs(self, ctx: StageContext) -> list[Path]:
         dirs = [Path(str(d)).expanduser().resolve() for d in (ctx.cfg.report.get("run_dirs") or [ctx.run_dir])]

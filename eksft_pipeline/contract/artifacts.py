@@ -443,7 +443,7 @@ def check_safetensors(path: Path) -> None:
                             "delete it to have it rebuilt")
 
 
-def export_hf_model(ckpt_root: Path, dst: Path, *, base_model: str, subdir: str = "huggingface") -> Path:
+def export_hf_model(ckpt_root: Path, dst: Path, *, base_dir: Path | None, subdir: str = "huggingface") -> Path:
     """Last checkpoint's `huggingface/` -> `dst` (a copy, never hard links: the output must not share bytes
     with a checkpoint that a later resume or a user might rewrite), completed, checked and swapped in
     atomically (a temporary folder renamed over `dst`).
@@ -470,13 +470,9 @@ def export_hf_model(ckpt_root: Path, dst: Path, *, base_model: str, subdir: str 
     for f in src.iterdir():
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
-    # generation config / chat template from the base model when verl did not write them
-    from eksft_pipeline.models.hub import resolve_model_dir
-
-    try:
-        base = resolve_model_dir(base_model)
-    except FileNotFoundError:
-        base = None
+    # generation config / chat template from the base model (`base_dir`, the run's recorded directory) when verl
+    # did not write them
+    base = None if base_dir is None else Path(base_dir)
     if base is not None:
         for name in ("generation_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
                      "special_tokens_map.json", "vocab.json", "merges.txt"):

@@ -81,10 +81,11 @@ def init_model(ctx, *, placeholder: bool = False) -> str:
     if kind == "base":
         return str(ctx.cfg.model.path)
     if kind == "path":
-        from eksft_pipeline.models.hub import resolve_model_dir, split_revision
+        from eksft_pipeline.contract.run_format import resolve_model
+        from eksft_pipeline.models.hub import split_revision
 
         # owner/name@rev: the snapshot of that revision (check_init_spec found it cached), which every loader reads
-        return str(resolve_model_dir(spec)) if split_revision(spec)[1] and not ctx.dry_run else spec
+        return str(resolve_model(spec)) if split_revision(spec)[1] and not ctx.dry_run else spec
     if ctx.dry_run:
         return f"<run_dir>/{sft_key(spec)}/hf_model" if placeholder else str(ctx.run_dir / sft_key(spec) / "hf_model")
     return ctx.upstream(sft_key(spec))["hf_model"]
@@ -115,10 +116,10 @@ def check_init_spec(spec: str) -> str:
     if p.is_dir():
         return "path"
     if not p.exists() and not spec.startswith(("/", ".", "~")) and "/" in spec:
-        from eksft_pipeline.models.hub import resolve_model_dir
+        from eksft_pipeline.contract.run_format import resolve_model
 
         try:
-            resolve_model_dir(spec)
+            resolve_model(spec)
             return "hub"
         except FileNotFoundError:
             pass

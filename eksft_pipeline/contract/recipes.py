@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -74,3 +74,11 @@ def redirect_benchmark_overrides(overrides: list[str]) -> list[str]:
             print(f"[eksft] {o} -> {new} (eval.benchmarks interpolates the model's benchmark block)", file=sys.stderr)
         out.append(new)
     return out
+
+
+def plain(x):
+    """A config node as plain Python (dicts, lists, resolved interpolations); anything else unchanged. The one
+    helper every stage uses to hash or print a part of its config."""
+    if isinstance(x, DictConfig | ListConfig):
+        return OmegaConf.to_container(x, resolve=True)
+    return x

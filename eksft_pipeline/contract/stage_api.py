@@ -18,6 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from eksft_pipeline.contract.errors import ConfigError, PipelineError
 from eksft_pipeline.contract.keys import init_spec
 from eksft_pipeline.contract.manifest import Manifest
+from eksft_pipeline.contract.run_format import (
+    RUN_FORMAT_OUTPUT,
+    RunFormat,
+    RunFormatError,
+    read_run_format,
+    run_format_from_config,
+)
 
 __all__ = ["ConfigError", "NotImplementedInThisBuild", "PipelineError", "Stage", "StageContext", "StageResult",
            "positive"]
@@ -42,6 +49,30 @@ class StageContext:
     dry_run: bool = False
     # the tracker identity of this attempt (contract/tracking.py RunIdentity), set by the runner; None = off
     tracking: Any = None
+    _run_format: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def run_format(self) -> RunFormat:
+        """The run's format (chat template, EOS, generation prefix, model dirs) as the split stage recorded it
+        (contract/run_format.py): the one way a stage learns it. A dry run before the split answers the format
+        planned from the config; otherwise a missing or corrupt record raises RunFormatError (one line)."""
+        if self._run_format is None:
+            self._run_format = self._load_run_format()
+        return self._run_format
+
+    def _load_run_format(self) -> RunFormat:
+        try:
+            outs = self.manifest.outputs("split")
+        except FileNotFoundError as e:
+            if self.dry_run:
+                return run_format_from_config(self.cfg, planned=True)
+            raise RunFormatError(f"no run format record: {e}") from None
+        if RUN_FORMAT_OUTPUT not in outs:
+            if self.dry_run:
+                return run_format_from_config(self.cfg, planned=True)
+            raise RunFormatError(f"the split stage in {self.run_dir} recorded no {RUN_FORMAT_OUTPUT} (it ran before "
+                                 "the record existed); rerun the split stage (stage=split force=true)")
+        return read_run_format(outs[RUN_FORMAT_OUTPUT])
 
     @property
     def out_dir(self) -> Path:

@@ -17,7 +17,7 @@ saved). The handoff checks that RL renders prompts exactly as SFT did, and repor
 saved template is the run's; with ``model.chat_template: null`` every stage uses the model's own template and
 a mismatch between the SFT tokenizer and the init model is refused there.
 
-Templates (``TEMPLATES``; ``model.chat_template`` may also be a ``.jinja`` path or literal Jinja text):
+Templates (``contract/run_format.py`` ``TEMPLATES``; ``model.chat_template`` may also be a ``.jinja`` path or literal Jinja text):
 
 * ``chatml`` -- per message ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; generation prompt
   ``<|im_start|>assistant\\n``; no default system prompt; content is rendered verbatim (``<think>`` kept).
@@ -44,48 +44,12 @@ from typing import Any
 
 from eksft_pipeline.chatml import CHATML  # the text lives below data/ and models/ (both use it)
 
-TEMPLATES: dict[str, str] = {"chatml": CHATML}
+# the template's names and their resolution: contract/run_format.py (the run's format is resolved in one place)
+from eksft_pipeline.contract.run_format import ChatTemplateError
 
 # A conversation with reasoning, used to find the token that ends an assistant turn.
 _PROBE_CONTENT = "<think>\nprobe reasoning 1 + 1 = 2\n</think>\n\nThe answer is \\boxed{2}."
 _PROBE = [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": _PROBE_CONTENT}]
-
-
-class ChatTemplateError(ValueError):
-    """The configured chat template or EOS cannot be used; the message names the setting to change."""
-
-
-def resolve_template(spec: str | None) -> str | None:
-    """Template text for ``model.chat_template``: a name in :data:`TEMPLATES`, a ``.jinja`` file, or Jinja text.
-
-    ``None`` / ``""`` -> ``None`` (keep the tokenizer's own template).
-    """
-    if spec in (None, ""):
-        return None
-    spec = str(spec)
-    if spec in TEMPLATES:
-        return TEMPLATES[spec]
-    if "{{" in spec or "{%" in spec:
-        return spec
-    path = Path(spec).expanduser()
-    if path.suffix == ".jinja":
-        if not path.is_file():
-            raise ChatTemplateError(f"model.chat_template: template file {path} not found")
-        return path.read_text()
-    raise ChatTemplateError(
-        f"model.chat_template={spec!r} is neither a known template ({', '.join(sorted(TEMPLATES))}), "
-        "a .jinja file, nor Jinja text"
-    )
-
-
-def template_name(spec: str | None) -> str:
-    """Short label for reports: the template's name, the file name, or 'inline'/'tokenizer'."""
-    if spec in (None, ""):
-        return "tokenizer"
-    spec = str(spec)
-    if spec in TEMPLATES:
-        return spec
-    return Path(spec).name if spec.endswith(".jinja") else "inline"
 
 
 def apply_template(tokenizer: Any, template: str | None, eos_token: str | None = None) -> Any:
@@ -183,14 +147,11 @@ def save_run_tokenizer(tokenizer: Any, out_dir: str | Path) -> Path:
 
 __all__ = [
     "CHATML",
-    "TEMPLATES",
     "ChatTemplateError",
     "apply_template",
     "check_eos",
     "end_of_turn_id",
     "generation_eos_ids",
-    "resolve_template",
     "save_run_tokenizer",
     "stop_token_ids",
-    "template_name",
 ]

@@ -36,6 +36,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from eksft_pipeline.contract.run_format import THINK_PREFIX  # the generation prefix's one source
+
 # The exact system prompt of OpenR1-Math-46k-8192 (identical to prompt[0] of every row of the shared
 # luffy_valid_all.parquet eval file; tests/data/test_eval_sets.py checks that equality).
 SYSTEM_PROMPT = (
@@ -50,7 +52,6 @@ SYSTEM_PROMPT = (
 )
 
 THINK_OPEN = "<think>"
-THINK_PREFIX = "<think>\n"
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("data_source", "prompt", "target", "reward_model")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("ability", "extra_info")

@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from eksft_pipeline.contract.manifest import sha256_file
+from eksft_pipeline.contract.run_format import THINK_PREFIX, THINK_PREFIX_MODES, generation_prefix_for
 
 from .schema import (
     DROP_REASONS,
@@ -61,7 +62,6 @@ from .schema import (
     RL_SCHEMA,
     SFT_SCHEMA,
     THINK_OPEN,
-    THINK_PREFIX,
     DataError,
     SplitOverlapError,
     normalize_prompt_text,
@@ -69,7 +69,6 @@ from .schema import (
     validate_row,
 )
 
-THINK_PREFIX_MODES = ("keep", "prompt", "strip")
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json")
 SFT_FILE, RL_FILE = "sft_train.parquet", "rl_train.parquet"
 SFT_IDS_FILE, RL_IDS_FILE = "sft_ids.json", "rl_ids.json"
@@ -326,13 +325,6 @@ def apply_think_prefix(trace: str, mode: str) -> tuple[str, str]:
                 return trace[len(p) :], ""
         return trace, ""
     raise DataError(f"unknown think_prefix mode {mode!r} (expected one of {list(THINK_PREFIX_MODES)})")
-
-
-def generation_prefix_for(mode: str) -> str:
-    """The text later stages must append after the rendered generation prompt for this mode."""
-    if mode not in THINK_PREFIX_MODES:
-        raise DataError(f"unknown think_prefix mode {mode!r} (expected one of {list(THINK_PREFIX_MODES)})")
-    return THINK_PREFIX if mode == "prompt" else ""
 
 
 # ------------------------------------------------------------------------------------------- tokenizing
@@ -720,9 +712,3 @@ def read_split_report(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise DataError(f"split report not found: {path}; run the split stage first (stage=split)")
     return json.loads(path.read_text())
-
-
-def generation_prefix(report: dict[str, Any]) -> str:
-    """The text the split moved from the SFT targets into the generation prompt (``split.think_prefix=prompt``;
-    "" otherwise): RL prompts, eval prompts and the report's case study append it."""
-    return str(report.get("generation_prefix", "") or "")

@@ -16,16 +16,19 @@ every SFT target is a stop token of RL and eval (before any GPU time is spent on
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from eksft_pipeline.contract.artifacts import atomic_write_json
+from eksft_pipeline.contract.recipes import plain
+from eksft_pipeline.contract.run_format import (
+    RUN_FORMAT_FILE,
+    RUN_FORMAT_OUTPUT,
+    THINK_PREFIX_MODES,
+    run_format_from_config,
+    write_run_format,
+)
 from eksft_pipeline.contract.stage_api import ConfigError, Stage, StageContext, StageResult, positive
-
-
-def _plain(x):
-    return OmegaConf.to_container(x, resolve=True) if x is not None else None
 
 
 class AssetsStage(Stage):
@@ -33,7 +36,7 @@ class AssetsStage(Stage):
 
     def config(self, cfg):
         return {"model": {"name": cfg.model.name, "kind": cfg.model.kind, "path": str(cfg.model.path),
-                          "assets": _plain(cfg.model.get("assets"))}}
+                          "assets": plain(cfg.model.get("assets"))}}
 
     def check(self, ctx):
         if str(ctx.cfg.model.kind) not in ("tiny", "hf"):
@@ -48,7 +51,7 @@ class AssetsStage(Stage):
             from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
             known = set(inspect.signature(make_tiny_assets).parameters) - {"out_dir"}
-            bad = sorted(set(_plain(ctx.cfg.model.get("assets")) or {}) - known)
+            bad = sorted(set(plain(ctx.cfg.model.get("assets")) or {}) - known)
             if bad:
                 raise ConfigError(f"model.assets has unknown key(s) {bad}; known: {sorted(known)}")
 
@@ -56,7 +59,7 @@ class AssetsStage(Stage):
         cfg = ctx.cfg
         if cfg.model.kind == "tiny":
             return {"stage": "assets", "action": "make_tiny_assets", "out_dir": str(cfg.model.assets_dir),
-                    "params": _plain(cfg.model.assets)}
+                    "params": plain(cfg.model.assets)}
         return {"stage": "assets", "action": "record model reference", "model": str(cfg.model.path)}
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -66,7 +69,7 @@ class AssetsStage(Stage):
         if cfg.model.kind == "tiny":
             from eksft_pipeline.data.tiny_assets import make_tiny_assets
 
-            params = dict(_plain(cfg.model.assets) or {})
+            params = dict(plain(cfg.model.assets) or {})
             paths = make_tiny_assets(cfg.model.assets_dir, **params)
             for want, key in ((cfg.model.path, "model"), (cfg.model.data.source, "train")):
                 if Path(str(want)).resolve() != Path(paths[key]).resolve():
@@ -94,10 +97,8 @@ class SplitStage(Stage):
     name = "split"
 
     def config(self, cfg):
-        from eksft_pipeline.data.chat_template import resolve_template
-
-        return {"split": _plain(cfg.split), "tokenizer": str(cfg.model.path),
-                "chat_template": resolve_template(cfg.model.get("chat_template")),
+        fmt = run_format_from_config(cfg)  # the format this stage resolves and records for every later stage
+        return {"split": plain(cfg.split), "tokenizer": str(cfg.model.path), "chat_template": fmt.chat_template,
                 "eos_token": cfg.model.get("eos_token")}
 
     def inputs(self, ctx):
@@ -108,7 +109,7 @@ class SplitStage(Stage):
         return inp
 
     def check(self, ctx):
-        from eksft_pipeline.data.split import THINK_PREFIX_MODES, _is_hub_name
+        from eksft_pipeline.data.split import _is_hub_name
 
         s = ctx.cfg.split
         if str(s.think_prefix) not in THINK_PREFIX_MODES:
@@ -122,37 +123,45 @@ class SplitStage(Stage):
                               "point it at a local parquet/jsonl file or directory")
 
     def describe(self, ctx):
-        from eksft_pipeline.data.chat_template import template_name
-
         m = ctx.cfg.model
         return {"stage": "split", "out_dir": str(ctx.out_dir), "tokenizer": str(m.path),
-                "chat_template": template_name(m.get("chat_template")), "eos_token": m.get("eos_token"),
+                "chat_template": run_format_from_config(ctx.cfg).chat_template_label, "eos_token": m.get("eos_token"),
+                "run_format": str(ctx.out_dir / RUN_FORMAT_FILE),
                 "checks": ["eos: the token ending SFT targets is a stop token of RL/eval (before SFT)"],
-                "run_tokenizer": str(ctx.out_dir / "tokenizer"), **_plain(ctx.cfg.split)}
+                "run_tokenizer": str(ctx.out_dir / "tokenizer"), **plain(ctx.cfg.split)}
 
     def run_tokenizer(self, ctx: StageContext):
-        """The model's tokenizer with the run's chat template and EOS, EOS-checked (see chat_template.py)."""
+        """The model's tokenizer with the run's chat template and EOS, EOS-checked (see chat_template.py), and the
+        run's format (contract/run_format.py) resolved from the config."""
         from transformers import AutoTokenizer
 
         from eksft_pipeline.data import chat_template as ct
-        from eksft_pipeline.data.split import generation_prefix_for
 
-        m = ctx.cfg.model
-        tok = AutoTokenizer.from_pretrained(str(m.path))
-        ct.apply_template(tok, ct.resolve_template(m.get("chat_template")), m.get("eos_token"))
-        eos = ct.check_eos(tok, str(m.path), generation_prefix=generation_prefix_for(str(ctx.cfg.split.think_prefix)),
-                           template_label=ct.template_name(m.get("chat_template")))
-        return tok, eos
+        fmt = run_format_from_config(ctx.cfg, resolve_dir=True)
+        tok = AutoTokenizer.from_pretrained(fmt.model_ref)
+        ct.apply_template(tok, fmt.chat_template, fmt.eos_token)
+        eos = ct.check_eos(tok, fmt.model_ref, generation_prefix=fmt.generation_prefix,
+                           template_label=fmt.chat_template_label)
+        return tok, eos, fmt
+
+    @staticmethod
+    def save_run_format(ctx: StageContext, tok, eos: dict, fmt) -> dict[str, str]:
+        """The run's tokenizer and its format record (contract/run_format.py), written once for every later stage;
+        returns their manifest outputs."""
+        from eksft_pipeline.data.chat_template import save_run_tokenizer
+
+        tok_dir = save_run_tokenizer(tok, Path(ctx.out_dir) / "tokenizer")
+        record = write_run_format(ctx.out_dir, replace(fmt, tokenizer_dir=str(tok_dir), eos=eos))
+        return {"tokenizer": str(tok_dir), RUN_FORMAT_OUTPUT: str(record)}
 
     def run(self, ctx: StageContext) -> StageResult:
-        from eksft_pipeline.data.chat_template import save_run_tokenizer
         from eksft_pipeline.data.split import split_dataset
 
         s = ctx.cfg.split
-        tok, eos = self.run_tokenizer(ctx)  # fails here, before the split, on an EOS mismatch
+        tok, eos, fmt = self.run_tokenizer(ctx)  # fails here, before the split, on an EOS mismatch
         print(f"[split] EOS check: SFT targets end with {eos['end_of_turn']!r} ({eos['end_of_turn_id']}); "
               f"RL/eval stop on {eos['stop_tokens']}", flush=True)
-        tok_dir = save_run_tokenizer(tok, Path(ctx.out_dir) / "tokenizer")
+        saved = self.save_run_format(ctx, tok, eos, fmt)
         rep = split_dataset(
             str(s.source),
             ctx.out_dir,
@@ -172,7 +181,7 @@ class SplitStage(Stage):
                 "rl_train": str(out / d["files"]["rl"]),
                 "report": str(out / "split_report.json"),
                 "dropped": str(out / d["files"]["dropped"]),
-                "tokenizer": str(tok_dir),
+                **saved,
             },
             summary={**{k: d[k] for k in ("n_input", "n_valid", "n_sft", "n_rl", "n_dropped", "dropped",
                                            "think_prefix", "generation_prefix", "length_check")}, "eos": eos,

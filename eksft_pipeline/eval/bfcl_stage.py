@@ -31,8 +31,9 @@ import pandas as pd
 
 from eksft_pipeline.contract.artifacts import atomic_path, atomic_write_json
 from eksft_pipeline.contract.keys import check_init_spec, init_kind, init_model
+from eksft_pipeline.contract.recipes import plain
 from eksft_pipeline.contract.stage_api import ConfigError, StageContext, StageResult, positive
-from eksft_pipeline.eval.stage import EvalStage, _plain, model_fingerprint
+from eksft_pipeline.eval.stage import EvalStage, model_fingerprint
 
 TARGETS = ("base", "sft")
 
@@ -43,7 +44,7 @@ class ToolEvalStage(EvalStage):
     keep_on_retry = ()
 
     def config(self, cfg):
-        return {"task_eval": _plain(cfg.task.eval), "init": cfg.get("init"), "method": str(cfg.method.name),
+        return {"task_eval": plain(cfg.task.eval), "init": cfg.get("init"), "method": str(cfg.method.name),
                 "model": str(cfg.model.path), "backend": str(cfg.eval.backend), "dtype": str(cfg.eval.dtype),
                 "chat_template": str(cfg.model.get("chat_template") or ""), "seed": int(cfg.seed)}  # fmt: skip
 
@@ -108,13 +109,14 @@ class ToolEvalStage(EvalStage):
         e = ctx.cfg.task.eval
         return SamplingParams(n=1, temperature=float(e.temperature), top_p=float(e.top_p),
                               max_new_tokens=int(e.max_response_length), seed=int(ctx.cfg.seed),
-                              generation_prefix="", chat_template=str(ctx.cfg.model.get("chat_template") or ""))
+                              generation_prefix=ctx.run_format.generation_prefix,
+                              chat_template=ctx.run_format.template_or_empty)
 
     def describe(self, ctx):
         return {"stage": "eval", "task": "tool_use", "key": ctx.key, "targets": self.targets(ctx),
                 "backend": str(ctx.cfg.eval.backend), "sampling": self.sampling_params(ctx).as_dict(),
                 "bfcl_data": self.data_dir(ctx) or "bfcl_eval package data", "scorer": "bfcl_eval ast_checker",
-                **{k: v for k, v in _plain(ctx.cfg.task.eval).items() if k != "targets"}}  # fmt: skip
+                **{k: v for k, v in plain(ctx.cfg.task.eval).items() if k != "targets"}}  # fmt: skip
 
     # -- run --------------------------------------------------------------------------------------
     def run(self, ctx: StageContext) -> StageResult:
@@ -173,7 +175,7 @@ class ToolEvalStage(EvalStage):
 
         prompts = hashlib.sha256(json.dumps([(p.problem_id, p.messages) for p in problems]).encode()).hexdigest()
         return params.as_dict() | {"backend": str(ctx.cfg.eval.backend), "dtype": str(ctx.cfg.eval.dtype),
-                                   "model_hash": model_fingerprint(str(model_dir), ctx.manifest.hashes),
+                                   "model_hash": model_fingerprint(ctx, str(model_dir)),
                                    "prompts_sha256": prompts, "n_entries": len(problems)}  # fmt: skip
 
     @staticmethod
@@ -214,7 +216,7 @@ class ToolEvalStage(EvalStage):
         else:
             from eksft_pipeline.eval.sampling import sample_with_vllm, vllm_engine_config
 
-            vcfg = _plain(cfg.eval.get("vllm")) or {}
+            vcfg = plain(cfg.eval.get("vllm")) or {}
             device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             visible = ([d for d in visible.split(",") if d.strip()] if visible

@@ -71,8 +71,8 @@ class SamplingParams:
     # text appended after the chat template's generation prompt (e.g. "<think>\n" when the SFT data
     # moved it out of the assistant turn); must match what RL and SFT used
     generation_prefix: str = ""
-    # the run's chat template (``model.chat_template``: a name, a .jinja path or Jinja text), rendered instead of
-    # the one saved with the evaluated model, so eval prompts are exactly RL's and SFT's; "" = the model's own
+    # the run's chat template TEXT (resolved once by the split: ``ctx.run_format.chat_template``), rendered instead
+    # of the one saved with the evaluated model, so eval prompts are exactly RL's and SFT's; "" = the model's own
     chat_template: str = ""
 
     def as_dict(self) -> dict:
@@ -89,10 +89,10 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def render_prompt(tokenizer, messages: list[dict], generation_prefix: str = "", chat_template: str = "") -> str:
-    from eksft_pipeline.data.chat_template import resolve_template
-
-    template = resolve_template(chat_template) if chat_template else None  # None: the tokenizer's own
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    """The prompt text: `chat_template` (the run's resolved template text, `ctx.run_format`; "" = the tokenizer's
+    own) with the generation prompt, then `generation_prefix`."""
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_template or None, tokenize=False,
+                                         add_generation_prompt=True)
     return text + generation_prefix
 
 

@@ -44,10 +44,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
 
 from eksft_pipeline.contract.artifacts import atomic_path, atomic_write_json, is_temporary
 from eksft_pipeline.contract.keys import check_init_spec, eval_key, init_kind, init_model, rl_model
+from eksft_pipeline.contract.recipes import plain
 from eksft_pipeline.contract.stage_api import ConfigError, Stage, StageContext, StageResult, positive
 
 SAMPLE_COLUMNS = ("benchmark", "problem_id", "sample_idx", "completion", "finish_reason", "n_tokens", "ground_truth")
@@ -55,20 +55,22 @@ SAMPLE_COLUMNS = ("benchmark", "problem_id", "sample_idx", "completion", "finish
 _PROVENANCE = {"EXPORTED_FROM", "pretrain_log.json", "README.md"}
 
 
-def model_fingerprint(model_ref: str, cache=None) -> str:
+def model_fingerprint(ctx, model_ref: str) -> str:
     """Hash of what a model directory computes: sha256 of every file (weights, config, tokenizer, chat template,
-    generation config) by relative path, provenance notes excluded. A hub name not in the local cache
-    (sampled by vLLM, which downloads it) is keyed by its name."""
+    generation config) by relative path, provenance notes excluded. The directory comes from the run's format
+    record (`ctx.run_format`); a hub name not in the local cache (sampled by vLLM, which downloads it) is keyed
+    by its name."""
+    try:
+        p = ctx.run_format.model_dir_of(str(model_ref))
+    except FileNotFoundError:
+        return f"name:{model_ref}"
+    return dir_fingerprint(p, ctx.manifest.hashes)
+
+
+def dir_fingerprint(p: Path, cache=None) -> str:
+    """sha256 over a model directory's files (see `model_fingerprint`)."""
     from eksft_pipeline.contract.manifest import HashCache
 
-    p = Path(str(model_ref)).expanduser()
-    if not p.is_dir():
-        try:
-            from eksft_pipeline.models.hub import resolve_model_dir
-
-            p = resolve_model_dir(str(model_ref))
-        except FileNotFoundError:
-            return f"name:{model_ref}"
     cache = cache or HashCache(None)
     h = hashlib.sha256()
     for f in sorted(q for q in p.rglob("*") if q.is_file()):
@@ -78,9 +80,6 @@ def model_fingerprint(model_ref: str, cache=None) -> str:
         h.update(f"{rel}\0{cache.sha256(f)}\n".encode())
     return "sha256:" + h.hexdigest()
 
-
-def _plain(x):
-    return OmegaConf.to_container(x, resolve=True) if x is not None and not isinstance(x, str | int | float) else x
 
 
 def benchmark_specs(benchmarks: dict[str, dict]) -> list[dict[str, Any]]:
@@ -218,7 +217,7 @@ class EvalStage(Stage):
         return ("sft", "rl", "base")
 
     def config(self, cfg):
-        return {"eval": _plain(cfg.eval), "init": cfg.get("init"), "method": str(cfg.method.name),
+        return {"eval": plain(cfg.eval), "init": cfg.get("init"), "method": str(cfg.method.name),
                 "model": str(cfg.model.path)}
 
     # -- targets ----------------------------------------------------------------------------------
@@ -261,7 +260,7 @@ class EvalStage(Stage):
             raise ConfigError(f"eval.pass_k={ks} must be a non-empty list of integers >= 1")
         if str(e.backend) not in ("hf", "vllm"):
             raise ConfigError(f"eval.backend={e.backend!r} must be 'hf' (CPU / one GPU) or 'vllm' (GPU)")
-        benches = _plain(e.benchmarks) or {}
+        benches = plain(e.benchmarks) or {}
         if not benches:
             raise ConfigError("eval.benchmarks is empty; pick a benchmark recipe (recipes/benchmarks/)")
         if not ctx.dry_run:
@@ -292,13 +291,13 @@ class EvalStage(Stage):
             for w in sorted(p.glob("*.safetensors")):
                 check_safetensors(w)
         try:
-            load_eval_sets(benchmark_specs(_plain(ctx.cfg.eval.benchmarks)))
+            load_eval_sets(benchmark_specs(plain(ctx.cfg.eval.benchmarks)))
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"eval benchmarks: {e}") from None
 
     def inputs(self, ctx):
         inp = {f"model_{k}": v for k, v in self.targets(ctx).items() if Path(v).exists()}
-        for name, b in (_plain(ctx.cfg.eval.benchmarks) or {}).items():
+        for name, b in (plain(ctx.cfg.eval.benchmarks) or {}).items():
             # a hub set (`hub:`) is an input by content when hub.id is a local file; a hub name is in the config
             # (id, revision), and the revision it resolved to is in the stage's summary
             local = b.get("path") or (b.get("hub") or {}).get("id")
@@ -306,30 +305,21 @@ class EvalStage(Stage):
                 inp[f"bench_{name}"] = str(local)
         return inp
 
-    def _generation_prefix(self, ctx) -> str:
-        from eksft_pipeline.data.schema import DataError
-        from eksft_pipeline.data.split import generation_prefix, read_split_report
-
-        try:
-            return generation_prefix(read_split_report(ctx.upstream("split")["report"]))
-        except (FileNotFoundError, KeyError, DataError):
-            return ""
-
     def sampling_params(self, ctx):
         from eksft_pipeline.eval.sampling import SamplingParams
 
         e = ctx.cfg.eval
         return SamplingParams(n=int(e.n_samples), temperature=float(e.temperature), top_p=float(e.top_p),
                               max_new_tokens=int(e.max_response_length), seed=int(ctx.cfg.seed),
-                              generation_prefix=self._generation_prefix(ctx),
-                              chat_template=str(ctx.cfg.model.get("chat_template") or ""))
+                              generation_prefix=ctx.run_format.generation_prefix,
+                              chat_template=ctx.run_format.template_or_empty)
 
     def describe(self, ctx):
         params = self.sampling_params(ctx)
         return {"stage": "eval", "key": ctx.key, "targets": self.targets(ctx),
                 "backend": str(ctx.cfg.eval.backend), "sampling": params.as_dict(),
-                "n_by_benchmark": benchmark_n(_plain(ctx.cfg.eval.benchmarks) or {}, params.n),
-                "benchmarks": _plain(ctx.cfg.eval.benchmarks)}
+                "n_by_benchmark": benchmark_n(plain(ctx.cfg.eval.benchmarks) or {}, params.n),
+                "benchmarks": plain(ctx.cfg.eval.benchmarks)}
 
     # -- run --------------------------------------------------------------------------------------
     def run(self, ctx: StageContext) -> StageResult:
@@ -337,7 +327,7 @@ class EvalStage(Stage):
         from eksft_pipeline.eval.sampling import Problem
 
         cfg = ctx.cfg
-        sets = load_eval_sets(benchmark_specs(_plain(cfg.eval.benchmarks)))
+        sets = load_eval_sets(benchmark_specs(plain(cfg.eval.benchmarks)))
         max_p = cfg.eval.get("max_problems")
         problems: list[Problem] = []
         set_summary = {}
@@ -369,9 +359,9 @@ class EvalStage(Stage):
         from eksft_pipeline.scoring.reward import shutdown_pool
 
         cfg = ctx.cfg
-        settings = params.as_dict() | {"model_hash": model_fingerprint(str(model_dir), ctx.manifest.hashes),
+        settings = params.as_dict() | {"model_hash": model_fingerprint(ctx, str(model_dir)),
                                        "backend": str(cfg.eval.backend)}
-        n_of = benchmark_n(_plain(cfg.eval.benchmarks) or {}, params.n)
+        n_of = benchmark_n(plain(cfg.eval.benchmarks) or {}, params.n)
         if any(v != params.n for v in n_of.values()):  # recorded only when a benchmark sets its own n
             settings["n_by_benchmark"] = n_of
         parts, sfile = tdir / "samples", tdir / "sampling.json"
@@ -439,7 +429,7 @@ class EvalStage(Stage):
                 # data-parallel engines, one process each (exits before the next target's engines start)
                 from eksft_pipeline.eval.sampling import sample_with_vllm, vllm_engine_config
 
-                vcfg = _plain(cfg.eval.get("vllm")) or {}
+                vcfg = plain(cfg.eval.get("vllm")) or {}
                 device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
                 visible = os.environ.get("CUDA_VISIBLE_DEVICES")
                 visible = ([d for d in visible.split(",") if d.strip()] if visible
@@ -465,7 +455,7 @@ class EvalStage(Stage):
             samples.to_parquet(tmp, index=False)
 
         try:
-            scores, rstats = score_samples(samples, benchmark_policies(_plain(cfg.eval.benchmarks)))
+            scores, rstats = score_samples(samples, benchmark_policies(plain(cfg.eval.benchmarks)))
         finally:
             shutdown_pool()  # the verifier processes must not outlive the stage
         with atomic_path(tdir / "scores.parquet") as tmp:

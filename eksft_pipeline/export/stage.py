@@ -27,13 +27,11 @@ from omegaconf import OmegaConf
 
 from eksft_pipeline.contract.artifacts import atomic_write_json, atomic_write_text
 from eksft_pipeline.contract.manifest import resolve_recorded
+from eksft_pipeline.contract.recipes import plain
 from eksft_pipeline.contract.stage_api import ConfigError, Stage, StageContext, StageResult
 
 SKIP_FILES = ("EXPORTED_FROM",)
 
-
-def _plain(x):
-    return OmegaConf.to_container(x, resolve=True) if x is not None else None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -106,7 +104,7 @@ class ExportStage(Stage):
     name = "export"
 
     def config(self, cfg):
-        return {"hub": _plain(cfg.get("hub")), "model": str(cfg.model.name)}
+        return {"hub": plain(cfg.get("hub")), "model": str(cfg.model.name)}
 
     def _stages(self, ctx: StageContext) -> dict[str, dict]:
         return ctx.manifest.read().get("stages", {})
@@ -135,7 +133,7 @@ class ExportStage(Stage):
 
     def describe(self, ctx):
         return {"stage": "export", "out_dir": str(ctx.out_dir), "models": self.trained(ctx),
-                "hub": _plain(ctx.cfg.get("hub"))}
+                "hub": plain(ctx.cfg.get("hub"))}
 
     # -- run ----------------------------------------------------------------------------------------
     def run(self, ctx: StageContext) -> StageResult:
@@ -143,7 +141,7 @@ class ExportStage(Stage):
         if not keys:
             raise ConfigError(f"nothing to export: no complete sft/<method> or rl/<method> stage with an hf_model in "
                               f"{ctx.run_dir}; run stage=all (or stage=sft) first")
-        hub = _plain(ctx.cfg.get("hub")) or {}
+        hub = plain(ctx.cfg.get("hub")) or {}
         outputs, summary = {}, {}
         for key in keys:
             name = key.replace("/", "-")

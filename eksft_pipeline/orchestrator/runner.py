@@ -269,10 +269,10 @@ def preflight(cfg: DictConfig, names: list[str]) -> None:
         return
     if str(cfg.model.get("kind")) == "tiny":
         return  # built by the assets stage
-    from eksft_pipeline.models.hub import resolve_model_dir
+    from eksft_pipeline.contract.run_format import resolve_model
 
     try:
-        resolve_model_dir(ref)
+        resolve_model(ref)  # a preflight: the split resolves it for the run and records it (run_format.json)
     except FileNotFoundError:
         raise ConfigError(
             f"model.path={ref} is neither a local directory nor in the local HF cache, and cluster={cfg.cluster.name} "

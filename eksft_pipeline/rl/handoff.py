@@ -313,46 +313,42 @@ class HandoffStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         from transformers import AutoTokenizer
 
-        from eksft_pipeline.models.hub import resolve_model_dir
-
         cfg = ctx.cfg
         out = ctx.out_dir
+        fmt = ctx.run_format  # template, EOS, generation prefix and the base model's directory, as the split recorded
         src = self.source(ctx)
-        model_dir = resolve_model_dir(src)
+        model_dir = fmt.model_dir_of(src)
         merge_info = None
         if not (list(model_dir.glob("*.safetensors")) or list(model_dir.glob("pytorch_model*.bin"))) and _is_fsdp_checkpoint(model_dir):
             model_dir, merge_info = merge_fsdp_checkpoint(model_dir, out / "merged", env=ctx.env())
         split = ctx.upstream("split")
-        from eksft_pipeline.data.split import generation_prefix, read_split_report
-
-        prefix = generation_prefix(read_split_report(split["report"]))
+        prefix = fmt.generation_prefix
         n_check = int(cfg.handoff.get("n_check", 64))
         sft_df = pd.read_parquet(split["sft_train"])
         rl_df = pd.read_parquet(split["rl_train"])
         sft_rows = [[dict(m) for m in msgs] for msgs in sft_df["messages"].head(n_check)]
         rl_prompts = [[dict(m) for m in p] for p in rl_df["prompt"].head(n_check)]
 
-        from eksft_pipeline.data.chat_template import apply_template, resolve_template
+        from eksft_pipeline.data.chat_template import apply_template
 
-        template = resolve_template(cfg.model.get("chat_template"))
+        template = fmt.chat_template
         init_tok = AutoTokenizer.from_pretrained(str(model_dir))
         init_saved_template = getattr(init_tok, "chat_template", None)
         if template is not None:
             init_tok.chat_template = template  # what verl's RL dataset and agent loop render with
         # the tokenizer SFT rendered its data with: the split's run tokenizer (template + EOS), which the SFT
         # stage hands to verl as model.tokenizer_path; runs split before it existed: the base model's + template
-        if split.get("tokenizer") and Path(split["tokenizer"]).is_dir():
-            sft_tok = AutoTokenizer.from_pretrained(split["tokenizer"])
+        if fmt.tokenizer_dir and Path(fmt.tokenizer_dir).is_dir():
+            sft_tok = AutoTokenizer.from_pretrained(fmt.tokenizer_dir)
         else:
-            sft_tok = apply_template(AutoTokenizer.from_pretrained(str(resolve_model_dir(str(cfg.model.path)))),
-                                     template, cfg.model.get("eos_token"))
+            sft_tok = apply_template(AutoTokenizer.from_pretrained(str(fmt.base_model_dir())), template, fmt.eos_token)
 
         report: dict[str, Any] = {"init": ctx.init_spec(), "source": src, "model": str(model_dir), "merged_fsdp": merge_info is not None,
-                                  "merge": merge_info, "chat_template": cfg.model.get("chat_template"),
+                                  "merge": merge_info, "chat_template": fmt.chat_template_spec,
                                   "init_template_is_run_template": template is None or init_saved_template == template}
         if not report["init_template_is_run_template"]:
             print(f"[handoff] note: {model_dir} saved a chat template other than the run's "
-                  f"({cfg.model.get('chat_template')}); RL and eval render with the run's", flush=True)
+                  f"({fmt.chat_template_spec}); RL and eval render with the run's", flush=True)
         checks = [
             ("weights", lambda: check_weights(model_dir)),
             ("template", lambda: check_template(init_tok, sft_tok, sft_rows, rl_prompts, prefix)),

@@ -73,9 +73,9 @@ from omegaconf import OmegaConf, open_dict
 
 from eksft_pipeline.contract.artifacts import StepProgress, atomic_path, quiet, read_metric_logs
 from eksft_pipeline.contract.keys import check_init_spec, handoff_key, init_tag, rl_key
+from eksft_pipeline.contract.recipes import plain
 from eksft_pipeline.contract.rl_curves import val_points
 from eksft_pipeline.contract.stage_api import ConfigError, StageContext, StageResult, positive
-from eksft_pipeline.data.split import generation_prefix, read_split_report
 from eksft_pipeline.verl_ext.verl_stage import VerlTrainingStage, hydra_quote
 
 CONFIG_NAME = "verl_dapo"
@@ -97,9 +97,6 @@ OWNED = {
     "actor_rollout_ref.rollout.val_kwargs": "rl.val_n, eval.temperature, eval.top_p",
 }  # fmt: skip
 
-
-def _plain(node):
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
 def read_metrics(log_dir: Path) -> dict[int, dict]:
@@ -126,10 +123,10 @@ class RLStage(VerlTrainingStage):
         return {
             "init": cfg.get("init"),
             "method": str(cfg.method.name),
-            "model": {"name": cfg.model.name, "rl": _plain(cfg.model.get("rl"))},
-            "rl": _plain(cfg.rl),
+            "model": {"name": cfg.model.name, "rl": plain(cfg.model.get("rl"))},
+            "rl": plain(cfg.rl),
             "cluster": {"device": cfg.cluster.device, "gpus_per_node": cfg.cluster.gpus_per_node,
-                        "nnodes": cfg.cluster.nnodes, "rl": _plain(cfg.cluster.get("rl"))},
+                        "nnodes": cfg.cluster.nnodes, "rl": plain(cfg.cluster.get("rl"))},
             "seed": int(cfg.seed),
         }
 
@@ -148,7 +145,7 @@ class RLStage(VerlTrainingStage):
             return {}
         inp = {"model": f["model"], "rl_train": f["rl_train"]}
         if self.val_every(ctx.cfg):
-            for name, b in (_plain(ctx.cfg.eval.benchmarks) or {}).items():
+            for name, b in (plain(ctx.cfg.eval.benchmarks) or {}).items():
                 inp[f"bench_{name}"] = str(b["path"])
         return inp
 
@@ -174,7 +171,7 @@ class RLStage(VerlTrainingStage):
         benchmark name, policy="auto"); the eval stage uses the benchmark's own `policy`. They must agree."""
         from eksft_pipeline.scoring.policy import get_policy, policy_for
 
-        for name, b in (_plain(cfg.eval.benchmarks) or {}).items():
+        for name, b in (plain(cfg.eval.benchmarks) or {}).items():
             b = dict(b or {})
             spec = b.get("policy")
             try:
@@ -203,7 +200,7 @@ class RLStage(VerlTrainingStage):
         env = ctx.env()
         env.update(self.tracking_env(ctx))
         env["VERL_FILE_LOGGER_PATH"] = str(metrics_file or ctx.out_dir / "logs" / "metrics-<time>.jsonl")
-        for k, v in (_plain(ctx.cfg.rl.get("env")) or {}).items():
+        for k, v in (plain(ctx.cfg.rl.get("env")) or {}).items():
             env[str(k)] = str(v)
         return env
 
@@ -212,7 +209,7 @@ class RLStage(VerlTrainingStage):
         """The part of the stage environment every Ray worker of the job must see (see the module docstring)."""
         from eksft_pipeline.verl_ext.ppo_main import add_external_module
 
-        keys = set(_plain(ctx.cfg.cluster.get("env")) or {}) | set(_plain(ctx.cfg.rl.get("env")) or {})
+        keys = set(plain(ctx.cfg.cluster.get("env")) or {}) | set(plain(ctx.cfg.rl.get("env")) or {})
         keys |= {k for k in env if k.startswith(RAY_ENV_PREFIXES)}
         out = {k: str(env[k]) for k in sorted(keys)
                if k in env and k not in RAY_ENV_NEVER and not k.upper().endswith(SECRET_SUFFIXES)}
@@ -233,7 +230,7 @@ class RLStage(VerlTrainingStage):
             vc.data.max_prompt_length = int(cfg.rl.max_prompt_length)
             vc.data.max_response_length = int(cfg.rl.max_response_length)
             vc.data.seed = int(cfg.seed)
-            prefix = self._generation_prefix(ctx, f)
+            prefix = ctx.run_format.generation_prefix
             if prefix:
                 # the split moved "<think>\n" into the generation prompt (split.think_prefix=prompt)
                 vc.data.apply_chat_template_kwargs = {"generation_prefix": prefix}
@@ -243,10 +240,8 @@ class RLStage(VerlTrainingStage):
             self.set_trainer_names(ctx, vc)  # project / experiment name / logger (the tracker's, when on)
             vc.trainer.n_gpus_per_node = int(cfg.cluster.gpus_per_node)
             vc.trainer.nnodes = int(cfg.cluster.nnodes)
-            # the run's one chat template (eksft_pipeline/data/chat_template.py) for RL prompts and the saved model
-            from eksft_pipeline.data.chat_template import resolve_template
-
-            template = resolve_template(cfg.model.get("chat_template"))
+            # the run's one chat template (ctx.run_format, recorded by the split) for RL prompts and the saved model
+            template = ctx.run_format.chat_template
             if template is not None:
                 vc.actor_rollout_ref.model.custom_chat_template = template
             ray_init = vc.ray_kwargs.ray_init
@@ -297,7 +292,7 @@ class RLStage(VerlTrainingStage):
                 raise ConfigError(f"rl.rollout_correction: {e}") from None
             for k, v in fields.items():
                 block[k] = v
-        why = unsupported_reason(_plain(block))
+        why = unsupported_reason(plain(block))
         if why:
             raise ConfigError(f"rl.verl.algorithm.rollout_correction: {why}")
 
@@ -315,13 +310,6 @@ class RLStage(VerlTrainingStage):
         default = "cpu" if str(cfg.cluster.device) == "cpu" else "gpu"
         return str(cfg.cluster.get("dapo_platform") or default)
 
-    @staticmethod
-    def _generation_prefix(ctx: StageContext, files: dict[str, str]) -> str:
-        rep = Path(files["report"])
-        if not rep.exists():
-            return ""
-        return generation_prefix(read_split_report(rep))
-
     def memory_estimate(self, ctx: StageContext, vc):
         """Per-GPU peak-memory estimate of a DAPO step (eksft_pipeline/verl_ext/memory.py); None on CPU / no shape."""
         from eksft_pipeline.verl_ext import memory
@@ -329,7 +317,7 @@ class RLStage(VerlTrainingStage):
         cfg = ctx.cfg
         if str(cfg.cluster.device) == "cpu":
             return None
-        shape = memory.shape_from_model(str(cfg.model.path), _plain(cfg.model.get("arch")))
+        shape = memory.shape_from_model(str(cfg.model.path), plain(cfg.model.get("arch")))
         gib = cfg.cluster.get("gpu_memory_gib")
         if shape is None or not gib:
             return None
@@ -406,7 +394,7 @@ class RLStage(VerlTrainingStage):
         from eksft_pipeline.data.schema import RL_SCHEMA
         from eksft_pipeline.data.synth import write_parquet
 
-        sets = load_eval_sets(specs_from_benchmarks(_plain(cfg.eval.benchmarks) or {}))
+        sets = load_eval_sets(specs_from_benchmarks(plain(cfg.eval.benchmarks) or {}))
         max_p = cfg.eval.get("max_problems")
         rows, counts = [], {}
         for name, es in sets.items():
@@ -454,7 +442,7 @@ class RLStage(VerlTrainingStage):
         summary = summarize(metrics)
         # what ran (read back from the config verl was given): the correction block, the curves' settings
         summary["rollout_correction"] = {"preset": cfg.rl.get("rollout_correction"),
-                                         **_plain(vc.algorithm.rollout_correction)}
+                                         **plain(vc.algorithm.rollout_correction)}
         if val_counts is not None:
             vk = vc.actor_rollout_ref.rollout.val_kwargs
             summary["validation"] = {"every": int(vc.trainer.test_freq), "n": int(vk.n),

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf, open_dict
 
 from eksft_pipeline.contract.artifacts import StepProgress, atomic_write_json, quiet, read_metric_logs
 from eksft_pipeline.contract.keys import sft_key
+from eksft_pipeline.contract.recipes import plain
 from eksft_pipeline.contract.stage_api import ConfigError, StageContext, StageResult, positive
 from eksft_pipeline.verl_ext.sft_plan import validate_sft_block
 from eksft_pipeline.verl_ext.validate import validate_sft_config
@@ -48,9 +49,6 @@ OWNED = {
 }  # fmt: skip
 
 
-def _plain(node):
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
-
 
 def build_loss(vc):
     """The run's loss object, built from the verl config's `eksft:` block: once per configuration (the checks and
@@ -60,7 +58,7 @@ def build_loss(vc):
 
     name = vc.eksft.loss
     try:
-        return get_loss(str(name), **(_plain(vc.eksft.loss_params) or {}))
+        return get_loss(str(name), **(plain(vc.eksft.loss_params) or {}))
     except (KeyError, TypeError, ValueError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise ConfigError(f"method {name}: {msg}; fix the value (method.params.<name>=...) or pick another method=") from e
@@ -84,13 +82,13 @@ class SFTStage(VerlTrainingStage):
 
     def config(self, cfg):
         return {
-            "model": {"name": cfg.model.name, "path": str(cfg.model.path), "sft": _plain(cfg.model.get("sft"))},
-            "method": _plain(cfg.method),
-            "sft": _plain(cfg.sft),
+            "model": {"name": cfg.model.name, "path": str(cfg.model.path), "sft": plain(cfg.model.get("sft"))},
+            "method": plain(cfg.method),
+            "sft": plain(cfg.sft),
             "cluster": {
                 "device": cfg.cluster.device,
                 "gpus_per_node": cfg.cluster.gpus_per_node,
-                "sft": _plain(cfg.cluster.get("sft")),
+                "sft": plain(cfg.cluster.get("sft")),
             },
             "seed": int(cfg.seed),
         }
@@ -105,8 +103,8 @@ class SFTStage(VerlTrainingStage):
         """The split's tokenizer (run template + EOS, checked), or None before the split has run (dry run)."""
         if ctx.dry_run:
             return None
-        tok = ctx.upstream("split").get("tokenizer")
-        return str(tok) if tok and Path(str(tok)).is_dir() else None
+        tok = ctx.run_format.tokenizer_dir
+        return tok if tok and Path(tok).is_dir() else None
 
     def inputs(self, ctx):
         inp = {"sft_train": self._train_file(ctx)}
@@ -151,15 +149,13 @@ class SFTStage(VerlTrainingStage):
             vc.trainer.n_gpus_per_node = int(cfg.sft.nproc_per_node)
             vc.trainer.nnodes = int(cfg.cluster.nnodes)
             vc.eksft.loss = str(cfg.method.loss)
-            vc.eksft.loss_params = _plain(cfg.method.get("params")) or {}
+            vc.eksft.loss_params = plain(cfg.method.get("params")) or {}
             vc.eksft.selection_scope = str(cfg.method.get("selection_scope", "global_batch"))
             vc.eksft.updates_per_batch = int(cfg.method.get("updates_per_batch", 1))
             vc.eksft.pi_old_every = int(cfg.method.get("pi_old_every", 1))
-            # the run's one chat template (eksft_pipeline/data/chat_template.py): verl sets it on the tokenizer
+            # the run's one chat template (ctx.run_format, recorded by the split): verl sets it on the tokenizer
             # that renders the SFT data and that it saves with every checkpoint (the exported model's tokenizer)
-            from eksft_pipeline.data.chat_template import resolve_template
-
-            template = resolve_template(cfg.model.get("chat_template"))
+            template = ctx.run_format.chat_template
             if template is not None:
                 vc.model.custom_chat_template = template
             tok_dir = self._run_tokenizer(ctx)
@@ -221,7 +217,7 @@ class SFTStage(VerlTrainingStage):
         from eksft_pipeline.verl_ext import memory
 
         cfg = ctx.cfg
-        shape = memory.shape_from_model(str(cfg.model.path), _plain(cfg.model.get("arch")))
+        shape = memory.shape_from_model(str(cfg.model.path), plain(cfg.model.get("arch")))
         if shape is None:
             return None
         d = vc.data
@@ -311,11 +307,11 @@ class SFTStage(VerlTrainingStage):
                                 total=vc.trainer.get("total_training_steps"))
         self.train(ctx, self.command(ctx), env, log, progress)
         hf_dir = self.export(ctx, str(cfg.model.path))
-        from eksft_pipeline.models.hub import resolve_model_dir
         from eksft_pipeline.sft.drift import write_drift
 
         ref = vc.eksft.get("ref_model_path") or str(cfg.model.path)
-        drift = write_drift(hf_dir, resolve_model_dir(ref), list(cfg.sft.drift_thresholds), out / "drift.json")
+        drift = write_drift(hf_dir, ctx.run_format.model_dir_of(ref), list(cfg.sft.drift_thresholds),
+                            out / "drift.json")
 
         metrics = self.collect_metrics(ctx, "verl SFT")
         last_step = max(metrics)

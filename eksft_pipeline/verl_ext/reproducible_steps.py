@@ -71,10 +71,10 @@ def seeded_sampling_params(sampling_params: dict[str, Any], kwargs: dict[str, An
         return sampling_params
     step = kwargs.get("global_steps")
     return {**sampling_params,
-            "seed": request_seed(_plain(index), _plain(session_id), None if step is None else _plain(step))}
+            "seed": request_seed(_py_scalar(index), _py_scalar(session_id), None if step is None else _py_scalar(step))}
 
 
-def _plain(v: Any) -> Any:
+def _py_scalar(v: Any) -> Any:
     """A numpy/tensor scalar as a Python value (its text, and so its seed, must not depend on the type)."""
     item = getattr(v, "item", None)
     return item() if callable(item) else v

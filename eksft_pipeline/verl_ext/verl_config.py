@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from eksft_pipeline.contract.errors import ConfigError
-from eksft_pipeline.contract.recipes import compose_recipe, recipes_dir
+from eksft_pipeline.contract.recipes import compose_recipe, plain, recipes_dir
 
 # Free-form dicts inside verl configs: any key is legal there.
 OPEN_PATHS = {
@@ -81,7 +81,7 @@ def command_line_blocks(cfg: DictConfig, *prefixes: str, owned: dict[str, str] |
             for own, instead in (owned or {}).items():
                 if dotted == own or dotted.startswith(own + ".") or own.startswith(dotted + "."):
                     raise ConfigError(f"{key} is set by the stage itself (from {instead}); set {instead} instead")
-            value = _to_plain(OmegaConf.select(cfg, key, default=None))
+            value = plain(OmegaConf.select(cfg, key, default=None))
             node: Any = value
             for i, part in enumerate(reversed(path)):
                 leaf = i == 0
@@ -90,18 +90,12 @@ def command_line_blocks(cfg: DictConfig, *prefixes: str, owned: dict[str, str] |
     return blocks
 
 
-def _to_plain(x):
-    if isinstance(x, DictConfig | ListConfig):
-        return OmegaConf.to_container(x, resolve=True)
-    return x
-
-
 def strict_merge(base: DictConfig, override: Any, *, where: str, _prefix: str = "") -> None:
     """Merge `override` into `base` in place; unknown keys raise ConfigKeyError naming them.
 
     Keys under OPEN_PATHS (free-form dicts) and keys given with a leading '+' are added freely.
     """
-    override = _to_plain(override)
+    override = plain(override)
     if override is None:
         return
     if not isinstance(override, dict):

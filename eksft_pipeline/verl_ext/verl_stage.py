@@ -150,7 +150,11 @@ class VerlTrainingStage(Stage):
 
     def export(self, ctx: StageContext, base_model: str) -> Path:
         out = ctx.out_dir
-        return export_hf_model(out / "checkpoints", out / "hf_model", base_model=base_model, subdir=self.hf_subdir)
+        try:
+            base_dir = ctx.run_format.model_dir_of(base_model)  # the run's record, not a second resolution
+        except FileNotFoundError:
+            base_dir = None
+        return export_hf_model(out / "checkpoints", out / "hf_model", base_dir=base_dir, subdir=self.hf_subdir)
 
     def collect_metrics(self, ctx: StageContext, what: str) -> dict[int, dict[str, Any]]:
         """step -> metrics of every attempt (a later attempt's value for a step wins), written to `metrics.json`."""

@@ -21,6 +21,7 @@ import torch
 
 from eksft_pipeline.contract.manifest import Manifest
 from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.contract.run_format import resolve_template
 from eksft_pipeline.contract.stage_api import StageContext
 from eksft_pipeline.data import chat_template as ct
 from eksft_pipeline.data.split import split_dataset
@@ -87,10 +88,10 @@ def _multiturn(parquet: Path, tokenizer, **extra):
 
 def test_chatml_is_the_tiny_template_and_qwen3_nothink_rendering():
     assert ct.CHATML == CHAT_TEMPLATE  # the CPU default already renders exactly what the GPU recipes render
-    assert ct.resolve_template("chatml") == ct.CHATML and ct.resolve_template(None) is None
-    assert ct.resolve_template("{{ messages }}") == "{{ messages }}"
+    assert resolve_template("chatml") == ct.CHATML and resolve_template(None) is None
+    assert resolve_template("{{ messages }}") == "{{ messages }}"
     with pytest.raises(ct.ChatTemplateError, match="chatml"):
-        ct.resolve_template("qwen3_nothinking")
+        resolve_template("qwen3_nothinking")
 
 
 def test_qwen3_own_template_breaks_verl_multiturn_sft_dataset(monkeypatch, qwen3_8b_dir, sft_parquet):

@@ -267,11 +267,11 @@ def test_report_tracking_section_and_tracker_source(tmp_path):
 # -- the split report -------------------------------------------------------------------------------------------
 def test_one_split_report_reader(tmp_path):
     from eksft_pipeline.data.schema import DataError
-    from eksft_pipeline.data.split import generation_prefix, read_split_report
+    from eksft_pipeline.data.split import read_split_report
 
     (tmp_path / "split_report.json").write_text(json.dumps({"generation_prefix": "<think>\n", "n_sft": 3}))
     assert read_split_report(tmp_path) == read_split_report(tmp_path / "split_report.json")
-    assert generation_prefix(read_split_report(tmp_path)) == "<think>\n" and generation_prefix({}) == ""
+    assert read_split_report(tmp_path)["generation_prefix"] == "<think>\n"  # later stages read ctx.run_format
     with pytest.raises(DataError, match="split report not found: .*nope.json; run the split stage"):
         read_split_report(tmp_path / "nope.json")
     # no stage parses split_report.json itself any more

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from eksft_pipeline.contract.recipes import plain
+from eksft_pipeline.contract.run_format import RUN_FORMAT_FILE, run_format_from_config
 from eksft_pipeline.contract.stage_api import ConfigError, StageContext, StageResult, positive
-from eksft_pipeline.data.stage import SplitStage, _plain
+from eksft_pipeline.data.stage import SplitStage
 
 TINY = "tiny"
 
@@ -25,11 +27,9 @@ class ToolSplitStage(SplitStage):
     name = "split"
 
     def config(self, cfg):
-        from eksft_pipeline.data.chat_template import resolve_template
-
-        return {"task": str(cfg.task.name), "data": _plain(cfg.task.data), "seed": int(cfg.seed),
+        return {"task": str(cfg.task.name), "data": plain(cfg.task.data), "seed": int(cfg.seed),
                 "cutoff_tokens": int(cfg.model.data.cutoff_tokens), "tokenizer": str(cfg.model.path),
-                "chat_template": resolve_template(cfg.model.get("chat_template")),
+                "chat_template": run_format_from_config(cfg).chat_template,
                 "eos_token": cfg.model.get("eos_token")}  # fmt: skip
 
     def inputs(self, ctx):
@@ -58,26 +58,23 @@ class ToolSplitStage(SplitStage):
             raise ConfigError("task=tool_use: split.think_prefix must stay 'keep' (tool targets have no <think>)")
 
     def describe(self, ctx):
-        from eksft_pipeline.data.chat_template import template_name
-
         m = ctx.cfg.model
         return {"stage": "split", "task": "tool_use", "out_dir": str(ctx.out_dir), "tokenizer": str(m.path),
-                "chat_template": template_name(m.get("chat_template")), "cutoff_tokens": int(m.data.cutoff_tokens),
-                "run_tokenizer": str(ctx.out_dir / "tokenizer"), **_plain(ctx.cfg.task.data)}  # fmt: skip
+                "chat_template": run_format_from_config(ctx.cfg).chat_template_label,
+                "cutoff_tokens": int(m.data.cutoff_tokens), "run_tokenizer": str(ctx.out_dir / "tokenizer"),
+                "run_format": str(ctx.out_dir / RUN_FORMAT_FILE), **plain(ctx.cfg.task.data)}  # fmt: skip
 
     def run(self, ctx: StageContext) -> StageResult:
-        from eksft_pipeline.data.chat_template import save_run_tokenizer
         from eksft_pipeline.data.tool_use.acebench import split_acebench
         from eksft_pipeline.data.tool_use.tiny import make_tiny_tool_data
 
         d = ctx.cfg.task.data
         out = Path(ctx.out_dir)
-        tok, eos = self.run_tokenizer(ctx)
-        tok_dir = save_run_tokenizer(tok, out / "tokenizer")
-        outputs = {}
+        tok, eos, fmt = self.run_tokenizer(ctx)
+        outputs = self.save_run_format(ctx, tok, eos, fmt)
         src = str(d.source)
         if src == TINY:
-            paths = make_tiny_tool_data(out / "tiny_tool_data", **(_plain(d.get("tiny")) or {}))
+            paths = make_tiny_tool_data(out / "tiny_tool_data", **(plain(d.get("tiny")) or {}))
             src = paths["acebench"]
             outputs["bfcl_eval_dir"] = paths["bfcl"]
         rep = split_acebench(src, out, langs=list(d.langs), n_sft=None if d.get("n_sft") is None else int(d.n_sft),
@@ -85,7 +82,7 @@ class ToolSplitStage(SplitStage):
         print(f"[split] tool_use: {rep['n_input']} ACEBench rows -> sft {rep['n_sft']}, dropped {rep['n_dropped']} "
               f"{ {k: v for k, v in rep['dropped'].items() if v} } -> {out}", flush=True)
         outputs.update({"sft_train": str(out / rep["files"]["sft"]), "report": str(out / "split_report.json"),
-                        "dropped": str(out / rep["files"]["dropped"]), "tokenizer": str(tok_dir)})  # fmt: skip
+                        "dropped": str(out / rep["files"]["dropped"])})  # fmt: skip
         return StageResult(outputs=outputs, summary={**{k: rep[k] for k in ("n_input", "n_valid", "n_sft",
                                                                            "n_dropped", "dropped")},
                                                      "eos": eos, "length_check": rep["length_check"]})  # fmt: skip
