@@ -458,13 +458,7 @@ def sample_with_vllm(
     shards = [s for s in split_problems(todo, pending, min(len(layout), len(todo)))]
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    base_env = dict(os.environ if env is None else env)
-    if device != "cuda":
-        base_env.setdefault("VLLM_TARGET_DEVICE", "cpu")
-        base_env["VLLM_CPU_KVCACHE_SPACE"] = str(int(engine.cpu_kvcache_gib))
-        base_env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        threads = threads_per_engine or max(1, (os.cpu_count() or 1) // len(shards))
-        base_env["OMP_NUM_THREADS"] = str(threads)
+    base_env = _engines_env(dict(os.environ if env is None else env), device, engine, len(shards), threads_per_engine)
 
     procs: list[dict[str, Any]] = []
     sel = selectors.DefaultSelector()
@@ -477,75 +471,15 @@ def sample_with_vllm(
                 "problems": [asdict(p) for p in shard],
                 "pending": {p.problem_id: pending[p.problem_id] for p in shard},
             }
-            spec_path = work_dir / f"engine{i}.json"
-            spec_path.write_text(json.dumps(spec))
-            env_i = dict(base_env)
-            if layout[i] is not None:
-                env_i["CUDA_VISIBLE_DEVICES"] = ",".join(layout[i])
-            r, w = os.pipe()
-            log_path = work_dir / f"engine{i}.log"
-            log = open(log_path, "ab")
-            cmd = [python or sys.executable, "-m", "eksft_pipeline.eval.sampling", "--spec", str(spec_path),
-                   "--result-fd", str(w)]  # fmt: skip
-            proc = subprocess.Popen(cmd, env=env_i, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,),
-                                    start_new_session=True)  # fmt: skip
-            os.close(w)
-            log.close()
-            reader = os.fdopen(r, "rb")
-            state = {"i": i, "proc": proc, "log": log_path, "reader": reader, "buf": b"", "want": len(shard),
-                     "got": 0, "rows": 0, "done": False, "error": None, "eof": False}  # fmt: skip
+            state = _start_engine(i, spec, len(shard), layout[i], base_env, work_dir, python)
             procs.append(state)
-            sel.register(reader, selectors.EVENT_READ, state)
+            sel.register(state["reader"], selectors.EVENT_READ, state)
             where = f"GPUs {','.join(layout[i])}" if layout[i] is not None else "CPU"
             print(f"[eval] vllm engine {i}: {len(shard)} problems, "
-                  f"{sum(len(pending[p.problem_id]) for p in shard)} samples on {where} (log {log_path})",
+                  f"{sum(len(pending[p.problem_id]) for p in shard)} samples on {where} (log {state['log']})",
                   flush=True)  # fmt: skip
-
-        total = 0
-        last_report = time.monotonic()
-        open_readers = len(procs)
-        while open_readers:
-            for key, _ in sel.select(timeout=1.0):
-                st = key.data
-                chunk = os.read(st["reader"].fileno(), 1 << 16)
-                if not chunk:
-                    sel.unregister(st["reader"])
-                    st["reader"].close()
-                    st["eof"] = True
-                    open_readers -= 1
-                    continue
-                st["buf"] += chunk
-                *lines, st["buf"] = st["buf"].split(b"\n")
-                for line in lines:
-                    msg = json.loads(line)
-                    if "rows" in msg:
-                        on_rows(msg["rows"])
-                        st["got"] += 1
-                        st["rows"] += len(msg["rows"])
-                        total += len(msg["rows"])
-                    elif "done" in msg:
-                        st["done"] = True
-                        st["stats"] = msg.get("stats", {})
-                    elif "error" in msg:
-                        st["error"] = msg["error"]
-            if time.monotonic() - last_report > progress_every_s:
-                last_report = time.monotonic()
-                print("[eval] vllm progress: " + ", ".join(f"engine {st['i']} {st['got']}/{st['want']} problems"
-                                                           for st in procs), flush=True)  # fmt: skip
-        failures = []
-        for st in procs:
-            rc = st["proc"].wait()
-            if rc != 0 or not st["done"] or st["got"] != st["want"]:
-                why = st["error"] or f"exit code {rc}"
-                failures.append(f"engine {st['i']}: {why}; {st['got']}/{st['want']} problems done "
-                                f"(saved); log {st['log']}:\n{_tail(st['log'])}")  # fmt: skip
-            else:
-                s = st.get("stats", {})
-                print(f"[eval] vllm engine {st['i']}: {st['rows']} samples, engine start {s.get('start_s', -1):.1f}s, "
-                      f"generation {s.get('gen_s', -1):.1f}s ({s.get('tokens', 0)} tokens)", flush=True)  # fmt: skip
-        if failures:
-            raise RuntimeError("vLLM sampling failed; completed problems are saved and a re-run resumes:\n"
-                               + "\n".join(failures))  # fmt: skip
+        total = _receive_rows(sel, procs, on_rows, progress_every_s)
+        _check_engines(procs)
         return total
     finally:
         for st in procs:
@@ -553,6 +487,96 @@ def sample_with_vllm(
             if not st["eof"]:
                 st["reader"].close()
         sel.close()
+
+
+def _engines_env(base_env: dict[str, str], device: str, engine: VLLMEngineConfig, n_engines: int,
+                 threads_per_engine: int | None) -> dict[str, str]:
+    """The engines' common environment: on CPU, vLLM's CPU KV-cache size, no thread binding, an even thread share."""
+    if device != "cuda":
+        base_env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        base_env["VLLM_CPU_KVCACHE_SPACE"] = str(int(engine.cpu_kvcache_gib))
+        base_env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        threads = threads_per_engine or max(1, (os.cpu_count() or 1) // n_engines)
+        base_env["OMP_NUM_THREADS"] = str(threads)
+    return base_env
+
+
+def _start_engine(i: int, spec: dict, n_problems: int, devices: list[str] | None, base_env: dict[str, str],
+                  work_dir: Path, python: str | None) -> dict[str, Any]:
+    """Start engine `i` on its spec (written to `work_dir/engine<i>.json`) with a pipe for its rows; its state."""
+    spec_path = work_dir / f"engine{i}.json"
+    spec_path.write_text(json.dumps(spec))
+    env_i = dict(base_env)
+    if devices is not None:
+        env_i["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    r, w = os.pipe()
+    log_path = work_dir / f"engine{i}.log"
+    log = open(log_path, "ab")
+    cmd = [python or sys.executable, "-m", "eksft_pipeline.eval.sampling", "--spec", str(spec_path),
+           "--result-fd", str(w)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env_i, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,),
+                            start_new_session=True)  # fmt: skip
+    os.close(w)
+    log.close()
+    reader = os.fdopen(r, "rb")
+    return {"i": i, "proc": proc, "log": log_path, "reader": reader, "buf": b"", "want": n_problems,
+            "got": 0, "rows": 0, "done": False, "error": None, "eof": False}  # fmt: skip
+
+
+def _receive_rows(sel, procs: list[dict[str, Any]], on_rows: Callable[[list[dict]], None],
+                  progress_every_s: float) -> int:
+    """Read every engine's pipe until all are closed: rows go to `on_rows` as each problem completes, `done` /
+    `error` messages into the engine's state; a progress line every `progress_every_s`. Returns the rows received."""
+    total = 0
+    last_report = time.monotonic()
+    open_readers = len(procs)
+    while open_readers:
+        for key, _ in sel.select(timeout=1.0):
+            st = key.data
+            chunk = os.read(st["reader"].fileno(), 1 << 16)
+            if not chunk:
+                sel.unregister(st["reader"])
+                st["reader"].close()
+                st["eof"] = True
+                open_readers -= 1
+                continue
+            st["buf"] += chunk
+            *lines, st["buf"] = st["buf"].split(b"\n")
+            for line in lines:
+                msg = json.loads(line)
+                if "rows" in msg:
+                    on_rows(msg["rows"])
+                    st["got"] += 1
+                    st["rows"] += len(msg["rows"])
+                    total += len(msg["rows"])
+                elif "done" in msg:
+                    st["done"] = True
+                    st["stats"] = msg.get("stats", {})
+                elif "error" in msg:
+                    st["error"] = msg["error"]
+        if time.monotonic() - last_report > progress_every_s:
+            last_report = time.monotonic()
+            print("[eval] vllm progress: " + ", ".join(f"engine {st['i']} {st['got']}/{st['want']} problems"
+                                                       for st in procs), flush=True)  # fmt: skip
+    return total
+
+
+def _check_engines(procs: list[dict[str, Any]]) -> None:
+    """Wait for every engine; print each one's stats, or raise naming every failed engine with its log's tail."""
+    failures = []
+    for st in procs:
+        rc = st["proc"].wait()
+        if rc != 0 or not st["done"] or st["got"] != st["want"]:
+            why = st["error"] or f"exit code {rc}"
+            failures.append(f"engine {st['i']}: {why}; {st['got']}/{st['want']} problems done "
+                            f"(saved); log {st['log']}:\n{_tail(st['log'])}")  # fmt: skip
+        else:
+            s = st.get("stats", {})
+            print(f"[eval] vllm engine {st['i']}: {st['rows']} samples, engine start {s.get('start_s', -1):.1f}s, "
+                  f"generation {s.get('gen_s', -1):.1f}s ({s.get('tokens', 0)} tokens)", flush=True)  # fmt: skip
+    if failures:
+        raise RuntimeError("vLLM sampling failed; completed problems are saved and a re-run resumes:\n"
+                           + "\n".join(failures))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ engine process

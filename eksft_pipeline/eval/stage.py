@@ -364,42 +364,8 @@ class EvalStage(Stage):
         n_of = benchmark_n(plain(cfg.eval.benchmarks) or {}, params.n)
         if any(v != params.n for v in n_of.values()):  # recorded only when a benchmark sets its own n
             settings["n_by_benchmark"] = n_of
-        parts, sfile = tdir / "samples", tdir / "sampling.json"
-        try:
-            saved = json.loads(sfile.read_text())
-            saved.pop("model_path", None)
-        except (OSError, ValueError, AttributeError):
-            saved = None
-        if parts.exists() and saved != settings:
-            why = "no readable sampling.json" if saved is None else "the model's weights or the sampling settings differ"
-            print(f"[eval] {target}: discarding saved samples ({why})", flush=True)
-            shutil.rmtree(parts)
-        for name in ("samples.parquet", "scores.parquet", "metrics.json"):  # derived: rebuilt below
-            (tdir / name).unlink(missing_ok=True)
-        parts.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(sfile, settings | {"model_path": str(model_dir)}, indent=2)
-
-        existing: set[tuple[str, int]] = set()
-        last = -1
-        for f in sorted(parts.iterdir()):
-            if is_temporary(f.name):  # a write a kill interrupted
-                f.unlink(missing_ok=True)
-                continue
-            if not (f.name.startswith("part-") and f.suffix == ".parquet"):
-                continue
-            try:
-                d = pd.read_parquet(f)
-                missing = [c for c in SAMPLE_COLUMNS if c not in d.columns]
-                if missing:
-                    raise ValueError(f"columns {missing} missing")
-            except Exception as e:  # noqa: BLE001 - any unreadable part is a leftover to redo
-                print(f"[eval] {target}: {f.name} is unreadable ({type(e).__name__}); removing it, its problems "
-                      "are sampled again", flush=True)
-                f.unlink(missing_ok=True)
-                continue
-            existing |= set(zip(d.problem_id, d.sample_idx.astype(int)))
-            last = max(last, int(f.stem.split("-")[1]) if f.stem.split("-")[1].isdigit() else last)
-        n_parts = last + 1
+        parts = _samples_dir(target, tdir, settings, model_dir)
+        existing, n_parts = _saved_samples(target, parts)
 
         def save(rows):
             """Persist one completed problem's rows as a new part (atomic)."""
@@ -409,50 +375,12 @@ class EvalStage(Stage):
                     pd.DataFrame(rows).to_parquet(tmp, index=False)
                 n_parts += 1
 
-        backend = str(cfg.eval.backend)
         todo = [p for p in problems if any((p.problem_id, i) not in existing for i in range(n_of[p.benchmark]))]
-        # one sampling pass per distinct n (benchmarks may set their own n_samples)
-        groups = {n: [p for p in todo if n_of[p.benchmark] == n] for n in sorted({n_of[p.benchmark] for p in todo})}
         if todo:
-            print(f"[eval] {target}: sampling {len(todo)} problems x {'/'.join(map(str, groups))} with {backend} "
-                  f"from {model_dir}", flush=True)
-            if backend == "hf":
-                from eksft_pipeline.eval.sampling import HFSampler, sample_problems, torch_dtype
-
-                device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
-                sampler = HFSampler(str(model_dir), dtype=torch_dtype(str(cfg.eval.dtype)), device=device,
-                                    chunk=int(cfg.eval.get("hf_chunk", 16)))  # fmt: skip
-                for n, group in groups.items():
-                    sample_problems(sampler, group, replace(params, n=n), existing, save)
-                del sampler  # free the model before the next target's
-            elif backend == "vllm":
-                # data-parallel engines, one process each (exits before the next target's engines start)
-                from eksft_pipeline.eval.sampling import sample_with_vllm, vllm_engine_config
-
-                vcfg = plain(cfg.eval.get("vllm")) or {}
-                device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
-                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-                visible = ([d for d in visible.split(",") if d.strip()] if visible
-                           else [str(i) for i in range(int(cfg.cluster.gpus_per_node))])  # fmt: skip
-                sample_with_vllm(str(model_dir), todo, params, existing, save,
-                                 engine=vllm_engine_config(vcfg, str(cfg.eval.dtype)), work_dir=tdir / "engines",
-                                 device=device, num_engines=vcfg.get("num_engines"), visible_devices=visible,
-                                 python=vcfg.get("python"), env=ctx.env(), n_by_benchmark=n_of)  # fmt: skip
-            else:
-                raise ValueError(f"eval.backend must be 'hf' or 'vllm', got {backend!r}")
+            self._sample(ctx, target, model_dir, todo, params, n_of, existing, save, tdir)
         else:
             print(f"[eval] {target}: all samples present, scoring saved samples", flush=True)
-
-        files = sorted(parts.glob("part-*.parquet"))
-        if not files:
-            raise RuntimeError(f"eval {target}: no samples were produced in {parts}")
-        samples = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-        samples = samples.drop_duplicates(["problem_id", "sample_idx"], keep="first")
-        wanted = {p.problem_id for p in problems}
-        samples = samples[samples.problem_id.isin(wanted) & (samples.sample_idx < samples.benchmark.map(n_of))]
-        samples = samples.sort_values(["benchmark", "problem_id", "sample_idx"]).reset_index(drop=True)
-        with atomic_path(tdir / "samples.parquet") as tmp:
-            samples.to_parquet(tmp, index=False)
+        samples = _collect_samples(target, parts, problems, n_of, tdir)
 
         try:
             scores, rstats = score_samples(samples, benchmark_policies(plain(cfg.eval.benchmarks)))
@@ -468,6 +396,101 @@ class EvalStage(Stage):
                   "verifier_audit": _jsonable(verifier_audit(scores, policies=_policy_names(scores)))}
         atomic_write_json(tdir / "metrics.json", result, indent=2)
         return result
+
+    @staticmethod
+    def _sample(ctx, target, model_dir, todo, params, n_of, existing, save, tdir: Path) -> None:
+        """Sample the missing samples of `todo` with the configured backend; each problem's rows go to `save`."""
+        cfg = ctx.cfg
+        backend = str(cfg.eval.backend)
+        # one sampling pass per distinct n (benchmarks may set their own n_samples)
+        groups = {n: [p for p in todo if n_of[p.benchmark] == n] for n in sorted({n_of[p.benchmark] for p in todo})}
+        print(f"[eval] {target}: sampling {len(todo)} problems x {'/'.join(map(str, groups))} with {backend} "
+              f"from {model_dir}", flush=True)
+        if backend == "hf":
+            from eksft_pipeline.eval.sampling import HFSampler, sample_problems, torch_dtype
+
+            device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
+            sampler = HFSampler(str(model_dir), dtype=torch_dtype(str(cfg.eval.dtype)), device=device,
+                                chunk=int(cfg.eval.get("hf_chunk", 16)))  # fmt: skip
+            for n, group in groups.items():
+                sample_problems(sampler, group, replace(params, n=n), existing, save)
+            del sampler  # free the model before the next target's
+        elif backend == "vllm":
+            # data-parallel engines, one process each (exits before the next target's engines start)
+            from eksft_pipeline.eval.sampling import sample_with_vllm, vllm_engine_config
+
+            vcfg = plain(cfg.eval.get("vllm")) or {}
+            device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            visible = ([d for d in visible.split(",") if d.strip()] if visible
+                       else [str(i) for i in range(int(cfg.cluster.gpus_per_node))])  # fmt: skip
+            sample_with_vllm(str(model_dir), todo, params, existing, save,
+                             engine=vllm_engine_config(vcfg, str(cfg.eval.dtype)), work_dir=tdir / "engines",
+                             device=device, num_engines=vcfg.get("num_engines"), visible_devices=visible,
+                             python=vcfg.get("python"), env=ctx.env(), n_by_benchmark=n_of)  # fmt: skip
+        else:
+            raise ValueError(f"eval.backend must be 'hf' or 'vllm', got {backend!r}")
+
+
+def _samples_dir(target: str, tdir: Path, settings: dict, model_dir) -> Path:
+    """`tdir/samples`, emptied when the saved samples were drawn with other settings or another model; the derived
+    files removed (rebuilt from the samples); the settings recorded in `sampling.json`."""
+    parts, sfile = tdir / "samples", tdir / "sampling.json"
+    try:
+        saved = json.loads(sfile.read_text())
+        saved.pop("model_path", None)
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if parts.exists() and saved != settings:
+        why = "no readable sampling.json" if saved is None else "the model's weights or the sampling settings differ"
+        print(f"[eval] {target}: discarding saved samples ({why})", flush=True)
+        shutil.rmtree(parts)
+    for name in ("samples.parquet", "scores.parquet", "metrics.json"):  # derived: rebuilt below
+        (tdir / name).unlink(missing_ok=True)
+    parts.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sfile, settings | {"model_path": str(model_dir)}, indent=2)
+    return parts
+
+
+def _saved_samples(target: str, parts: Path) -> tuple[set[tuple[str, int]], int]:
+    """(problem_id, sample_idx) of every readable saved part, and the next part's number; an interrupted write or
+    an unreadable part is removed (its problems are sampled again)."""
+    existing: set[tuple[str, int]] = set()
+    last = -1
+    for f in sorted(parts.iterdir()):
+        if is_temporary(f.name):  # a write a kill interrupted
+            f.unlink(missing_ok=True)
+            continue
+        if not (f.name.startswith("part-") and f.suffix == ".parquet"):
+            continue
+        try:
+            d = pd.read_parquet(f)
+            missing = [c for c in SAMPLE_COLUMNS if c not in d.columns]
+            if missing:
+                raise ValueError(f"columns {missing} missing")
+        except Exception as e:  # noqa: BLE001 - any unreadable part is a leftover to redo
+            print(f"[eval] {target}: {f.name} is unreadable ({type(e).__name__}); removing it, its problems "
+                  "are sampled again", flush=True)
+            f.unlink(missing_ok=True)
+            continue
+        existing |= set(zip(d.problem_id, d.sample_idx.astype(int)))
+        last = max(last, int(f.stem.split("-")[1]) if f.stem.split("-")[1].isdigit() else last)
+    return existing, last + 1
+
+
+def _collect_samples(target: str, parts: Path, problems, n_of: dict[str, int], tdir: Path) -> pd.DataFrame:
+    """Every saved part -> `tdir/samples.parquet`: one row per (problem, sample) asked for, in a fixed order."""
+    files = sorted(parts.glob("part-*.parquet"))
+    if not files:
+        raise RuntimeError(f"eval {target}: no samples were produced in {parts}")
+    samples = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    samples = samples.drop_duplicates(["problem_id", "sample_idx"], keep="first")
+    wanted = {p.problem_id for p in problems}
+    samples = samples[samples.problem_id.isin(wanted) & (samples.sample_idx < samples.benchmark.map(n_of))]
+    samples = samples.sort_values(["benchmark", "problem_id", "sample_idx"]).reset_index(drop=True)
+    with atomic_path(tdir / "samples.parquet") as tmp:
+        samples.to_parquet(tmp, index=False)
+    return samples
 
 
 def eval_table(metrics: dict) -> pd.DataFrame:
