@@ -121,14 +121,7 @@ def make_tiny_assets(
         pretrain_preamble_frac=pretrain_preamble_frac,
         **({} if sft_preamble == "default" else {"sft_preamble": sft_preamble}),
     )
-    import pyarrow.parquet as pq
-
-    # Tokenizer corpus: train conversations rendered with the chat template (so role names and the turn
-    # skeleton are learned) + the plain-text pretraining corpus.
-    train_rows = pq.read_table(made["train"]).to_pylist()
-    pretrain_texts = [json.loads(line)["text"] for line in made["pretrain"].read_text(encoding="utf-8").splitlines()]
-    corpus = [render_chatml(r["prompt"] + r["target"]) for r in train_rows] + pretrain_texts
-    tokenizer = build_tiny_tokenizer(None, corpus, vocab_size=vocab_size)
+    tokenizer, pretrain_texts = _tiny_tokenizer(made, vocab_size)
     if progress:
         print(f"[tiny] tokenizer: {len(tokenizer)} tokens")
     model = build_tiny_model(model_dir, tokenizer, seed=seed, **(model_kwargs or {}))
@@ -147,14 +140,31 @@ def make_tiny_assets(
             num_threads=1,
             progress=progress,
         )
-    # only what this function owns: other stages may write next to data/ and model/ in out_dir
-    files = sorted(p for d in (data_dir, model_dir) for p in d.rglob("*") if p.is_file())
+    marker = _write_marker(out, params, (data_dir, model_dir), t0)
+    if progress:
+        print(f"[tiny] assets built in {marker['build_s']}s -> {out}")
+    return paths
+
+
+def _tiny_tokenizer(made: dict[str, Path], vocab_size: int):
+    """(the tiny tokenizer, the pretraining texts). Tokenizer corpus: train conversations rendered with the chat
+    template (so role names and the turn skeleton are learned) + the plain-text pretraining corpus."""
+    import pyarrow.parquet as pq
+
+    train_rows = pq.read_table(made["train"]).to_pylist()
+    pretrain_texts = [json.loads(line)["text"] for line in made["pretrain"].read_text(encoding="utf-8").splitlines()]
+    corpus = [render_chatml(r["prompt"] + r["target"]) for r in train_rows] + pretrain_texts
+    return build_tiny_tokenizer(None, corpus, vocab_size=vocab_size), pretrain_texts
+
+
+def _write_marker(out: Path, params: dict, dirs: tuple[Path, ...], t0: float) -> dict:
+    """The completion marker, written last: the parameters and the sha256 of every file under `dirs` (only what
+    make_tiny_assets owns: other stages may write next to data/ and model/ in out_dir)."""
+    files = sorted(p for d in dirs for p in d.rglob("*") if p.is_file())
     marker = {
         "params": params,
         "sha256": {str(p.relative_to(out)): sha256_file(p) for p in files},
         "build_s": round(time.perf_counter() - t0, 2),
     }
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
-    if progress:
-        print(f"[tiny] assets built in {marker['build_s']}s -> {out}")
-    return paths
+    return marker

@@ -369,7 +369,6 @@ def score_batch(items: Sequence[Any], **kwargs: Any) -> list[dict[str, Any]]:
     quads = [_as_item(it) for it in items]
     policies = [_resolve_policy(p, ds) if p is not None else (batch_policy or policy_for(ds)) for ds, _, _, p in quads]
     n = len(quads)
-    out: list[dict[str, Any] | None] = [None] * n
     verdicts: list[tuple[str, bool, str] | None] = [None] * n
     preds: list[str] = [""] * n
     todo: dict[tuple, tuple[str, tuple[str, ...], tuple, list[int]]] = {}  # key -> (payload, golds, opts, idx)
@@ -419,36 +418,54 @@ def score_batch(items: Sequence[Any], **kwargs: Any) -> list[dict[str, Any]]:
         except Exception as e:  # extraction must never take the caller down
             verdicts[i] = (ERROR, False, f"{type(e).__name__}: {e}"[:200])
     if todo:
-        # without the cache every sample is its own job (no de-duplication), which the benchmark measures
-        jobs: list[tuple[str, tuple[str, ...], str, tuple]] = []
-        owners: list[list[int]] = []
-        keys: list[tuple] = []
-        for k, (payload, golds, opts, idx) in todo.items():
-            groups = [idx] if cfg.use_cache else [[i] for i in idx]
-            for g in groups:
-                jobs.append((payload, golds, mode, opts))
-                owners.append(g)
-                keys.append(k)
-        misses = len(todo) if cfg.use_cache else 0
-        dedup = (sum(len(g) for g in owners) - len(todo)) if cfg.use_cache else 0
-        try:
-            res = _get_pool().run(jobs, cfg.timeout_s)
-        except Exception as e:
-            logger.exception("reward: verifier pool failed")
-            res = [(ERROR, False, f"pool: {type(e).__name__}: {e}"[:200])] * len(jobs)
-        _bump("verify_calls", len(jobs))
-        for job, k, g, r in zip(jobs, keys, owners, res):
-            if r[0] == TIMEOUT:  # logged once per verification; cached repeats are only counted
-                logger.warning("reward: verification timed out after %.1fs (pred=%r)", cfg.timeout_s, job[0][-80:])
-            if cfg.use_cache and r[0] != ERROR:  # errors may be transient (worker crash): do not pin them
-                _cache.put(k, r)
-            for i in g:
-                verdicts[i] = r
+        misses, dedup = _verify_todo(todo, cfg, mode, verdicts)
+    out, reasons, correct_n = _results(quads, verdicts, preds, gold_notes, cfg, mode)
+    record_batch(reasons, items=n, correct=correct_n, cache_hits=hits, cache_misses=misses, dedup_hits=dedup,
+                 int_fast_path=n_fast)
+    return out
+
+
+def _verify_todo(todo: dict, cfg: RewardConfig, mode: str, verdicts: list) -> tuple[int, int]:
+    """Verify the de-duplicated payloads of `todo` in the worker pool, writing each result into `verdicts` for
+    every item that shares it (and into the cache); returns (cache misses, items de-duplicated)."""
+    # without the cache every sample is its own job (no de-duplication), which the benchmark measures
+    jobs: list[tuple[str, tuple[str, ...], str, tuple]] = []
+    owners: list[list[int]] = []
+    keys: list[tuple] = []
+    for k, (payload, golds, opts, idx) in todo.items():
+        groups = [idx] if cfg.use_cache else [[i] for i in idx]
+        for g in groups:
+            jobs.append((payload, golds, mode, opts))
+            owners.append(g)
+            keys.append(k)
+    misses = len(todo) if cfg.use_cache else 0
+    dedup = (sum(len(g) for g in owners) - len(todo)) if cfg.use_cache else 0
+    try:
+        res = _get_pool().run(jobs, cfg.timeout_s)
+    except Exception as e:
+        logger.exception("reward: verifier pool failed")
+        res = [(ERROR, False, f"pool: {type(e).__name__}: {e}"[:200])] * len(jobs)
+    _bump("verify_calls", len(jobs))
+    for job, k, g, r in zip(jobs, keys, owners, res):
+        if r[0] == TIMEOUT:  # logged once per verification; cached repeats are only counted
+            logger.warning("reward: verification timed out after %.1fs (pred=%r)", cfg.timeout_s, job[0][-80:])
+        if cfg.use_cache and r[0] != ERROR:  # errors may be transient (worker crash): do not pin them
+            _cache.put(k, r)
+        for i in g:
+            verdicts[i] = r
+    return misses, dedup
+
+
+def _results(quads: list, verdicts: list, preds: list[str], gold_notes: dict[int, str], cfg: RewardConfig,
+             mode: str) -> tuple[list[dict[str, Any]], Counter, int]:
+    """Each item's result dict (noting error / unparseable-gold examples), the reasons' counts, the number
+    correct."""
+    out: list[dict[str, Any]] = []
     correct_n = 0
     reasons: Counter = Counter()
     shows_display = mode in ("math_verify", "plain")
     for i, (data_source, _s, ground_truth, _) in enumerate(quads):
-        status, correct, display = verdicts[i]  # type: ignore[misc]
+        status, correct, display = verdicts[i]
         pred = display if shows_display and status in (OK, _answer.PRED_UNPARSEABLE, GOLD_UNPARSEABLE) else preds[i]
         if status == ERROR:
             _note_example(
@@ -463,12 +480,10 @@ def score_batch(items: Sequence[Any], **kwargs: Any) -> list[dict[str, Any]]:
                 repr(ground_truth)[:200],
                 f"reward: gold answer {ground_truth!r:.80} does not parse (data_source={data_source!r})",
             )
-        out[i] = _result(cfg, status, correct, pred if status != ERROR else preds[i])
+        out.append(_result(cfg, status, correct, pred if status != ERROR else preds[i]))
         reasons[status] += 1
         correct_n += out[i]["acc"] == 1.0
-    record_batch(reasons, items=n, correct=correct_n, cache_hits=hits, cache_misses=misses, dedup_hits=dedup,
-                 int_fast_path=n_fast)
-    return out  # type: ignore[return-value]
+    return out, reasons, correct_n
 
 
 def compute_score(
