@@ -130,7 +130,13 @@ def _rl_inputs(root: Path) -> dict[str, str]:
     split.mkdir()
     rl = write_parquet(to_rl_eval_rows(probs), split / "rl_train.parquet", RL_SCHEMA)
     (split / "split_report.json").write_text(json.dumps({"generation_prefix": ""}))
-    return {"model": str(model), "rl_train": str(rl), "report": str(split / "split_report.json")}
+    from eksft_pipeline.contract.recipes import compose_pipeline
+    from eksft_pipeline.contract.run_format import run_format_from_config, write_run_format
+
+    # the split's record of the run's format (template, prefix), which the RL stage reads through ctx.run_format
+    fmt = write_run_format(split, run_format_from_config(compose_pipeline("model=tiny"), resolve_dir=True))
+    return {"model": str(model), "rl_train": str(rl), "report": str(split / "split_report.json"),
+            "run_format": str(fmt)}
 
 
 @pytest.mark.slow
@@ -147,7 +153,8 @@ def test_rl_stage_runs_on_an_existing_ray_cluster_and_its_metrics_arrive(tmp_pat
         assert (DEFAULT_ADDRESS_FILE.read_text() if DEFAULT_ADDRESS_FILE.exists() else None) == default_before
         run_dir = tmp_path / "run"
         manifest = Manifest(run_dir)
-        for key, outputs in (("split", {"rl_train": inputs["rl_train"], "report": inputs["report"]}),
+        for key, outputs in (("split", {"rl_train": inputs["rl_train"], "report": inputs["report"],
+                                        "run_format": inputs["run_format"]}),
                              ("handoff/eksft", {"model": inputs["model"]})):  # fmt: skip
             manifest.start(key, {}, "test", {})
             manifest.complete(key, outputs, {})
