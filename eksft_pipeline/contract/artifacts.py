@@ -214,27 +214,8 @@ def tee(
 
         watcher = threading.Thread(target=_watch, daemon=True)
         watcher.start()
-        pending = b""
         try:
-            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-                # progress bars redraw with '\r': one log line per redraw instead of one giant line
-                chunk = pending + chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-                *lines, pending = chunk.split(b"\n")
-                if lines:
-                    log.write(b"\n".join(lines) + b"\n")
-                    log.flush()
-                for raw in lines:
-                    text = _ANSI.sub(b"", raw).decode(errors="replace")
-                    if text.strip():
-                        shown["last"] = text.strip()
-                    if progress is None:
-                        say(text)
-                    elif (msg := progress(text)) is not None:
-                        say(msg)
-            if pending:
-                log.write(pending + b"\n")
-                if progress is None:
-                    say(_ANSI.sub(b"", pending).decode(errors="replace"))
+            _copy_output(proc.stdout, log, say, shown, progress)
         except BaseException:
             kill_tree()
             raise
@@ -245,6 +226,31 @@ def tee(
             log.write(f"\n[eksft_pipeline] killed: {stalled[0]}\n".encode())
             raise StalledRun(stalled[0])
         return rc
+
+
+def _copy_output(stdout, log, say: Callable[[str], None], shown: dict, progress) -> None:
+    """Every byte of `stdout` into `log` (a progress bar's '\r' redraws as lines of their own); each line to the
+    console through `say` (all of them, or what `progress(line)` returns); the last non-empty line in `shown`."""
+    pending = b""
+    for chunk in iter(lambda: stdout.read1(65536), b""):
+        # progress bars redraw with '\r': one log line per redraw instead of one giant line
+        chunk = pending + chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, pending = chunk.split(b"\n")
+        if lines:
+            log.write(b"\n".join(lines) + b"\n")
+            log.flush()
+        for raw in lines:
+            text = _ANSI.sub(b"", raw).decode(errors="replace")
+            if text.strip():
+                shown["last"] = text.strip()
+            if progress is None:
+                say(text)
+            elif (msg := progress(text)) is not None:
+                say(msg)
+    if pending:
+        log.write(pending + b"\n")
+        if progress is None:
+            say(_ANSI.sub(b"", pending).decode(errors="replace"))
 
 
 class StalledRun(PipelineError):
