@@ -9,9 +9,10 @@ This module is also the one place that resolves a template spec (`model.chat_tem
 `.jinja` file or Jinja text) and a model reference (`resolve_model`, over models/hub.py `resolve_model_dir`):
 `tests/contract/test_run_format.py` greps the package for other callers.
 
-On a dry run before the split has run there is no record; `ctx.run_format` then answers the format planned from
-the config (`planned=True`: the template and prefix as the split would write them, no model directory, no EOS
-check). Outside a dry run a missing or corrupt record is an error naming the file and the fix (one line).
+Before the split has completed there is no record (a dry run; a base model evaluated in a run directory of its
+own): `ctx.run_format` then answers the format planned from the config by the same function (`planned=True`: the
+template and prefix as the split would write them, no model directory, no EOS check). A completed split's record
+that is missing or corrupt is an error naming the file and the fix (one line).
 """
 
 from __future__ import annotations

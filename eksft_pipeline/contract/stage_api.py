@@ -54,19 +54,19 @@ class StageContext:
     @property
     def run_format(self) -> RunFormat:
         """The run's format (chat template, EOS, generation prefix, model dirs) as the split stage recorded it
-        (contract/run_format.py): the one way a stage learns it. A dry run before the split answers the format
-        planned from the config; otherwise a missing or corrupt record raises RunFormatError (one line)."""
+        (contract/run_format.py): the one way a stage learns it. A run directory whose split has not completed (a
+        dry run; a base model evaluated on its own) gets the format planned from the config (`planned=True`); a
+        completed split's record that is missing or corrupt raises RunFormatError (one line)."""
         if self._run_format is None:
             self._run_format = self._load_run_format()
         return self._run_format
 
     def _load_run_format(self) -> RunFormat:
-        try:
-            outs = self.manifest.outputs("split")
-        except FileNotFoundError as e:
-            if self.dry_run:
-                return run_format_from_config(self.cfg, planned=True)
-            raise RunFormatError(f"no run format record: {e}") from None
+        entry = self.manifest.entry("split")
+        if entry is None or entry.get("status") != "complete":
+            # nothing recorded yet: the stages that need the split's data fail on ctx.upstream("split") themselves
+            return run_format_from_config(self.cfg, planned=True)
+        outs = self.manifest.outputs("split")
         if RUN_FORMAT_OUTPUT not in outs:
             if self.dry_run:
                 return run_format_from_config(self.cfg, planned=True)

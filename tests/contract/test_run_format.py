@@ -57,9 +57,11 @@ def test_a_stage_reads_the_split_record_through_ctx_run_format(tmp_path):
     assert ctx.run_format.generation_prefix == "PFX" and not ctx.run_format.planned
 
 
-def test_a_dry_run_before_the_split_plans_the_format_from_the_config(tmp_path):
-    fmt = _ctx(tmp_path, "split.think_prefix=prompt", dry_run=True).run_format
-    assert fmt.planned and fmt.chat_template == CHATML and fmt.generation_prefix == "<think>\n"
+def test_without_a_completed_split_the_format_is_planned_from_the_config(tmp_path):
+    """A dry run, or a base model evaluated in a run directory with no split: the config's format, marked planned."""
+    for dry in (True, False):
+        fmt = _ctx(tmp_path, "split.think_prefix=prompt", dry_run=dry).run_format
+        assert fmt.planned and fmt.chat_template == CHATML and fmt.generation_prefix == "<think>\n"
 
 
 def _one_line_error(ctx) -> str:
@@ -71,10 +73,16 @@ def _one_line_error(ctx) -> str:
 
 
 def test_a_missing_record_is_refused_in_one_line(tmp_path):
-    assert re.search(r"no run format record: stage 'split' has no complete output", _one_line_error(_ctx(tmp_path)))
     (tmp_path / "split_report.json").write_text("{}")
     _complete_split(tmp_path, {"report": str(tmp_path / "split_report.json")})  # a split from before the record
-    assert "recorded no run_format" in _one_line_error(_ctx(tmp_path))
+    assert re.fullmatch(r"the split stage in \S+ recorded no run_format \(it ran before the record existed\); rerun "
+                        r"the split stage \(stage=split force=true\)", _one_line_error(_ctx(tmp_path)))
+    rec = tmp_path / "split" / "run_format.json"
+    rec.parent.mkdir()
+    rec.write_text(json.dumps(run_format_from_config(compose_pipeline("model=tiny")).to_dict()))
+    _complete_split(tmp_path, {RUN_FORMAT_OUTPUT: str(rec)})
+    rec.unlink()  # recorded, then deleted
+    assert f"run format record {rec} is missing" in _one_line_error(_ctx(tmp_path))
 
 
 @pytest.mark.parametrize("text, what", [
