@@ -71,6 +71,14 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     assert s["split"]["n_sft"] == 300 and s["split"]["n_rl"] > 1000
     assert s["sft/eksft"]["steps"] > 0 and s["sft/eksft"]["drift_rel_norm"] > 0
     assert all(s["handoff/eksft"][c] for c in ("weights", "template", "eos", "context"))
+    # the run's format, recorded once by the split (contract/run_format.py) and read by every later stage
+    from eksft_pipeline.chatml import CHATML
+    from eksft_pipeline.contract.run_format import read_run_format
+
+    fmt = read_run_format(run_dir / manifest["split"]["outputs"]["run_format"]["path"])
+    assert fmt.chat_template == CHATML and fmt.generation_prefix == "" and Path(fmt.tokenizer_dir).is_dir()
+    assert fmt.eos == s["split"]["eos"] and fmt.eos["end_of_turn_id"] in fmt.eos["stop_token_ids"]
+    assert Path(fmt.model_dir).is_dir() and not fmt.planned
     # every step the recorded verl config asked for (recipes/model/tiny.yaml: rl.total_training_steps)
     planned = yaml.safe_load((run_dir / "rl/eksft/verl_dapo.yaml").read_text())["trainer"]["total_training_steps"]
     assert planned >= 8 and s["rl/eksft"]["steps"] == planned and "score_mean_last" in s["rl/eksft"]
