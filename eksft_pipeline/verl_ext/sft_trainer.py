@@ -46,10 +46,29 @@ PSFT's own schedule is 8 updates per pi_old (its run script: 256 prompts per pi_
 one more copy of the local parameter shards (and a transient one during the pre-pass). A resumed run starts a
 new cycle at its first step (the copy is not checkpointed).
 
+Ulysses sequence parallelism (`engine.ulysses_sequence_parallel_size` = s > 1, verl's own: `prepare_model_inputs`
+pads every packed micro-batch to a multiple of s and gives rank r of the SP group rows [r*n, (r+1)*n); attention
+all-to-alls inside the model). Every rank of an SP group holds the same data-parallel rank's batch, and each token
+is seen by exactly one rank of the group (`sft_head.RowSlice`):
+- fused / naive head: each rank computes per-token statistics and its loss share on its own rows only (labels,
+  validity, plan fields and reference rows cut from the whole micro-batch's by the same slice); the per-token
+  outputs are gathered over the group as verl gathers its log-probs (`_gather_and_unpad_packed`, whose backward
+  scales by s and so offsets FSDP's mean over the dp x s ranks);
+- reference pass: each rank of the group keeps the whole data-parallel rank's reference hidden rows (gathered after
+  the forward), so the training pass finds its rows whatever verl's micro-batching;
+- global top-k: the gathered statistics hold the data-parallel rank's tokens once; `gather_token_stats` then runs
+  over the data-parallel group (one rank per SP position), so every token of the global batch counts once;
+- loss terms (metrics) are summed over all dp x s ranks (each holds its rows' shares); dumps are written by SP rank
+  0 only, one per data-parallel rank.
+Every registered loss's `compute` is a sum over rows with the plan's global denominators, so a sequence cut by the
+slice needs nothing more. Tested on CPU (gloo all-to-all; `attn_implementation=eksft_cpu_varlen`,
+verl_ext/cpu_attention.py): SP=2 equals SP=1 (tests/sft/test_verl_sft_sp.py).
+
 Cost per step: one reference forward, two policy forwards (pre-pass, training) and one backward; the
 metrics `eksft/ref_forwards_per_step` (tokens through the reference / tokens in the batch) and
-`perf/eksft_*_s` record it. Limits (clear errors): Ulysses sequence parallelism > 1, verl's own
-`use_fused_kernels`, temperature != 1.
+`perf/eksft_*_s` record it. Limits (clear errors): selection_scope=micro_batch with sequence parallelism (no rank
+holds a whole micro-batch), static padding (`engine.pad_to_length`), verl's own `use_fused_kernels`,
+temperature != 1.
 """
 
 from __future__ import annotations
