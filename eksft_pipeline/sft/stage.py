@@ -182,8 +182,8 @@ class SFTStage(VerlTrainingStage):
         """`sft.fit_token_budget`: the model recipe sizes `max_token_len_per_gpu` for EKSFT's fused head; a method
         whose loss needs the naive head (full [N, V] logits: asft, dft, psft, eksft_official) would be refused by
         the memory check at that budget, so a baseline sweep stops at its first such method. Lower the budget in
-        steps of 1024 to the largest the estimate fits, never below `data.max_length` (a packed micro-batch
-        must hold one whole sequence), and say so. The optimisation is identical (global batch and lr are per
+        steps of 1024 to the largest the estimate fits, never below `data.max_length` / the Ulysses SP size (a
+        packed micro-batch, max_token_len_per_gpu x sp tokens, must hold one whole sequence), and say so. The optimisation is identical (global batch and lr are per
         sequence); only the packing into micro-batches changes. Never on CPU, never for a typed value."""
         cfg = ctx.cfg
         d = vc.data
@@ -195,7 +195,9 @@ class SFTStage(VerlTrainingStage):
         est = self.memory_estimate(ctx, vc, loss)
         if est is None or est.fits:
             return
-        start, floor = int(d.max_token_len_per_gpu), int(d.max_length)
+        sp = int(vc.engine.get("ulysses_sequence_parallel_size", 1) or 1)
+        # a micro-batch (max_token_len_per_gpu x sp tokens) must hold the longest sequence
+        start, floor = int(d.max_token_len_per_gpu), -(-int(d.max_length) // sp)
         budget = start - 1024
         while budget >= floor:
             with open_dict(vc):
@@ -221,12 +223,19 @@ class SFTStage(VerlTrainingStage):
         if shape is None:
             return None
         d = vc.data
-        tokens = int(d.max_token_len_per_gpu) if d.use_dynamic_bsz else int(d.micro_batch_size_per_gpu) * int(d.max_length)
+        sp = int(vc.engine.get("ulysses_sequence_parallel_size", 1) or 1)
+        # a micro-batch: verl packs up to max_token_len_per_gpu x sp tokens (each SP rank holds 1/sp of them)
+        tokens = int(d.max_token_len_per_gpu) * sp if d.use_dynamic_bsz else int(d.micro_batch_size_per_gpu) * int(d.max_length)
         mp = vc.engine.get("mixed_precision") or {}
         loss = build_loss(vc) if loss is None else loss
         device = "cpu" if str(cfg.cluster.device) == "cpu" else "cuda"
+        world = int(vc.trainer.n_gpus_per_node) * int(vc.trainer.nnodes)
+        if world % sp:
+            raise ConfigError(f"sft.verl.engine.ulysses_sequence_parallel_size={sp} must divide the {world} SFT ranks")
+        rows = int(d.train_batch_size) // (world // sp) * int(d.max_length)  # the rank's sequences x the cutoff
         return memory.sft_estimate(
-            shape, tokens=tokens, world=int(vc.trainer.n_gpus_per_node) * int(vc.trainer.nnodes),
+            shape, tokens=tokens, world=world, sp=sp, ref_store_rows=rows,
+            ref_store_on_host=str(vc.eksft.get("ref_hidden_store", "device")) == "host",
             loss=loss, head=vc.eksft.get("head", None), model_dtype=str(vc.engine.model_dtype),
             compute_dtype=str(mp.get("param_dtype", "bf16")), ref_dtype=vc.eksft.get("ref_model_dtype", None),
             grad_ckpt=bool(vc.model.enable_gradient_checkpointing), chunk=vc.eksft.get("chunk_size", None),

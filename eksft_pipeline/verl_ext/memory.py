@@ -9,8 +9,10 @@ usable memory is refused with a message naming the knob to turn. `scripts/gpu_ch
 truncated Qwen3-8B-shaped model on one GPU and prints measured / estimated; `tests/verl_ext/test_memory.py`
 measures the loss head at V = 151,936 on CPU against :func:`loss_head_peak`.
 
-SFT model (verl 0.9.1 FSDP2 engine, `eksft_pipeline/verl_ext/sft_trainer.py`), per GPU, micro-batch of N packed tokens
-(`data.max_token_len_per_gpu` with dynamic batching), W data-parallel ranks, P parameters, L layers, d hidden,
+SFT model (verl 0.9.1 FSDP2 engine, `eksft_pipeline/verl_ext/sft_trainer.py`), per GPU, micro-batch of M packed tokens
+(with dynamic batching verl packs up to `data.max_token_len_per_gpu` x s), W ranks (FSDP shards over all of them),
+Ulysses sequence parallelism of size s (`engine.ulysses_sequence_parallel_size`: each rank of an SP group holds
+N = M / s rows of every packed micro-batch, W / s data-parallel ranks), P parameters, L layers, d hidden,
 V vocabulary:
 
 * model states: fp32 master weights + AdamW m, v -> (4 + 8) P / W (verl trains with `engine.model_dtype=fp32`;
@@ -44,6 +46,13 @@ V vocabulary:
   in losses/base.py), read from the loss object the stage built: e.g. EKSFT's M = top-k(H) U top-k(KL) has at
   most 2 rho |T| rows, so f = min(1, 2 rho) (the worst case); a CE-only loss 0. This module keeps no table of
   losses (tests/losses/test_loss_facts.py measures each declaration from the loss's gradients).
+* sequence parallelism (s > 1): every per-token term above is per rank, so it counts N = M / s rows; the
+  all-to-all of each attention layer adds transient copies of its q, k, v (k, v repeated up to s heads) and output
+  (2 q_dim + 2 kv_dim' per row, compute dtype).
+* reference hidden states of the step (`RefSide`): the final hidden states of the data-parallel rank's response
+  rows [R, d] (compute dtype) wait on the device from the reference forward to the training pass (pruned after the
+  plan; counted whole: the worst case), R = the rank's sequences x the cutoff (worst case). With SP every rank of
+  the group keeps the whole rank's rows (gathered). `eksft.ref_hidden_store=host` moves them to host memory.
 * allocator slack: 10 % of the peak moment's dynamic terms (dynamic batching varies N from one micro-batch to the
   next, so the caching allocator holds blocks sized for other shapes);
 * runtime: CUDA context and NCCL buffers, a fixed 2 GiB.
@@ -287,14 +296,23 @@ def sft_estimate(
     device: str = "cuda",
     capacity_bytes: float | None = None,
     knob: str = "lower data.max_token_len_per_gpu (model.sft.verl.data.max_token_len_per_gpu)",
+    sp: int = 1,
+    ref_store_rows: int = 0,
+    ref_store_on_host: bool = False,
 ) -> Estimate:
     """Peak memory per GPU of one EKSFT / baseline SFT step (see the module docstring for every term).
 
+    ``tokens``: packed tokens of one micro-batch (M; each of the ``sp`` ranks of a sequence-parallel group holds
+    ceil(M / sp) of them). ``ref_store_rows``: response rows of a data-parallel rank's batch whose reference hidden
+    states wait for the training pass (0: not counted), on the device unless ``ref_store_on_host``.
     ``loss`` is the built loss object (``eksft_pipeline.losses.get_loss``): the estimate reads what it declares
     (reference model, reference logits in the training pass, selected fraction, the head ``head`` resolves to).
     """
     P, L, d, V = shape.n_params, shape.layers, shape.hidden, shape.vocab
-    N = int(tokens)
+    sp = int(sp)
+    if sp < 1 or world % sp:
+        raise ValueError(f"sequence parallel size {sp} must divide the {world} ranks")
+    N = -(-int(tokens) // sp)  # rows per rank
     pb = _dtype_bytes(model_dtype, 4)
     cb = _dtype_bytes(compute_dtype, 2)
     rb = _dtype_bytes(ref_dtype, pb)
@@ -316,6 +334,15 @@ def sft_estimate(
     ckpt = Term("activations: layer inputs (checkpointed)", float(cb) * L * N * d, f"{cb}*L*N*d, N={N}") if grad_ckpt \
         else Term("activations: every layer's intermediates", float(cb) * L * N * act, f"{cb}*L*N*{act}")
     layer_ws = Term("activations: one layer recomputed + its grads", 2.0 * cb * N * act, f"2*{cb}*N*{act}")
+    a2a = None
+    if sp > 1:
+        kv_dim = max(shape.kv_heads, sp) * shape.head_dim  # verl repeats k, v up to sp heads
+        a2a = Term("Ulysses all-to-all copies (q, k, v, out of a layer)", float(cb) * N * (2 * shape.q_dim + 2 * kv_dim),
+                   f"{cb}*N*(2*q_dim+2*kv_dim), s={sp}")  # fmt: skip
+    store = None
+    if needs_ref and ref_store_rows:
+        store = Term("reference hidden states of the rank's batch", float(cb) * ref_store_rows * d,
+                     f"{cb}*R*d, R={int(ref_store_rows)}")  # fmt: skip
     head_fwd, head_terms = loss_head_peak(N, V, head=head, logits_bytes=cb, frac=frac, with_ref=with_ref,
                                           hidden=d, chunk=chunk, device=device)  # fmt: skip
     lm_grad = Term("lm_head grad in flight (to the final reduce)", float(cb) * shape.embed_params, f"{cb}*V*d")
@@ -324,10 +351,11 @@ def sft_estimate(
                    f"{cb}*2*layer + {cb}*N*{act}") if needs_ref else None  # fmt: skip
     logits_t = Term("policy logits", float(cb) * N * V, f"{cb}*N*V") if head == "naive" else \
         Term("policy hidden", float(cb) * N * d, f"{cb}*N*d")
+    on_device = [store] if (store is not None and not ref_store_on_host) else []
     moments = {
-        "loss head": [ckpt, *head_terms],
-        "reference forward": [ckpt, logits_t, *([ref_fwd] if ref_fwd else [])],
-        "layer backward": [ckpt, layer_ws, lm_grad, layer_grad, grads],
+        "loss head": [ckpt, *head_terms, *on_device],
+        "reference forward": [ckpt, logits_t, *([ref_fwd] if ref_fwd else []), *([a2a] if a2a else []), *on_device],
+        "layer backward": [ckpt, layer_ws, *([a2a] if a2a else []), lm_grad, layer_grad, grads, *on_device],
     }
     if head == "fused":
         moments["layer backward"].append(next(t for t in head_terms if "grad accumulator" in t.name))
@@ -337,8 +365,10 @@ def sft_estimate(
     terms.append(Term("allocator slack (dynamic batching varies N)", SLACK * dynamic, f"{SLACK:g} x the [{name}] terms"))
     terms.append(Term("runtime (CUDA context, NCCL buffers)", RUNTIME_BYTES, "2 GiB"))
     assumptions = [
-        f"micro-batch of N={N} packed tokens (dynamic batching: data.max_token_len_per_gpu)",
-        f"FSDP2 over W={world} ranks, master weights {model_dtype}, compute {compute_dtype}, AdamW fp32 states",
+        f"micro-batch of M={int(tokens)} packed tokens (dynamic batching: data.max_token_len_per_gpu x s), "
+        f"N={N} of them per rank (Ulysses sequence parallelism s={sp})",
+        f"FSDP2 over W={world} ranks ({world // sp} data-parallel), master weights {model_dtype}, compute "
+        f"{compute_dtype}, AdamW fp32 states",
         f"gradient checkpointing {'on' if grad_ckpt else 'off'}; flash-attention (no N^2 attention matrix)",
         f"loss {loss.name!r}: {head} head, {frac:.0%} of rows with an entropy/KL term (worst case), reference logits "
         f"{'in' if with_ref else 'not in'} the training pass",
@@ -348,6 +378,11 @@ def sft_estimate(
         if needs_ref else f"no reference model (loss {loss.name!r} does not use one)",
     ]
     host = [Term("reference weights, pinned (CPU offload)", float(rb) * P / world, f"{rb}*P/W")] if needs_ref else []
+    if store is not None:
+        assumptions.append(f"reference hidden states of the rank's batch: R={int(ref_store_rows)} rows (its sequences "
+                           f"x the cutoff, the worst case) on the {'host' if ref_store_on_host else 'device'}")
+        if ref_store_on_host:
+            host.append(store)
     return Estimate("sft", terms, assumptions, knob, device=device, capacity_bytes=capacity_bytes, host_terms=host,
                     loss_terms=loss_terms)
 

@@ -82,22 +82,82 @@ def seq_lengths(batch) -> torch.Tensor:
     return batch["input_ids"].offsets().diff()
 
 
-def pack_rows(x: torch.Tensor, batch, output_args: dict) -> torch.Tensor:
-    """Model output rows -> packed [nnz, ...] in the micro-batch's row order (drops verl's packed pad / padding)."""
+def sp_world() -> tuple[int, int]:
+    """(size, rank) of the Ulysses sequence-parallel group verl's engine has set for this pass ((1, 0) without SP)."""
+    from verl.utils.ulysses import get_ulysses_sequence_parallel_rank, get_ulysses_sequence_parallel_world_size
+
+    size = get_ulysses_sequence_parallel_world_size()
+    return size, (get_ulysses_sequence_parallel_rank() if size > 1 else 0)
+
+
+class RowSlice:
+    """This rank's rows of a micro-batch's packed sequence.
+
+    Without sequence parallelism: all `nnz` rows. With Ulysses SP of size s (verl's `prepare_model_inputs`:
+    `ulysses_pad_and_slice_inputs`), the packed sequence is padded at its tail to a multiple of s and rank r holds
+    rows [r*n, (r+1)*n) of it, n = (nnz + pad) / s; rows >= nnz are verl's padding (invalid for every loss).
+    `take(t)` cuts this rank's rows out of any per-row tensor of the whole micro-batch, so every token of the
+    micro-batch is seen by exactly one rank of the SP group.
+    """
+
+    def __init__(self, start: int, n: int, nnz: int, sp: int = 1):
+        self.start, self.n, self.nnz, self.sp = start, n, nnz, sp
+
+    @property
+    def pad(self) -> int:
+        return self.n * self.sp - self.nnz
+
+    def take(self, t: torch.Tensor, fill=0) -> torch.Tensor:
+        """Rows [start, start + n) of a per-row tensor `t` [nnz, ...], `fill` on the padding rows."""
+        if t.shape[0] != self.nnz:
+            raise RuntimeError(f"row slice: a per-row tensor of {t.shape[0]} rows for a micro-batch of {self.nnz}")
+        if self.sp == 1:
+            return t
+        end = min(self.start + self.n, self.nnz)
+        part = t[min(self.start, self.nnz) : end]
+        missing = self.n - part.shape[0]
+        if missing:
+            part = torch.cat([part, torch.full((missing, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
+        return part
+
+
+def row_slice(batch, n_rows: int) -> RowSlice:
+    """The `RowSlice` of a model output holding `n_rows` rows of the packed micro-batch `batch` on this rank."""
     nnz = int(batch["input_ids"].offsets()[-1])
+    sp, rank = sp_world()
+    if sp == 1:
+        if n_rows != nnz:
+            raise RuntimeError(
+                f"the model returned {n_rows} rows for a micro-batch of {nnz} tokens: static padding "
+                "(pad_to_length) is not supported by the selective loss"
+            )
+        return RowSlice(0, nnz, nnz)
+    pad = n_rows * sp - nnz
+    if not 0 <= pad < sp:
+        raise RuntimeError(
+            f"sequence parallelism {sp}: {n_rows} rows per rank for a micro-batch of {nnz} tokens (expected "
+            f"ceil({nnz}/{sp})); static padding (pad_to_length) is not supported by the selective loss"
+        )
+    return RowSlice(rank * n_rows, n_rows, nnz, sp)
+
+
+def pack_rows(x: torch.Tensor, batch, output_args: dict) -> tuple[torch.Tensor, RowSlice]:
+    """Model output rows -> (this rank's rows [n, ...] in packed order, their `RowSlice`).
+
+    Packed inputs (`use_remove_padding`): [1, T, ...] with T = nnz, or with Ulysses SP this rank's share of the
+    padded sequence (all of it kept: `RowSlice` says which rows are padding). Padded inputs: [B, L, ...] -> the
+    first len_b rows of every sequence.
+    """
     if "input_ids_rmpad_rolled" in output_args and x.shape[0] == 1:
         x = x.squeeze(0)
-        pad = int(output_args.get("pad_size", 0) or 0)
-        if pad:
-            x = x[: x.shape[0] - pad]
+        sp, _ = sp_world()
+        if sp == 1:
+            pad = int(output_args.get("pad_size", 0) or 0)
+            if pad:
+                x = x[: x.shape[0] - pad]
     else:  # padded path: [B, L, ...] -> the first len_b rows of every sequence
         x = torch.cat([x[i, :n] for i, n in enumerate(seq_lengths(batch).tolist())], dim=0)
-    if x.shape[0] != nnz:
-        raise RuntimeError(
-            f"the model returned {x.shape[0]} rows for a micro-batch of {nnz} tokens: static padding "
-            "(pad_to_length) and sequence parallelism are not supported by the selective loss"
-        )
-    return x
+    return x, row_slice(batch, x.shape[0])
 
 
 def autocast_off(device: torch.device):
@@ -144,9 +204,11 @@ def _policy_forward(self, *args, eksft_head=None, **kwargs):
 def install_policy_head(engine, make_head) -> None:
     """Route verl's FSDP engine through the fused head whenever `make_head(micro_batch, output_args)` returns one.
 
-    `make_head` returns None (plain HF forward, logits as usual) or `fn(hidden [T, d] packed, weight [V, d])
-    -> dict of [nnz] per-token tensors`; the engine's `prepare_model_outputs` then nests that dict by the
-    micro-batch offsets and `forward_step` hands it to the loss function as `model_output`.
+    `make_head` returns None (plain HF forward, logits as usual) or `fn(hidden [n, d], weight [V, d], rows)
+    -> dict of [n] per-token tensors` over this rank's rows (`rows`: their `RowSlice`; all nnz rows without
+    sequence parallelism); the engine's `prepare_model_outputs` then gathers them over the SP group (as verl
+    gathers its log-probs), nests the dict by the micro-batch offsets and `forward_step` hands it to the loss
+    function as `model_output`.
     """
     module = engine.module
     if getattr(module, "_eksft_orig_forward", None) is None:
@@ -170,7 +232,14 @@ def install_policy_head(engine, make_head) -> None:
     def prepare_model_outputs(output, output_args, micro_batch, logits_processor_func):
         if isinstance(output, dict) and HEAD_KEY in output:
             cu = micro_batch["input_ids"].offsets()
-            return {k: torch.nested.nested_tensor_from_jagged(v, cu) for k, v in output[HEAD_KEY].items()}
+            out = {}
+            for k, v in output[HEAD_KEY].items():
+                if getattr(engine, "use_ulysses_sp", False):
+                    # this rank's rows -> the whole micro-batch, as verl does for its log-probs (the gather's
+                    # backward hands every rank the gradient of its own rows, scaled by the SP size)
+                    v = engine._gather_and_unpad_packed(v, int(output_args.get("pad_size", 0) or 0))
+                out[k] = torch.nested.nested_tensor_from_jagged(v, cu)
+            return out
         return orig_outputs(
             output=output, output_args=output_args, micro_batch=micro_batch, logits_processor_func=logits_processor_func
         )
@@ -186,11 +255,11 @@ class _PackedHead:
         self.fn, self.micro_batch, self.output_args = fn, micro_batch, output_args
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        hidden = pack_rows(x, self.micro_batch, self.output_args)
+        hidden, rows = pack_rows(x, self.micro_batch, self.output_args)
         if hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
         with autocast_off(hidden.device):
-            return self.fn(hidden, weight)
+            return self.fn(hidden, weight, rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,8 +410,14 @@ class RefSide:
                 model_inputs, output_args = engine.prepare_model_inputs(micro_batch=mb)
                 with autocast:
                     out = engine.module(**model_inputs, use_cache=False, eksft_hidden_only=True)
-                hidden = pack_rows(out, mb, output_args)  # [nnz, d]
-                self.tokens_forwarded += hidden.shape[0]
+                hidden, rows = pack_rows(out, mb, output_args)  # [n, d]: this rank's rows
+                self.tokens_forwarded += rows.nnz
+                if rows.sp > 1:  # Ulysses SP: every rank of the group keeps the whole micro-batch's rows
+                    from verl.utils.ulysses import gather_outputs_and_unpad
+
+                    hidden = gather_outputs_and_unpad(
+                        hidden, gather_dim=0, unpad_dim=0, padding_size=rows.pad, group=engine.ulysses_parallel_group
+                    )
                 if self.store is None:
                     store_dtype = self.weight.dtype if self.weight is not None else hidden.dtype
                     self.store = RefHiddenStore(counts, hidden.shape[1], store_dtype, hidden.device, self.where)
@@ -353,12 +428,6 @@ class RefSide:
         if self.store is None:
             raise RuntimeError("the reference hidden states of this step are missing (forward_batch was not run)")
         return self.store.get(mb[SEQ_INDEX], valid)
-
-    def logits(self, mb, valid: torch.Tensor) -> torch.Tensor:
-        """Reference logits [nnz, V] rebuilt from the stored hidden states (the naive head's input)."""
-        h = self.hidden(mb, valid)
-        with autocast_off(h.device):
-            return h @ self.weight.t()
 
     def clear(self) -> None:
         self.store = None

@@ -202,14 +202,25 @@ def validate_sft_block(vc, loss) -> None:
         loss=loss,
         micro_batch_size_per_gpu=int(vc.data.micro_batch_size_per_gpu),
         use_dynamic_bsz=bool(vc.data.use_dynamic_bsz),
+        ulysses_sequence_parallel_size=int(vc.engine.get("ulysses_sequence_parallel_size", 1) or 1),
     )
 
 
-def check_eksft_block(block: dict, *, loss, micro_batch_size_per_gpu: int, use_dynamic_bsz: bool) -> None:
+def check_eksft_block(
+    block: dict, *, loss, micro_batch_size_per_gpu: int, use_dynamic_bsz: bool, ulysses_sequence_parallel_size: int = 1
+) -> None:
     """Reject `eksft:` settings the trainer cannot honour, naming the fix (called before training starts)."""
     scope = block["selection_scope"]
     if scope not in SCOPES:
         raise ValueError(f"eksft.selection_scope must be one of {list(SCOPES)}, got {scope!r}")
+    sp = ulysses_sequence_parallel_size
+    if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1:
+        raise ValueError(f"engine.ulysses_sequence_parallel_size must be an integer >= 1, got {sp!r}")
+    if sp > 1 and scope == "micro_batch":
+        raise ValueError(
+            f"eksft.selection_scope=micro_batch plans each micro-batch where its rows are, but with "
+            f"engine.ulysses_sequence_parallel_size={sp} no rank holds a whole micro-batch: use global_batch or sequence"
+        )
     if block["head"] not in HEADS:
         raise ValueError(f"eksft.head must be one of {list(HEADS)}, got {block['head']!r}")
     loss.resolve_head(block["head"])  # a head the loss cannot run on (fused for a non-linear loss) is refused

@@ -46,10 +46,29 @@ PSFT's own schedule is 8 updates per pi_old (its run script: 256 prompts per pi_
 one more copy of the local parameter shards (and a transient one during the pre-pass). A resumed run starts a
 new cycle at its first step (the copy is not checkpointed).
 
+Ulysses sequence parallelism (`engine.ulysses_sequence_parallel_size` = s > 1, verl's own: `prepare_model_inputs`
+pads every packed micro-batch to a multiple of s and gives rank r of the SP group rows [r*n, (r+1)*n); attention
+all-to-alls inside the model). Every rank of an SP group holds the same data-parallel rank's batch, and each token
+is seen by exactly one rank of the group (`sft_head.RowSlice`):
+- fused / naive head: each rank computes per-token statistics and its loss share on its own rows only (labels,
+  validity, plan fields and reference rows cut from the whole micro-batch's by the same slice); the per-token
+  outputs are gathered over the group as verl gathers its log-probs (`_gather_and_unpad_packed`, whose backward
+  scales by s and so offsets FSDP's mean over the dp x s ranks);
+- reference pass: each rank of the group keeps the whole data-parallel rank's reference hidden rows (gathered after
+  the forward), so the training pass finds its rows whatever verl's micro-batching;
+- global top-k: the gathered statistics hold the data-parallel rank's tokens once; `gather_token_stats` then runs
+  over the data-parallel group (one rank per SP position), so every token of the global batch counts once;
+- loss terms (metrics) are summed over all dp x s ranks (each holds its rows' shares); dumps are written by SP rank
+  0 only, one per data-parallel rank.
+Every registered loss's `compute` is a sum over rows with the plan's global denominators, so a sequence cut by the
+slice needs nothing more. Tested on CPU (gloo all-to-all; `attn_implementation=eksft_cpu_varlen`,
+verl_ext/cpu_attention.py): SP=2 equals SP=1 (tests/sft/test_verl_sft_sp.py).
+
 Cost per step: one reference forward, two policy forwards (pre-pass, training) and one backward; the
 metrics `eksft/ref_forwards_per_step` (tokens through the reference / tokens in the batch) and
-`perf/eksft_*_s` record it. Limits (clear errors): Ulysses sequence parallelism > 1, verl's own
-`use_fused_kernels`, temperature != 1.
+`perf/eksft_*_s` record it. Limits (clear errors): selection_scope=micro_batch with sequence parallelism (no rank
+holds a whole micro-batch), static padding (`engine.pad_to_length`), verl's own `use_fused_kernels`,
+temperature != 1.
 """
 
 from __future__ import annotations
@@ -72,7 +91,16 @@ from eksft_pipeline.losses import IGNORE_INDEX, LinearTokenLoss, TokenStats, get
 from eksft_pipeline.losses.base import linear_compute
 from eksft_pipeline.losses.fused import fused_linear_loss, fused_stats
 from eksft_pipeline.losses.stats import gather_token_stats
-from eksft_pipeline.verl_ext.sft_head import SEQ_INDEX, RefSide, install_policy_head, labels_of, valid_rows
+from eksft_pipeline.verl_ext.sft_head import (
+    SEQ_INDEX,
+    RefSide,
+    RowSlice,
+    autocast_off,
+    install_policy_head,
+    labels_of,
+    row_slice,
+    valid_rows,
+)
 from eksft_pipeline.verl_ext.sft_plan import (
     COEFFS,
     SCALAR_PREFIX,
@@ -153,13 +181,17 @@ class SelectiveLossHook:
         """The fused head for this micro-batch (head.install_policy_head asks), or None for verl's plain forward."""
         if not self.fused or tu.get_non_tensor_data(mb, MODE_KEY, None) not in ("stats", "train"):
             return None
-        return lambda hidden, weight: self._fused(hidden, weight, mb)
+        return lambda hidden, weight, rows: self._fused(hidden, weight, mb, rows)
 
     # -- shared -------------------------------------------------------------------------------
-    def _rows(self, mb, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(labels with IGNORE_INDEX on invalid rows [nnz], valid [nnz]) on `device`."""
-        valid = valid_rows(mb).to(device)
-        labels = labels_of(mb).to(device)
+    def _rows(self, mb, device, rows: RowSlice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels with IGNORE_INDEX on invalid rows [n], valid [n]) of this rank's rows, on `device`.
+
+        Labels come from the whole micro-batch's packed ids (row i -> token i+1 of its own sequence), so a
+        sequence cut by the Ulysses slice keeps its true next token at the cut.
+        """
+        valid = rows.take(valid_rows(mb), fill=False).to(device)
+        labels = rows.take(labels_of(mb)).to(device)
         return torch.where(valid, labels, torch.full_like(labels, IGNORE_INDEX)), valid
 
     def _mode(self, mb) -> str:
@@ -170,13 +202,13 @@ class SelectiveLossHook:
             return self.loss.needs_ref
         return self.loss.ref_in_compute
 
-    def _plan_fields(self, mb, device) -> dict[str, torch.Tensor]:
+    def _plan_fields(self, mb, device, rows: RowSlice) -> dict[str, torch.Tensor]:
         dtypes = tu.get_non_tensor_data(mb, DTYPES_KEY, {}) or {}
         out = {}
         for key in mb.keys():
             if isinstance(key, str) and key.startswith(PLAN_PREFIX):
                 name = key[len(PLAN_PREFIX) :]
-                out[name] = _flat(mb[key]).to(device).to(_DTYPES[dtypes.get(name, "float32")])
+                out[name] = rows.take(_flat(mb[key])).to(device).to(_DTYPES[dtypes.get(name, "float32")])
         if not out:
             raise RuntimeError("the selective loss needs its plan, but the batch carries none")
         return out
@@ -192,7 +224,11 @@ class SelectiveLossHook:
         return plan, share
 
     def _carrier(self, part: torch.Tensor, nnz: int, mb) -> dict[str, torch.Tensor]:
-        """verl wants per-token tensors: the micro-batch's loss share (times dp_size) rides on row 0."""
+        """verl wants per-token tensors: the micro-batch's loss share (times dp_size) rides on row 0.
+
+        With Ulysses SP `part` is this rank's rows' share and `nnz` its row count; the engine gathers the carriers
+        over the SP group (a row 0 in verl's padding holds a share of 0: padding rows are never valid), so the loss
+        is the sum of the shares and the gather's backward (x SP size) offsets FSDP's mean over dp x sp ranks."""
         part = part * float(mb["dp_size"])
         carrier = torch.zeros(nnz, dtype=part.dtype, device=part.device)
         carrier = carrier.index_put((torch.zeros(1, dtype=torch.long, device=part.device),), part.reshape(1))
@@ -208,15 +244,15 @@ class SelectiveLossHook:
     def _naive(self, logits: torch.Tensor, mb) -> dict[str, torch.Tensor]:
         nnz = logits.shape[0]
         self.vocab_size = int(logits.shape[-1])
-        labels, valid = self._rows(mb, logits.device)
-        if labels.shape[0] != nnz:
-            raise RuntimeError(f"packed logits have {nnz} rows but the micro-batch has {labels.shape[0]} tokens")
+        rows = row_slice(mb, nnz)  # verl hands this rank's rows (all of them without sequence parallelism)
+        labels, valid = self._rows(mb, logits.device, rows)
         mode = self._mode(mb)
-        token = self._plan_fields(mb, logits.device) if mode == "train" and self.selection_scope != "micro_batch" else {}
+        micro = self.selection_scope == "micro_batch"
+        token = self._plan_fields(mb, logits.device, rows) if mode == "train" and not micro else {}
         need_ref = self._ref_needed(mode)
-        if need_ref and mode == "train" and self.linear and self.selection_scope != "micro_batch":
+        if need_ref and mode == "train" and self.linear and not micro:
             need_ref = bool((token["w_kl"] != 0).any())  # reference rows only where the KL term has weight
-        ref_logits = self._ref_logits(mb, valid) if need_ref else None
+        ref_logits = self._ref_logits(mb, rows) if need_ref else None
         if mode == "stats":
             stats = self.loss.stats(logits, ref_logits, labels)
             return {STAT_PREFIX + k: v.float() for k, v in _stats_fields(stats).items()}
@@ -233,20 +269,30 @@ class SelectiveLossHook:
             part, terms = linear_compute(logits, y, ref_logits, w_ce, w_h, w_kl)
             self._add_terms(terms, 1.0)
             return self._carrier(part, nnz, mb)
-        return self._carrier(self._units_compute(logits, labels, ref_logits, token, mb), nnz, mb)
+        return self._carrier(self._units_compute(logits, labels, ref_logits, token, mb, rows), nnz, mb)
 
-    def _ref_logits(self, mb, valid: torch.Tensor) -> torch.Tensor:
+    def _ref_hidden(self, mb, rows: RowSlice) -> torch.Tensor:
+        """Reference hidden states [n, d] of this rank's rows (zeros where not stored or padding)."""
         if self.ref is None:
             raise RuntimeError(f"loss {self.loss.name!r} needs the reference model, but none was built")
-        return self.ref.logits(mb, valid)
+        return rows.take(self.ref.hidden(mb, valid_rows(mb)))
 
-    def _units_compute(self, logits, labels, ref_logits, token, mb) -> torch.Tensor:
-        """Non-linear losses: `loss.compute` once per planning unit (the whole micro-batch, or each sequence)."""
+    def _ref_logits(self, mb, rows: RowSlice) -> torch.Tensor:
+        h = self._ref_hidden(mb, rows)
+        with autocast_off(h.device):
+            return h @ self.ref.weight.t()
+
+    def _units_compute(self, logits, labels, ref_logits, token, mb, rows: RowSlice) -> torch.Tensor:
+        """Non-linear losses: `loss.compute` once per planning unit (the whole micro-batch, or each sequence).
+
+        Every registered loss's `compute` is a sum over rows with the plan's global denominators, so with Ulysses
+        SP each rank computes it on its rows of each unit (a sequence cut by the slice is split between ranks)."""
         scalar_keys = [k for k in token if k.startswith(SCALAR_PREFIX)]
         fields = {k: v for k, v in token.items() if not k.startswith(SCALAR_PREFIX) and k != UNIT_WEIGHT}
         if self.selection_scope == "sequence":
-            offsets = mb["input_ids"].offsets().tolist()
-            units = [slice(a, b) for a, b in zip(offsets[:-1], offsets[1:])]
+            seq = rows.take(_seq_ids(mb), fill=-1).tolist()  # sequences are contiguous in the packed rows
+            bounds = [i for i in range(1, len(seq)) if seq[i] != seq[i - 1]]
+            units = [slice(a, b) for a, b in zip([0, *bounds], [*bounds, len(seq)])]
         else:
             units = [slice(0, logits.shape[0])]
         total = logits[:0].float().sum()  # 0 with a grad_fn, so a micro-batch without response tokens still backprops
@@ -270,12 +316,12 @@ class SelectiveLossHook:
         return total
 
     # -- fused head: hidden states and the lm_head weight ---------------------------------------
-    def _fused(self, hidden: torch.Tensor, weight: torch.Tensor, mb) -> dict[str, torch.Tensor]:
-        nnz = hidden.shape[0]
+    def _fused(self, hidden: torch.Tensor, weight: torch.Tensor, mb, rows: RowSlice) -> dict[str, torch.Tensor]:
+        nnz = hidden.shape[0]  # this rank's rows (all of the micro-batch without sequence parallelism)
         self.vocab_size = int(weight.shape[0])
-        labels, valid = self._rows(mb, hidden.device)
+        labels, valid = self._rows(mb, hidden.device, rows)
         mode = self._mode(mb)
-        ref_h = self.ref.hidden(mb, valid) if (self.ref is not None and self._ref_needed(mode)) else None
+        ref_h = self._ref_hidden(mb, rows) if (self.ref is not None and self._ref_needed(mode)) else None
         ref_w = self.ref.weight if ref_h is not None else None
         if mode == "stats":
             stats = fused_stats(self.loss, hidden.detach(), weight.detach(), ref_h, ref_w, labels, chunk_size=self.chunk_size)
@@ -288,7 +334,7 @@ class SelectiveLossHook:
             w_h = w_h * share if w_h is not None else None
             w_kl = w_kl * share if w_kl is not None else None
         else:
-            token = self._plan_fields(mb, hidden.device)
+            token = self._plan_fields(mb, hidden.device, rows)
             w_ce, w_h, w_kl = (token[k] for k in COEFFS)
             share = 1.0
         has_kl = w_kl is not None and bool((w_kl != 0).any())
@@ -353,6 +399,9 @@ class SelectiveTrainingWorker(TrainingWorker):
         ref_is_initial: bool = False,
         pi_old_every: int = 1,
     ):
+        from eksft_pipeline.verl_ext import cpu_attention
+
+        cpu_attention.register()  # attn_implementation=eksft_cpu_varlen: Ulysses SP on CPU (before any model is built)
         super().__init__(config=config)
         # the reference is the policy's initial model (eksft.ref_model_path null or the same path): at a step
         # before any optimizer update the two are the same weights (policy_is_reference)
@@ -582,7 +631,7 @@ class SelectiveTrainingWorker(TrainingWorker):
                 metrics[p + "updates"] = float(u)
             n_tokens = int(_flat(data["loss_mask"]).sum().item())
             n_rows = int(data["input_ids"].offsets()[-1])
-            world = dist.get_world_size() if dist.is_initialized() else 1
+            world = self.engine.get_data_parallel_size() if dist.is_initialized() else 1
             if ref is not None:
                 metrics[p + "ref_forwards_per_step"] = (ref.tokens_forwarded - ref_tokens0) / max(n_rows, 1)
                 metrics["perf/eksft_ref_lm_head_gb"] = ref.weight_nbytes / 1024**3
@@ -610,12 +659,17 @@ class SelectiveTrainingWorker(TrainingWorker):
         tu.assign_non_tensor(mini, global_token_num=NonTensorData(lengths), update_lr_scheduler=last and lr_flag)
         return mini
 
+    def _sp_size(self) -> int:
+        return int(getattr(self.engine, "ulysses_sequence_parallel_size", 1) or 1)
+
     def _reduce_terms(self, sums: dict[str, float]) -> dict[str, float]:
         """Sum the loss terms of one update over ranks (each rank holds its micro-batches' shares of the global mean).
 
-        Gathered as objects: a rank whose micro-batches held no response token may have computed no term at all.
+        Over the data-parallel ranks, and with Ulysses SP over every rank (dp x sp: each rank's terms cover its own
+        rows of the sequence). Gathered as objects: a rank whose micro-batches held no response token may have
+        computed no term at all.
         """
-        group = self.engine.get_data_parallel_group()
+        group = self.engine.get_data_parallel_group() if self._sp_size() == 1 else dist.group.WORLD
         if not (dist.is_initialized() and dist.get_world_size(group) > 1):
             return dict(sums)
         parts = [None] * dist.get_world_size(group)
@@ -630,7 +684,7 @@ class SelectiveTrainingWorker(TrainingWorker):
     def _dump(self, data, valid: torch.Tensor, local: dict, plan, gathered) -> None:
         """`eksft.dump_dir`: this rank's tokens of this step's selection, for offline checks.
 
-        One file per (step, rank): per valid token the key of its sequence (a hash of the token ids, the
+        One file per (step, data-parallel rank): per valid token the key of its sequence (a hash of the token ids, the
         same on every rank and run), its position among the sequence's valid tokens, the statistics the
         selection saw and this rank's slice of the plan's token fields; plus the plan's metrics.
         """
@@ -656,7 +710,9 @@ class SelectiveTrainingWorker(TrainingWorker):
             "sequences": [x.cpu() for x in ids.unbind()],
             "loss_masks": [x.cpu() for x in data["loss_mask"].unbind()],
         }
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        if not self.engine.is_mp_src_rank_with_outputs():
+            return  # Ulysses SP: every rank of the group holds the same data-parallel rank's tokens; one writes them
+        rank = self.engine.get_data_parallel_rank() if dist.is_initialized() else 0
         path = Path(self.dump_dir) / f"step{self.hook.step:05d}_rank{rank}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, path)
@@ -766,6 +822,7 @@ class EKSFTTrainer(SFTTrainer):
             loss=loss,
             micro_batch_size_per_gpu=int(self.config.data.micro_batch_size_per_gpu),
             use_dynamic_bsz=bool(self.config.data.use_dynamic_bsz),
+            ulysses_sequence_parallel_size=int(self.engine_config.ulysses_sequence_parallel_size),
         )
         head = loss.resolve_head(block["head"])  # auto -> the loss's first head (fused for the linear form)
         self.eksft_head = head
@@ -775,8 +832,11 @@ class EKSFTTrainer(SFTTrainer):
                 "model.use_fused_kernels=True replaces the model's forward with verl's PPO head (log-probs only); "
                 "the selective loss brings its own fused head (eksft.head=fused): set model.use_fused_kernels=false"
             )
-        if int(self.engine_config.ulysses_sequence_parallel_size) > 1:
-            raise ValueError("engine.ulysses_sequence_parallel_size > 1 is not supported by the selective loss")
+        sp = int(self.engine_config.ulysses_sequence_parallel_size)
+        if sp > 1 and not self.model_config.get("use_remove_padding", False):
+            raise ValueError(
+                f"engine.ulysses_sequence_parallel_size={sp} slices the packed sequence: set model.use_remove_padding=true"
+            )
 
         config = TrainingWorkerConfig(
             model_type="language_model",

@@ -105,24 +105,55 @@ def test_dry_run_refuses_an_rl_rollout_share_that_cannot_fit(tmp_path):
 
 @pytest.mark.parametrize("model", GPU_MODELS)
 def test_recipe_token_budgets_come_from_the_estimate(tmp_path, model):
-    """Each GPU recipe's SFT budget holds its longest sequence and fits an H100 with 15% to spare; the next
-    size up (x1.5) would not leave that margin for the 8B naive head; the reference weights are kept in bf16."""
+    """Each GPU recipe takes the paper's 20,000-token cutoff: a micro-batch (max_token_len_per_gpu x the Ulysses SP
+    size) holds its longest sequence and fits an H100 with 15% to spare; the SP size is the smallest at which the
+    largest naive-head baseline (asft) fits too (with SP=1 at the same micro-batch it would not); the reference
+    weights are kept in bf16."""
     from eksft_pipeline.sft.stage import SFTStage
 
     cfg = compose_pipeline(f"model={model}", "cluster=8gpu")
     stage = SFTStage()
     vc = stage.verl_config(ctx_for(cfg, tmp_path, stage.key(cfg)))
     est = stage.memory_estimate(ctx_for(cfg, tmp_path, stage.key(cfg)), vc)
-    assert vc.data.max_token_len_per_gpu >= vc.data.max_length == cfg.model.data.cutoff_tokens
-    assert cfg.model.data.cutoff_tokens >= 10240  # OpenR1-Math-46k-8192: 8192-token traces plus the prompt
+    sp = int(vc.engine.ulysses_sequence_parallel_size)
+    assert cfg.model.data.cutoff_tokens == 20000  # the paper's (authors' eksft.sh:L48)
+    assert vc.data.max_token_len_per_gpu * sp >= vc.data.max_length == cfg.model.data.cutoff_tokens
     assert est.total * 1.15 <= est.capacity_bytes, "\n".join(est.lines())
     assert vc.eksft.ref_model_dtype == "bf16" and est.host_terms[0].formula.startswith("2*")
-    if model == "qwen3-8b":
-        bigger = memory.sft_estimate(memory.shape_from_model(str(cfg.model.path), dict(cfg.model.arch)),
-                                     tokens=int(vc.data.max_token_len_per_gpu * 1.5), world=8,
-                                     loss=get_loss("eksft"), head="naive",
-                                     capacity_bytes=est.capacity_bytes)  # fmt: skip
-        assert bigger.total * 1.15 > bigger.capacity_bytes
+    shape = memory.shape_from_model(str(cfg.model.path), dict(cfg.model.arch))
+    asft = get_loss("asft")
+
+    def asft_at(s):
+        return memory.sft_estimate(shape, tokens=int(vc.data.max_token_len_per_gpu) * sp, world=8, sp=s, loss=asft,
+                                   ref_dtype="bf16", capacity_bytes=est.capacity_bytes)  # fmt: skip
+
+    assert asft_at(sp).fits and not asft_at(sp // 2).fits
+
+
+def test_sequence_parallel_terms_by_hand():
+    """SP=s: a micro-batch of M tokens puts M/s rows on each rank (the per-token terms equal SP=1 at M/s), plus the
+    all-to-all copies of a layer; the reference hidden store is the data-parallel rank's rows; s must divide W."""
+    shape = memory.ModelShape(vocab=1000, hidden=64, layers=2, intermediate=2048, heads=4, kv_heads=1, head_dim=16,
+                              tied=False)  # fmt: skip
+    loss = get_loss("eksft")
+
+    def terms(est):
+        return {t.name.split("] ")[-1]: t.bytes for t in est.terms}
+
+    one = terms(memory.sft_estimate(shape, tokens=4096, world=8, loss=loss))
+    two = terms(memory.sft_estimate(shape, tokens=8192, world=8, sp=2, loss=loss, ref_store_rows=1000))
+    for name in ("activations: layer inputs (checkpointed)", "activations: one layer recomputed + its grads"):
+        assert two[name] == one[name]
+    # kv heads (1) repeated up to s=2 for the head scatter: 2 bytes * N * (2 q_dim + 2 * 2 * head_dim)
+    assert two["Ulysses all-to-all copies (q, k, v, out of a layer)"] == 2 * 4096 * (2 * 64 + 2 * 2 * 16)
+    assert two["reference hidden states of the rank's batch"] == 2 * 1000 * 64
+    assert "Ulysses all-to-all copies (q, k, v, out of a layer)" not in one
+    host = memory.sft_estimate(shape, tokens=8192, world=8, sp=2, loss=loss, ref_store_rows=1000,
+                               ref_store_on_host=True)  # fmt: skip
+    assert any(t.name.startswith("reference hidden") for t in host.host_terms)
+    assert not any("reference hidden" in t.name for t in host.terms)
+    with pytest.raises(ValueError, match="must divide"):
+        memory.sft_estimate(shape, tokens=8192, world=6, sp=4, loss=loss)
 
 
 def test_rl_stall_timeout_leaves_room_for_the_first_dapo_step():
@@ -147,12 +178,15 @@ def test_naive_head_baseline_gets_the_largest_budget_that_fits(tmp_path, capsys)
     from eksft_pipeline.sft.stage import SFTStage
 
     stage = SFTStage()
-    cfg = compose_pipeline("model=qwen3-8b", "cluster=8gpu", "method=asft")
+    # at the recipe's cutoff and SP size asft fits an H100 (test above); a smaller GPU and a shorter cutoff leave
+    # room to lower its budget (the floor: the cutoff over the SP size)
+    tight = ("cluster.gpu_memory_gib=60", "model.data.cutoff_tokens=10240")
+    cfg = compose_pipeline("model=qwen3-8b", "cluster=8gpu", "method=asft", *tight)
     ctx = ctx_for(cfg, tmp_path, stage.key(cfg))
     recipe = int(cfg.model.sft.verl.data.max_token_len_per_gpu)
     vc = stage.verl_config(ctx)
     got = int(vc.data.max_token_len_per_gpu)
-    assert int(vc.data.max_length) <= got < recipe
+    assert -(-int(vc.data.max_length) // int(vc.engine.ulysses_sequence_parallel_size)) <= got < recipe
     assert stage.memory_estimate(ctx, vc).fits
     from omegaconf import open_dict
 
@@ -161,7 +195,7 @@ def test_naive_head_baseline_gets_the_largest_budget_that_fits(tmp_path, capsys)
     assert not stage.memory_estimate(ctx, vc).fits
     assert f"max_token_len_per_gpu {recipe} -> {got}" in capsys.readouterr().out
     # EKSFT (fused head) keeps the recipe's budget; fit_token_budget=false keeps it for asft too (then refused)
-    eksft = compose_pipeline("model=qwen3-8b", "cluster=8gpu")
+    eksft = compose_pipeline("model=qwen3-8b", "cluster=8gpu", *tight)
     assert int(stage.verl_config(ctx_for(eksft, tmp_path, stage.key(eksft))).data.max_token_len_per_gpu) == recipe
-    off = compose_pipeline("model=qwen3-8b", "cluster=8gpu", "method=asft", "sft.fit_token_budget=false")
+    off = compose_pipeline("model=qwen3-8b", "cluster=8gpu", "method=asft", *tight, "sft.fit_token_budget=false")
     assert int(stage.verl_config(ctx_for(off, tmp_path, stage.key(off))).data.max_token_len_per_gpu) == recipe

@@ -52,7 +52,10 @@ def test_sft_config_composes_and_verl_accepts_it(tmp_path, model, cluster, metho
         assert vc.optim.weight_decay == 0.1 and vc.optim.clip_grad == 1.0
         assert vc.optim.lr_warmup_steps_ratio == 0.01 and vc.optim.lr_scheduler_type == "cosine"
         assert vc.trainer.total_epochs == 8 and vc.data.train_batch_size == 64
-        assert vc.data.max_length == 10240 and vc.trainer.n_gpus_per_node == 8
+        # the paper's 20,000-token cutoff (authors' eksft.sh:L48), over 2 GPUs per sequence (Ulysses SP)
+        assert vc.data.max_length == 20000 and vc.trainer.n_gpus_per_node == 8
+        assert vc.engine.ulysses_sequence_parallel_size == 2 and vc.model.use_remove_padding
+        assert vc.data.max_token_len_per_gpu * 2 >= vc.data.max_length
         assert vc.engine.strategy == "fsdp2" and vc.model.override_config.attn_implementation == "flash_attention_2"
     else:
         assert vc.trainer.device == "cpu" and vc.engine.strategy == "fsdp2"
@@ -66,6 +69,8 @@ def test_qwen3_4b_sft_config(tmp_path):
     cfg = compose_pipeline("model=qwen3-4b", "cluster=8gpu")
     vc = SFTStage().verl_config(ctx_for(cfg, tmp_path, "sft/eksft"))
     assert vc.model.path == "Qwen/Qwen3-4B" and vc.data.train_batch_size == 64
+    assert vc.data.max_length == 20000 and vc.engine.ulysses_sequence_parallel_size == 2
+    assert vc.data.max_token_len_per_gpu * 2 >= vc.data.max_length
 
 
 @pytest.mark.parametrize("model,cluster", [("tiny", "cpu"), *[(m, "8gpu") for m in GPU_MODELS], ("qwen3-8b", "2x8gpu")])

@@ -246,3 +246,54 @@ def test_policy_is_reference_until_the_first_optimizer_step():
     resumed = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
     resumed.load_state_dict(opt.state_dict())
     assert not policy_is_reference(True, resumed)
+
+
+def test_sequence_parallelism_refuses_the_micro_batch_scope():
+    eksft = get_loss("eksft")
+    check_eksft_block(_block(), loss=eksft, micro_batch_size_per_gpu=1, use_dynamic_bsz=True,
+                      ulysses_sequence_parallel_size=2)
+    with pytest.raises(ValueError, match="no rank holds a whole micro-batch: use global_batch or sequence"):
+        check_eksft_block(_block(selection_scope="micro_batch"), loss=eksft, micro_batch_size_per_gpu=1,
+                          use_dynamic_bsz=True, ulysses_sequence_parallel_size=2)
+    with pytest.raises(ValueError, match="ulysses_sequence_parallel_size must be an integer >= 1"):
+        check_eksft_block(_block(), loss=eksft, micro_batch_size_per_gpu=1, use_dynamic_bsz=True,
+                          ulysses_sequence_parallel_size=0)
+
+
+def test_row_slices_of_the_sp_group_cover_every_row_once():
+    """verl pads a packed micro-batch of nnz rows to a multiple of s and gives rank r rows [r n, (r+1) n): the
+    slices of the s ranks, padding dropped, are the micro-batch in order; padding rows take the fill value."""
+    from eksft_pipeline.verl_ext.sft_head import RowSlice
+
+    nnz, s = 11, 4
+    n = -(-nnz // s)
+    t = torch.arange(nnz) * 10
+    parts = [RowSlice(r * n, n, nnz, s).take(t, fill=-1) for r in range(s)]
+    assert all(p.shape == (n,) for p in parts)
+    flat = torch.cat(parts)
+    assert torch.equal(flat[:nnz], t) and flat[nnz:].tolist() == [-1] * (n * s - nnz)
+    assert RowSlice(3 * n, n, nnz, s).pad == 1
+    assert torch.equal(RowSlice(0, nnz, nnz).take(t), t)  # no SP: all rows
+    with pytest.raises(RuntimeError, match="per-row tensor of 10 rows"):
+        RowSlice(0, n, nnz, s).take(t[:10])
+
+
+def test_cpu_varlen_attention_is_causal_attention_per_packed_sequence():
+    """The CPU kernel behind verl's Ulysses all-to-all (verl_ext/cpu_attention.py): packed sequences (position_ids
+    restart at 0) attend causally within themselves only, with grouped kv heads."""
+    from eksft_pipeline.verl_ext.cpu_attention import varlen_attention
+
+    g = torch.Generator().manual_seed(0)
+    lengths, hq, hk, d = (5, 3, 7), 4, 2, 8
+    s = sum(lengths)
+    q, k, v = (torch.randn(1, s, h, d, generator=g) for h in (hq, hk, hk))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    out = varlen_attention(q, k, v, None, s, True, position_ids=pos, softmax_scale=0.3)
+    start = 0
+    for n in lengths:
+        qs, ks, vs = (t[0, start : start + n].transpose(0, 1) for t in (q, k, v))  # [h, n, d]
+        ks, vs = ks.repeat_interleave(hq // hk, 0), vs.repeat_interleave(hq // hk, 0)
+        att = (qs @ ks.transpose(1, 2) * 0.3).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        expect = (att.softmax(-1) @ vs).transpose(0, 1)
+        torch.testing.assert_close(out[0, start : start + n], expect, rtol=1e-5, atol=1e-6)
+        start += n
