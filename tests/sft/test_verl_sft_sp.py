@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eksft_pipeline.pipeline.runner import run_pipeline
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.orchestrator.runner import run_pipeline
 
 pytestmark = pytest.mark.slow
 MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
