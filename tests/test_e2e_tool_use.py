@@ -56,3 +56,18 @@ def test_stages_complete_and_files(tool_run):
                                                   "live_parallel_multiple", "irrelevance", "live_irrelevance"}
     for f in ("report.md", "table10.csv", "table11.csv", "rates.csv", "moved.csv"):
         assert (tool_run / "report" / f).is_file(), f
+
+
+def test_sft_raises_bfcl_live_with_a_ci_above_zero(tool_run):
+    """SFT measurably learnt the twin's tool calls: the report's paired bootstrap CI of BFCL live (SFT minus base,
+    the same held-out entries; report.json "moved") lies above zero, and the SFT model's calls parse."""
+    rep = json.loads((tool_run / "report" / "report.json").read_text())
+    mv = {r["Method"]: r for r in rep["moved"]}
+    assert "sft" in mv, f"no base -> sft comparison in the report: {rep['moved']}"
+    r = mv["sft"]
+    base, sft = (json.loads((tool_run / "eval" / "sft" / t / "metrics.json").read_text())["bfcl"] for t in ("base", "sft"))
+    msg = (f"BFCL live {base['live_overall']['score']:.1f} -> {sft['live_overall']['score']:.1f} "
+           f"({base['live_overall']['n']} entries), moved {r['BFCL live']}; SFT rates {sft['rates']}")
+    print(f"\n[e2e] tool use: {msg}")
+    assert r["BFCL live ci_low"] > 0, f"SFT did not measurably raise BFCL live: {msg}"
+    assert sft["rates"]["parse_failure"] < 50, msg

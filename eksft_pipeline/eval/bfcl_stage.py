@@ -16,9 +16,12 @@ For each target (`task.eval.targets`: `base`, `sft`) it writes
 Data (`task.eval.source`): `bfcl` = the installed bfcl-eval package's BFCL v4 data; `tiny` = the twin's
 held-out BFCL-layout entries written by the tool split; or a folder in BFCL's layout. `task.eval.max_per_category`
 evaluates the first N entries of each category (null = all). One completion per entry (`task.eval.n_samples`,
-the paper reports single-run BFCL accuracy). Unlike the maths eval, samples are not resumable: a re-run samples
-again (a BFCL pass is minutes on a GPU node), except that completions another eval of this run dir made with the
-same model content, settings and prompts (`sampling.json`) are reused: the base model is sampled once per sweep.
+the paper reports single-run BFCL accuracy). Samples are resumable as the maths eval's are (the same storage,
+:func:`eksft_pipeline.eval.stage.open_sample_parts`): each entry's completion is saved as one part under
+`<target>/samples/` the moment it is done, keyed by `sampling.json` (model content, sampling settings, backend,
+a hash of the prompts), so a killed eval re-samples only the entries in flight; a damaged part is removed and its
+entry sampled again. Completions another eval of this run dir made with the same settings are reused (the base
+model is sampled once per sweep).
 """
 
 from __future__ import annotations
@@ -33,15 +36,15 @@ from eksft_pipeline.contract.artifacts import atomic_path, atomic_write_json
 from eksft_pipeline.contract.keys import check_init_spec, init_kind, init_model
 from eksft_pipeline.contract.recipes import plain
 from eksft_pipeline.contract.stage_api import ConfigError, StageContext, StageResult, positive
-from eksft_pipeline.eval.stage import EvalStage, model_fingerprint
+from eksft_pipeline.eval.stage import EvalStage, model_fingerprint, open_sample_parts, read_sample_parts
 
 TARGETS = ("base", "sft")
 
 
 class ToolEvalStage(EvalStage):
     name = "eval"
-    resume_keyed_by_content = False
-    keep_on_retry = ()
+    resume_keyed_by_content = True  # saved parts carry their own key (sampling.json)
+    keep_on_retry = TARGETS  # <target>/samples/ parts are the resume points
 
     def config(self, cfg):
         return {"task_eval": plain(cfg.task.eval), "init": cfg.get("init"), "method": str(cfg.method.name),
@@ -143,7 +146,11 @@ class ToolEvalStage(EvalStage):
             tdir = ctx.out_dir / target
             tdir.mkdir(parents=True, exist_ok=True)
             settings = self._settings(ctx, model_dir, problems, params)
-            rows = self._reuse(ctx, settings, tdir) or self._sample(ctx, model_dir, problems, params, tdir)
+            rows = self._reuse(ctx, settings, tdir)
+            if rows is None:
+                rows = self._sample(ctx, target, model_dir, problems, params, tdir, settings)
+            else:
+                atomic_write_json(tdir / "sampling.json", settings | {"model_path": str(model_dir)}, indent=2)
             scored = []
             for r in rows:
                 cat, eid = r["problem_id"].split("/", 1)
@@ -153,7 +160,6 @@ class ToolEvalStage(EvalStage):
             df = pd.DataFrame(scored).sort_values(["benchmark", "problem_id"]).reset_index(drop=True)
             with atomic_path(tdir / "samples.parquet") as tmp:
                 df.to_parquet(tmp, index=False)
-            atomic_write_json(tdir / "sampling.json", settings, indent=2)
             metrics = {"task": "tool_use", "target": target, "model": str(model_dir),
                        "model_name": str(ctx.cfg.model.name), "method": str(ctx.cfg.method.name),
                        "init": ctx.init_spec(), "sampling": settings,
@@ -181,12 +187,13 @@ class ToolEvalStage(EvalStage):
     @staticmethod
     def _reuse(ctx, settings: dict, tdir: Path) -> list[dict] | None:
         """The completions of an earlier eval in this run dir with the same settings (the base model is evaluated
-        by every method's eval: sampled once, reused), or None."""
+        by every method's eval: sampled once, reused), or None. Only a finished eval's (its samples.parquet)."""
         for f in sorted((ctx.run_dir / "eval").glob("**/sampling.json")):
             if f.parent == tdir or not (f.parent / "samples.parquet").is_file():
                 continue
             try:
-                same = json.loads(f.read_text()) == settings
+                saved = json.loads(f.read_text())
+                same = isinstance(saved, dict) and {k: v for k, v in saved.items() if k != "model_path"} == settings
             except (OSError, ValueError):
                 continue
             if same:
@@ -198,33 +205,43 @@ class ToolEvalStage(EvalStage):
                 return df[cols].to_dict("records")
         return None
 
-    def _sample(self, ctx, model_dir: str, problems: list, params, tdir: Path) -> list[dict]:
+    def _sample(self, ctx, target: str, model_dir: str, problems: list, params, tdir: Path,
+                settings: dict) -> list[dict]:
+        """Sample the entries not yet saved under ``tdir/samples`` (one part per entry), then read every part."""
         import os
 
         cfg = ctx.cfg
-        rows: list[dict] = []
+        parts, existing, save = open_sample_parts(tdir, target, settings, str(model_dir),
+                                                  derived=("samples.parquet", "metrics.json"))
+        todo = [p for p in problems if (p.problem_id, 0) not in existing]
         backend = str(cfg.eval.backend)
-        print(f"[eval] tool_use: sampling {len(problems)} BFCL entries with {backend} from {model_dir}", flush=True)
-        if backend == "hf":
+        if not todo:
+            print(f"[eval] tool_use {target}: all {len(problems)} entries saved, scoring them", flush=True)
+        elif backend == "hf":
             from eksft_pipeline.eval.sampling import HFSampler, sample_problems, torch_dtype
 
             device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
             sampler = HFSampler(str(model_dir), dtype=torch_dtype(str(cfg.eval.dtype)), device=device,
                                 chunk=int(cfg.eval.get("hf_chunk", 16)))  # fmt: skip
-            sample_problems(sampler, problems, params, set(), rows.extend)
+            print(f"[eval] tool_use {target}: sampling {len(todo)} of {len(problems)} BFCL entries with hf from "
+                  f"{model_dir}", flush=True)
+            sample_problems(sampler, todo, params, existing, save)
             del sampler
         else:
             from eksft_pipeline.eval.sampling import sample_with_vllm, vllm_engine_config
 
+            print(f"[eval] tool_use {target}: sampling {len(todo)} of {len(problems)} BFCL entries with vllm from "
+                  f"{model_dir}", flush=True)
             vcfg = plain(cfg.eval.get("vllm")) or {}
             device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             visible = ([d for d in visible.split(",") if d.strip()] if visible
                        else [str(i) for i in range(int(cfg.cluster.gpus_per_node))])  # fmt: skip
-            sample_with_vllm(str(model_dir), problems, params, set(), rows.extend,
+            sample_with_vllm(str(model_dir), todo, params, existing, save,
                              engine=vllm_engine_config(vcfg, str(cfg.eval.dtype)), work_dir=tdir / "engines",
                              device=device, num_engines=vcfg.get("num_engines"), visible_devices=visible,
                              python=vcfg.get("python"), env=ctx.env())  # fmt: skip
-        if len(rows) != len(problems):
-            raise RuntimeError(f"eval tool_use: {len(rows)} completions for {len(problems)} entries")
-        return rows
+        df = read_sample_parts(parts, target, {p.problem_id for p in problems}, {c: 1 for c in {p.benchmark for p in problems}})
+        if len(df) != len(problems):
+            raise RuntimeError(f"eval tool_use {target}: {len(df)} completions for {len(problems)} entries")
+        return df.to_dict("records")

@@ -202,6 +202,73 @@ def metrics_for(scores: pd.DataFrame, n: int | dict[str, int], pass_k: list[int]
     return out
 
 
+def open_sample_parts(tdir: Path, target: str, settings: dict[str, Any], model_path: str, *,
+                      derived: tuple[str, ...] = ()) -> tuple[Path, set[tuple[str, int]], Any]:
+    """Open one target's resumable sample storage (module docstring): ``(parts dir, {(problem_id, sample_idx)
+    already saved}, save)``. Saved parts made under other settings (``sampling.json``: the model's content hash and
+    the sampling settings) are discarded; the ``derived`` files (rebuilt from the parts) are removed; a temporary
+    a kill left and an unreadable part are removed (their problems are sampled again). ``save(rows)`` writes one
+    completed problem's rows as the next part, atomically. Shared by the maths and the tool-use evals."""
+    parts, sfile = tdir / "samples", tdir / "sampling.json"
+    try:
+        saved = json.loads(sfile.read_text())
+        saved.pop("model_path", None)
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if parts.exists() and saved != settings:
+        why = "no readable sampling.json" if saved is None else "the model's weights or the sampling settings differ"
+        print(f"[eval] {target}: discarding saved samples ({why})", flush=True)
+        shutil.rmtree(parts)
+    for name in derived:  # derived: rebuilt from the parts
+        (tdir / name).unlink(missing_ok=True)
+    parts.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sfile, settings | {"model_path": str(model_path)}, indent=2)
+
+    existing: set[tuple[str, int]] = set()
+    last = -1
+    for f in sorted(parts.iterdir()):
+        if is_temporary(f.name):  # a write a kill interrupted
+            f.unlink(missing_ok=True)
+            continue
+        if not (f.name.startswith("part-") and f.suffix == ".parquet"):
+            continue
+        try:
+            d = pd.read_parquet(f)
+            missing = [c for c in SAMPLE_COLUMNS if c not in d.columns]
+            if missing:
+                raise ValueError(f"columns {missing} missing")
+        except Exception as e:  # noqa: BLE001 - any unreadable part is a leftover to redo
+            print(f"[eval] {target}: {f.name} is unreadable ({type(e).__name__}); removing it, its problems "
+                  "are sampled again", flush=True)
+            f.unlink(missing_ok=True)
+            continue
+        existing |= set(zip(d.problem_id, d.sample_idx.astype(int)))
+        last = max(last, int(f.stem.split("-")[1]) if f.stem.split("-")[1].isdigit() else last)
+    n_parts = last + 1
+
+    def save(rows):
+        """Persist one completed problem's rows as a new part (atomic)."""
+        nonlocal n_parts
+        if rows:
+            with atomic_path(parts / f"part-{n_parts:06d}.parquet") as tmp:
+                pd.DataFrame(rows).to_parquet(tmp, index=False)
+            n_parts += 1
+
+    return parts, existing, save
+
+
+def read_sample_parts(parts: Path, target: str, wanted: set[str], n_of: dict[str, int]) -> pd.DataFrame:
+    """Every saved sample of the ``wanted`` problems (first copy of a (problem, sample) pair; sample indices below
+    the benchmark's n), sorted by benchmark, problem, sample."""
+    files = sorted(parts.glob("part-*.parquet"))
+    if not files:
+        raise RuntimeError(f"eval {target}: no samples were produced in {parts}")
+    samples = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    samples = samples.drop_duplicates(["problem_id", "sample_idx"], keep="first")
+    samples = samples[samples.problem_id.isin(wanted) & (samples.sample_idx < samples.benchmark.map(n_of))]
+    return samples.sort_values(["benchmark", "problem_id", "sample_idx"]).reset_index(drop=True)
+
+
 class EvalStage(Stage):
     name = "eval"
     tracked = True  # one tracker run per target model (log_eval_metrics)
@@ -364,23 +431,17 @@ class EvalStage(Stage):
         n_of = benchmark_n(plain(cfg.eval.benchmarks) or {}, params.n)
         if any(v != params.n for v in n_of.values()):  # recorded only when a benchmark sets its own n
             settings["n_by_benchmark"] = n_of
-        parts = _samples_dir(target, tdir, settings, model_dir)
-        existing, n_parts = _saved_samples(target, parts)
-
-        def save(rows):
-            """Persist one completed problem's rows as a new part (atomic)."""
-            nonlocal n_parts
-            if rows:
-                with atomic_path(parts / f"part-{n_parts:06d}.parquet") as tmp:
-                    pd.DataFrame(rows).to_parquet(tmp, index=False)
-                n_parts += 1
+        parts, existing, save = open_sample_parts(tdir, target, settings, str(model_dir),
+                                                  derived=("samples.parquet", "scores.parquet", "metrics.json"))
 
         todo = [p for p in problems if any((p.problem_id, i) not in existing for i in range(n_of[p.benchmark]))]
         if todo:
             self._sample(ctx, target, model_dir, todo, params, n_of, existing, save, tdir)
         else:
             print(f"[eval] {target}: all samples present, scoring saved samples", flush=True)
-        samples = _collect_samples(target, parts, problems, n_of, tdir)
+        samples = read_sample_parts(parts, target, {p.problem_id for p in problems}, n_of)
+        with atomic_path(tdir / "samples.parquet") as tmp:
+            samples.to_parquet(tmp, index=False)
 
         try:
             scores, rstats = score_samples(samples, benchmark_policies(plain(cfg.eval.benchmarks)))
@@ -432,65 +493,10 @@ class EvalStage(Stage):
             raise ValueError(f"eval.backend must be 'hf' or 'vllm', got {backend!r}")
 
 
-def _samples_dir(target: str, tdir: Path, settings: dict, model_dir) -> Path:
-    """`tdir/samples`, emptied when the saved samples were drawn with other settings or another model; the derived
-    files removed (rebuilt from the samples); the settings recorded in `sampling.json`."""
-    parts, sfile = tdir / "samples", tdir / "sampling.json"
-    try:
-        saved = json.loads(sfile.read_text())
-        saved.pop("model_path", None)
-    except (OSError, ValueError, AttributeError):
-        saved = None
-    if parts.exists() and saved != settings:
-        why = "no readable sampling.json" if saved is None else "the model's weights or the sampling settings differ"
-        print(f"[eval] {target}: discarding saved samples ({why})", flush=True)
-        shutil.rmtree(parts)
-    for name in ("samples.parquet", "scores.parquet", "metrics.json"):  # derived: rebuilt below
-        (tdir / name).unlink(missing_ok=True)
-    parts.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(sfile, settings | {"model_path": str(model_dir)}, indent=2)
-    return parts
 
 
-def _saved_samples(target: str, parts: Path) -> tuple[set[tuple[str, int]], int]:
-    """(problem_id, sample_idx) of every readable saved part, and the next part's number; an interrupted write or
-    an unreadable part is removed (its problems are sampled again)."""
-    existing: set[tuple[str, int]] = set()
-    last = -1
-    for f in sorted(parts.iterdir()):
-        if is_temporary(f.name):  # a write a kill interrupted
-            f.unlink(missing_ok=True)
-            continue
-        if not (f.name.startswith("part-") and f.suffix == ".parquet"):
-            continue
-        try:
-            d = pd.read_parquet(f)
-            missing = [c for c in SAMPLE_COLUMNS if c not in d.columns]
-            if missing:
-                raise ValueError(f"columns {missing} missing")
-        except Exception as e:  # noqa: BLE001 - any unreadable part is a leftover to redo
-            print(f"[eval] {target}: {f.name} is unreadable ({type(e).__name__}); removing it, its problems "
-                  "are sampled again", flush=True)
-            f.unlink(missing_ok=True)
-            continue
-        existing |= set(zip(d.problem_id, d.sample_idx.astype(int)))
-        last = max(last, int(f.stem.split("-")[1]) if f.stem.split("-")[1].isdigit() else last)
-    return existing, last + 1
 
 
-def _collect_samples(target: str, parts: Path, problems, n_of: dict[str, int], tdir: Path) -> pd.DataFrame:
-    """Every saved part -> `tdir/samples.parquet`: one row per (problem, sample) asked for, in a fixed order."""
-    files = sorted(parts.glob("part-*.parquet"))
-    if not files:
-        raise RuntimeError(f"eval {target}: no samples were produced in {parts}")
-    samples = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    samples = samples.drop_duplicates(["problem_id", "sample_idx"], keep="first")
-    wanted = {p.problem_id for p in problems}
-    samples = samples[samples.problem_id.isin(wanted) & (samples.sample_idx < samples.benchmark.map(n_of))]
-    samples = samples.sort_values(["benchmark", "problem_id", "sample_idx"]).reset_index(drop=True)
-    with atomic_path(tdir / "samples.parquet") as tmp:
-        samples.to_parquet(tmp, index=False)
-    return samples
 
 
 def eval_table(metrics: dict) -> pd.DataFrame:

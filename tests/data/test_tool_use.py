@@ -288,3 +288,29 @@ def test_tiny_twin_layouts_disjoint_and_scored_right_by_bfcl(tmp_path):
                                       for n, a in g.items()])  # fmt: skip
             assert bfcl.score_entry(cat, e, gold)["correct"], e
             assert not bfcl.score_entry(cat, e, SPECIAL_TARGETS["special_irrelevant"]["en"])["correct"]
+
+
+def test_run_tokenizer_gets_tool_call_tokens_as_qwen3_has_them(tmp_path):
+    """The tiny tokenizer gets <tool_call> / </tool_call> as one added (non-special) token each when the model has
+    spare embedding rows -- shorter targets, the same text, kept by decode(skip_special_tokens=True) as the eval
+    decodes; no room, or tokens already there (Qwen3), adds nothing."""
+    from transformers import AutoTokenizer
+
+    from eksft_pipeline.data.tool_use.format import TOOL_CALL_TOKENS, add_tool_call_tokens
+    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(None, ["What is 3 plus 4?", '{"name": "add", "arguments": {"a": 3}}'] * 20,
+                               vocab_size=300)  # fmt: skip
+    call = render_tool_calls([("add", {"a": 3, "b": 4})])
+    before = len(tok(call).input_ids)
+    assert add_tool_call_tokens(tok, len(tok) + 1) == []  # no room for both
+    n = len(tok)
+    assert add_tool_call_tokens(tok, n + 2) == list(TOOL_CALL_TOKENS)
+    ids = tok(call).input_ids
+    assert len(tok) == n + 2 and ids[0] == n and ids[-1] == n + 1 and len(ids) < before
+    assert ids[1:-1] == tok(call[len("<tool_call>"): -len("</tool_call>")]).input_ids  # the JSON between: unchanged
+    tok.save_pretrained(tmp_path / "tok")
+    again = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert again(call).input_ids == ids and again.decode(ids, skip_special_tokens=True) == call
+    assert parse_tool_calls(again.decode(ids, skip_special_tokens=True))[1] == "ok"
+    assert add_tool_call_tokens(again, n + 100) == []  # already there (as in Qwen3's tokenizer)

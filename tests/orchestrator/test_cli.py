@@ -127,14 +127,15 @@ def _ctx(cfg, tmp_path: Path, key: str) -> StageContext:
 
 
 def test_command_line_value_wins_over_the_model_recipe(tmp_path):
-    """recipes/model/tiny.yaml sets model.sft.verl.optim.lr (3e-4) and rl save_freq=1; typed values must win."""
+    """recipes/model/tiny.yaml sets model.sft.verl.optim.lr (3e-4 for task=math, model.task_sft) and rl save_freq=1;
+    typed values must win."""
     from eksft_pipeline.rl.stage import RLStage
     from eksft_pipeline.sft.stage import SFTStage
 
     vc = SFTStage().verl_config(_ctx(compose_pipeline("sft.verl.optim.lr=5e-4"), tmp_path, "sft/eksft"))
     assert vc.optim.lr == 5e-4
     vc = SFTStage().verl_config(_ctx(compose_pipeline(), tmp_path, "sft/eksft"))
-    assert vc.optim.lr == OmegaConf.load(REPO / "recipes/model/tiny.yaml").sft.verl.optim.lr != 5e-4  # the recipe's
+    assert vc.optim.lr == OmegaConf.load(REPO / "recipes/model/tiny.yaml").task_sft.math.lr != 5e-4  # the recipe's
     vc = RLStage().verl_config(_ctx(compose_pipeline("+rl.verl.trainer.save_freq=3"), tmp_path, "rl/eksft"))
     assert vc.trainer.save_freq == 3
     # a key the stage sets itself is rejected instead of silently undone

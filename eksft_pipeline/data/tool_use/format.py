@@ -102,8 +102,31 @@ def parse_tool_calls(text: str) -> tuple[list[dict[str, dict]] | None, str]:
     return calls, "ok"
 
 
+TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")  # Qwen3's added tokens 151657 / 151658 (special: false)
+
+
+def add_tool_call_tokens(tokenizer: Any, model_vocab_size: int) -> list[str]:
+    """Give ``tokenizer`` Qwen3's ``<tool_call>`` / ``</tool_call>`` as added, non-special tokens (as Qwen3's own
+    tokenizer carries them: one id each, kept by ``decode(skip_special_tokens=True)``) when it lacks them and
+    the model's embedding has unused rows for them (``len(tokenizer) + 2 <= model_vocab_size``; the tiny model
+    has 384 rows for 370 tokens). Returns the tokens added ([] for Qwen3, which has them, or without room:
+    the tags are then spelled out in ordinary tokens, the same text). The new ids' rows are the model's
+    untrained spare rows, learnt in SFT."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in TOOL_CALL_TOKENS if t not in vocab]
+    if not missing or len(tokenizer) + len(missing) > int(model_vocab_size):
+        return []
+    tokenizer.add_tokens([AddedToken(t, rstrip=False, lstrip=False, single_word=False, normalized=False,
+                                     special=False) for t in missing])  # fmt: skip
+    return missing
+
+
 __all__ = [
     "TOOLS_FOOTER",
+    "TOOL_CALL_TOKENS",
+    "add_tool_call_tokens",
     "TOOLS_HEADER",
     "ToolFormatError",
     "parse_tool_calls",

@@ -9,6 +9,8 @@ tool-use models with SFT only, App. I). The run's tokenizer (template + EOS, EOS
 maths split makes it, and rows longer than `model.data.cutoff_tokens` under that template are dropped
 (`over_length`). `task.data.source: tiny` generates the CPU twin (training rows in ACEBench's layout, held-out
 eval entries in BFCL's layout, output `bfcl_eval_dir` for the eval stage) under `<run_dir>/split/tiny_tool_data`.
+The run tokenizer carries `<tool_call>` / `</tool_call>` as added tokens, as Qwen3's does
+(`format.add_tool_call_tokens`: a no-op for Qwen3; the tiny tokenizer gets them in the model's spare rows).
 """
 
 from __future__ import annotations
@@ -66,11 +68,16 @@ class ToolSplitStage(SplitStage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from eksft_pipeline.data.tool_use.acebench import split_acebench
+        from eksft_pipeline.data.tool_use.format import add_tool_call_tokens
         from eksft_pipeline.data.tool_use.tiny import make_tiny_tool_data
 
         d = ctx.cfg.task.data
         out = Path(ctx.out_dir)
         tok, eos, fmt = self.run_tokenizer(ctx)
+        added = add_tool_call_tokens(tok, _model_vocab_size(str(fmt.model_ref), len(tok)))
+        if added:
+            print(f"[split] tool_use: run tokenizer gets {added} as added tokens (as Qwen3's tokenizer has them)",
+                  flush=True)
         outputs = self.save_run_format(ctx, tok, eos, fmt)
         src = str(d.source)
         if src == TINY:
@@ -85,4 +92,15 @@ class ToolSplitStage(SplitStage):
                         "dropped": str(out / rep["files"]["dropped"])})  # fmt: skip
         return StageResult(outputs=outputs, summary={**{k: rep[k] for k in ("n_input", "n_valid", "n_sft",
                                                                            "n_dropped", "dropped")},
-                                                     "eos": eos, "length_check": rep["length_check"]})  # fmt: skip
+                                                     "eos": eos, "length_check": rep["length_check"],
+                                                     "added_tokens": added})  # fmt: skip
+
+
+def _model_vocab_size(model_path: str, default: int) -> int:
+    """The model's embedding rows (``vocab_size`` of its config.json), or ``default`` (no room to add tokens)."""
+    import json
+
+    try:
+        return int(json.loads((Path(model_path) / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
