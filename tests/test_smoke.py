@@ -126,6 +126,24 @@ def test_a_failed_preflight_still_gives_one_line_per_stage(tmp_path, capsys, mon
     assert [(k, v) for k, v, _, _ in lines[1:]] == [(k, "skipped") for k in SMOKE_KEYS], lines
 
 
+def test_first_error_line():
+    """The verdict's error: the first non-empty line, the exception's type in front, KeyError unquoted, and for a
+    stage run as a Ray task (cluster.launcher=ray) the stage's own exception, not Ray's traceback."""
+    from ray.exceptions import RayTaskError
+
+    from eksft_pipeline.pipeline.errors import ConfigError
+
+    first = runner.Verdicts.first_error_line
+    assert first(ValueError("\n  bad value x=1; fix it\n  detail\n")) == "ValueError: bad value x=1; fix it"
+    assert first(KeyError("no key k")) == "KeyError: no key k" and first(RuntimeError()) == "RuntimeError"
+    try:
+        raise ConfigError("sft.verl.optim.lr=-1 must be > 0")
+    except ConfigError as c:
+        remote = RayTaskError("_run_stage_in_process", "Traceback (most recent call last):\n  ...", c)
+    assert first(remote.as_instanceof_cause()) == "ConfigError: sft.verl.optim.lr=-1 must be > 0"
+    assert first(KeyboardInterrupt()) == "stopped by SIGINT"
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_make_smoke_tiny_on_cpu(tmp_path):

@@ -618,6 +618,9 @@ class Verdicts:
     def first_error_line(e: BaseException) -> str:
         if isinstance(e, KeyboardInterrupt | StageKilled):
             return f"stopped by {_signal_name(e)[0]}"
+        cause = getattr(e, "cause", None)  # a stage run as a Ray task (cluster.launcher=ray): ray's RayTaskError
+        if isinstance(cause, BaseException):
+            e = cause
         msg = str(e.args[0]) if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
         lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
         first = lines[0] if lines else ""
