@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from eksft_pipeline.pipeline import runner
-from eksft_pipeline.pipeline.verl_config import compose_pipeline
+from eksft_pipeline.contract.recipes import compose_pipeline
+from eksft_pipeline.orchestrator import runner
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parents[1]
@@ -131,7 +131,7 @@ def test_first_error_line():
     stage run as a Ray task (cluster.launcher=ray) the stage's own exception, not Ray's traceback."""
     from ray.exceptions import RayTaskError
 
-    from eksft_pipeline.pipeline.errors import ConfigError
+    from eksft_pipeline.contract.errors import ConfigError
 
     first = runner.Verdicts.first_error_line
     assert first(ValueError("\n  bad value x=1; fix it\n  detail\n")) == "ValueError: bad value x=1; fix it"

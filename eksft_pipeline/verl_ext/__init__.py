@@ -18,6 +18,7 @@ Modules:
     sft_trainer   `EKSFTTrainer` / `SelectiveTrainingWorker`: the selective losses inside verl's FSDP SFT trainer
     sft_plan      the trainer's step plan (selection scope x update groups) and the `eksft:` block checks; no verl
     sft_head      the fused loss head (hidden states + lm_head weight) inside verl's FSDP engine
+    cpu_attention a CPU varlen attention kernel behind verl's Ulysses all-to-all (SP runs on CPU)
     sft_bench     timed SFT steps in verl's / our SFT trainer (the child process of scripts/bench_sft_step.py)
     reproducible_steps  DAPO steps that repeat: a seeded agent loop, the replay buffer's batch in dataset order
     vllm_cpu      verl's vLLM rollout on vLLM's CPU build (packaging alias, vLLM plugin, sync check)
@@ -61,6 +62,9 @@ Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); r
                   the class (reads `self.prompt_global_steps` and the returned meta's `keys` / `tags`, private);
                   `verl.experimental.agent_loop.single_turn_agent_loop.SingleTurnAgentLoop` subclassed (`run`) and
                   registered with `agent_loop.register`; request fields `index`, `session_id`, `global_steps`
+    cpu_attention `verl.models.transformers.monkey_patch._flash_attention_forward` (private) and transformers'
+                  `integrations.flash_attention._flash_attention_forward` wrapped to dispatch the `eksft_cpu_varlen`
+                  implementation (registered in `AttentionInterface` / `AttentionMaskInterface`) to a CPU kernel
     validate      `verl.utils.config.omega_conf_to_dataclass`, `verl.workers.config.HFModelConfig`,
                   `verl.utils.dataset.dataset_utils.DatasetPadMode`; verl's YAML tree `verl/trainer/config` (composed by
                   verl_ext/verl_config.py through Hydra's `pkg://` searchpath, no import)
