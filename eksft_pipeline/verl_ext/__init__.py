@@ -90,6 +90,7 @@ paths under eksft_pipeline/, or from the repository root for recipes/ and script
     recipes/model/*.yaml      each model's `sft.verl` / `rl.verl` blocks (verl keys)
     recipes/cluster/*.yaml    verl's platform environment (`VERL_USE_EXTERNAL_MODULES`, `VERL_PLATFORM`, ...)
     recipes/config.yaml       the stages' verl override blocks (`sft.verl`, `rl.verl`)
+    recipes/profile/*.yaml    `profile=smoke`'s `sft.verl` / `rl.verl` step counts (verl keys)
     recipes/tracking/*.yaml   `trainer.logger` through verl's tracker
     scripts/bench_sft_step.py the SFT config keys of its benchmark variants (verl runs in sft_bench above)
     scripts/gpu_check.py      the SFT config's `data.max_token_len_per_gpu` read back from a dry run's plan
