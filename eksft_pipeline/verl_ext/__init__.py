@@ -49,10 +49,17 @@ Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); r
                   `_build_engine` overridden: private hooks); `handler._load_dataloader_state` (checkpoint_handler,
                   private) swapped on the handler instance; `verl.workers.engine_workers.TrainingWorker`
                   subclassed (`train_batch`); `TrainingWorkerConfig`; `tensordict_utils`;
-                  `checkpoint_handler.extract_step`
+                  `checkpoint_handler.extract_step`; `engine.ulysses_sequence_parallel_size`,
+                  `engine.is_mp_src_rank_with_outputs`
     sft_head      the HF model's `forward` and `lm_head` replaced on verl's engine module (as verl's own
                   `use_fused_kernels` does, models/transformers/dense_common.py); `engine.prepare_model_inputs`,
-                  `engine.eval_mode`, `workers.engine.utils.prepare_micro_batches`, `utils.device.get_device_*`
+                  `engine.eval_mode`, `workers.engine.utils.prepare_micro_batches`, `utils.device.get_device_*`;
+                  Ulysses SP: `engine.use_ulysses_sp`, `engine._gather_and_unpad_packed` (private),
+                  `engine.ulysses_parallel_group`, `utils.ulysses.{get_ulysses_sequence_parallel_*,
+                  gather_outputs_and_unpad}`; the row layout of `ulysses_pad_and_slice_inputs`
+    cpu_attention  `verl.models.transformers.monkey_patch._flash_attention_forward` (the kernel verl's Ulysses
+                  wrapper calls) wrapped in a dispatcher by attention name; transformers' `AttentionInterface` /
+                  `AttentionMaskInterface` registrations and `integrations.flash_attention._flash_attention_forward`
     sft_main      `verl.utils.device.auto_set_device`, `verl.utils.distributed.{initialize,destroy}_global_process_group`
     sft_bench     `verl.utils.fsdp_utils._select_fsdp2_wrap_targets` (private) replaced module-wide for the benchmark's
                   floor variant (untied lm_head kept in the root FSDP unit); `verl.trainer.sft_trainer.SFTTrainer`;

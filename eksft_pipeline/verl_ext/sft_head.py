@@ -36,7 +36,10 @@ fp32 log-softmax and gradient, and the [n, V] reference logits per micro-batch.
 
 Shapes: a micro-batch of B sequences packed to nnz rows (`use_remove_padding`: the model sees
 [1, nnz (+pad)], else [B, L] padded); row i predicts token i+1 of its sequence; the last row of each
-sequence predicts nothing (see `valid_rows`).
+sequence predicts nothing (see `valid_rows`). With Ulysses sequence parallelism of size s each rank of the SP
+group sees [1, ceil(nnz / s)] rows (`RowSlice`): the head's per-token terms above count those rows only, the
+per-token outputs are gathered over the group afterwards, and the reference hidden store holds the whole
+data-parallel rank's rows on every rank of the group (gathered after the reference forward).
 """
 
 from __future__ import annotations

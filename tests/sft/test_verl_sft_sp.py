@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism for the selective loss, for real on CPU: 2 processes, SP=2, vs 1 process, SP=1.
 
 Both runs go through the `sft` stage (torchrun, verl's FSDP2 engine, gloo) over the same global batch of 16
-conversations for one step, with packed inputs (`use_remove_padding`) and the CPU varlen attention behind verl's
+conversations for one step (and a third with 4 processes: 2 data-parallel x 2 sequence-parallel), with packed inputs (`use_remove_padding`) and the CPU varlen attention behind verl's
 own Ulysses all-to-all (verl_ext/cpu_attention.py). The reference model is a perturbed copy of the initial model,
 so KL(pi_theta || pi_ref) > 0 at step 1 and M_KL is a real top-k. With SP=2 each rank holds half of every packed
 micro-batch; the test checks that the selection sees every token exactly once across the SP group and the loss is
@@ -68,33 +68,44 @@ def _metrics(run_dir: Path, method: str) -> dict:
     return {int(k): v for k, v in json.loads((d / "metrics.json").read_text()).items()}
 
 
-def _tokens(run_dir: Path) -> dict:
+def _tokens(run_dir: Path, dp: int) -> dict:
     """Step 1's dumped tokens (one file per data-parallel rank), keyed by (sequence key, position)."""
     dumps = [torch.load(p) for p in sorted((run_dir / "dump").glob("step00001_rank*.pt"))]
-    assert len(dumps) == 1, "one data-parallel rank: SP ranks of a group write one dump"
-    (d,) = dumps
-    keys = list(zip(d["seq_key"].tolist(), d["pos"].tolist()))
+    assert len(dumps) == dp, "one dump per data-parallel rank (the SP ranks of a group write one)"
+    keys = [(int(k), int(q)) for d in dumps for k, q in zip(d["seq_key"], d["pos"])]
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     idx = torch.tensor(order)
     return {
         "keys": [keys[i] for i in order],
-        "stats": {k: v[idx] for k, v in d["stats"].items()},
-        "plan": {k: v[idx] for k, v in d["plan"].items()},
-        "metrics": d["metrics"],
+        "stats": {k: torch.cat([d["stats"][k] for d in dumps])[idx] for k in dumps[0]["stats"]},
+        "plan": {k: torch.cat([d["plan"][k] for d in dumps])[idx] for k in dumps[0]["plan"]},
     }
 
 
+@pytest.fixture(scope="module")
+def sp1_run(assets, tmp_path_factory):
+    """The one-process (SP=1) run of a method, once per module."""
+    done: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in done:
+            done[method] = tmp_path_factory.mktemp(f"sp1_{method}")
+            _run(assets, done[method], f"method={method}")
+        return done[method]
+
+    return get
+
+
 @pytest.mark.parametrize(
-    "method,extra",
-    [("eksft", ()), ("eksft_official", ())],
-    ids=["eksft_fused_global", "official_naive_sequence"],
+    "method,nproc",
+    [("eksft", 2), ("eksft_official", 2), ("eksft", 4)],
+    ids=["eksft_fused_global-sp2", "official_naive_sequence-sp2", "eksft_fused_global-dp2xsp2"],
 )
-def test_sp2_equals_sp1(assets, tmp_path, method, extra):
-    one, two = tmp_path / "sp1", tmp_path / "sp2"
-    _run(assets, one, f"method={method}", *extra)
-    _run(assets, two, f"method={method}", "sft.nproc_per_node=2",
-         "++sft.verl.engine.ulysses_sequence_parallel_size=2", *extra)
-    a, b = _tokens(one), _tokens(two)
+def test_sp2_equals_sp1(assets, sp1_run, tmp_path, method, nproc):
+    one, two = sp1_run(method), tmp_path / "sp2"
+    _run(assets, two, f"method={method}", f"sft.nproc_per_node={nproc}",
+         "++sft.verl.engine.ulysses_sequence_parallel_size=2")
+    a, b = _tokens(one, 1), _tokens(two, nproc // 2)
     # every valid token exactly once, in both runs
     assert a["keys"] == b["keys"] and len(set(a["keys"])) == len(a["keys"])
     for k in ("entropy", "logp", "kl"):
@@ -110,11 +121,13 @@ def test_sp2_equals_sp1(assets, tmp_path, method, extra):
     for key in ("eksft/n_tokens", "eksft/n_mask", "eksft/k"):
         if key in ma:
             assert mb[key] == ma[key], key
+    assert mb["eksft/ref_forwards_per_step"] == 1.0  # the SP group's reference forward counts every token once
     ga = torch.load(one / "dump" / "grads_step00001_update0.pt")
     gb = torch.load(two / "dump" / "grads_step00001_update0.pt")
     assert sorted(ga) == sorted(gb)
     worst = max(float((gb[k] - ga[k]).norm() / ga[k].norm().clamp_min(1e-30)) for k in ga)
     assert worst < 1e-4, worst
-    print(f"{method}: loss sp1 {ma['train/loss']:.8f} sp2 {mb['train/loss']:.8f}; worst grad rel {worst:.2e}; "
-          f"max |dH| {float((b['stats']['entropy'] - a['stats']['entropy']).abs().max()):.2e}, "
-          f"max |dKL| {float((b['stats']['kl'] - a['stats']['kl']).abs().max()):.2e}")
+    print(f"{method} nproc={nproc}: loss sp1 {ma['train/loss']:.8f} sp2 {mb['train/loss']:.8f}; worst grad rel "
+          f"{worst:.2e}; max |dH| {float((b['stats']['entropy'] - a['stats']['entropy']).abs().max()):.2e}, "
+          f"max |dKL| {float((b['stats']['kl'] - a['stats']['kl']).abs().max()):.2e}, "
+          f"max |dlogp| {float((b['stats']['logp'] - a['stats']['logp']).abs().max()):.2e}")
