@@ -48,6 +48,12 @@ def test_stages_complete_and_files(tool_run):
     for key in ("assets", "split", "sft/sft", "eval/sft", "report"):
         assert stages[key]["status"] == "complete", key
     assert "rl/sft" not in stages and "handoff/sft" not in stages  # no RL in this task
+    # the tiny tokenizer got Qwen3's <tool_call> / </tool_call> as added tokens; the SFT model carries them
+    assert stages["split"]["summary"]["added_tokens"] == ["<tool_call>", "</tool_call>"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tool_run / "sft" / "sft" / "hf_model")
+    assert len(tok("<tool_call></tool_call>").input_ids) == 2
     rep = json.loads((tool_run / "split" / "split_report.json").read_text())
     assert rep["task"] == "tool_use" and rep["n_sft"] + rep["n_unused"] + rep["n_dropped"] == rep["n_input"]
     for t in ("base", "sft"):
