@@ -1,15 +1,15 @@
 """task=tool_use end to end on CPU (the CPU twin of the paper's App. I experiment), marked `long`.
 
 `python -m eksft_pipeline task=tool_use method=sft` in a fresh run directory: assets -> tool split (the generated
-twin in ACEBench's layout) -> SFT through verl -> BFCL-layout eval of the base and SFT models scored by BFCL's own
-AST checker -> Tables 10-11 report. Asserts every stage completed and wrote its files. NOT yet asserted: that SFT raises the BFCL live
-score (issue 25, step 4): in the one run made (tiny recipe's SFT: 300 rows x 4 epochs, lr 3e-4) the SFT model
-only learned to emit JSON-like characters (live 0/24 for base and SFT); the twin needs more SFT steps or a
-shorter format before that check can be added.
+twin in ACEBench's layout; the run tokenizer gets <tool_call> / </tool_call> as added tokens) -> SFT through verl
+(the tiny recipe's `model.task_sft.tool_use`) -> BFCL-layout eval of the base and SFT models scored by BFCL's own
+AST checker -> Tables 10-11 report. Asserts every stage completed and wrote its files, and that SFT raised BFCL
+live with the report's paired bootstrap CI above zero (issue 25; README "Tool use", the CPU twin).
 
-Cost on the 2-core CI machine: ~10-20 minutes (measured: SFT 287 s; eval ~5 min per model; greedy decoding of up to 160
-tokens per eval entry at ~65 ms/token), hence `long` (`make test-long`), not `make test`. The unit tests of every
-piece (conversion, format, BFCL checker, stage selection, report tables) are in make test.
+Cost on the shared 2-core machine: one SFT step of 16 twin rows (~700 tokens each, ~600 of them the tool docs)
+took 20-28 s under load, so the recipe's SFT alone is ~50-60 minutes there: `long` (`make test-long`), not
+`make test`; EKSFT_TEST_TOOL_RUN=<run_dir> checks a finished run instead. The unit tests of every piece
+(conversion, format, added tokens, BFCL checker, eval resume, stage selection, report tables) are in make test.
 """
 
 from __future__ import annotations
@@ -48,6 +48,12 @@ def test_stages_complete_and_files(tool_run):
     for key in ("assets", "split", "sft/sft", "eval/sft", "report"):
         assert stages[key]["status"] == "complete", key
     assert "rl/sft" not in stages and "handoff/sft" not in stages  # no RL in this task
+    # the tiny tokenizer got Qwen3's <tool_call> / </tool_call> as added tokens; the SFT model carries them
+    assert stages["split"]["summary"]["added_tokens"] == ["<tool_call>", "</tool_call>"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tool_run / "sft" / "sft" / "hf_model")
+    assert len(tok("<tool_call></tool_call>").input_ids) == 2
     rep = json.loads((tool_run / "split" / "split_report.json").read_text())
     assert rep["task"] == "tool_use" and rep["n_sft"] + rep["n_unused"] + rep["n_dropped"] == rep["n_input"]
     for t in ("base", "sft"):
