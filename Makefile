@@ -27,7 +27,14 @@ TRACKING ?=
 ARGS ?=
 PYTEST_ARGS ?=
 comma := ,
-HYDRA_COMMON = model=$(MODEL) cluster=$(CLUSTER) $(if $(filter-out math,$(TASK)),task=$(TASK)) run_dir=$(RUN_DIR) dry_run=$(if $(filter 1 true yes,$(DRY_RUN)),true,false) $(if $(TRACKING),tracking=$(TRACKING)) $(ARGS)
+# the orchestrator's common arguments for a model, cluster and run dir ($(1), $(2), $(3))
+HYDRA_FOR = model=$(1) cluster=$(2) $(if $(filter-out math,$(TASK)),task=$(TASK)) run_dir=$(3) dry_run=$(if $(filter 1 true yes,$(DRY_RUN)),true,false) $(if $(TRACKING),tracking=$(TRACKING)) $(ARGS)
+HYDRA_COMMON = $(call HYDRA_FOR,$(MODEL),$(CLUSTER),$(RUN_DIR))
+# make smoke: its own defaults (Qwen3-0.6B on the 8-GPU node, runs/<model>-smoke); MODEL / CLUSTER / RUN_DIR given win
+given = $(filter command line environment,$(origin $(1)))
+SMOKE_MODEL := $(if $(call given,MODEL),$(MODEL),qwen3-0.6b)
+SMOKE_CLUSTER := $(if $(call given,CLUSTER),$(CLUSTER),$(if $(filter tiny,$(SMOKE_MODEL)),cpu,8gpu))
+SMOKE_RUN_DIR := $(if $(call given,RUN_DIR),$(RUN_DIR),runs/$(SMOKE_MODEL)$(if $(filter-out math,$(TASK)),-$(TASK))-smoke)
 # The install a target runs with: the GPU one on a GPU cluster, or wherever `make install-gpu` already ran (it also
 # runs the CPU cluster: the tiny model, the tests); the CPU one otherwise. Never both into one venv.
 HAVE_GPU_INSTALL := $(wildcard $(STAMP_GPU))
@@ -138,20 +145,15 @@ endif
 #   make smoke CLUSTER=2x8gpu          # across a Ray cluster of two 8-GPU nodes
 #   make smoke MODEL=tiny              # the same shape on CPU (part of make test)
 #   make smoke DRY_RUN=1               # print the stages, their commands and memory estimates
-SMOKE_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL),qwen3-0.6b)
-SMOKE_CLUSTER := $(if $(filter command line environment,$(origin CLUSTER)),$(CLUSTER),$(if $(filter tiny,$(SMOKE_MODEL)),cpu,8gpu))
-SMOKE_INSTALL := $(if $(filter 1 true yes,$(DRY_RUN)),$(INSTALL_HERE),$(if $(or $(filter-out cpu,$(SMOKE_CLUSTER)),$(HAVE_GPU_INSTALL)),$(STAMP_GPU),$(STAMP_CPU)))
-smoke: MODEL := $(SMOKE_MODEL)
-smoke: CLUSTER := $(SMOKE_CLUSTER)
-smoke: RUN_DIR = runs/$(MODEL)$(if $(filter-out math,$(TASK)),-$(TASK))-smoke
-smoke: $(SMOKE_INSTALL)
+smoke: $(if $(filter 1 true yes,$(DRY_RUN)),$(INSTALL_HERE),$(if $(or $(filter-out cpu,$(SMOKE_CLUSTER)),$(HAVE_GPU_INSTALL)),$(STAMP_GPU),$(STAMP_CPU)))
 ifneq ($(filter 1 true yes,$(DRY_RUN)),)
-	$(PY) -m eksft_pipeline stage=smoke profile=smoke $(HYDRA_COMMON)
+	$(PY) -m eksft_pipeline stage=smoke profile=smoke $(call HYDRA_FOR,$(SMOKE_MODEL),$(SMOKE_CLUSTER),$(SMOKE_RUN_DIR))
 else
-	@mkdir -p $(RUN_DIR); set -o pipefail; \
-	$(PY) -m eksft_pipeline stage=smoke profile=smoke $(HYDRA_COMMON) 2>&1 | tee $(RUN_DIR)/smoke.log | \
+	@mkdir -p $(SMOKE_RUN_DIR); set -o pipefail; \
+	$(PY) -m eksft_pipeline stage=smoke profile=smoke $(call HYDRA_FOR,$(SMOKE_MODEL),$(SMOKE_CLUSTER),$(SMOKE_RUN_DIR)) 2>&1 | \
+	  tee $(SMOKE_RUN_DIR)/smoke.log | \
 	  awk '/^\[verdict\]/ { print; fflush(); v = 1; next } /^\[eksft-pipeline\] error:/ { e = $$0 } END { if (!v && e) print e }'; \
-	rc=$$?; echo "[verdict] full output: $(RUN_DIR)/smoke.log"; exit $$rc
+	rc=$$?; echo "[verdict] full output: $(SMOKE_RUN_DIR)/smoke.log"; exit $$rc
 endif
 
 # The report of RUN_DIR (stage=report): tables, figures, every stage's numbers.
