@@ -69,9 +69,6 @@ Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); r
                   the class (reads `self.prompt_global_steps` and the returned meta's `keys` / `tags`, private);
                   `verl.experimental.agent_loop.single_turn_agent_loop.SingleTurnAgentLoop` subclassed (`run`) and
                   registered with `agent_loop.register`; request fields `index`, `session_id`, `global_steps`
-    cpu_attention `verl.models.transformers.monkey_patch._flash_attention_forward` (private) and transformers'
-                  `integrations.flash_attention._flash_attention_forward` wrapped to dispatch the `eksft_cpu_varlen`
-                  implementation (registered in `AttentionInterface` / `AttentionMaskInterface`) to a CPU kernel
     validate      `verl.utils.config.omega_conf_to_dataclass`, `verl.workers.config.HFModelConfig`,
                   `verl.utils.dataset.dataset_utils.DatasetPadMode`; verl's YAML tree `verl/trainer/config` (composed by
                   verl_ext/verl_config.py through Hydra's `pkg://` searchpath, no import)
