@@ -1,5 +1,5 @@
-"""One base for the two stages that train inside verl: `sft` (verl's FSDP SFT trainer under torchrun) and
-`rl` (verl's `main_ppo`, DAPO, on Ray).
+"""One base for the two stages that train inside verl, both Ray jobs: `sft` (verl's Ray SFT trainer, FSDP workers)
+and `rl` (verl's `main_ppo`, DAPO).
 
     python -m eksft_pipeline stage=sft method=eksft      # eksft_pipeline/sft/stage.py: SFTStage(VerlTrainingStage)
     python -m eksft_pipeline stage=rl init=eksft         # eksft_pipeline/rl/stage.py:  RLStage(VerlTrainingStage)

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_local import DEFAULT_ADDRESS_FILE, local_ray_cluster, our_processes as _our_processes
+from ray_local import DEFAULT_ADDRESS_FILE, local_ray_cluster
+from ray_local import our_processes as _our_processes
 
 REPO = Path(__file__).resolve().parents[2]
 
