@@ -199,7 +199,7 @@ class SFTStage(VerlTrainingStage):
 
         cfg = ctx.cfg
         ranks = int(vc.trainer.n_gpus_per_node) * int(vc.trainer.nnodes)
-        init: dict = {"address": None, "num_cpus": None, "num_gpus": None, "temp_dir": None}
+        init: dict = {"address": None, "num_cpus": None, "num_gpus": None, "temp_dir": None, "include_dashboard": None}
         address = cfg.cluster.get("ray_address")
         if address:
             init["address"] = str(address)  # Ray refuses num_cpus / num_gpus there: the cluster has its resources
@@ -207,6 +207,7 @@ class SFTStage(VerlTrainingStage):
             # a short path (Ray's socket paths must fit 107 bytes), one per run dir and stage
             tag = hashlib.sha1(f"{ctx.run_dir.resolve()}|{ctx.key}".encode()).hexdigest()[:10]
             init["temp_dir"] = f"/tmp/eksft-ray-{tag}"
+            init["include_dashboard"] = False  # seconds of start-up per run, and nothing reads it
             if str(cfg.cluster.device) == "cpu":
                 # logical: one GPU (the cpu platform's Ray resource) and one CPU per rank, one CPU to spare
                 init["num_gpus"] = ranks
