@@ -46,6 +46,7 @@ from eksft_pipeline.pipeline.artifacts import (
     tee,
     training_done,
 )
+from eksft_pipeline.pipeline import procs
 from eksft_pipeline.pipeline.stage_api import PipelineError, Stage, StageContext
 from eksft_pipeline.pipeline.tracking import identity_of, verl_env, verl_logger, verl_trainer_names
 from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
@@ -133,8 +134,11 @@ class VerlTrainingStage(Stage):
         block_env = (ctx.cfg.get(self.block) or {}).get("env")
         keys = set(cluster_env or {}) | set(OmegaConf.to_container(block_env, resolve=True) if block_env else {})
         keys |= {k for k in env if k.startswith(RAY_ENV_PREFIXES)}
-        return {k: str(env[k]) for k in sorted(keys)
-                if k in env and k not in RAY_ENV_NEVER and not k.upper().endswith(SECRET_SUFFIXES)}
+        # the run's ids (pipeline/procs.py) are no secret: with them the watchdog finds the job's workers on a cluster
+        # it did not start (EKSFT_RUN_TOKEN would otherwise fall under the `_TOKEN` rule)
+        ids = {procs.ENV_TOKEN, procs.ENV_RUN_DIR, procs.ENV_STAGE}
+        return {k: str(env[k]) for k in sorted(keys) if k in env and k not in RAY_ENV_NEVER
+                and (k in ids or not k.upper().endswith(SECRET_SUFFIXES))}
 
     @staticmethod
     def write_config(vc, path: Path) -> None:

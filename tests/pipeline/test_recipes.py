@@ -233,6 +233,24 @@ def test_two_node_sft_is_one_ray_job_over_both_nodes(tmp_path):
     assert stage.memory_estimate(ctx_for(one, tmp_path, "sft/eksft"), vc1, loss1).total > est.total  # 8 vs 16 shards
 
 
+def test_cpu_sft_starts_its_own_ray_with_logical_gpus(tmp_path, monkeypatch):
+    """cluster=cpu: a local Ray (own short temp dir, per run dir and stage) with one logical GPU and CPU per rank; the
+    workers get the cpu platform and the run's ids through runtime_env."""
+    from eksft_pipeline.sft.stage import SFTStage
+
+    monkeypatch.setenv("EKSFT_RUN_TOKEN", "tok123")
+    cfg = compose_pipeline("cluster=cpu", "sft.nproc_per_node=2")
+    vc, _ = SFTStage().configure(ctx_for(cfg, tmp_path, "sft/eksft"))
+    init = vc.ray_kwargs.ray_init
+    assert init.address is None and init.num_gpus == 2 and init.num_cpus >= 3 and init.include_dashboard is False
+    assert init.temp_dir.startswith("/tmp/eksft-ray-") and len(init.temp_dir) < 40
+    other, _ = SFTStage().configure(ctx_for(cfg, tmp_path / "other", "sft/eksft"))
+    assert other.ray_kwargs.ray_init.temp_dir != init.temp_dir
+    ev = init.runtime_env.env_vars
+    assert ev["EKSFT_RUN_TOKEN"] == "tok123" and ev["VERL_PLATFORM"] == "cpu" and "CUDA_VISIBLE_DEVICES" not in ev
+    assert "eksft_pipeline.verl_ext.cpu_platform" in ev["VERL_USE_EXTERNAL_MODULES"]
+
+
 @pytest.mark.parametrize("model", GPU_MODELS)
 def test_paper_recipes_evaluate_the_base_model_and_random_mask_regularises(tmp_path, model):
     """The paper-scale recipes evaluate the base model by default (the "Original Model" rows, Fig. 1), and
