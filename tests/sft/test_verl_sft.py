@@ -1,7 +1,7 @@
 """EKSFT through verl 0.9.1's SFT trainer on CPU (the `cpu` platform shim, gloo), 1 and 2 processes.
 
 Each run goes through the orchestrator's `sft` stage exactly as `python -m eksft_pipeline stage=sft`
-does (compose -> validate -> torchrun -> export hf_model -> drift.json), on a small Qwen3 built
+does (compose -> validate -> verl's Ray SFT trainer -> export hf_model -> drift.json), on a small Qwen3 built
 here with an UNTIED lm_head (as Qwen3-4B/8B: FSDP2 wraps it as its own unit, so the fused head runs
 inside that unit; the tied case is the tiny default of the end-to-end test). `eksft.dump_dir` makes
 the trainer write every step's selection per rank and every update's gradients, so the tests can
@@ -331,7 +331,8 @@ def test_official_recipe_selects_per_sequence_with_equal_weights(assets, tmp_pat
     assert logged["eksft/n_units"] == n_seq and logged["eksft/iou_seq_count"] > 0
 
 
-@pytest.mark.parametrize("save_freq", [2, 3], ids=["mid_epoch", "epoch_boundary"])
+# mid-epoch resume after a kill is also what the two-node test does (in `make test`): this variant is `long`
+@pytest.mark.parametrize("save_freq", [pytest.param(2, marks=pytest.mark.long), 3], ids=["mid_epoch", "epoch_boundary"])
 def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path, save_freq):
     """Killed after its first checkpoint, a re-run resumes there and trains the remaining steps.
 
