@@ -82,7 +82,8 @@ def read_metrics(log_dir: Path) -> dict[int, dict]:
 
 class SFTStage(VerlTrainingStage):
     name = "sft"
-    resources = {"num_cpus": 1, "num_gpus": "all"}
+    # the launching task holds no GPU: the Ray job's own workers take them (as the RL stage)
+    resources = {"num_cpus": 1, "num_gpus": 0}
     recipe, block, config_name, owned = "sft", "sft", CONFIG_NAME, OWNED
     hf_subdir = "huggingface"
     what = "verl SFT (Ray)"
