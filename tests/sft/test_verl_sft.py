@@ -466,9 +466,10 @@ def test_sft_across_two_ray_nodes_global_selection_kill_resume_handoff_rl(assets
     assert sorted(p.name for p in final.glob("model_world_size_*_rank_*.pt")) == [
         "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]  # fmt: skip
     # handoff + one RL step from the stage's model (a local Ray: the test's cluster is gone)
-    rl_ov = _overrides(assets, run_dir, "init=eksft", "rl.total_training_steps=1", "+rl.verl.data.train_batch_size=4",
-                       "+rl.verl.actor_rollout_ref.rollout.n=2", "+rl.verl.actor_rollout_ref.actor.ppo_mini_batch_size=4",
-                       "rl.val_every=null")  # fmt: skip
+    rl_ov = [o for o in ov if not o.startswith("cluster.")] + [
+        "init=eksft", "rl.total_training_steps=1", "+rl.verl.data.train_batch_size=4",
+        "+rl.verl.actor_rollout_ref.rollout.n=2", "+rl.verl.actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "rl.val_every=null"]  # fmt: skip
     for stage in ("handoff", "rl"):
         res = run_pipeline(compose_pipeline(f"stage={stage}", *rl_ov))
         assert res[0]["status"] == "complete", (stage, res)
