@@ -33,6 +33,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from eksft_pipeline.pipeline import procs
 from eksft_pipeline.pipeline.artifacts import (
     StepProgress,
     atomic_path,
@@ -46,7 +47,6 @@ from eksft_pipeline.pipeline.artifacts import (
     tee,
     training_done,
 )
-from eksft_pipeline.pipeline import procs
 from eksft_pipeline.pipeline.stage_api import PipelineError, Stage, StageContext
 from eksft_pipeline.pipeline.tracking import identity_of, verl_env, verl_logger, verl_trainer_names
 from eksft_pipeline.pipeline.verl_config import command_line_blocks, compose_verl, strict_merge
