@@ -20,7 +20,7 @@ and finds processes by reading `/proc/<pid>/environ` (Linux; same user or root).
 * `Watchdog` (orchestrator/watchdog.py) -- a tiny process in a session of its own that holds the read end of a pipe from the
   orchestrator. When the orchestrator dies in any way (kill -9 of its process group included, which the
   watchdog survives because it is in another session), the pipe reaches EOF and the watchdog ends every
-  process with the invocation's token, marks the stages it left `running` as `killed`, then exits. Direct children (torchrun, main_ppo) stay in the
+  process with the invocation's token, marks the stages it left `running` as `killed`, then exits. Direct children (the SFT driver, main_ppo) stay in the
   orchestrator's process group, so a group kill reaches them at once.
 * `survivors` -- a re-run looks for processes of an earlier attempt of the same stage in the same run
   directory (e.g. the watchdog was killed too) and ends them before it starts, so two trainers never

@@ -79,12 +79,6 @@ from eksft_pipeline.contract.stage_api import ConfigError, StageContext, StageRe
 from eksft_pipeline.verl_ext.verl_stage import VerlTrainingStage, hydra_quote
 
 CONFIG_NAME = "verl_dapo"
-# stage variables forwarded to every Ray worker of the job (besides the keys of cluster.env and rl.env)
-RAY_ENV_PREFIXES = ("VERL_", "HF_", "WANDB_", "TOKENIZERS_", "TRANSFORMERS_", "NCCL_", "VLLM_", "PYTHONPATH",
-                    "OMP_NUM_THREADS", "EKSFT_", "TENSORBOARD_DIR")
-RAY_ENV_NEVER = frozenset({"CUDA_VISIBLE_DEVICES"})  # Ray sets it per worker from the GPUs it assigns
-# secrets are not written into the run's verl_dapo.yaml: give them to the Ray cluster's own environment
-SECRET_SUFFIXES = ("_TOKEN", "_API_KEY", "_KEY", "_SECRET", "_PASSWORD")
 # verl keys the stage sets itself -> the pipeline key that controls each (a command-line override is rejected)
 OWNED = {
     "actor_rollout_ref.model.path": "init=", "data.train_files": "the split stage's output",
@@ -204,15 +198,11 @@ class RLStage(VerlTrainingStage):
             env[str(k)] = str(v)
         return env
 
-    @staticmethod
-    def ray_env_vars(ctx: StageContext, env: dict[str, str]) -> dict[str, str]:
+    def ray_env_vars(self, ctx: StageContext, env: dict[str, str]) -> dict[str, str]:
         """The part of the stage environment every Ray worker of the job must see (see the module docstring)."""
         from eksft_pipeline.verl_ext.ppo_main import add_external_module
 
-        keys = set(plain(ctx.cfg.cluster.get("env")) or {}) | set(plain(ctx.cfg.rl.get("env")) or {})
-        keys |= {k for k in env if k.startswith(RAY_ENV_PREFIXES)}
-        out = {k: str(env[k]) for k in sorted(keys)
-               if k in env and k not in RAY_ENV_NEVER and not k.upper().endswith(SECRET_SUFFIXES)}
+        out = super().ray_env_vars(ctx, env)
         # the driver (ppo_main) registers the hf_cpu rollout through this list; workers must import it too
         add_external_module(env=out)
         return out

@@ -6,7 +6,8 @@
 Steps: compose recipes/verl/sft.yaml on verl's sft_trainer_engine config, merge the recipes'
 `sft.verl` blocks (paper defaults <- model <- cluster) and the method, validate against verl's
 dataclasses, write `<run_dir>/sft/<method>/verl_sft.yaml`, launch
-`torchrun -m eksft_pipeline.verl_ext.sft_main` on it, then export the last checkpoint's `huggingface/`
+`python -m eksft_pipeline.verl_ext.sft_ray` on it (verl's Ray SFT trainer: one driver, a Ray worker group of
+`trainer.n_gpus_per_node` ranks on each of `cluster.nnodes` nodes), then export the last checkpoint's `huggingface/`
 directory to `hf_model/` (weights, tokenizer, chat template, generation config) and write
 `drift.json` against the reference model.
 
@@ -16,6 +17,13 @@ first: a tracker a kill left unreadable, or a half-written checkpoint folder, is
 config or `force=true` removes them: the run retrains instead of "resuming" a finished checkpoint of
 another config. Metrics of every attempt go to their own `logs/metrics-<time>.jsonl` (verl's file logger
 truncates its file). verl's full output is in `logs/train-<time>.log`; the console shows step, loss, ETA.
+
+Ray: the driver starts a local Ray (logical GPUs on `cluster=cpu`, its temp dir /tmp/eksft-ray-<id>) or joins
+`cluster.ray_address` (`auto`: the cluster `ray start` brought up; `cluster=2x8gpu` sets it), the same way the RL
+stage does; the stage's environment reaches every worker through `ray_kwargs.ray_init.runtime_env.env_vars`
+(verl_ext/verl_stage.py: `ray_env_vars`). The driver is the stage's subprocess in the orchestrator's process group;
+Ray's processes carry the run's token (inherited, or through runtime_env on a joined cluster), so the watchdog ends
+them when the orchestrator dies, and Ray itself ends a job's actors when its driver exits.
 
 Tracking (`tracking=wandb|tensorboard`, contract/tracking.py): verl's own tracker logs every step (loss,
 `eksft/*` selection statistics) to the run `sft/<method>`; the hookup is in verl_ext/verl_stage.py.
@@ -44,7 +52,7 @@ CONFIG_NAME = "verl_sft"
 OWNED = {
     "model.path": "model.path", "data.train_files": "the split stage's output", "data.val_files": "(none)",
     "trainer.default_local_dir": "run_dir", "trainer.n_gpus_per_node": "sft.nproc_per_node",
-    "trainer.nnodes": "cluster.nnodes", "eksft.loss": "method=", "eksft.loss_params": "method.params.<name>",
+    "trainer.nnodes": "cluster.nnodes", "ray_kwargs": "cluster.ray_address", "eksft.loss": "method=", "eksft.loss_params": "method.params.<name>",
     "eksft.selection_scope": "method.selection_scope", "trainer.resume_mode": "(the stage: auto)",
 }  # fmt: skip
 
@@ -53,7 +61,7 @@ OWNED = {
 def build_loss(vc):
     """The run's loss object, built from the verl config's `eksft:` block: once per configuration (the checks and
     the memory estimate read it; the trainer process builds its own from the same block). An unknown method or
-    parameter fails here, before torchrun starts."""
+    parameter fails here, before the trainer starts."""
     from eksft_pipeline.losses import get_loss
 
     name = vc.eksft.loss
@@ -72,10 +80,11 @@ def read_metrics(log_dir: Path) -> dict[int, dict]:
 
 class SFTStage(VerlTrainingStage):
     name = "sft"
-    resources = {"num_cpus": 1, "num_gpus": "all"}
+    # the launching task holds no GPU: the Ray job's own workers take them (as the RL stage)
+    resources = {"num_cpus": 1, "num_gpus": 0}
     recipe, block, config_name, owned = "sft", "sft", CONFIG_NAME, OWNED
     hf_subdir = "huggingface"
-    what = "verl SFT (torchrun)"
+    what = "verl SFT (Ray)"
 
     def key(self, cfg):
         return sft_key(cfg)
@@ -170,11 +179,39 @@ class SFTStage(VerlTrainingStage):
                               "itself (same config: resume, changed config: retrain); leave it at auto")
         loss = build_loss(vc)
         try:
-            validate_sft_block(vc, loss)  # selection scope / head / updates: fail here, not inside torchrun
+            validate_sft_block(vc, loss)  # selection scope / head / updates: fail here, not inside the trainer
         except ValueError as e:
             raise ConfigError(str(e)) from e
         self._fit_token_budget(ctx, vc, loss)
+        env = ctx.env()
+        env.update(self.tracking_env(ctx))
+        self.set_ray(ctx, vc, env)
         return vc, loss
+
+    def set_ray(self, ctx: StageContext, vc, env: dict[str, str]) -> None:
+        """`ray_kwargs.ray_init` of the verl config (read by verl_ext/sft_ray.py; verl's SFT config has no such key):
+        join `cluster.ray_address`, or start a local Ray in its own temp dir; `runtime_env.env_vars` = the stage's
+        environment for every worker."""
+        import hashlib
+
+        cfg = ctx.cfg
+        ranks = int(vc.trainer.n_gpus_per_node) * int(vc.trainer.nnodes)
+        init: dict = {"address": None, "num_cpus": None, "num_gpus": None, "temp_dir": None, "include_dashboard": None}
+        address = cfg.cluster.get("ray_address")
+        if address:
+            init["address"] = str(address)  # Ray refuses num_cpus / num_gpus there: the cluster has its resources
+        else:
+            # a short path (Ray's socket paths must fit 107 bytes), one per run dir and stage
+            tag = hashlib.sha1(f"{ctx.run_dir.resolve()}|{ctx.key}".encode()).hexdigest()[:10]
+            init["temp_dir"] = f"/tmp/eksft-ray-{tag}"
+            init["include_dashboard"] = False  # seconds of start-up per run, and nothing reads it
+            if str(cfg.cluster.device) == "cpu":
+                # logical: one GPU (the cpu platform's Ray resource) and one CPU per rank, one CPU to spare
+                init["num_gpus"] = ranks
+                init["num_cpus"] = max(int(cfg.cluster.get("ray_num_cpus") or 0), ranks + 1)
+        init["runtime_env"] = {"env_vars": self.ray_env_vars(ctx, env)}
+        with open_dict(vc):
+            vc.ray_kwargs = {"ray_init": init}
 
     def experiment_name(self, ctx: StageContext) -> str:
         return f"{ctx.cfg.model.name}-sft-{ctx.cfg.method.name}"
@@ -246,20 +283,10 @@ class SFTStage(VerlTrainingStage):
 
     def command(self, ctx: StageContext) -> list[str]:
         out = ctx.out_dir
-        nnodes = int(ctx.cfg.cluster.nnodes)
-        # one node: a standalone rendezvous; several (cluster=2x8gpu): the same command on every node, c10d
-        # rendezvous at the first node ($EKSFT_SFT_MASTER, e.g. the Ray head's address)
-        launch = ["--standalone"] if nnodes == 1 else [
-            f"--nnodes={nnodes}", "--rdzv_backend=c10d", "--rdzv_endpoint=${EKSFT_SFT_MASTER}:29400",
-            f"--rdzv_id=eksft-{ctx.cfg.model.name}-{ctx.cfg.method.name}"]  # fmt: skip
         return [
             sys.executable,
             "-m",
-            "torch.distributed.run",
-            *launch,
-            f"--nproc_per_node={int(ctx.cfg.sft.nproc_per_node)}",
-            "-m",
-            "eksft_pipeline.verl_ext.sft_main",
+            "eksft_pipeline.verl_ext.sft_ray",
             f"--config-path={out}",
             f"--config-name={CONFIG_NAME}",
             f"hydra.run.dir={hydra_quote(str(out / 'logs' / 'hydra'))}",
@@ -276,42 +303,45 @@ class SFTStage(VerlTrainingStage):
             "stage": "sft",
             "key": ctx.key,
             "command": " ".join(self.command(ctx)),
+            "ray_job": self.ray_job(vc),
             "env": {k: v for k, v in {**ctx.env(), **self.tracking_env(ctx)}.items()
                     if k.startswith(("VERL_", "CUDA_", "HF_", "WANDB_", "TENSORBOARD_"))},
             "memory_estimate": None if est is None else {k: v for k, v in est.to_dict().items() if k != "text"},
             "verl_config": OmegaConf.to_container(vc, resolve=True),
         }
 
+    @staticmethod
+    def ray_job(vc) -> dict:
+        """What the dry run shows of the Ray job: its worker group and the Ray it starts or joins."""
+        init = vc.ray_kwargs.ray_init
+        n, nodes = int(vc.trainer.n_gpus_per_node), int(vc.trainer.nnodes)
+        return {"trainer": "verl Ray SFT trainer (eksft_pipeline.verl_ext.sft_ray)", "nnodes": nodes,
+                "ranks_per_node": n, "world_size": n * nodes, "device": str(vc.trainer.device),
+                "ray": f"join {init.address}" if init.get("address") else f"local (temp dir {init.temp_dir})"}
+
     # -- run --------------------------------------------------------------------------------------
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
-        if int(cfg.cluster.nnodes) > 1:
-            from eksft_pipeline.contract.stage_api import NotImplementedInThisBuild
-
-            raise NotImplementedInThisBuild(
-                f"the sft stage launches torchrun on this node only; for cluster.nnodes={cfg.cluster.nnodes} run the "
-                f"dry run's command on every node (EKSFT_SFT_MASTER=<first node's address>; run_dir on a shared "
-                f"filesystem), or train SFT with cluster=8gpu and run the other stages with cluster={cfg.cluster.name} "
-                "(verl's RL trainer places its workers over the whole Ray cluster)"
-            )
         out = ctx.out_dir
         out.mkdir(parents=True, exist_ok=True)
         with quiet():
             vc, loss = self.configure(ctx)
         est = self.memory_estimate(ctx, vc, loss)
         if est is not None:
-            est.check()  # a configuration that cannot fit is refused before torchrun starts
+            est.check()  # a configuration that cannot fit is refused before the trainer starts
             atomic_write_json(out / "memory_estimate.json", est.to_dict(), indent=1)
-        self.write_config(vc, out / f"{CONFIG_NAME}.yaml")
-        self.note_resume_point(ctx)
-
         stamp = self.stamp()
         env = ctx.env()
         env.update(self.tracking_env(ctx))
         env["VERL_FILE_LOGGER_PATH"] = str(out / "logs" / f"metrics-{stamp}.jsonl")
         env.setdefault("VERL_SFT_LOGGING_LEVEL", "WARN")
+        self.set_ray(ctx, vc, env)  # the workers write the metrics file of this attempt too
+        self.write_config(vc, out / f"{CONFIG_NAME}.yaml")
+        self.note_resume_point(ctx)
         log = out / "logs" / f"train-{stamp}.log"
-        print(f"[{ctx.key}] verl SFT on {int(cfg.sft.nproc_per_node)} process(es); full output: {log}", flush=True)
+        job = self.ray_job(vc)
+        print(f"[{ctx.key}] verl SFT as a Ray job, {job['world_size']} rank(s) on {job['nnodes']} node(s), Ray: "
+              f"{job['ray']}; full output: {log}", flush=True)
         progress = StepProgress(ctx.key, {"loss": "train/loss", "lr": "train/lr", "mask": "eksft/mask_frac"},
                                 total=vc.trainer.get("total_training_steps"))
         self.train(ctx, self.command(ctx), env, log, progress)

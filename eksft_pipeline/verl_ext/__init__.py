@@ -4,7 +4,7 @@ The rest of the project talks to verl only through this package (tests/test_impo
 on a `verl` import anywhere else) and through verl's public command lines (`python -m
 verl.model_merger`, the Hydra config tree `pkg://verl.trainer.config`). Launched by module path:
 
-    torchrun ... -m eksft_pipeline.verl_ext.sft_main --config-path=<run_dir>/sft/<tag> --config-name=verl_sft
+    python -m eksft_pipeline.verl_ext.sft_ray --config-path=<run_dir>/sft/<tag> --config-name=verl_sft
     python -m eksft_pipeline.verl_ext.ppo_main --config-path $PWD/recipes/verl --config-name dapo ...
     VERL_USE_EXTERNAL_MODULES=eksft_pipeline.verl_ext.cpu_platform        (recipes/cluster/cpu.yaml)
     [project.entry-points."verl.plugins"] eksft_vllm_cpu = eksft_pipeline.verl_ext.vllm_cpu   (pyproject.toml)
@@ -14,8 +14,9 @@ Modules:
     cpu_platform  a `cpu` platform for verl (gloo, FSDP2, sdpa) for the CPU default
     cpu_rollout   `hf_cpu`: an HF-`generate` rollout server/replica/adapter for verl's async rollout path
     ppo_main      `verl.trainer.main_ppo` with the hf_cpu rollout registered; `validate_ppo_config`
-    sft_main      torchrun entry point of the SFT stage (verl's SFTTrainer subclass below)
-    sft_trainer   `EKSFTTrainer` / `SelectiveTrainingWorker`: the selective losses inside verl's FSDP SFT trainer
+    sft_ray       the SFT stage's trainer: verl's Ray SFT trainer with `SelectiveTrainingWorker`s (one driver, any nodes)
+    sft_trainer   `SelectiveTrainingWorker`: the selective losses inside verl's FSDP training worker; `EKSFTTrainer`
+                  (verl's one-process/torchrun SFT trainer with it: the benchmark's, sft_bench)
     sft_plan      the trainer's step plan (selection scope x update groups) and the `eksft:` block checks; no verl
     sft_head      the fused loss head (hidden states + lm_head weight) inside verl's FSDP engine
     cpu_attention a CPU varlen attention kernel behind verl's Ulysses all-to-all (SP runs on CPU)
@@ -60,7 +61,9 @@ Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); r
     cpu_attention  `verl.models.transformers.monkey_patch._flash_attention_forward` (the kernel verl's Ulysses
                   wrapper calls) wrapped in a dispatcher by attention name; transformers' `AttentionInterface` /
                   `AttentionMaskInterface` registrations and `integrations.flash_attention._flash_attention_forward`
-    sft_main      `verl.utils.device.auto_set_device`, `verl.utils.distributed.{initialize,destroy}_global_process_group`
+    sft_ray       `verl.trainer.sft_trainer_ray.SFTTrainer` subclassed (`_build_engine`, `_build_dataloader`,
+                  `_build_ckpt_handler`); `single_controller.ray.{RayClassWithInitArgs,RayResourcePool,RayWorkerGroup}`;
+                  `single_controller.base.decorator.register` re-applied on the worker methods it overrides
     sft_bench     `verl.utils.fsdp_utils._select_fsdp2_wrap_targets` (private) replaced module-wide for the benchmark's
                   floor variant (untied lm_head kept in the root FSDP unit); `verl.trainer.sft_trainer.SFTTrainer`;
                   the training client's `train_batch` wrapped on the instance; `tensordict_utils.get`;

@@ -1,7 +1,8 @@
 """EKSFT (and every loss of `eksft_pipeline.losses`) inside verl 0.9.1's own SFT trainer.
 
-    torchrun --standalone --nproc_per_node=8 -m eksft_pipeline.verl_ext.sft_main \
-        --config-path=<run_dir>/sft/eksft --config-name=verl_sft      # written by `stage=sft`
+    python -m eksft_pipeline.verl_ext.sft_ray --config-path=<run_dir>/sft/eksft --config-name=verl_sft
+        # written and launched by `stage=sft`: verl's Ray SFT trainer, a worker group of SelectiveTrainingWorker
+        # (sft_ray.py) over any number of nodes; EKSFTTrainer below is the one-process trainer of the benchmark
 
 verl's `SFTTrainer` hard-codes `sft_loss`, which only ever sees label log-probs, and has no reference
 model. This module keeps verl's trainer, engine, data pipeline, checkpointing, resume and logging, and

@@ -1,5 +1,5 @@
-"""One base for the two stages that train inside verl: `sft` (verl's FSDP SFT trainer under torchrun) and
-`rl` (verl's `main_ppo`, DAPO, on Ray).
+"""One base for the two stages that train inside verl, both Ray jobs: `sft` (verl's Ray SFT trainer, FSDP workers)
+and `rl` (verl's `main_ppo`, DAPO).
 
     python -m eksft_pipeline stage=sft method=eksft      # eksft_pipeline/sft/stage.py: SFTStage(VerlTrainingStage)
     python -m eksft_pipeline stage=rl init=eksft         # eksft_pipeline/rl/stage.py:  RLStage(VerlTrainingStage)
@@ -33,6 +33,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from eksft_pipeline.contract import procs
 from eksft_pipeline.contract.artifacts import (
     StepProgress,
     atomic_path,
@@ -51,6 +52,12 @@ from eksft_pipeline.contract.tracking import identity_of, verl_env, verl_logger,
 from eksft_pipeline.verl_ext.verl_config import command_line_blocks, compose_verl, strict_merge
 
 PROJECT_NAME = "eksft-pipeline"  # verl's trainer.project_name when tracking is off
+# stage variables forwarded to every Ray worker of a job (besides the keys of cluster.env and <block>.env)
+RAY_ENV_PREFIXES = ("VERL_", "HF_", "WANDB_", "TOKENIZERS_", "TRANSFORMERS_", "NCCL_", "VLLM_", "PYTHONPATH",
+                    "OMP_NUM_THREADS", "EKSFT_", "TENSORBOARD_DIR")
+RAY_ENV_NEVER = frozenset({"CUDA_VISIBLE_DEVICES"})  # Ray sets it per worker from the GPUs it assigns
+# secrets are not written into the run's verl config: give them to the Ray cluster's own environment
+SECRET_SUFFIXES = ("_TOKEN", "_API_KEY", "_KEY", "_SECRET", "_PASSWORD")
 
 
 def hydra_quote(value: str) -> str:
@@ -117,6 +124,21 @@ class VerlTrainingStage(Stage):
     def tracking_env(self, ctx: StageContext) -> dict[str, str]:
         """WANDB_* / TENSORBOARD_DIR for verl's processes (empty when tracking is off)."""
         return verl_env(identity_of(ctx), create=not ctx.dry_run)
+
+    def ray_env_vars(self, ctx: StageContext, env: dict[str, str]) -> dict[str, str]:
+        """The part of the stage environment every Ray worker of the job must see, for `runtime_env.env_vars`: on a
+        cluster someone else started, workers are children of that cluster's raylets and do not inherit this
+        process's environment. The keys of `cluster.env` and `<block>.env`, and the prefixes above; never
+        `CUDA_VISIBLE_DEVICES` (Ray assigns it per worker) nor secrets (they would be written into the config)."""
+        cluster_env = OmegaConf.to_container(ctx.cfg.cluster.get("env"), resolve=True) if ctx.cfg.cluster.get("env") else {}
+        block_env = (ctx.cfg.get(self.block) or {}).get("env")
+        keys = set(cluster_env or {}) | set(OmegaConf.to_container(block_env, resolve=True) if block_env else {})
+        keys |= {k for k in env if k.startswith(RAY_ENV_PREFIXES)}
+        # the run's ids (contract/procs.py) are no secret: with them the watchdog finds the job's workers on a cluster
+        # it did not start (EKSFT_RUN_TOKEN would otherwise fall under the `_TOKEN` rule)
+        ids = {procs.ENV_TOKEN, procs.ENV_RUN_DIR, procs.ENV_STAGE}
+        return {k: str(env[k]) for k in sorted(keys) if k in env and k not in RAY_ENV_NEVER
+                and (k in ids or not k.upper().endswith(SECRET_SUFFIXES))}
 
     @staticmethod
     def write_config(vc, path: Path) -> None:

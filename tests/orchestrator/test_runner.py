@@ -115,7 +115,8 @@ def test_dry_run_qwen3_8b_prints_every_stage_without_a_gpu(tmp_path):
     stages = {b["stage"]: b for b in _json_blocks(out)}
     assert list(stages) == ["assets", "split", "sft", "handoff", "rl", "eval", "report", "export"]
     sft = stages["sft"]
-    assert "--nproc_per_node=8" in sft["command"] and "eksft_pipeline.verl_ext.sft_main" in sft["command"]
+    assert "eksft_pipeline.verl_ext.sft_ray" in sft["command"] and "torch.distributed.run" not in sft["command"]
+    assert sft["ray_job"]["world_size"] == 8 and sft["ray_job"]["ray"].startswith("local")
     assert sft["verl_config"]["model"]["path"] == "Qwen/Qwen3-8B"  # the paper's released model (issue 11)
     assert "sft: estimated peak" in out and "rl: estimated peak" in out and sft["memory_estimate"]["fits"]
     assert sft["verl_config"]["optim"]["lr"] == 1e-5 and sft["verl_config"]["eksft"]["loss"] == "eksft"

@@ -13,101 +13,14 @@ cluster's address into the test's own temp dir, so /tmp/ray/ray_current_cluster 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from ray_local import DEFAULT_ADDRESS_FILE, local_ray_cluster
+from ray_local import our_processes as _our_processes
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_ADDRESS_FILE = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _ray_bin() -> str:
-    import sys
-
-    cand = Path(sys.executable).parent / "ray"
-    return str(cand if cand.exists() else shutil.which("ray"))
-
-
-def _our_processes(marker: str) -> list[int]:
-    """PIDs whose command line mentions this cluster's temp dir (its raylet, GCS, workers)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd and int(p.name) != os.getpid():
-            pids.append(int(p.name))
-    return pids
-
-
-@contextmanager
-def local_ray_cluster(num_cpus: int = 16, num_gpus: int = 1):
-    """`ray start --head --block` on 127.0.0.1 with its own temp dir and ports; yields the GCS address."""
-    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
-    gcs, nm, om, client, agent, agent_grpc, metrics, rtenv, w0 = _free_ports(9)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("VERL_", "EKSFT_", "RAY_ADDRESS")) and k not in ("PYTHONPATH", "CUDA_VISIBLE_DEVICES")}  # fmt: skip
-    # Ray >= 2.5x: `ray start` turns token auth on when ~/.ray/auth_token exists (any earlier local ray.init() writes
-    # one), and a driver then needs RAY_AUTH_MODE=token; the test's cluster is explicit instead
-    env["RAY_AUTH_MODE"] = "disabled"
-    cmd = [_ray_bin(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           f"--temp-dir={temp}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", "--include-dashboard=false",
-           "--disable-usage-stats", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-           f"--runtime-env-agent-port={rtenv}", f"--min-worker-port={w0}", f"--max-worker-port={w0 + 200}"]  # fmt: skip
-    log = open(temp / "ray_start.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        addr_file = temp / "ray_current_cluster"
-        while not (addr_file.exists() and addr_file.read_text().strip()):
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"ray start failed (exit {proc.poll()}):\n{(temp / 'ray_start.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        address = addr_file.read_text().strip()  # Ray canonicalises the node's address to the host's IP
-        assert address.endswith(f":{gcs}"), address
-        yield address, temp
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` shuts its own processes down on SIGTERM
-            proc.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        for pid in _our_processes(str(temp)):  # anything of this cluster still alive: by pid, never by name
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _rl_inputs(root: Path) -> dict[str, str]:

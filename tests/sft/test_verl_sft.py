@@ -1,7 +1,7 @@
 """EKSFT through verl 0.9.1's SFT trainer on CPU (the `cpu` platform shim, gloo), 1 and 2 processes.
 
 Each run goes through the orchestrator's `sft` stage exactly as `python -m eksft_pipeline stage=sft`
-does (compose -> validate -> torchrun -> export hf_model -> drift.json), on a small Qwen3 built
+does (compose -> validate -> verl's Ray SFT trainer -> export hf_model -> drift.json), on a small Qwen3 built
 here with an UNTIED lm_head (as Qwen3-4B/8B: FSDP2 wraps it as its own unit, so the fused head runs
 inside that unit; the tied case is the tiny default of the end-to-end test). `eksft.dump_dir` makes
 the trainer write every step's selection per rank and every update's gradients, so the tests can
@@ -331,7 +331,8 @@ def test_official_recipe_selects_per_sequence_with_equal_weights(assets, tmp_pat
     assert logged["eksft/n_units"] == n_seq and logged["eksft/iou_seq_count"] > 0
 
 
-@pytest.mark.parametrize("save_freq", [2, 3], ids=["mid_epoch", "epoch_boundary"])
+# mid-epoch resume after a kill is also what the two-node test does (in `make test`): this variant is `long`
+@pytest.mark.parametrize("save_freq", [pytest.param(2, marks=pytest.mark.long), 3], ids=["mid_epoch", "epoch_boundary"])
 def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path, save_freq):
     """Killed after its first checkpoint, a re-run resumes there and trains the remaining steps.
 
@@ -392,3 +393,85 @@ def test_handoff_merges_the_fsdp_shards_of_a_two_rank_checkpoint(two_rank_run, a
     assert sorted(merged) == sorted(reference)
     for name, t in reference.items():
         assert torch.equal(merged[name], t), name
+
+
+def test_sft_across_two_ray_nodes_global_selection_kill_resume_handoff_rl(assets, one_rank_run, tmp_path, monkeypatch):
+    """The SFT stage as one Ray job over two nodes of a real localhost cluster (`ray start --head` + `ray start
+    --address`, one logical GPU each, so the two ranks land on different nodes; gloo between them):
+
+    - kill -9 of the orchestrator mid-run: 10 s later no process of the run is alive (the Ray workers carry the run's
+      variables through runtime_env, so the watchdog finds them on a cluster it did not start) and the cluster's
+      resources are free again;
+    - the re-run resumes from verl's last checkpoint and finishes;
+    - step 1's selection (same weights, same global batch) equals the one-process run's: the top-k is global across
+      the nodes;
+    - the final checkpoint holds the two ranks' shards, and the handoff and one RL step run from the stage's model.
+    """
+    from ray_local import cluster_resources, local_ray_cluster
+
+    from eksft_pipeline.contract import procs
+
+    run_dir, dump = tmp_path / "nodes", tmp_path / "nodes" / "dump"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the test's cluster (tests/ray_local.py)
+    with local_ray_cluster(num_cpus=2, num_gpus=1, worker_nodes=1) as (address, _):
+        ov = _overrides(assets, run_dir, "cluster.nnodes=2", "sft.nproc_per_node=1", f"cluster.ray_address={address}",
+                        f"+sft.verl.eksft.dump_dir={dump}", "+model.sft.verl.trainer.total_training_steps=3",
+                        "sft.verl.trainer.save_freq=1")  # fmt: skip
+        run_pipeline(compose_pipeline("stage=split", *ov))
+        ckpt = run_dir / "sft" / "eksft" / "checkpoints"
+        mark = f"ray-nodes-{os.getpid()}"
+        proc = subprocess.Popen([sys.executable, "-m", "eksft_pipeline", "stage=sft", *ov], cwd=REPO,
+                                env={**os.environ, "EKSFT_TEST_MARK": mark}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline and not (ckpt / "latest_checkpointed_iteration.txt").is_file():
+                assert proc.poll() is None, "the run ended before it could be killed"
+                time.sleep(0.5)
+            workers = procs.find({"EKSFT_TEST_MARK": mark})
+            os.kill(proc.pid, signal.SIGKILL)  # the orchestrator only: its watchdog must end the rest
+            proc.wait()
+            time.sleep(10)
+            left = procs.find({"EKSFT_TEST_MARK": mark})
+        finally:
+            for pid in procs.find({"EKSFT_TEST_MARK": mark}):
+                os.kill(pid, signal.SIGKILL)
+        assert len(workers) >= 3, workers  # driver + two Ray workers at least, before the kill
+        assert not left, procs.describe(left)
+        res = cluster_resources(address)
+        assert res["total"]["GPU"] == 2 and res["available"].get("GPU") == 2, res
+        saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+        assert 1 <= saved < 3
+
+        result = run_pipeline(compose_pipeline("stage=sft", *ov))[0]  # same config: resumes
+        assert result["status"] == "complete"
+    logs = sorted((run_dir / "sft" / "eksft" / "logs").glob("metrics-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    resumed = [json.loads(x)["step"] for x in logs[-1].read_text().splitlines() if x.strip()]
+    assert resumed == list(range(saved + 1, 4)), resumed
+
+    # the selection of step 1 across two nodes == the one-process run's over the same batch
+    one, two = _concat(_dumps(one_rank_run / "dump", 1)), _concat(_dumps(dump, 1))
+    assert len(_dumps(dump, 1)) == 2  # one dump per rank
+    i1, i2 = _by_token(one), _by_token(two)
+    assert set(i1) == set(i2)
+    keys = sorted(i1)
+    for field in ("mask", "mask_h"):
+        a = one["plan"][field][torch.tensor([i1[t] for t in keys])].bool()
+        b = two["plan"][field][torch.tensor([i2[t] for t in keys])].bool()
+        assert torch.equal(a, b), field
+    assert one["metrics"]["n_mask"] == two["metrics"]["n_mask"] > 0
+
+    final = ckpt / "global_step_3"
+    assert sorted(p.name for p in final.glob("model_world_size_*_rank_*.pt")) == [
+        "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]  # fmt: skip
+    # handoff + one RL step from the stage's model (a local Ray: the test's cluster is gone)
+    rl_ov = [o for o in ov if not o.startswith("cluster.")] + [
+        "init=eksft", "rl.total_training_steps=1", "+rl.verl.data.train_batch_size=4",
+        "+rl.verl.actor_rollout_ref.rollout.n=2", "+rl.verl.actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "rl.val_every=null"]  # fmt: skip
+    for stage in ("handoff", "rl"):
+        res = run_pipeline(compose_pipeline(f"stage={stage}", *rl_ov))
+        assert res[0]["status"] == "complete", (stage, res)
+    rl_metrics = json.loads((run_dir / "rl" / "eksft" / "metrics.json").read_text())
+    assert "1" in rl_metrics

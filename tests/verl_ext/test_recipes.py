@@ -207,18 +207,54 @@ def test_rl_stage_environment_reaches_the_ray_job(tmp_path):
     stage.validate_verl(vc)  # no logical-resource check when joining a cluster (Ray refuses num_cpus there)
 
 
-def test_two_node_sft_command_and_refusal(tmp_path):
-    """Two nodes: the dry run shows the per-node torchrun (c10d rendezvous); the stage does not pretend to launch it."""
-    from eksft_pipeline.contract.stage_api import NotImplementedInThisBuild, StageContext
+def test_two_node_sft_is_one_ray_job_over_both_nodes(tmp_path):
+    """Two nodes: one command (the Ray SFT driver, no torchrun, no per-node command) that joins the running cluster
+    and places 2 x 8 ranks; the memory estimate shards over all 16; the stage's environment is the job's runtime
+    env (no CUDA_VISIBLE_DEVICES, no secrets)."""
+    import os
+
     from eksft_pipeline.sft.stage import SFTStage
 
     cfg = compose_pipeline("model=qwen3-8b", "cluster=2x8gpu")
     stage = SFTStage()
-    cmd = " ".join(stage.command(ctx_for(cfg, tmp_path, "sft/eksft")))
-    assert "--nnodes=2" in cmd and "--nproc_per_node=8" in cmd and "--standalone" not in cmd and "rdzv_backend=c10d" in cmd
-    ctx = StageContext(cfg=cfg, run_dir=tmp_path, manifest=Manifest(tmp_path), key="sft/eksft")
-    with pytest.raises(NotImplementedInThisBuild, match="every node"):
-        stage.run(ctx)
+    ctx = ctx_for(cfg, tmp_path, "sft/eksft")
+    cmd = " ".join(stage.command(ctx))
+    assert "eksft_pipeline.verl_ext.sft_ray" in cmd and "torch.distributed.run" not in cmd and "nnodes" not in cmd
+    os.environ["HF_TOKEN_TEST_SECRET_KEY"] = "x"
+    try:
+        vc, loss = stage.configure(ctx)
+    finally:
+        del os.environ["HF_TOKEN_TEST_SECRET_KEY"]
+    assert (vc.trainer.n_gpus_per_node, vc.trainer.nnodes) == (8, 2)
+    init = vc.ray_kwargs.ray_init
+    assert init.address == "auto" and init.num_gpus is None and init.num_cpus is None and init.temp_dir is None
+    ev = init.runtime_env.env_vars
+    assert "CUDA_VISIBLE_DEVICES" not in ev and "HF_TOKEN_TEST_SECRET_KEY" not in ev
+    assert ev["PYTHONPATH"].split(":")[0] == str(RECIPES.parent)
+    assert stage.ray_job(vc)["world_size"] == 16 and stage.ray_job(vc)["ray"] == "join auto"
+    est = stage.memory_estimate(ctx, vc, loss)
+    assert "W=16" in "\n".join(est.lines())
+    one = compose_pipeline("model=qwen3-8b", "cluster=8gpu")
+    vc1, loss1 = stage.configure(ctx_for(one, tmp_path, "sft/eksft"))
+    assert stage.memory_estimate(ctx_for(one, tmp_path, "sft/eksft"), vc1, loss1).total > est.total  # 8 vs 16 shards
+
+
+def test_cpu_sft_starts_its_own_ray_with_logical_gpus(tmp_path, monkeypatch):
+    """cluster=cpu: a local Ray (own short temp dir, per run dir and stage) with one logical GPU and CPU per rank; the
+    workers get the cpu platform and the run's ids through runtime_env."""
+    from eksft_pipeline.sft.stage import SFTStage
+
+    monkeypatch.setenv("EKSFT_RUN_TOKEN", "tok123")
+    cfg = compose_pipeline("cluster=cpu", "sft.nproc_per_node=2")
+    vc, _ = SFTStage().configure(ctx_for(cfg, tmp_path, "sft/eksft"))
+    init = vc.ray_kwargs.ray_init
+    assert init.address is None and init.num_gpus == 2 and init.num_cpus >= 3 and init.include_dashboard is False
+    assert init.temp_dir.startswith("/tmp/eksft-ray-") and len(init.temp_dir) < 40
+    other, _ = SFTStage().configure(ctx_for(cfg, tmp_path / "other", "sft/eksft"))
+    assert other.ray_kwargs.ray_init.temp_dir != init.temp_dir
+    ev = init.runtime_env.env_vars
+    assert ev["EKSFT_RUN_TOKEN"] == "tok123" and ev["VERL_PLATFORM"] == "cpu" and "CUDA_VISIBLE_DEVICES" not in ev
+    assert "eksft_pipeline.verl_ext.cpu_platform" in ev["VERL_USE_EXTERNAL_MODULES"]
 
 
 @pytest.mark.parametrize("model", GPU_MODELS)

@@ -1,0 +1,213 @@
+"""The SFT stage's trainer: verl 0.9.1's Ray SFT trainer (`verl/trainer/sft_trainer_ray.py`) with the selective loss.
+
+    python -m eksft_pipeline.verl_ext.sft_ray --config-path=<run_dir>/sft/eksft --config-name=verl_sft
+                                                                  # written and launched by `stage=sft`
+
+One driver process (this module's `main`, the stage's subprocess) holds the dataloader, the checkpoint handler
+(dataloader state, `latest_checkpointed_iteration.txt`) and the tracker, exactly as verl's Ray SFT trainer does; it
+builds a `RayWorkerGroup` of `RaySelectiveTrainingWorker`s over a `RayResourcePool` of `trainer.n_gpus_per_node`
+ranks on each of `trainer.nnodes` nodes. Each worker is `SelectiveTrainingWorker` (sft_trainer.py: reference pass,
+selection pre-pass, global top-k over every data-parallel rank, fused head, metrics) with verl's `register` dispatch
+on the methods it overrides, so the driver's `train_batch(global batch)` is split over the ranks by verl's own
+`make_nd_compute_dataproto_dispatch_fn` (after verl's `balance_batch` partitioning) and the ranks' outputs are
+collected back. Checkpointing, resume (`resume_mode=auto`), logging and the lr schedule stay verl's.
+
+Ray (`ray_kwargs.ray_init` of the verl config, set by the stage): a local Ray started here (its own `_temp_dir`,
+`num_gpus` = ranks on the cpu platform, where the GPUs are logical) or an existing cluster (`address: auto`,
+`cluster.ray_address`); `runtime_env.env_vars` carries the stage's environment to every worker (a raylet of
+another node does not inherit this process's environment). The resource pool's bundles hold one CPU and one GPU
+each (`max_colocate_count=1`: this job has one worker group; verl's default of 10 asks for 10 logical CPUs per rank,
+which a 2-core machine, or an 8-GPU node with fewer than 80 CPUs, never has).
+
+Departures from verl's `sft_trainer_ray.py`: the dataloader uses `data.num_workers` (verl hard-codes 8 worker
+processes there, 8 torch imports on a small machine); the epoch-boundary resume fix of `EKSFTTrainer`
+(an exhausted dataloader state is not restored); `updates_per_batch` is checked against the per-rank batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from copy import deepcopy
+
+import ray
+from omegaconf import OmegaConf
+from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
+from verl.trainer.sft_trainer_ray import SFTTrainer as RaySFTTrainer
+
+from eksft_pipeline.verl_ext.sft_trainer import SelectiveTrainingWorker, selective_config
+
+logger = logging.getLogger(__name__)
+
+
+class RaySelectiveTrainingWorker(SelectiveTrainingWorker):
+    """`SelectiveTrainingWorker` as a Ray actor: built from the `eksft:` block (the loss object is built in the
+    worker), with verl's dispatch registered on the methods it overrides."""
+
+    def __init__(self, config, *, block: dict, ref_config=None, seed: int = 1, ref_is_initial: bool = True):
+        from eksft_pipeline.losses import get_loss
+
+        loss = get_loss(block["loss"], **(block["loss_params"] or {}))
+        super().__init__(
+            config,
+            loss=loss,
+            ref_config=ref_config,
+            selection_scope=block["selection_scope"],
+            head=loss.resolve_head(block["head"]),
+            updates_per_batch=int(block["updates_per_batch"]),
+            ref_hidden_store=block["ref_hidden_store"],
+            chunk_size=block["chunk_size"],
+            seed=seed,
+            dump_dir=block.get("dump_dir"),
+            ref_is_initial=ref_is_initial,
+            pi_old_every=int(block["pi_old_every"]),
+        )
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def reset(self):
+        return SelectiveTrainingWorker.reset(self)
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
+    def train_batch(self, data):
+        return SelectiveTrainingWorker.train_batch(self, data)
+
+
+def _fix_epoch_boundary_resume(handler, steps_per_epoch: int) -> None:
+    """verl 0.9.1 restores the StatefulDataLoader state saved with a checkpoint; one taken at the end of an epoch
+    holds an exhausted iterator, and `fit` would then skip every remaining epoch silently. At an epoch boundary
+    the position inside the epoch is 0 anyway: the state is not loaded and `set_epoch` gives the next epoch's order
+    (the same fix as `EKSFTTrainer._build_ckpt_handler`)."""
+    from verl.utils.checkpoint.checkpoint_handler import extract_step
+
+    load_state = handler._load_dataloader_state
+
+    def _load_dataloader_state(checkpoint_path: str):
+        step = extract_step(checkpoint_path)
+        if step is not None and steps_per_epoch > 0 and step % steps_per_epoch == 0:
+            logger.warning("resuming at an epoch boundary (step %s, %s steps per epoch): starting the next epoch "
+                           "with a fresh dataloader iterator instead of the saved, exhausted one", step, steps_per_epoch)
+            return
+        load_state(checkpoint_path)
+
+    handler._load_dataloader_state = _load_dataloader_state
+
+
+class EKSFTRayTrainer(RaySFTTrainer):
+    """verl's Ray `SFTTrainer` whose workers run the selective loss (module docstring)."""
+
+    def _build_dataloader(self):
+        super()._build_dataloader()
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        n = int(self.config.data.get("num_workers", 0) or 0)
+        self.train_dataloader = StatefulDataLoader(
+            dataset=self.train_dataset, batch_size=self.train_batch_size_per_dp, sampler=self.train_sampler,
+            collate_fn=self.collate_fn, num_workers=n, pin_memory=False, drop_last=True,
+        )  # fmt: skip
+        self.val_dataloader = None  # the stage trains without a validation set (data.val_files: null)
+
+    def _build_ckpt_handler(self):
+        super()._build_ckpt_handler()
+        _fix_epoch_boundary_resume(self.ckpt_handler, int(self.steps_per_epoch))
+
+    def _build_engine(self):
+        from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+        from verl.workers.engine_workers import TrainingWorkerConfig
+
+        from eksft_pipeline.losses import get_loss
+        from eksft_pipeline.verl_ext.sft_plan import check_eksft_block
+
+        block = selective_config(self.config)
+        loss = get_loss(block["loss"], **(block["loss_params"] or {}))
+        check_eksft_block(block, loss=loss, micro_batch_size_per_gpu=int(self.config.data.micro_batch_size_per_gpu),
+                          use_dynamic_bsz=bool(self.config.data.use_dynamic_bsz))
+        n_per_node, nnodes = int(self.config.trainer.n_gpus_per_node), int(self.config.trainer.nnodes)
+        world = n_per_node * nnodes
+        sp = int(self.engine_config.ulysses_sequence_parallel_size)
+        dp = world // max(sp, 1)
+        u = int(block["updates_per_batch"])
+        if self.global_batch_size % dp or (self.global_batch_size // dp) % u:
+            raise ValueError(f"data.train_batch_size={self.global_batch_size} must split into {dp} data-parallel "
+                             f"ranks of a whole number of sequences divisible by eksft.updates_per_batch={u}")
+        if self.model_config.get("use_fused_kernels", False):
+            raise ValueError("model.use_fused_kernels=True replaces the model's forward with verl's PPO head (log-probs "
+                             "only); the selective loss brings its own fused head: set model.use_fused_kernels=false")
+
+        config = TrainingWorkerConfig(
+            model_type="language_model", model_config=self.model_config, engine_config=self.engine_config,
+            optimizer_config=self.optimizer_config, checkpoint_config=self.checkpoint_config,
+            profiler_config=self.profiler_config,
+        )  # fmt: skip
+        ref_config = None
+        if loss.needs_ref:
+            if block["ref_model_path"]:
+                from verl.utils.config import omega_conf_to_dataclass
+
+                ref_model_config = omega_conf_to_dataclass(
+                    OmegaConf.merge(self.config.model, {"path": str(block["ref_model_path"])}))
+            else:
+                ref_model_config = deepcopy(self.model_config)
+            ref_engine_config = deepcopy(self.engine_config)
+            ref_engine_config.forward_only = True
+            if block["ref_model_dtype"]:
+                import dataclasses
+
+                ref_engine_config = dataclasses.replace(ref_engine_config, model_dtype=str(block["ref_model_dtype"]))
+            ref_config = TrainingWorkerConfig(
+                model_type="language_model", model_config=ref_model_config, engine_config=ref_engine_config,
+                optimizer_config=None, checkpoint_config=deepcopy(self.checkpoint_config),
+                profiler_config=self.profiler_config,
+            )  # fmt: skip
+        device = str(self.config.trainer.device)
+        self.resource_pool = RayResourcePool(process_on_nodes=[n_per_node] * nnodes, use_gpu=True,
+                                             max_colocate_count=1)
+        ref_is_initial = not block["ref_model_path"] or str(block["ref_model_path"]) == str(self.config.model.path)
+        cls = RayClassWithInitArgs(ray.remote(RaySelectiveTrainingWorker), config=config, block=block,
+                                   ref_config=ref_config, seed=int(self.config.trainer.get("seed", 1)),
+                                   ref_is_initial=ref_is_initial)
+        self.training_client = RayWorkerGroup(resource_pool=self.resource_pool, ray_cls_with_init=cls,
+                                              device_name=device)
+        self.training_client.reset()
+        self.loss_fn = None  # the workers set their own (SelectiveLossHook)
+
+
+def ray_init_kwargs(config) -> dict:
+    """`ray.init` keyword arguments from the config's `ray_kwargs.ray_init` (the stage writes it)."""
+    node = OmegaConf.select(config, "ray_kwargs.ray_init")
+    kw = {k: v for k, v in (OmegaConf.to_container(node, resolve=True) if node is not None else {}).items()
+          if v is not None}
+    if "temp_dir" in kw:
+        kw["_temp_dir"] = kw.pop("temp_dir")
+    return kw
+
+
+def run(config) -> None:
+    from verl.utils.device import auto_set_device
+
+    from eksft_pipeline.verl_ext.ppo_main import allow_logical_gpus
+
+    auto_set_device(config)
+    allow_logical_gpus()
+    kw = ray_init_kwargs(config)
+    if not ray.is_initialized():
+        ray.init(**kw)
+    try:
+        trainer = EKSFTRayTrainer(config=config)
+        trainer.fit()
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    import hydra
+
+    @hydra.main(config_path=None, config_name=None, version_base=None)
+    def _main(config) -> None:
+        run(config)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _main()
+
+
+if __name__ == "__main__":
+    main()
