@@ -46,8 +46,11 @@ class RaySelectiveTrainingWorker(SelectiveTrainingWorker):
 
     def __init__(self, config, *, block: dict, ref_config=None, seed: int = 1, ref_is_initial: bool = True):
         from eksft_pipeline.losses import get_loss
+        from eksft_pipeline.verl_ext import cpu_platform
 
         loss = get_loss(block["loss"], **(block["loss_params"] or {}))
+        if ref_config is not None and cpu_platform.is_active():
+            cpu_platform.patch_fsdp2_offload_pinning()  # the reference's forced CPU offload pins memory (as EKSFTTrainer)
         super().__init__(
             config,
             loss=loss,
