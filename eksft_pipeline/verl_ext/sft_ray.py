@@ -67,6 +67,12 @@ class RaySelectiveTrainingWorker(SelectiveTrainingWorker):
         )
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def set_step(self, step: int) -> None:
+        """The trainer step the next `train_batch` follows (a resumed run: verl's checkpoint step), so the step
+        counter -- the dumps' names, the planning seeds, pi_old's schedule -- continues where the killed run was."""
+        self.hook.step = int(step)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def reset(self):
         return SelectiveTrainingWorker.reset(self)
 
@@ -97,6 +103,10 @@ def _fix_epoch_boundary_resume(handler, steps_per_epoch: int) -> None:
 
 class EKSFTRayTrainer(RaySFTTrainer):
     """verl's Ray `SFTTrainer` whose workers run the selective loss (module docstring)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.training_client.set_step(int(self.resume_global_step or 0))
 
     def _build_dataloader(self):
         super()._build_dataloader()
