@@ -46,8 +46,11 @@ class RaySelectiveTrainingWorker(SelectiveTrainingWorker):
 
     def __init__(self, config, *, block: dict, ref_config=None, seed: int = 1, ref_is_initial: bool = True):
         from eksft_pipeline.losses import get_loss
+        from eksft_pipeline.verl_ext import cpu_platform
 
         loss = get_loss(block["loss"], **(block["loss_params"] or {}))
+        if ref_config is not None and cpu_platform.is_active():
+            cpu_platform.patch_fsdp2_offload_pinning()  # the reference's forced CPU offload pins memory (as EKSFTTrainer)
         super().__init__(
             config,
             loss=loss,
@@ -62,6 +65,12 @@ class RaySelectiveTrainingWorker(SelectiveTrainingWorker):
             ref_is_initial=ref_is_initial,
             pi_old_every=int(block["pi_old_every"]),
         )
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def set_step(self, step: int) -> None:
+        """The trainer step the next `train_batch` follows (a resumed run: verl's checkpoint step), so the step
+        counter -- the dumps' names, the planning seeds, pi_old's schedule -- continues where the killed run was."""
+        self.hook.step = int(step)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def reset(self):
@@ -94,6 +103,10 @@ def _fix_epoch_boundary_resume(handler, steps_per_epoch: int) -> None:
 
 class EKSFTRayTrainer(RaySFTTrainer):
     """verl's Ray `SFTTrainer` whose workers run the selective loss (module docstring)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.training_client.set_step(int(self.resume_global_step or 0))
 
     def _build_dataloader(self):
         super()._build_dataloader()
