@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import logging
 import os
-from copy import deepcopy
 
 import ray
 from omegaconf import OmegaConf
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
 from verl.trainer.sft_trainer_ray import SFTTrainer as RaySFTTrainer
 
-from eksft_pipeline.verl_ext.sft_trainer import SelectiveTrainingWorker, selective_config
+from eksft_pipeline.verl_ext.sft_trainer import SelectiveTrainingWorker, worker_configs
 
 logger = logging.getLogger(__name__)
 
@@ -125,52 +124,14 @@ class EKSFTRayTrainer(RaySFTTrainer):
 
     def _build_engine(self):
         from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
-        from verl.workers.engine_workers import TrainingWorkerConfig
 
-        from eksft_pipeline.losses import get_loss
-        from eksft_pipeline.verl_ext.sft_plan import check_eksft_block
-
-        block = selective_config(self.config)
-        loss = get_loss(block["loss"], **(block["loss_params"] or {}))
-        check_eksft_block(block, loss=loss, micro_batch_size_per_gpu=int(self.config.data.micro_batch_size_per_gpu),
-                          use_dynamic_bsz=bool(self.config.data.use_dynamic_bsz))
+        block, _loss, _head, config, ref_config = worker_configs(self)  # the checks of the one-process trainer too
         n_per_node, nnodes = int(self.config.trainer.n_gpus_per_node), int(self.config.trainer.nnodes)
-        world = n_per_node * nnodes
-        sp = int(self.engine_config.ulysses_sequence_parallel_size)
-        dp = world // max(sp, 1)
+        dp = n_per_node * nnodes // max(int(self.engine_config.ulysses_sequence_parallel_size), 1)
         u = int(block["updates_per_batch"])
         if self.global_batch_size % dp or (self.global_batch_size // dp) % u:
             raise ValueError(f"data.train_batch_size={self.global_batch_size} must split into {dp} data-parallel "
                              f"ranks of a whole number of sequences divisible by eksft.updates_per_batch={u}")
-        if self.model_config.get("use_fused_kernels", False):
-            raise ValueError("model.use_fused_kernels=True replaces the model's forward with verl's PPO head (log-probs "
-                             "only); the selective loss brings its own fused head: set model.use_fused_kernels=false")
-
-        config = TrainingWorkerConfig(
-            model_type="language_model", model_config=self.model_config, engine_config=self.engine_config,
-            optimizer_config=self.optimizer_config, checkpoint_config=self.checkpoint_config,
-            profiler_config=self.profiler_config,
-        )  # fmt: skip
-        ref_config = None
-        if loss.needs_ref:
-            if block["ref_model_path"]:
-                from verl.utils.config import omega_conf_to_dataclass
-
-                ref_model_config = omega_conf_to_dataclass(
-                    OmegaConf.merge(self.config.model, {"path": str(block["ref_model_path"])}))
-            else:
-                ref_model_config = deepcopy(self.model_config)
-            ref_engine_config = deepcopy(self.engine_config)
-            ref_engine_config.forward_only = True
-            if block["ref_model_dtype"]:
-                import dataclasses
-
-                ref_engine_config = dataclasses.replace(ref_engine_config, model_dtype=str(block["ref_model_dtype"]))
-            ref_config = TrainingWorkerConfig(
-                model_type="language_model", model_config=ref_model_config, engine_config=ref_engine_config,
-                optimizer_config=None, checkpoint_config=deepcopy(self.checkpoint_config),
-                profiler_config=self.profiler_config,
-            )  # fmt: skip
         device = str(self.config.trainer.device)
         self.resource_pool = RayResourcePool(process_on_nodes=[n_per_node] * nnodes, use_gpu=True,
                                              max_colocate_count=1)

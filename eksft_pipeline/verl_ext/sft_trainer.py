@@ -768,6 +768,69 @@ def selective_config(config) -> dict[str, Any]:
     return complete_eksft_block(OmegaConf.to_container(config.get("eksft", {}) or {}, resolve=True))
 
 
+def worker_configs(trainer):
+    """What the selective trainer's workers are built from, checked once for both launchers (`EKSFTTrainer` here,
+    `EKSFTRayTrainer` in sft_ray.py): ``(eksft block, loss, head, policy TrainingWorkerConfig, reference
+    TrainingWorkerConfig or None)``. ``trainer`` is a verl SFT trainer after its configs are built (`config`,
+    `model_config`, `engine_config`, `optimizer_config`, `checkpoint_config`, `profiler_config`)."""
+    from verl.workers.engine_workers import TrainingWorkerConfig
+
+    block = selective_config(trainer.config)
+    loss = get_loss(block["loss"], **(block["loss_params"] or {}))
+    check_eksft_block(
+        block,
+        loss=loss,
+        micro_batch_size_per_gpu=int(trainer.config.data.micro_batch_size_per_gpu),
+        use_dynamic_bsz=bool(trainer.config.data.use_dynamic_bsz),
+        ulysses_sequence_parallel_size=int(trainer.engine_config.ulysses_sequence_parallel_size),
+    )
+    head = loss.resolve_head(block["head"])  # auto -> the loss's first head (fused for the linear form)
+
+    if trainer.model_config.get("use_fused_kernels", False):
+        raise ValueError(
+            "model.use_fused_kernels=True replaces the model's forward with verl's PPO head (log-probs only); "
+            "the selective loss brings its own fused head (eksft.head=fused): set model.use_fused_kernels=false"
+        )
+    sp = int(trainer.engine_config.ulysses_sequence_parallel_size)
+    if sp > 1 and not trainer.model_config.get("use_remove_padding", False):
+        raise ValueError(
+            f"engine.ulysses_sequence_parallel_size={sp} slices the packed sequence: set model.use_remove_padding=true"
+        )
+
+    config = TrainingWorkerConfig(
+        model_type="language_model",
+        model_config=trainer.model_config,
+        engine_config=trainer.engine_config,
+        optimizer_config=trainer.optimizer_config,
+        checkpoint_config=trainer.checkpoint_config,
+        profiler_config=trainer.profiler_config,
+    )
+    ref_config = None
+    if loss.needs_ref:
+        if block["ref_model_path"]:
+            from verl.utils.config import omega_conf_to_dataclass
+
+            node = OmegaConf.merge(trainer.config.model, {"path": str(block["ref_model_path"])})
+            ref_model_config = omega_conf_to_dataclass(node)
+        else:
+            ref_model_config = deepcopy(trainer.model_config)
+        ref_engine_config = deepcopy(trainer.engine_config)
+        ref_engine_config.forward_only = True
+        if block["ref_model_dtype"]:  # storage dtype of the (CPU-offloaded) reference weights, e.g. bf16
+            import dataclasses
+
+            ref_engine_config = dataclasses.replace(ref_engine_config, model_dtype=str(block["ref_model_dtype"]))
+        ref_config = TrainingWorkerConfig(
+            model_type="language_model",
+            model_config=ref_model_config,
+            engine_config=ref_engine_config,
+            optimizer_config=None,
+            checkpoint_config=deepcopy(trainer.checkpoint_config),
+            profiler_config=trainer.profiler_config,
+        )
+    return block, loss, head, config, ref_config
+
+
 class EKSFTTrainer(SFTTrainer):
     """verl `SFTTrainer` whose loss is any `eksft_pipeline.losses` loss (see module docstring)."""
 
@@ -812,64 +875,8 @@ class EKSFTTrainer(SFTTrainer):
         super()._init_engine()
 
     def _build_engine(self):
-        from verl.workers.engine_workers import TrainingWorkerConfig
-
-        block = selective_config(self.config)
-        self.eksft_block = block
-        loss = get_loss(block["loss"], **(block["loss_params"] or {}))
-        self.loss_obj = loss
-        check_eksft_block(
-            block,
-            loss=loss,
-            micro_batch_size_per_gpu=int(self.config.data.micro_batch_size_per_gpu),
-            use_dynamic_bsz=bool(self.config.data.use_dynamic_bsz),
-            ulysses_sequence_parallel_size=int(self.engine_config.ulysses_sequence_parallel_size),
-        )
-        head = loss.resolve_head(block["head"])  # auto -> the loss's first head (fused for the linear form)
-        self.eksft_head = head
-
-        if self.model_config.get("use_fused_kernels", False):
-            raise ValueError(
-                "model.use_fused_kernels=True replaces the model's forward with verl's PPO head (log-probs only); "
-                "the selective loss brings its own fused head (eksft.head=fused): set model.use_fused_kernels=false"
-            )
-        sp = int(self.engine_config.ulysses_sequence_parallel_size)
-        if sp > 1 and not self.model_config.get("use_remove_padding", False):
-            raise ValueError(
-                f"engine.ulysses_sequence_parallel_size={sp} slices the packed sequence: set model.use_remove_padding=true"
-            )
-
-        config = TrainingWorkerConfig(
-            model_type="language_model",
-            model_config=self.model_config,
-            engine_config=self.engine_config,
-            optimizer_config=self.optimizer_config,
-            checkpoint_config=self.checkpoint_config,
-            profiler_config=self.profiler_config,
-        )
-        ref_config = None
-        if loss.needs_ref:
-            if block["ref_model_path"]:
-                from verl.utils.config import omega_conf_to_dataclass
-
-                node = OmegaConf.merge(self.config.model, {"path": str(block["ref_model_path"])})
-                ref_model_config = omega_conf_to_dataclass(node)
-            else:
-                ref_model_config = deepcopy(self.model_config)
-            ref_engine_config = deepcopy(self.engine_config)
-            ref_engine_config.forward_only = True
-            if block["ref_model_dtype"]:  # storage dtype of the (CPU-offloaded) reference weights, e.g. bf16
-                import dataclasses
-
-                ref_engine_config = dataclasses.replace(ref_engine_config, model_dtype=str(block["ref_model_dtype"]))
-            ref_config = TrainingWorkerConfig(
-                model_type="language_model",
-                model_config=ref_model_config,
-                engine_config=ref_engine_config,
-                optimizer_config=None,
-                checkpoint_config=deepcopy(self.checkpoint_config),
-                profiler_config=self.profiler_config,
-            )
+        block, loss, head, config, ref_config = worker_configs(self)
+        self.eksft_block, self.loss_obj, self.eksft_head = block, loss, head
         from eksft_pipeline.verl_ext import cpu_platform
 
         if ref_config is not None and cpu_platform.is_active():
@@ -893,4 +900,4 @@ class EKSFTTrainer(SFTTrainer):
         self.engine = self.training_client.engine
 
 
-__all__ = ["EKSFTTrainer", "SelectiveLossHook", "SelectiveTrainingWorker", "selective_config"]
+__all__ = ["EKSFTTrainer", "SelectiveLossHook", "SelectiveTrainingWorker", "selective_config", "worker_configs"]
