@@ -2,7 +2,7 @@
 
 Lives in `contract/` (below the stages) so that the SFT and RL stages use the same code without importing each other.
 
-* `tee` runs verl (torchrun / main_ppo) with its FULL output in the stage's log file (progress bars as one
+* `tee` runs verl (its Ray SFT driver / main_ppo) with its FULL output in the stage's log file (progress bars as one
   line per update, not one giant line) and a short console view: `StepProgress` turns verl's
   `step:N - key:value - ...` lines into `[rl/eksft] step 3/8  score -1.62  73.1 s/step  ETA 6m05s`.
 * `atomic_path` / `atomic_write_text` / `atomic_write_json`: write to a temporary name in the same folder,

@@ -23,10 +23,10 @@ stage started is ended first. A manifest that cannot be written (full disk) neve
 error. The console's last line is one `error:` line naming the fix; verl's full output stays in the
 stage's log file.
 
-Launchers: `cluster.launcher=local` runs a stage in this process (stages that need torchrun or
-verl's Ray trainer start those themselves); `cluster.launcher=ray` submits each stage as a Ray
-task with the stage's resources (the SFT and eval stages hold the node's GPUs, the RL stage holds
-none because verl's own Ray actors take them).
+Launchers: `cluster.launcher=local` runs a stage in this process (the SFT and RL stages start verl's
+Ray trainers themselves); `cluster.launcher=ray` submits each stage as a Ray task with the stage's
+resources (the eval stage holds the node's GPUs; the SFT and RL stages hold none because verl's own Ray
+actors take them).
 """
 
 from __future__ import annotations

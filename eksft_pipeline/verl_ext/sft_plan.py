@@ -193,7 +193,7 @@ def complete_eksft_block(block: dict | None) -> dict:
 
 def validate_sft_block(vc, loss) -> None:
     """`check_eksft_block` on a composed verl SFT config (OmegaConf) and the loss object the sft stage built from
-    it: the stage calls it before torchrun."""
+    it: the stage calls it before the trainer starts."""
     from omegaconf import OmegaConf
 
     block = complete_eksft_block(OmegaConf.to_container(vc.get("eksft") or {}, resolve=True))
