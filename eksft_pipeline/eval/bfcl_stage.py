@@ -208,7 +208,6 @@ class ToolEvalStage(EvalStage):
     def _sample(self, ctx, target: str, model_dir: str, problems: list, params, tdir: Path,
                 settings: dict) -> list[dict]:
         """Sample the entries not yet saved under ``tdir/samples`` (one part per entry), then read every part."""
-        import os
 
         cfg = ctx.cfg
         parts, existing, save = open_sample_parts(tdir, target, settings, str(model_dir),
@@ -228,19 +227,9 @@ class ToolEvalStage(EvalStage):
             sample_problems(sampler, todo, params, existing, save)
             del sampler
         else:
-            from eksft_pipeline.eval.sampling import sample_with_vllm, vllm_engine_config
-
             print(f"[eval] tool_use {target}: sampling {len(todo)} of {len(problems)} BFCL entries with vllm from "
                   f"{model_dir}", flush=True)
-            vcfg = plain(cfg.eval.get("vllm")) or {}
-            device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            visible = ([d for d in visible.split(",") if d.strip()] if visible
-                       else [str(i) for i in range(int(cfg.cluster.gpus_per_node))])  # fmt: skip
-            sample_with_vllm(str(model_dir), todo, params, existing, save,
-                             engine=vllm_engine_config(vcfg, str(cfg.eval.dtype)), work_dir=tdir / "engines",
-                             device=device, num_engines=vcfg.get("num_engines"), visible_devices=visible,
-                             python=vcfg.get("python"), env=ctx.env())  # fmt: skip
+            self.sample_vllm(ctx, model_dir, todo, params, existing, save, tdir)
         df = read_sample_parts(parts, target, {p.problem_id for p in problems}, {c: 1 for c in {p.benchmark for p in problems}})
         if len(df) != len(problems):
             raise RuntimeError(f"eval tool_use {target}: {len(df)} completions for {len(problems)} entries")

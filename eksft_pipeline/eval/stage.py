@@ -477,20 +477,27 @@ class EvalStage(Stage):
                 sample_problems(sampler, group, replace(params, n=n), existing, save)
             del sampler  # free the model before the next target's
         elif backend == "vllm":
-            # data-parallel engines, one process each (exits before the next target's engines start)
-            from eksft_pipeline.eval.sampling import sample_with_vllm, vllm_engine_config
-
-            vcfg = plain(cfg.eval.get("vllm")) or {}
-            device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            visible = ([d for d in visible.split(",") if d.strip()] if visible
-                       else [str(i) for i in range(int(cfg.cluster.gpus_per_node))])  # fmt: skip
-            sample_with_vllm(str(model_dir), todo, params, existing, save,
-                             engine=vllm_engine_config(vcfg, str(cfg.eval.dtype)), work_dir=tdir / "engines",
-                             device=device, num_engines=vcfg.get("num_engines"), visible_devices=visible,
-                             python=vcfg.get("python"), env=ctx.env(), n_by_benchmark=n_of)  # fmt: skip
+            EvalStage.sample_vllm(ctx, model_dir, todo, params, existing, save, tdir, n_by_benchmark=n_of)
         else:
             raise ValueError(f"eval.backend must be 'hf' or 'vllm', got {backend!r}")
+
+    @staticmethod
+    def sample_vllm(ctx: StageContext, model_dir, todo, params, existing, save, tdir: Path, *,
+                    n_by_benchmark: dict[str, int] | None = None) -> None:
+        """`todo` sampled with vLLM: data-parallel engines, one process each, over the node's visible GPUs (they
+        exit before the next target's engines start). Shared by the maths and the tool-use evals."""
+        from eksft_pipeline.eval.sampling import sample_with_vllm, vllm_engine_config
+
+        cfg = ctx.cfg
+        vcfg = plain(cfg.eval.get("vllm")) or {}
+        device = "cuda" if str(cfg.cluster.device) == "cuda" else "cpu"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = ([d for d in visible.split(",") if d.strip()] if visible
+                   else [str(i) for i in range(int(cfg.cluster.gpus_per_node))])  # fmt: skip
+        sample_with_vllm(str(model_dir), todo, params, existing, save,
+                         engine=vllm_engine_config(vcfg, str(cfg.eval.dtype)), work_dir=tdir / "engines",
+                         device=device, num_engines=vcfg.get("num_engines"), visible_devices=visible,
+                         python=vcfg.get("python"), env=ctx.env(), n_by_benchmark=n_by_benchmark)  # fmt: skip
 
 
 
