@@ -1,12 +1,13 @@
 """Probe: can the tiny model learn the tool-use twin, and what stops it? (issue 25; README "Tool use", the CPU twin)
 
-A plain-PyTorch SFT loop (no verl, no Ray: ~1.4 s per step of 16 twin rows on 2 cores, against 20-28 s per verl
-step under load) over a finished tool split's rows, then greedy generation on the split's BFCL-layout eval set,
+A plain-PyTorch SFT loop (no verl, no Ray: ~0.65 s per step of 16 twin rows of ~155 tokens on 2 cores, against
+~1.8 s per verl step of the pipeline's SFT) over a finished tool split's rows (the split's run tokenizer, with
+the twin's format tokens where the recipe adds them), then greedy generation on the split's BFCL-layout eval set,
 scored by BFCL's own checker (`eksft_pipeline.eval.bfcl.score_entry`). It answers recipe questions (rows, steps,
 lr, how much of the system turn the model can read past) in minutes before a verl run is spent on them:
 
     python -m eksft_pipeline task=tool_use stage=split run_dir=/tmp/tu task.data.tiny.n_train=3000
-    python scripts/probe_tool_twin.py /tmp/tu/split --steps 300 --lr 1e-3 --batch 16 --prompt full
+    python scripts/probe_tool_twin.py /tmp/tu/split --steps 200 --lr 3e-3 --batch 16 --prompt full
 
 `--prompt`: `full` = the run's real rows (tool docs in the system turn, as Qwen3 renders `tools=`); `compact` =
 the tool schemas without Qwen3's fixed header/footer text; `header` = that header/footer text without the

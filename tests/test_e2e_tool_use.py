@@ -1,15 +1,14 @@
-"""task=tool_use end to end on CPU (the CPU twin of the paper's App. I experiment), marked `long`.
+"""task=tool_use end to end on CPU (the CPU twin of the paper's App. I experiment), part of `make test`.
 
 `python -m eksft_pipeline task=tool_use method=sft` in a fresh run directory: assets -> tool split (the generated
-twin in ACEBench's layout; the run tokenizer gets <tool_call> / </tool_call> as added tokens) -> SFT through verl
-(the tiny recipe's `model.task_sft.tool_use`) -> BFCL-layout eval of the base and SFT models scored by BFCL's own
-AST checker -> Tables 10-11 report. Asserts every stage completed and wrote its files, and that SFT raised BFCL
-live with the report's paired bootstrap CI above zero (issue 25; README "Tool use", the CPU twin).
+twin in ACEBench's layout; the run tokenizer gets <tool_call> / </tool_call> and the twin's tool-format strings as
+added tokens) -> SFT through verl as a Ray job (the tiny recipe's `model.task_sft.tool_use`) -> BFCL-layout eval of
+the base and SFT models scored by BFCL's own AST checker -> Tables 10-11 report. Asserts every stage completed and
+wrote its files, and that SFT raised BFCL live with the report's paired bootstrap CI above zero (issue 25; README
+"Tool use", the CPU twin).
 
-Cost on the shared 2-core machine: one SFT step of 16 twin rows (~700 tokens each, ~600 of them the tool docs)
-took 20-28 s under load, so the recipe's SFT alone is ~50-60 minutes there: `long` (`make test-long`), not
-`make test`; EKSFT_TEST_TOOL_RUN=<run_dir> checks a finished run instead. The unit tests of every piece
-(conversion, format, added tokens, BFCL checker, eval resume, stage selection, report tables) are in make test.
+Cost on 2 idle cores: ~6 minutes (SFT ~2 s a step of 16 rows of ~160 tokens, eval of base and SFT ~1.5 minutes);
+the assets are the maths end-to-end run's (built once). EKSFT_TEST_TOOL_RUN=<run_dir> checks a finished run instead.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.long, pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +35,7 @@ def tool_run(tmp_path_factory):
     log = run_dir.parent / "pipeline.log"
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-m", "eksft_pipeline", "task=tool_use", "method=sft",
-                               f"run_dir={run_dir}"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=3600,
+                               f"run_dir={run_dir}"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=1800,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     if proc.returncode != 0:
         pytest.fail(f"task=tool_use run failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
@@ -48,12 +47,16 @@ def test_stages_complete_and_files(tool_run):
     for key in ("assets", "split", "sft/sft", "eval/sft", "report"):
         assert stages[key]["status"] == "complete", key
     assert "rl/sft" not in stages and "handoff/sft" not in stages  # no RL in this task
-    # the tiny tokenizer got Qwen3's <tool_call> / </tool_call> as added tokens; the SFT model carries them
+    # the tiny tokenizer got Qwen3's <tool_call> / </tool_call> and the twin's format strings as added tokens;
+    # the SFT model carries them
+    from eksft_pipeline.data.tool_use.format import TWIN_FORMAT_TOKENS
+
     assert stages["split"]["summary"]["added_tokens"] == ["<tool_call>", "</tool_call>"]
+    assert stages["split"]["summary"]["format_tokens"] == len(TWIN_FORMAT_TOKENS)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tool_run / "sft" / "sft" / "hf_model")
-    assert len(tok("<tool_call></tool_call>").input_ids) == 2
+    assert len(tok("<tool_call></tool_call>").input_ids) == 2 and len(tok('{"name": "').input_ids) == 1
     rep = json.loads((tool_run / "split" / "split_report.json").read_text())
     assert rep["task"] == "tool_use" and rep["n_sft"] + rep["n_unused"] + rep["n_dropped"] == rep["n_input"]
     for t in ("base", "sft"):

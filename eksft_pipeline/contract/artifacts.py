@@ -91,6 +91,7 @@ _STEP = re.compile(r"(?<![\w/])step:(\d+) - (.*)")
 _KV = re.compile(r"([\w/@.\-]+):(-?[\d.]+(?:e[-+]?\d+)?)(?=\s|$)")
 _TOTAL = re.compile(r"Total (?:training )?steps:? (\d+)")
 _BAR = re.compile(r"\|\s*(\d+)/(\d+) \[")
+_EPOCH = re.compile(r"Epoch \d+/(\d+)")
 _CKPT = re.compile(r"Saving checkpoint to:? (\S+)")
 
 
@@ -116,6 +117,8 @@ class StepProgress:
             bar = _BAR.search(line) if ("Epoch" in line or "Training Progress" in line) else None
             if self.total is None and (t := _TOTAL.search(line) or bar):
                 self.total = int(t.group(t.lastindex))
+                if t is bar and (e := _EPOCH.search(line)):  # verl's per-epoch bar: steps of one epoch
+                    self.total *= int(e.group(1))
             if c := _CKPT.search(line):
                 return f"[{self.key}] checkpoint {Path(c.group(1)).name}"
             return None

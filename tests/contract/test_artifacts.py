@@ -45,6 +45,9 @@ def test_step_progress_shows_step_metrics_and_eta(monkeypatch):
     assert out[1] == "[sft/eksft] step 1/4  loss 5.875"
     assert out[2] == "[sft/eksft] step 2/4  loss 5.5  mask 0.37  10.0 s/step  ETA 20s"
     assert out[3] == "[sft/eksft] checkpoint global_step_2"
+    # without verl's "Total steps" line, the total is the per-epoch bar's steps times the epochs (6 x 17)
+    ep = StepProgress("sft/sft", {})
+    assert ep("Epoch 1/6:   0%|          | 0/17 [00:00<?, ?it/s]") is None and ep.total == 102
     rl = StepProgress("rl/eksft", {"score": "critic/score/mean", "len": "response_length/mean"}, total=8)
     import re
 

@@ -314,3 +314,25 @@ def test_run_tokenizer_gets_tool_call_tokens_as_qwen3_has_them(tmp_path):
     assert again(call).input_ids == ids and again.decode(ids, skip_special_tokens=True) == call
     assert parse_tool_calls(again.decode(ids, skip_special_tokens=True))[1] == "ok"
     assert add_tool_call_tokens(again, n + 100) == []  # already there (as in Qwen3's tokenizer)
+
+
+def test_twin_format_tokens_keep_the_text_and_shorten_rows():
+    """The twin's tool-format tokens change the tokenization only: a rendered tool prompt and call decode to the same
+    text, in far fewer tokens; a model without enough spare rows gets a one-line error, not a silent half-set."""
+    from eksft_pipeline.data.tool_use import format as fmt
+    from eksft_pipeline.data.tool_use.tiny import TOOLS
+    from eksft_pipeline.models.tokenizer import build_tiny_tokenizer
+
+    text = fmt.tools_system_prompt([TOOLS["add"], TOOLS["time"]]) + "\n" + render_tool_calls([("add", {"a": 3, "b": 4})])
+    tok = build_tiny_tokenizer(None, ["What is 3 plus 4?", "The answer is 7."] * 20, vocab_size=300)
+    fmt.add_tool_call_tokens(tok, len(tok) + 2)
+    before = tok(text).input_ids
+    n, k = len(tok), len(fmt.TWIN_FORMAT_TOKENS)
+    with pytest.raises(fmt.ToolFormatError, match="do not fit"):
+        fmt.add_twin_format_tokens(tok, n + k - 1)
+    assert len(tok) == n and fmt.add_twin_format_tokens(tok, n + k) == list(fmt.TWIN_FORMAT_TOKENS)
+    ids = tok(text).input_ids
+    assert tok.decode(ids) == tok.decode(before) == text
+    assert len(ids) * 3 < len(before)  # header, footer and JSON keys: one token each
+    call = tok(render_tool_calls([("add", {"a": 3, "b": 4})])).input_ids
+    assert len(call) < 30 and parse_tool_calls(tok.decode(call))[0] == [{"add": {"a": 3, "b": 4}}]

@@ -123,8 +123,47 @@ def add_tool_call_tokens(tokenizer: Any, model_vocab_size: int) -> list[str]:
     return missing
 
 
+# The CPU twin's tool-format tokens (task.data.format_tokens: true, the tiny recipe only). The tiny tokenizer
+# is BPE-trained on arithmetic, so it spells JSON and the tool prose nearly a character a token: a twin row with
+# its tool docs is ~690 tokens where Qwen3's tokenizer, with merges for this text, needs a fraction of that.
+# These fixed strings of the format, each one added token, bring a twin row to ~160 tokens; the text is the same.
+TWIN_FORMAT_TOKENS = (
+    TOOLS_HEADER,
+    TOOLS_FOOTER,
+    '{"name": "',
+    '", "arguments": ',
+    '", "description": "',
+    '", "parameters": {"type": "dict", "properties": {',
+    '{"type": "integer"}',
+    '{"type": "string"}',
+    '}, "required": [',
+)
+
+
+def add_twin_format_tokens(tokenizer: Any, model_vocab_size: int) -> list[str]:
+    """Give the CPU twin's ``tokenizer`` :data:`TWIN_FORMAT_TOKENS` as added, non-special tokens in the model's
+    unused embedding rows (after :func:`add_tool_call_tokens`); returns the tokens added.
+
+    Departure (twin only; Qwen3 runs never call this): the text is unchanged, only its tokenization is shorter,
+    standing in for the BPE merges Qwen3's tokenizer has for JSON and its tool prose. The rows are the model's
+    untrained spare rows, learnt in SFT. Raises :class:`ToolFormatError` when the model has too few spare rows.
+    """
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in TWIN_FORMAT_TOKENS if t not in vocab]
+    if len(tokenizer) + len(missing) > int(model_vocab_size):
+        raise ToolFormatError(f"task.data.format_tokens: {len(missing)} tokens do not fit the model's "
+                              f"{model_vocab_size} embedding rows ({len(tokenizer)} in use); set it false")
+    tokenizer.add_tokens([AddedToken(t, rstrip=False, lstrip=False, single_word=False, normalized=False,
+                                     special=False) for t in missing])  # fmt: skip
+    return missing
+
+
 __all__ = [
     "TOOLS_FOOTER",
+    "TWIN_FORMAT_TOKENS",
+    "add_twin_format_tokens",
     "TOOL_CALL_TOKENS",
     "add_tool_call_tokens",
     "TOOLS_HEADER",

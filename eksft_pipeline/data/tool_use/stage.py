@@ -10,7 +10,9 @@ maths split makes it, and rows longer than `model.data.cutoff_tokens` under that
 (`over_length`). `task.data.source: tiny` generates the CPU twin (training rows in ACEBench's layout, held-out
 eval entries in BFCL's layout, output `bfcl_eval_dir` for the eval stage) under `<run_dir>/split/tiny_tool_data`.
 The run tokenizer carries `<tool_call>` / `</tool_call>` as added tokens, as Qwen3's does
-(`format.add_tool_call_tokens`: a no-op for Qwen3; the tiny tokenizer gets them in the model's spare rows).
+(`format.add_tool_call_tokens`: a no-op for Qwen3; the tiny tokenizer gets them in the model's spare rows), and
+with `task.data.format_tokens: true` (the tiny recipe) the twin's fixed tool-format strings
+(`format.add_twin_format_tokens`, a departure documented there).
 """
 
 from __future__ import annotations
@@ -68,16 +70,20 @@ class ToolSplitStage(SplitStage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from eksft_pipeline.data.tool_use.acebench import split_acebench
-        from eksft_pipeline.data.tool_use.format import add_tool_call_tokens
+        from eksft_pipeline.data.tool_use.format import add_tool_call_tokens, add_twin_format_tokens
         from eksft_pipeline.data.tool_use.tiny import make_tiny_tool_data
 
         d = ctx.cfg.task.data
         out = Path(ctx.out_dir)
         tok, eos, fmt = self.run_tokenizer(ctx)
-        added = add_tool_call_tokens(tok, _model_vocab_size(str(fmt.model_ref), len(tok)))
+        rows = _model_vocab_size(str(fmt.model_ref), len(tok))
+        added = add_tool_call_tokens(tok, rows)
         if added:
             print(f"[split] tool_use: run tokenizer gets {added} as added tokens (as Qwen3's tokenizer has them)",
                   flush=True)
+        n_format = len(add_twin_format_tokens(tok, rows)) if d.get("format_tokens") else 0
+        if n_format:
+            print(f"[split] tool_use: run tokenizer gets the twin's tool-format tokens ({len(tok)} tokens)", flush=True)
         outputs = self.save_run_format(ctx, tok, eos, fmt)
         src = str(d.source)
         if src == TINY:
@@ -93,7 +99,7 @@ class ToolSplitStage(SplitStage):
         return StageResult(outputs=outputs, summary={**{k: rep[k] for k in ("n_input", "n_valid", "n_sft",
                                                                            "n_dropped", "dropped")},
                                                      "eos": eos, "length_check": rep["length_check"],
-                                                     "added_tokens": added})  # fmt: skip
+                                                     "added_tokens": added, "format_tokens": n_format})  # fmt: skip
 
 
 def _model_vocab_size(model_path: str, default: int) -> int:

@@ -14,9 +14,22 @@ run on them unchanged:
   each), ``..._irrelevance.json`` and ``..._live_irrelevance.json``
   (requests no tool serves), with ``possible_answer/`` files as BFCL writes them (``{name: {arg: [value]}}``).
 
-Requests and operands of the eval set are drawn from a separate stream (``seed`` + 1), cities from a list
-disjoint from training's, and any (template, arguments) pair that occurs in training is redrawn, so eval
-requests are never training requests. Tool schemas
+The tools span three kinds of argument (``KINDS``), because what the tiny model can learn differs by kind
+(measured with ``scripts/probe_tool_twin.py``: README "Tool use", the CPU twin):
+
+* ``copy`` (``add``: two integers; ``weather``: a city) -- the values must be copied from the request. Eval
+  cities come from a list disjoint from training's. With the tool schemas in the system turn the 0.9M model
+  does not learn this copy (it answers with memorised training values), so these entries stay near 0.
+* ``closed`` (``lights``: a room and on/off from small fixed sets) -- the values are words of the request
+  from a closed vocabulary every split shares: classification, not copying.
+* ``none`` (``time``, ``battery``: no arguments) -- choosing the tool is the whole call.
+
+Departure from BFCL (documented here, the one place): BFCL's live entries nearly all need argument values
+copied from the request; the twin's live score therefore rises through the call format, tool choice and
+``closed`` arguments, which is what SFT of a 0.9M model moves. Each eval request is held
+out: it ends with a courtesy no training request has (``COURTESY``: " Thanks."), and ``copy`` tools' eval
+requests also carry (phrasing, arguments) pairs never seen in training. The tool's own words stay those of
+training: eval phrasings unlike any training phrasing were answered with the refusal (measured). Tool schemas
 are short (two arguments at most) so that a request with its tool docs fits the tiny model's context.
 Deterministic for a given seed.
 """
@@ -28,44 +41,48 @@ import random
 from pathlib import Path
 from typing import Any
 
+
+def _tool(name: str, description: str, **props: str) -> dict[str, Any]:
+    return {"name": name, "description": description,
+            "parameters": {"type": "dict", "properties": {k: {"type": t} for k, t in props.items()},
+                           "required": list(props)}}  # fmt: skip
+
+
 TOOLS: dict[str, dict[str, Any]] = {
-    "add": {"name": "add", "description": "Add two integers.",
-            "parameters": {"type": "dict", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                           "required": ["a", "b"]}},
-    "sub": {"name": "sub", "description": "Subtract b from a.",
-            "parameters": {"type": "dict", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                           "required": ["a", "b"]}},
-    "weather": {"name": "weather", "description": "Weather of a city.",
-                "parameters": {"type": "dict", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
-    "timer": {"name": "timer", "description": "Start a timer.",
-              "parameters": {"type": "dict", "properties": {"minutes": {"type": "integer"}},
-                             "required": ["minutes"]}},
-}  # fmt: skip
+    "add": _tool("add", "Add two integers.", a="integer", b="integer"),
+    "weather": _tool("weather", "Weather of a city.", city="string"),
+    "lights": _tool("lights", "Switch the lights of a room.", room="string", state="string"),
+    "time": _tool("time", "Current time."),
+    "battery": _tool("battery", "Battery level."),
+}
+KINDS = {"add": "copy", "weather": "copy", "lights": "closed", "time": "none", "battery": "none"}
 # training and eval draw cities from disjoint lists (there are too few (template, city) pairs to hold some out)
 CITIES = {"train": ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Dakar", "Quito", "Perth", "Riga"),
           "eval": ("Bern", "Kyiv", "Doha", "Baku", "Accra", "Hanoi", "Sofia", "Tunis", "Minsk", "Dhaka")}
-REQUESTS = {
+ROOMS = ("kitchen", "bedroom", "garage", "office")  # `lights` values: every split draws from these
+STATES = ("on", "off")
+# phrasings per tool (every split); eval requests end with a courtesy training never has (COURTESY)
+REQUESTS: dict[str, tuple[str, ...]] = {
     "add": ("What is {a} plus {b}?", "Add {a} and {b}."),
-    "sub": ("What is {a} minus {b}?", "Subtract {b} from {a}."),
     "weather": ("Weather in {city}?", "How is the weather in {city}?"),
-    "timer": ("Set a timer for {minutes} minutes.", "Start a {minutes} minute timer."),
+    "lights": ("Turn {state} the {room} lights.", "Switch the {room} lights {state}."),
+    "time": ("What time is it?", "Tell me the time."),
+    "battery": ("How much battery is left?", "Check the battery."),
 }
+COURTESY = {"train": ("", " Please."), "eval": (" Thanks.",)}
 IRRELEVANT = ("Tell me a joke.", "Who wrote Hamlet?", "Translate hello to French.", "Sing me a song.",
               "What is your name?", "Recommend a book.", "Write a poem about rain.", "How tall is Everest?")  # fmt: skip
 REFUSAL = "Due to the limitations of the function, I cannot solve this problem."  # = acebench SPECIAL_TARGETS
 
 
 def _args(rng: random.Random, name: str, split: str) -> dict[str, Any]:
-    if name in ("add", "sub"):
+    if name == "add":
         return {"a": rng.randint(10, 99), "b": rng.randint(10, 99)}
     if name == "weather":
         return {"city": rng.choice(CITIES[split])}
-    return {"minutes": rng.randint(2, 240)}
-
-
-def _request(rng: random.Random, name: str, args: dict[str, Any]) -> tuple[str, str]:
-    tmpl = rng.choice(REQUESTS[name])
-    return tmpl, tmpl.format(**args)
+    if name == "lights":
+        return {"room": rng.choice(ROOMS), "state": rng.choice(STATES)}
+    return {}
 
 
 def _tools(rng: random.Random, needed: list[str], n_extra: int) -> list[dict[str, Any]]:
@@ -76,7 +93,7 @@ def _tools(rng: random.Random, needed: list[str], n_extra: int) -> list[dict[str
 
 
 class _Stream:
-    """Requests drawn without repeating a (template, arguments) pair of ``banned``."""
+    """Requests of one split; a ``copy`` tool's never repeat a (template, arguments) pair of ``banned``."""
 
     def __init__(self, seed: int, split: str, banned: set | None = None):
         self.rng = random.Random(seed)
@@ -84,21 +101,31 @@ class _Stream:
         self.banned = banned if banned is not None else set()
         self.seen: set = set()
 
-    def call(self, name: str | None = None) -> tuple[str, dict[str, Any], str]:
+    def call(self, name: str | None = None, exclude: tuple[str, ...] = ()) -> tuple[str, dict[str, Any], str]:
         for _ in range(1000):
-            n = name or self.rng.choice(list(TOOLS))
+            n = name or self.rng.choice([t for t in TOOLS if t not in exclude])
             args = _args(self.rng, n, self.split)
-            tmpl, text = _request(self.rng, n, args)
+            tmpl = self.rng.choice(REQUESTS[n])
             key = (tmpl, json.dumps(args, sort_keys=True))
-            if key not in self.banned:
+            if KINDS[n] != "copy" or key not in self.banned:  # the others' few pairs: held out by COURTESY
                 self.seen.add(key)
-                return n, args, text
+                return n, args, tmpl.format(**args) + self.rng.choice(COURTESY[self.split])
         raise RuntimeError("tiny tool data: ran out of fresh requests")
+
+    def pair(self) -> tuple[tuple[str, dict, str], tuple[str, dict, str]]:
+        """Two requests for one message; a tool without arguments is not asked twice (the same request)."""
+        first = self.call()
+        second = self.call(exclude=(first[0],) if KINDS[first[0]] == "none" else ())
+        return first, second
 
 
 def _dump(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _answer(name: str, args: dict[str, Any]) -> dict[str, dict[str, list]]:
+    return {name: {k: [v] for k, v in args.items()}}  # BFCL's possible-answer layout
 
 
 def make_tiny_tool_data(out_dir: str | Path, *, n_train: int = 320, n_eval_per_category: int = 32,
@@ -119,7 +146,7 @@ def make_tiny_tool_data(out_dir: str | Path, *, n_train: int = 320, n_eval_per_c
                         "function": _tools(train.rng, [name], train.rng.randint(0, 2)), "time": ""},
                        {name: args}))  # fmt: skip
     for i in range(n_par):
-        (n1, a1, t1), (n2, a2, t2) = train.call(), train.call()
+        (n1, a1, t1), (n2, a2, t2) = train.pair()
         gold = {f"{n1}_1": a1, f"{n2}_2": a2} if n1 == n2 else {n1: a1, n2: a2}
         parallel.append(({"id": f"normal_single_turn_parallel_function_{i}", "question": f"user: {t1} And {t2}\n",
                           "function": _tools(train.rng, [n1, n2], train.rng.randint(0, 1)), "time": ""}, gold))
@@ -133,6 +160,7 @@ def make_tiny_tool_data(out_dir: str | Path, *, n_train: int = 320, n_eval_per_c
         _dump(ace / "possible_answer" / f"data_{cat}.json", [{"id": q["id"], "ground_truth": g} for q, g in rows])
 
     ev = _Stream(seed + 1, "eval", banned=train.seen)
+    with_args = [t for t in TOOLS if KINDS[t] != "none"]  # live_parallel asks one tool twice
     bfcl = out / "bfcl"
     cats: dict[str, list[tuple[dict, Any]]] = {c: [] for c in ("live_simple", "live_multiple", "live_parallel",
                                                                 "live_parallel_multiple", "irrelevance",
@@ -140,22 +168,20 @@ def make_tiny_tool_data(out_dir: str | Path, *, n_train: int = 320, n_eval_per_c
     for _ in range(n_eval_per_category):
         name, args, text = ev.call()
         cats["live_simple"].append(({"question": [[{"role": "user", "content": text}]], "function": [TOOLS[name]]},
-                                    [{name: {k: [v] for k, v in args.items()}}]))
+                                    [_answer(name, args)]))
         name, args, text = ev.call()
         cats["live_multiple"].append(({"question": [[{"role": "user", "content": text}]],
                                        "function": _tools(ev.rng, [name], ev.rng.randint(1, 2))},
-                                      [{name: {k: [v] for k, v in args.items()}}]))
-        name = ev.rng.choice(list(TOOLS))
+                                      [_answer(name, args)]))
+        name = ev.rng.choice(with_args)
         (n1, a1, t1), (n2, a2, t2) = ev.call(name), ev.call(name)
         cats["live_parallel"].append(({"question": [[{"role": "user", "content": f"{t1} And {t2}"}]],
-                                       "function": [TOOLS[name]]},
-                                      [{n1: {k: [v] for k, v in a1.items()}}, {n2: {k: [v] for k, v in a2.items()}}]))
+                                       "function": [TOOLS[name]]}, [_answer(n1, a1), _answer(n2, a2)]))
         n1, n2 = ev.rng.sample(list(TOOLS), 2)
         (n1, a1, t1), (n2, a2, t2) = ev.call(n1), ev.call(n2)
         cats["live_parallel_multiple"].append(({"question": [[{"role": "user", "content": f"{t1} And {t2}"}]],
                                                 "function": _tools(ev.rng, [n1, n2], ev.rng.randint(0, 1))},
-                                               [{n1: {k: [v] for k, v in a1.items()}},
-                                                {n2: {k: [v] for k, v in a2.items()}}]))  # fmt: skip
+                                               [_answer(n1, a1), _answer(n2, a2)]))  # fmt: skip
         for c in ("irrelevance", "live_irrelevance"):
             cats[c].append(({"question": [[{"role": "user", "content": ev.rng.choice(IRRELEVANT)}]],
                              "function": _tools(ev.rng, [], ev.rng.randint(1, 2))}, None))
@@ -169,4 +195,4 @@ def make_tiny_tool_data(out_dir: str | Path, *, n_train: int = 320, n_eval_per_c
     return {"acebench": str(out / "acebench"), "bfcl": str(bfcl)}
 
 
-__all__ = ["TOOLS", "make_tiny_tool_data"]
+__all__ = ["KINDS", "TOOLS", "make_tiny_tool_data"]
