@@ -105,6 +105,14 @@ def parse_tool_calls(text: str) -> tuple[list[dict[str, dict]] | None, str]:
 TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")  # Qwen3's added tokens 151657 / 151658 (special: false)
 
 
+def _add_plain_tokens(tokenizer: Any, tokens: list[str]) -> None:
+    """Add ``tokens`` as exact-match, non-special tokens (kept by ``decode(skip_special_tokens=True)``)."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(t, rstrip=False, lstrip=False, single_word=False, normalized=False,
+                                     special=False) for t in tokens])  # fmt: skip
+
+
 def add_tool_call_tokens(tokenizer: Any, model_vocab_size: int) -> list[str]:
     """Give ``tokenizer`` Qwen3's ``<tool_call>`` / ``</tool_call>`` as added, non-special tokens (as Qwen3's own
     tokenizer carries them: one id each, kept by ``decode(skip_special_tokens=True)``) when it lacks them and
@@ -112,14 +120,11 @@ def add_tool_call_tokens(tokenizer: Any, model_vocab_size: int) -> list[str]:
     has 384 rows for 370 tokens). Returns the tokens added ([] for Qwen3, which has them, or without room:
     the tags are then spelled out in ordinary tokens, the same text). The new ids' rows are the model's
     untrained spare rows, learnt in SFT."""
-    from tokenizers import AddedToken
-
     vocab = tokenizer.get_vocab()
     missing = [t for t in TOOL_CALL_TOKENS if t not in vocab]
     if not missing or len(tokenizer) + len(missing) > int(model_vocab_size):
         return []
-    tokenizer.add_tokens([AddedToken(t, rstrip=False, lstrip=False, single_word=False, normalized=False,
-                                     special=False) for t in missing])  # fmt: skip
+    _add_plain_tokens(tokenizer, missing)
     return missing
 
 
@@ -148,15 +153,12 @@ def add_twin_format_tokens(tokenizer: Any, model_vocab_size: int) -> list[str]:
     standing in for the BPE merges Qwen3's tokenizer has for JSON and its tool prose. The rows are the model's
     untrained spare rows, learnt in SFT. Raises :class:`ToolFormatError` when the model has too few spare rows.
     """
-    from tokenizers import AddedToken
-
     vocab = tokenizer.get_vocab()
     missing = [t for t in TWIN_FORMAT_TOKENS if t not in vocab]
     if len(tokenizer) + len(missing) > int(model_vocab_size):
         raise ToolFormatError(f"task.data.format_tokens: {len(missing)} tokens do not fit the model's "
                               f"{model_vocab_size} embedding rows ({len(tokenizer)} in use); set it false")
-    tokenizer.add_tokens([AddedToken(t, rstrip=False, lstrip=False, single_word=False, normalized=False,
-                                     special=False) for t in missing])  # fmt: skip
+    _add_plain_tokens(tokenizer, missing)
     return missing
 
 
