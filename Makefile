@@ -26,6 +26,10 @@ DRY_RUN ?= 0
 TRACKING ?=
 ARGS ?=
 PYTEST_ARGS ?=
+# make test / test-fast run on this many pytest workers (tests/conftest.py groups the tests: one module, or the tests
+# sharing the tiny end-to-end run, per worker); TEST_WORKERS=0 runs them in this process
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 comma := ,
 # the orchestrator's common arguments for a model, cluster and run dir ($(1), $(2), $(3))
 HYDRA_FOR = model=$(1) cluster=$(2) $(if $(filter-out math,$(TASK)),task=$(TASK)) run_dir=$(3) dry_run=$(if $(filter 1 true yes,$(DRY_RUN)),true,false) $(if $(TRACKING),tracking=$(TRACKING)) $(ARGS)
@@ -164,11 +168,11 @@ report: $(INSTALL)
 # The vLLM CPU tests
 # run from .venv-vllm's interpreter (EKSFT_VLLM_PYTHON) and must not skip here (EKSFT_REQUIRE_VLLM=1).
 test: $(INSTALL_HERE) $(VLLM_STAMP)
-	EKSFT_VLLM_PYTHON=$(abspath $(VLLM_PY)) EKSFT_REQUIRE_VLLM=1 $(PY) -m pytest -m "not long" --durations=30 $(PYTEST_ARGS)
+	EKSFT_VLLM_PYTHON=$(abspath $(VLLM_PY)) EKSFT_REQUIRE_VLLM=1 $(PY) -m pytest -m "not long" $(XDIST) --durations=30 $(PYTEST_ARGS)
 
 # Unit tests only: no verl/Ray run, no end-to-end run.
 test-fast: $(INSTALL_HERE)
-	$(PY) -m pytest -m "not long and not slow and not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not long and not slow and not e2e" $(XDIST) $(PYTEST_ARGS)
 
 # Tests longer than CI's budget (marker `long`).
 test-long: $(INSTALL_HERE)

@@ -71,6 +71,7 @@ def complete_tiny_run(tiny_run) -> TinyRun:
 
 
 _SHARED_SKIPPED: list[str] = []
+SHARED_MISSING = "shared eval data missing"
 SHARED_HOW = ("the project's CI has it at ../shared relative to the repo root; a worktree elsewhere sets "
               "EKSFT_SHARED_DIR=<dir holding data/eval/luffy_valid_all.parquet>; CI=true or EKSFT_REQUIRE_SHARED=1 fails "
               "instead")
@@ -82,18 +83,49 @@ def require_shared() -> bool:
 
 
 @pytest.fixture
-def shared_eval_parquet(request) -> Path:
+def shared_eval_parquet() -> Path:
     """The shared eval parquet, or a loud skip (a failure under `require_shared()`) naming where it was looked for."""
     from devtools.verifier_corpus import shared_eval_parquet as where
 
     path = where()
     if path.is_file():
         return path
-    msg = f"shared eval data missing: {path} does not exist ({SHARED_HOW})"
+    msg = f"{SHARED_MISSING}: {path} does not exist ({SHARED_HOW})"
     if require_shared():
         pytest.fail(msg)
-    _SHARED_SKIPPED.append(request.node.nodeid)
     pytest.skip(msg)
+
+
+def pytest_runtest_logreport(report):
+    """Collects the shared-data skips where the terminal summary is written (under `-n 2`, the controller process,
+    which gets every worker's reports here)."""
+    if report.skipped and SHARED_MISSING in str(report.longrepr):
+        _SHARED_SKIPPED.append(report.nodeid)
+
+
+# Test groups for `make test`'s two workers (`-n 2 --dist loadgroup --no-loadscope-reorder`): every test module is one
+# unit of work (its module-scoped fixtures -- assets, a trained run -- are built once), and the tests that share the
+# session's tiny end-to-end run are one unit across modules, sent first: that run's first 7 minutes (the assets'
+# pre-training) keep one core busy and the other worker meanwhile takes the modules one by one. The modules that need
+# data/generated/tiny without the shared run go last: by then the shared run has built it (and if not, the assets'
+# folder lock makes them wait for it instead of building it twice).
+TINY_RUN_GROUP = "tiny_run"
+AFTER_ASSETS = ("tests/test_e2e_tool_use.py", "tests/test_smoke.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist appends the group to each test's id
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        if TINY_RUN_GROUP in [m.args[0] for m in item.iter_markers("xdist_group") if m.args]:
+            return 0
+        return 2 if item.nodeid.split("::")[0] in AFTER_ASSETS else 1
+
+    for item in items:
+        if {"tiny_run", "complete_tiny_run"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group(TINY_RUN_GROUP))
+        elif not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=rank)  # stable: collection order within each rank
 
 
 def pytest_terminal_summary(terminalreporter):

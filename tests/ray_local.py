@@ -7,6 +7,7 @@ process's plain `ray.init()` would look -- is left untouched. (tests/ is on sys.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -54,10 +55,14 @@ def our_processes(marker: str) -> list[int]:
 
 
 def _node_ports() -> list[str]:
-    nm, om, agent, agent_grpc, metrics, rtenv, w0 = _free_ports(7)
+    """The ports of one node that Ray would otherwise take from fixed defaults (the dashboard agent's 52365) or that
+    the test names: free now, chosen in one call so no two coincide. Workers bind ports the OS picks
+    (`--min/max-worker-port=0`, as ray.cluster_utils does): a fixed worker range of one node could hold a port
+    another node's raylet picked, and that node then never joins (CI, 2026-12-05: "has not 2 alive nodes: 1")."""
+    nm, om, agent, agent_grpc, metrics, rtenv = _free_ports(6)
     return [f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
             f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-            f"--runtime-env-agent-port={rtenv}", f"--min-worker-port={w0}", f"--max-worker-port={w0 + 200}"]  # fmt: skip
+            f"--runtime-env-agent-port={rtenv}", "--min-worker-port=0", "--max-worker-port=0"]  # fmt: skip
 
 
 @contextmanager
@@ -93,11 +98,23 @@ def local_ray_cluster(num_cpus: int = 16, num_gpus: int = 1, worker_nodes: int =
             time.sleep(0.5)
         address = addr_file.read_text().strip()  # Ray canonicalises the node's address to the host's IP
         assert address.endswith(f":{gcs}"), address
-        for i in range(worker_nodes):
-            start([_ray_bin(), "start", f"--address={address}", *common, f"--temp-dir={temp}", *_node_ports()],
-                  f"ray_start_node{i + 1}")
-        if worker_nodes:
-            _wait_for_nodes(address, 1 + worker_nodes, env, temp)
+        nodes = {}  # worker node -> (its `ray start` process, its node-manager port)
+        for attempt in range(2):  # a node that has not joined is started once more, on other ports
+            for i in range(worker_nodes):
+                if i in nodes and nodes[i][1] in _alive_node_ports(address, env):
+                    continue
+                if i in nodes:
+                    _stop_group(nodes[i][0])
+                ports = _node_ports()
+                start([_ray_bin(), "start", f"--address={address}", *common, f"--temp-dir={temp}", *ports],
+                      f"ray_start_node{i + 1}_try{attempt + 1}")
+                nodes[i] = (procs[-1], int(ports[0].split("=")[1]))
+            if not nodes or _wait_for_nodes(address, [p for _, p in nodes.values()], env, timeout=90 if attempt else 60):
+                break
+        else:
+            raise RuntimeError(f"the Ray cluster at {address} has not {1 + worker_nodes} alive nodes after two starts "
+                               f"of its worker nodes (alive node-manager ports {_alive_node_ports(address, env)}):\n"
+                               f"{_diagnostics(temp)}")
         yield address, temp
     finally:
         for proc in reversed(procs):
@@ -121,24 +138,46 @@ def local_ray_cluster(num_cpus: int = 16, num_gpus: int = 1, worker_nodes: int =
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_nodes(address: str, n: int, env: dict, temp: Path, timeout: float = 120) -> None:
-    code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-            "print(sum(1 for x in ray.nodes() if x['Alive']))")
+def _alive_node_ports(address: str, env: dict) -> list[int]:
+    """Node-manager ports of the cluster's alive nodes, asked from a fresh driver process ([] if it cannot connect)."""
+    code = ("import json,ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(json.dumps([x['NodeManagerPort'] for x in ray.nodes() if x['Alive']]))")
+    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        return []
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _wait_for_nodes(address: str, ports: list[int], env: dict, timeout: float) -> bool:
+    """Whether the worker nodes of these node-manager ports are all alive within `timeout` seconds."""
     deadline = time.time() + timeout
-    while True:
-        out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
-            return
+    while not set(ports) <= set(_alive_node_ports(address, env)):
         if time.time() > deadline:
-            raise RuntimeError(f"the Ray cluster at {address} has not {n} alive nodes: {out.stdout[-500:]} "
-                               f"{out.stderr[-2000:]}")
+            return False
         time.sleep(2)
+    return True
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _diagnostics(temp: Path) -> str:
+    """The tails of every `ray start` log and of the nodes' raylet/GCS error logs under the cluster's temp dir."""
+    parts = []
+    for f in sorted(temp.glob("ray_start_*.log")) + sorted(temp.glob("session_2*/logs/*.err")):
+        tail = f.read_text(errors="replace")[-1500:].strip()
+        if tail:
+            parts.append(f"--- {f.relative_to(temp)}\n{tail}")
+    return "\n".join(parts) or "(no log output)"
 
 
 def cluster_resources(address: str) -> dict:
     """(total, available) resources of the cluster at `address`, asked from a fresh driver process."""
-    import json
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["RAY_AUTH_MODE"] = "disabled"
     code = ("import json,ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "

@@ -46,6 +46,7 @@ import netrc
 import os
 import re
 import struct
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -345,7 +346,10 @@ class StageRun:
             self._wandb = wandb.init(
                 project=ident.project, entity=ident.entity, group=ident.group, name=ident.name, id=ident.run_id,
                 job_type=ident.job_type, resume="allow", dir=ident.dirs["wandb"], mode=ident.mode,
-                config=self.config, reinit="create_new", settings=wandb.Settings(silent=True),
+                config=self.config, reinit="create_new",
+                # wandb names the folder by the second it started: a resume in the same second as the attempt it
+                # continues would write into (and truncate) that attempt's log without a suffix of its own
+                settings=wandb.Settings(silent=True, x_sync_dir_suffix=str(time.time_ns())),
                 tags=list(ident.tags) or None,
             )  # fmt: skip
         if "tensorboard" in ident.backends:
@@ -426,9 +430,20 @@ def _is_number(v) -> bool:
 
 
 def wandb_run_dirs(root: Path, run_id: str) -> list[Path]:
-    """Local W&B run folders of `run_id` under `root` (one per process that logged to it), oldest first."""
+    """Local W&B run folders of `run_id` under `root` (one per process that logged to it), oldest first.
+
+    A folder is `<offline-|>run-<YYYYmmdd_HHMMSS>-<id>[-<suffix>]`; it is `run_id`'s when it holds
+    `run-<run_id>.wandb` (the name alone cannot tell `<id>-<suffix>` from a child run's id). Order: the
+    second in the name, then StageRun's nanosecond suffix (two attempts in one second get two folders)."""
     base = Path(root) / "wandb"
-    return sorted(p for p in base.glob(f"*run-*-{run_id}") if p.is_dir())
+    found = [p for p in base.glob("*run-*") if p.is_dir() and (p / f"run-{run_id}.wandb").is_file()]
+
+    def when(p: Path) -> tuple[str, int]:
+        m = re.match(r"(?:offline-)?run-(\d{8}_\d{6})-", p.name)
+        tail = p.name.rsplit("-", 1)[-1]
+        return (m.group(1) if m else "", int(tail) if tail.isdigit() and len(tail) == 19 else 0)
+
+    return sorted(found, key=when)
 
 
 def _wandb_records(path: Path) -> Iterator[bytes]:

@@ -9,6 +9,7 @@ Steps: :func:`eksft_pipeline.data.synth.make_tiny_data` (problems, eval prompts,
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import time
@@ -107,42 +108,59 @@ def make_tiny_assets(
             print(f"[tiny] assets complete in {out} (marker + hashes match); skipping")
         return paths
 
-    t0 = time.perf_counter()
-    (out / MARKER_FILE).unlink(missing_ok=True)
-    for d in (data_dir, model_dir):
-        if d.exists():
-            shutil.rmtree(d)
-    out.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print(f"[tiny] building assets in {out} ...")
-    made = make_tiny_data(
-        data_dir, n_problems=n_problems, n_eval_per_source=n_eval_per_source, n_pretrain=n_pretrain, seed=seed,
-        pretrain_chat_frac=pretrain_chat_frac, pretrain_chat_trace_frac=pretrain_chat_trace_frac,
-        pretrain_preamble_frac=pretrain_preamble_frac,
-        **({} if sft_preamble == "default" else {"sft_preamble": sft_preamble}),
-    )
-    tokenizer, pretrain_texts = _tiny_tokenizer(made, vocab_size)
-    if progress:
-        print(f"[tiny] tokenizer: {len(tokenizer)} tokens")
-    model = build_tiny_model(model_dir, tokenizer, seed=seed, **(model_kwargs or {}))
-    if progress:
-        print(f"[tiny] model: {count_parameters(model):,} parameters")
-    del model
-    if pretrain:
-        pretrain_tiny(
-            model_dir,
-            pretrain_texts,
-            steps=pretrain_steps,
-            seed=seed,
-            time_budget_s=pretrain_time_budget_s,
-            # one thread: the same weights on every machine (thread count changes float reductions), and a
-            # 128-wide model gains little from a second thread while a busy 2-core box makes two threads crawl
-            num_threads=1,
-            progress=progress,
+    # one builder per folder: two runs started together on a fresh machine (or two test workers) would otherwise
+    # delete and rewrite each other's files; the second waits for the first, then finds its marker
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(str(out) + ".lock", "a")  # closed, and so unlocked, in the finally below
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if progress:
+            print(f"[tiny] another process is building {out} (lock {lock.name}); waiting for it", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        if not force and _manifest_ok(out, params):
+            if progress:
+                print(f"[tiny] assets complete in {out} (built by the process this one waited for); skipping")
+            return paths
+        t0 = time.perf_counter()
+        (out / MARKER_FILE).unlink(missing_ok=True)
+        for d in (data_dir, model_dir):
+            if d.exists():
+                shutil.rmtree(d)
+        out.mkdir(parents=True, exist_ok=True)
+        if progress:
+            print(f"[tiny] building assets in {out} ...")
+        made = make_tiny_data(
+            data_dir, n_problems=n_problems, n_eval_per_source=n_eval_per_source, n_pretrain=n_pretrain, seed=seed,
+            pretrain_chat_frac=pretrain_chat_frac, pretrain_chat_trace_frac=pretrain_chat_trace_frac,
+            pretrain_preamble_frac=pretrain_preamble_frac,
+            **({} if sft_preamble == "default" else {"sft_preamble": sft_preamble}),
         )
-    marker = _write_marker(out, params, (data_dir, model_dir), t0)
-    if progress:
-        print(f"[tiny] assets built in {marker['build_s']}s -> {out}")
+        tokenizer, pretrain_texts = _tiny_tokenizer(made, vocab_size)
+        if progress:
+            print(f"[tiny] tokenizer: {len(tokenizer)} tokens")
+        model = build_tiny_model(model_dir, tokenizer, seed=seed, **(model_kwargs or {}))
+        if progress:
+            print(f"[tiny] model: {count_parameters(model):,} parameters")
+        del model
+        if pretrain:
+            pretrain_tiny(
+                model_dir,
+                pretrain_texts,
+                steps=pretrain_steps,
+                seed=seed,
+                time_budget_s=pretrain_time_budget_s,
+                # one thread: the same weights on every machine (thread count changes float reductions), and a
+                # 128-wide model gains little from a second thread while a busy 2-core box makes two threads crawl
+                num_threads=1,
+                progress=progress,
+            )
+        marker = _write_marker(out, params, (data_dir, model_dir), t0)
+        if progress:
+            print(f"[tiny] assets built in {marker['build_s']}s -> {out}")
+    finally:
+        lock.close()
     return paths
 
 

@@ -47,7 +47,8 @@ Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); r
                   reward.resolve_reward_manager_cls, utils.need_critic, utils.need_reference_policy}`;
                   `VERL_USE_EXTERNAL_MODULES` (verl/__init__.py) extended before verl is imported
     sft_trainer   `verl.trainer.sft_trainer.SFTTrainer` subclassed (`_build_ckpt_handler`, `_init_engine`,
-                  `_build_engine` overridden: private hooks); `handler._load_dataloader_state` (checkpoint_handler,
+                  `_build_engine` overridden: private hooks; `fit` skipped when `resume_global_step` already reaches
+                  `total_training_steps`); `handler._load_dataloader_state` (checkpoint_handler,
                   private) swapped on the handler instance; `verl.workers.engine_workers.TrainingWorker`
                   subclassed (`train_batch`); `TrainingWorkerConfig`; `tensordict_utils`;
                   `checkpoint_handler.extract_step`; `engine.ulysses_sequence_parallel_size`,
@@ -62,7 +63,7 @@ Patched or private verl APIs, all read from verl 0.9.1 (:data:`VERL_VERSION`); r
                   wrapper calls) wrapped in a dispatcher by attention name; transformers' `AttentionInterface` /
                   `AttentionMaskInterface` registrations and `integrations.flash_attention._flash_attention_forward`
     sft_ray       `verl.trainer.sft_trainer_ray.SFTTrainer` subclassed (`_build_engine`, `_build_dataloader`,
-                  `_build_ckpt_handler`); `single_controller.ray.{RayClassWithInitArgs,RayResourcePool,RayWorkerGroup}`;
+                  `_build_ckpt_handler`, `fit` as sft_trainer's); `single_controller.ray.{RayClassWithInitArgs,RayResourcePool,RayWorkerGroup}`;
                   `single_controller.base.decorator.register` re-applied on the worker methods it overrides
     sft_bench     `verl.utils.fsdp_utils._select_fsdp2_wrap_targets` (private) replaced module-wide for the benchmark's
                   floor variant (untied lm_head kept in the root FSDP unit); `verl.trainer.sft_trainer.SFTTrainer`;

@@ -34,7 +34,12 @@ from omegaconf import OmegaConf
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
 from verl.trainer.sft_trainer_ray import SFTTrainer as RaySFTTrainer
 
-from eksft_pipeline.verl_ext.sft_trainer import SelectiveTrainingWorker, worker_configs
+from eksft_pipeline.verl_ext.sft_trainer import (
+    SelectiveTrainingWorker,
+    fix_epoch_boundary_resume,
+    resumed_at_last_step,
+    worker_configs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,26 +85,6 @@ class RaySelectiveTrainingWorker(SelectiveTrainingWorker):
         return SelectiveTrainingWorker.train_batch(self, data)
 
 
-def _fix_epoch_boundary_resume(handler, steps_per_epoch: int) -> None:
-    """verl 0.9.1 restores the StatefulDataLoader state saved with a checkpoint; one taken at the end of an epoch
-    holds an exhausted iterator, and `fit` would then skip every remaining epoch silently. At an epoch boundary
-    the position inside the epoch is 0 anyway: the state is not loaded and `set_epoch` gives the next epoch's order
-    (the same fix as `EKSFTTrainer._build_ckpt_handler`)."""
-    from verl.utils.checkpoint.checkpoint_handler import extract_step
-
-    load_state = handler._load_dataloader_state
-
-    def _load_dataloader_state(checkpoint_path: str):
-        step = extract_step(checkpoint_path)
-        if step is not None and steps_per_epoch > 0 and step % steps_per_epoch == 0:
-            logger.warning("resuming at an epoch boundary (step %s, %s steps per epoch): starting the next epoch "
-                           "with a fresh dataloader iterator instead of the saved, exhausted one", step, steps_per_epoch)
-            return
-        load_state(checkpoint_path)
-
-    handler._load_dataloader_state = _load_dataloader_state
-
-
 class EKSFTRayTrainer(RaySFTTrainer):
     """verl's Ray `SFTTrainer` whose workers run the selective loss (module docstring)."""
 
@@ -120,7 +105,11 @@ class EKSFTRayTrainer(RaySFTTrainer):
 
     def _build_ckpt_handler(self):
         super()._build_ckpt_handler()
-        _fix_epoch_boundary_resume(self.ckpt_handler, int(self.steps_per_epoch))
+        fix_epoch_boundary_resume(self.ckpt_handler, int(self.steps_per_epoch))
+
+    def fit(self):
+        if not resumed_at_last_step(self):
+            super().fit()
 
     def _build_engine(self):
         from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup

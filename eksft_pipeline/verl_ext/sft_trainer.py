@@ -831,39 +831,52 @@ def worker_configs(trainer):
     return block, loss, head, config, ref_config
 
 
+def fix_epoch_boundary_resume(handler, steps_per_epoch: int) -> None:
+    """verl 0.9.1 restores the StatefulDataLoader state saved with the checkpoint. A checkpoint taken at the end of
+    an epoch (every `save_freq=after_each_epoch` checkpoint) holds an *exhausted* iterator, so after resuming, `fit`
+    starts the next epoch on a loader that yields nothing, and every remaining epoch is silently skipped (seen here:
+    killed after step 3 of 6, the re-run logged no step and exported step 3). At an epoch boundary the position
+    inside the epoch is 0 anyway, so the state is not loaded: `fit`'s `set_epoch(epoch)` gives the next epoch's
+    order. Mid-epoch checkpoints load it as verl does. (Both trainers: this one and verl_ext/sft_ray.py's.)"""
+    from verl.utils.checkpoint.checkpoint_handler import extract_step
+
+    load_state = handler._load_dataloader_state
+
+    def _load_dataloader_state(checkpoint_path: str):
+        step = extract_step(checkpoint_path)
+        if step is not None and steps_per_epoch > 0 and step % steps_per_epoch == 0:
+            logger.warning("resuming at an epoch boundary (step %s, %s steps per epoch): starting the next epoch "
+                           "with a fresh dataloader iterator instead of the saved, exhausted one", step, steps_per_epoch)
+            return
+        load_state(checkpoint_path)
+
+    handler._load_dataloader_state = _load_dataloader_state
+
+
+def resumed_at_last_step(trainer) -> bool:
+    """True when the checkpoint resumed from is already the last step (`trainer.total_training_steps`).
+
+    verl 0.9.1's `fit` only tests `global_step >= total_training_steps` *after* a step: resumed at the last step
+    with `total_training_steps` below `total_epochs x steps_per_epoch`, it trains one step more than asked (seen
+    here: a 4-step run killed after saving step 4 logged a step 5 on its re-run). Nothing is left to train then,
+    and the checkpoint of that step is the run's result."""
+    done, total = int(trainer.resume_global_step or 0), int(trainer.total_training_steps)
+    if done >= total:
+        logger.warning("resumed at step %s of %s: nothing left to train", done, total)
+        return True
+    return False
+
+
 class EKSFTTrainer(SFTTrainer):
     """verl `SFTTrainer` whose loss is any `eksft_pipeline.losses` loss (see module docstring)."""
 
     def _build_ckpt_handler(self):
-        """verl's handler, with an epoch-boundary resume fix.
-
-        verl 0.9.1 restores the StatefulDataLoader state saved with the checkpoint. A checkpoint taken at the
-        end of an epoch (every `save_freq=after_each_epoch` checkpoint) holds an *exhausted* iterator, so after
-        resuming, `fit` starts the next epoch on a loader that yields nothing, and every remaining epoch is
-        silently skipped (seen here: killed after step 3 of 6, the re-run logged no step and exported step 3).
-        At an epoch boundary the position inside the epoch is 0 anyway, so the state is not loaded: `fit`'s
-        `set_epoch(epoch)` gives the next epoch's order. Mid-epoch checkpoints load it as verl does.
-        """
-        from verl.utils.checkpoint.checkpoint_handler import extract_step
-
         super()._build_ckpt_handler()
-        handler = self.ckpt_handler
-        load_state = handler._load_dataloader_state
-        steps_per_epoch = int(self.steps_per_epoch)
+        fix_epoch_boundary_resume(self.ckpt_handler, int(self.steps_per_epoch))
 
-        def _load_dataloader_state(checkpoint_path: str):
-            step = extract_step(checkpoint_path)
-            if step is not None and steps_per_epoch > 0 and step % steps_per_epoch == 0:
-                logger.warning(
-                    "resuming at an epoch boundary (step %s, %s steps per epoch): starting the next epoch with a "
-                    "fresh dataloader iterator instead of the saved, exhausted one",
-                    step,
-                    steps_per_epoch,
-                )
-                return
-            load_state(checkpoint_path)
-
-        handler._load_dataloader_state = _load_dataloader_state
+    def fit(self):
+        if not resumed_at_last_step(self):
+            super().fit()
 
     def _init_engine(self):
         u = int(self.eksft_block["updates_per_batch"])

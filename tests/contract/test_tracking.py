@@ -113,6 +113,29 @@ def test_offline_runs_resume_into_one_history_readable_from_the_files(tmp_path):
     assert "label" not in hist[0]
 
 
+def test_run_folders_of_one_id_in_time_order_and_not_a_child_runs(tmp_path):
+    """Two attempts in the same second get two folders (StageRun's nanosecond suffix) and both are found, in
+    start order; a child run `<id>-sub` and a folder without the run's log are not `<id>`'s."""
+    base = tmp_path / "wandb"
+    made = {
+        "offline-run-20261206_185551-x1-1796583351000000002": "x1",
+        "offline-run-20261206_185551-x1-1796583351900000000": "x1",
+        "offline-run-20261206_185549-x1": "x1",  # verl's own wandb.init: no suffix
+        "offline-run-20261206_185551-x1-sub": "x1-sub",
+        "offline-run-20261206_185552-x1-empty": None,
+    }
+    for name, rid in made.items():
+        (base / name).mkdir(parents=True)
+        if rid:
+            (base / name / f"run-{rid}.wandb").write_bytes(b":W&B")
+    assert [d.name for d in T.wandb_run_dirs(tmp_path, "x1")] == [
+        "offline-run-20261206_185549-x1",
+        "offline-run-20261206_185551-x1-1796583351000000002",
+        "offline-run-20261206_185551-x1-1796583351900000000",
+    ]
+    assert [d.name for d in T.wandb_run_dirs(tmp_path, "x1-sub")] == ["offline-run-20261206_185551-x1-sub"]
+
+
 def test_reader_rejects_other_files_and_handles_records_across_blocks(tmp_path):
     bad = tmp_path / "run-x.wandb"
     bad.write_bytes(b"not a log")

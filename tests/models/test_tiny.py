@@ -179,3 +179,40 @@ def test_make_tiny_assets_idempotent_and_repairs(tmp_path, capsys):
     # other parameters -> rebuild; data for another n_problems differs
     make_tiny_assets(tmp_path, **dict(kw, n_problems=160))
     assert "building" in capsys.readouterr().out
+
+
+def test_two_processes_building_the_same_assets_build_them_once(tmp_path):
+    """Two runs started together on a fresh machine (or two test workers) must not delete each other's files: one
+    builds under the folder's lock, the other waits and then finds the complete marker. The test holds the lock
+    until both processes wait on it, so the race is the same on a fast and on a busy machine."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    from eksft_pipeline.contract.manifest import sha256_file
+
+    out = tmp_path / "tiny"
+    code = ("import sys; from eksft_pipeline.data.tiny_assets import make_tiny_assets; "
+            "make_tiny_assets(sys.argv[1], n_problems=150, n_eval_per_source=4, n_pretrain=60, pretrain_steps=5)")
+    tmp_path.joinpath("tiny.lock").touch()
+    held = open(str(out) + ".lock")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}) for _ in range(2)]  # fmt: skip
+    heads = []
+    for p in procs:  # each says it waits before the test lets go of the lock
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if "waiting for it" in line:
+                break
+        heads.append("".join(lines))
+    assert all("waiting for it" in h for h in heads), heads
+    held.close()
+    logs = [h + p.communicate(timeout=600)[0] for h, p in zip(heads, procs)]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sum("building assets" in log for log in logs) == 1, logs
+    assert sum("built by the process this one waited for" in log for log in logs) == 1, logs
+    marker = json.loads((out / "TINY_ASSETS_COMPLETE.json").read_text())
+    assert all(sha256_file(out / rel) == h for rel, h in marker["sha256"].items())

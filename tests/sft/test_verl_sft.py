@@ -292,6 +292,18 @@ def test_psft_refreshes_pi_old_every_k_steps_within_the_same_budget(assets, tmp_
     assert m[1]["train/loss"] == pytest.approx(-1.0, abs=1e-6) and m[3]["train/loss"] == pytest.approx(-1.0, abs=1e-6)
     assert abs(m[2]["train/loss"] + 1.0) > 1e-4
 
+    # killed after saving its last step (3 of 3, below 2 epochs x 3 steps): the re-run resumes there and trains
+    # nothing (verl 0.9.1 alone trains a step 4, verl_ext/sft_trainer.resumed_at_last_step)
+    (out,) = (run_dir / "sft").glob("psft*")  # sft/psft-<tag of pi_old_every=2>
+    key = f"sft/{out.name}"
+    Manifest(run_dir).update(key, status="killed")
+    weights = (out / "hf_model" / "model.safetensors").read_bytes()
+    res = run_pipeline(compose_pipeline("stage=sft", *_overrides(assets, run_dir, "method=psft", "method.pi_old_every=2",
+                                        "model.sft.verl.optim.lr=1e-2", "+model.sft.verl.trainer.total_training_steps=3")))
+    assert res[0]["status"] == "complete" and Manifest(run_dir).entry(key)["attempts"] == 2
+    assert sorted(_metrics(run_dir, "psft")) == [1, 2, 3] and res[0]["summary"]["steps"] == 3
+    assert (out / "hf_model" / "model.safetensors").read_bytes() == weights
+
 
 def test_official_recipe_selects_per_sequence_with_equal_weights(assets, tmp_path):
     """method=eksft_official (selection_scope=sequence): k = floor(0.2 n_s) per sequence, and the logged loss of
@@ -332,15 +344,20 @@ def test_official_recipe_selects_per_sequence_with_equal_weights(assets, tmp_pat
 
 
 # mid-epoch resume after a kill is also what the two-node test does (in `make test`): this variant is `long`
-@pytest.mark.parametrize("save_freq", [pytest.param(2, marks=pytest.mark.long), 3], ids=["mid_epoch", "epoch_boundary"])
-def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path, save_freq):
+@pytest.mark.parametrize(("save_freq", "epochs"), [pytest.param(2, 2, marks=pytest.mark.long), (3, 3)],
+                         ids=["mid_epoch", "epoch_boundary"])
+def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path, save_freq, epochs):
     """Killed after its first checkpoint, a re-run resumes there and trains the remaining steps.
 
-    3 steps per epoch: save_freq=2 resumes mid-epoch (step 2 or 4), save_freq=3 at the epoch boundary (step 3),
-    where verl 0.9.1 alone would restore an exhausted dataloader and skip the second epoch.
+    3 steps per epoch: save_freq=2 resumes mid-epoch (step 2 or 4 of 6), save_freq=3 at an epoch boundary (step 3
+    or 6 of 9), where verl 0.9.1 alone would restore an exhausted dataloader and skip the next epoch. The Ray workers
+    outlive the kill -9 until the watchdog ends them (about a second), so they may save one more checkpoint: the
+    epoch-boundary case runs 3 epochs so that one is an epoch boundary too, and not the last step.
     """
+    total = 3 * epochs
     run_dir = tmp_path / "resume"
-    ov = _overrides(assets, run_dir, f"sft.verl.trainer.save_freq={save_freq}")
+    ov = _overrides(assets, run_dir, f"sft.verl.trainer.save_freq={save_freq}",
+                    f"model.sft.verl.trainer.total_epochs={epochs}")
     run_pipeline(compose_pipeline("stage=split", *ov))
     ckpt = run_dir / "sft" / "eksft" / "checkpoints"
     cmd = [sys.executable, "-m", "eksft_pipeline", "stage=sft", *ov]
@@ -349,22 +366,24 @@ def test_kill_and_resume_continues_from_the_last_checkpoint(assets, tmp_path, sa
     try:
         while time.time() < deadline and not (ckpt / "latest_checkpointed_iteration.txt").is_file():
             assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.5)
-        time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    # killed: never marked complete (its watchdog records 'killed' once it has ended the run's processes)
-    assert Manifest(run_dir).entry("sft/eksft")["status"] in ("running", "killed")
+    # killed: never marked complete; once its watchdog has ended the run's processes it records 'killed'
+    deadline = time.time() + 60
+    while Manifest(run_dir).entry("sft/eksft")["status"] == "running" and time.time() < deadline:
+        time.sleep(0.2)
+    assert Manifest(run_dir).entry("sft/eksft")["status"] == "killed"
     saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
-    assert saved % save_freq == 0 and save_freq <= saved < 6
+    assert saved % save_freq == 0 and save_freq <= saved < total, saved
 
     res = run_pipeline(compose_pipeline("stage=sft", *ov))
     assert res[0]["status"] == "complete"
     logs = sorted((run_dir / "sft" / "eksft" / "logs").glob("metrics-*.jsonl"), key=lambda p: p.stat().st_mtime)
     steps = {p.name: [json.loads(x)["step"] for x in p.read_text().splitlines() if x.strip()] for p in logs}
     resumed = steps[logs[-1].name] if logs else []
-    assert resumed and resumed[0] == saved + 1 and resumed[-1] == 6, (saved, steps)
+    assert resumed == list(range(saved + 1, total + 1)), (saved, steps)
     assert Manifest(run_dir).entry("sft/eksft")["attempts"] == 2
 
 
