@@ -100,8 +100,9 @@ def local_ray_cluster(num_cpus: int = 16, num_gpus: int = 1, worker_nodes: int =
         assert address.endswith(f":{gcs}"), address
         nodes = {}  # worker node -> (its `ray start` process, its node-manager port)
         for attempt in range(2):  # a node that has not joined is started once more, on other ports
+            alive = _alive_node_ports(address, env) if nodes else []
             for i in range(worker_nodes):
-                if i in nodes and nodes[i][1] in _alive_node_ports(address, env):
+                if i in nodes and nodes[i][1] in alive:
                     continue
                 if i in nodes:
                     _stop_group(nodes[i][0])
@@ -129,10 +130,7 @@ def local_ray_cluster(num_cpus: int = 16, num_gpus: int = 1, worker_nodes: int =
             except ProcessLookupError:
                 pass
         for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _stop_group(proc)
         for log in logs:
             log.close()
         shutil.rmtree(temp, ignore_errors=True)

@@ -195,8 +195,7 @@ def test_two_processes_building_the_same_assets_build_them_once(tmp_path):
     out = tmp_path / "tiny"
     code = ("import sys; from eksft_pipeline.data.tiny_assets import make_tiny_assets; "
             "make_tiny_assets(sys.argv[1], n_problems=150, n_eval_per_source=4, n_pretrain=60, pretrain_steps=5)")
-    tmp_path.joinpath("tiny.lock").touch()
-    held = open(str(out) + ".lock")
+    held = open(str(out) + ".lock", "a")  # the lock file make_tiny_assets takes
     fcntl.flock(held, fcntl.LOCK_EX)
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}) for _ in range(2)]  # fmt: skip

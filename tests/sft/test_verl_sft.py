@@ -283,8 +283,9 @@ def test_psft_refreshes_pi_old_every_k_steps_within_the_same_budget(assets, tmp_
     moves off -1, while the training pass runs on the current weights (restored after the pre-pass: with pi_old's
     weights the ratio would be exactly 1). Step 3 refreshes pi_old: ratio 1, loss -1 again."""
     run_dir = tmp_path / "psft"
-    _run(assets, run_dir, "method=psft", "method.pi_old_every=2", "model.sft.verl.optim.lr=1e-2",
-         "+model.sft.verl.trainer.total_training_steps=3")
+    args = ("method=psft", "method.pi_old_every=2", "model.sft.verl.optim.lr=1e-2",
+            "+model.sft.verl.trainer.total_training_steps=3")
+    _run(assets, run_dir, *args)
     m = _metrics(run_dir, "psft")
     assert sorted(m) == [1, 2, 3]
     assert [m[s]["eksft/pi_old_age"] for s in (1, 2, 3)] == [0.0, 1.0, 0.0]
@@ -298,8 +299,7 @@ def test_psft_refreshes_pi_old_every_k_steps_within_the_same_budget(assets, tmp_
     key = f"sft/{out.name}"
     Manifest(run_dir).update(key, status="killed")
     weights = (out / "hf_model" / "model.safetensors").read_bytes()
-    res = run_pipeline(compose_pipeline("stage=sft", *_overrides(assets, run_dir, "method=psft", "method.pi_old_every=2",
-                                        "model.sft.verl.optim.lr=1e-2", "+model.sft.verl.trainer.total_training_steps=3")))
+    res = run_pipeline(compose_pipeline("stage=sft", *_overrides(assets, run_dir, *args)))
     assert res[0]["status"] == "complete" and Manifest(run_dir).entry(key)["attempts"] == 2
     assert sorted(_metrics(run_dir, "psft")) == [1, 2, 3] and res[0]["summary"]["steps"] == 3
     assert (out / "hf_model" / "model.safetensors").read_bytes() == weights
